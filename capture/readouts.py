@@ -1,0 +1,103 @@
+"""Scalar readouts of a training step, all in closed form from the head's input and output gradient.
+
+DESIGN.md §4; head-gradient probe from seed 000 §3.3 (eq. 2-3), Gradient-Weight Alignment from
+seed 004 (GWA = M1 / (excess kurtosis + beta), beta = 1.2).
+
+Notation, for a linear head `logits = Z W^T + b` with `W (C x d)`:
+    Z  (N, d)  head input, detached            (N = batch, or batch x tokens for the LM)
+    G  (N, C)  dL/dlogits, captured by a tensor hook in the user's own backward pass
+For mean-reduced softmax cross-entropy G = (P - Y) / N, so `g = G^T Z` is the paper's
+`(P - Y) Z^T / B`, and in general it is exactly `dL/dW`: no second backward pass is needed.
+"""
+from __future__ import annotations
+
+import torch
+
+READOUT_NAMES = (
+    "head_grad_norm",  # ||g||_F
+    "score_w",  # ||g||_F / (||W||_F + eps)
+    "score_z",  # ||g||_F / (||Z||_F + eps)
+    "gwa",  # mean / max(excess kurtosis + 1.2, guard) of per-sample alignments
+    "confidence",  # mean max softmax probability
+    "entropy",  # mean predictive entropy (nats)
+    "margin",  # mean top-1 minus top-2 probability
+    "loss",  # training loss at the capture step
+    "lr",  # learning rate (first param group)
+    "nonfinite",  # non-finite elements in the captured activations/gradients (+ logits)
+)
+HEAD_READOUTS = ("head_grad_norm", "score_w", "score_z", "gwa")
+EPS = 1e-12
+GWA_BETA = 1.2
+GWA_MIN_DENOMINATOR = 0.1
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def head_gradient(z: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+    """`g = G^T Z`, shape `(C, d)`: the gradient of the loss with respect to the head weight."""
+    return _flat(grad_logits).T @ _flat(z)  # (C, N) @ (N, d)
+
+
+def head_gradient_scores(
+    z: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, eps: float = EPS
+) -> dict[str, torch.Tensor]:
+    """`||g||_F`, `score_w`, `score_z` as 0-d tensors (no device sync)."""
+    g = torch.linalg.matrix_norm(head_gradient(z, grad_logits))
+    return {
+        "head_grad_norm": g,
+        "score_w": g / (torch.linalg.matrix_norm(weight) + eps),
+        "score_z": g / (torch.linalg.matrix_norm(_flat(z)) + eps),
+    }
+
+
+def gwa_alignments(
+    z: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor, eps: float = EPS
+) -> torch.Tensor:
+    """Per-sample cosine between the update direction `-g_i = -G_i z_i^T` and `W`, shape `(N,)`.
+
+    `<G_i z_i^T, W> = G_i . (W z_i)` and `||G_i z_i^T||_F = ||G_i|| ||z_i||` (rank one), so no
+    per-sample `C x d` matrix is ever built. Samples with a zero gradient get alignment 0.
+    """
+    zf, gf = _flat(z), _flat(grad_logits)
+    inner = (gf * (zf @ weight.T)).sum(dim=1)  # (N,)
+    norms = gf.norm(dim=1) * zf.norm(dim=1) * torch.linalg.matrix_norm(weight)
+    return -inner / (norms + eps)
+
+
+def gwa_aggregate(
+    alignments: torch.Tensor, beta: float = GWA_BETA, min_denominator: float = GWA_MIN_DENOMINATOR
+) -> torch.Tensor:
+    """`GWA = mean / (excess_kurtosis + beta)` over a set of per-sample alignments.
+
+    Excess kurtosis uses population moments (`scipy.stats.kurtosis(fisher=True, bias=True)`).
+    It is >= -2, so the denominator can reach zero or below (e.g. a bimodal distribution): it
+    is clamped at `min_denominator`. A constant set (zero variance) counts as excess kurtosis 0.
+    Returns NaN for an empty set.
+    """
+    a = alignments.double()
+    if a.numel() == 0:
+        return torch.tensor(float("nan"))
+    mean = a.mean()
+    centred = a - mean
+    m2 = (centred**2).mean()
+    m4 = (centred**4).mean()
+    excess = torch.where(m2 > 1e-24, m4 / (m2 * m2).clamp_min(1e-48) - 3.0, torch.zeros_like(m2))
+    return (mean / (excess + beta).clamp_min(min_denominator)).float()
+
+
+def output_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean confidence, predictive entropy and top-2 margin of the softmax over the last axis."""
+    logp = torch.log_softmax(_flat(logits.detach().float()), dim=-1)
+    p = logp.exp()
+    if p.shape[-1] >= 2:
+        top2 = p.topk(2, dim=-1).values
+        margin = (top2[:, 0] - top2[:, 1]).mean()
+    else:
+        margin = torch.ones((), device=p.device)
+    return {
+        "confidence": p.max(dim=-1).values.mean(),
+        "entropy": -(p * logp).sum(dim=-1).mean(),
+        "margin": margin,
+    }

@@ -1,0 +1,341 @@
+"""Attach capture to a model: hooks -> frames + readouts every `cadence` optimizer steps.
+
+    with capture.attach(model, cadence=50, frame_size=32) as cap:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            cap.step(loss, lr=sched.get_last_lr()[0])   # once per optimizer step
+            opt.step(); opt.zero_grad()
+    cap.frames  # list of Frame(step, frame (6, S, S) bf16, readouts {name: float})
+
+Cost model (issue 2): between capture steps the three block hooks return after one attribute
+test (no copies, no device syncs). At a capture step they reduce each activation and each
+gradient to an `(S, S)` map right away, so nothing large is kept alive. The head hook runs every
+step when `gwa_window="frame"` (GWA over all samples since the previous frame, DESIGN.md §4); it
+adds a few `N x C` element-wise ops that stay on the device. Everything is synced once per frame.
+
+Nothing here raises inside the user's forward or backward pass: a fault is recorded in
+`cap.faults`, warned about once, and that frame's affected maps/readouts come out as zeros/NaN.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from capture.frames import CHANNELS, Projection, RobustNormalizer, tensor_to_map
+from capture.hookpoints import HookPoint, find_head, find_hook_points
+from capture.readouts import (
+    HEAD_READOUTS,
+    READOUT_NAMES,
+    gwa_aggregate,
+    gwa_alignments,
+    head_gradient_scores,
+    output_stats,
+)
+
+
+@dataclass
+class CaptureConfig:
+    cadence: int = 50  # one frame every `cadence` optimizer steps (step 0 included)
+    frame_size: int = 32  # S; 224 in the paper configuration
+    groups: int = 8  # G channel groups before the shared 1x1 projection
+    norm_warmup: int = 1  # captures whose statistics make up the frozen robust z-score
+    gwa_window: str = "frame"  # "frame": all samples since the last frame; "step": the capture batch only
+    modules: list[str] | None = None  # explicit hook points: 3 names, or 1 fnmatch pattern
+    layouts: list[str] | None = None  # their output layouts ("bchw", "bhwc", "bnd"), when not inferable
+
+    def __post_init__(self):
+        if self.cadence < 1:
+            raise ValueError(f"cadence must be >= 1, got {self.cadence}")
+        if self.frame_size < 2:
+            raise ValueError(f"frame_size must be >= 2, got {self.frame_size}")
+        if self.gwa_window not in ("frame", "step"):
+            raise ValueError(f"gwa_window must be 'frame' or 'step', got {self.gwa_window!r}")
+
+
+@dataclass
+class Frame:
+    step: int
+    frame: torch.Tensor  # (6, S, S) bfloat16, on the CPU
+    readouts: dict[str, float]
+
+
+class Sink(Protocol):
+    """Where frames go; `capture.store.RunWriter` is one, `FrameBuffer` keeps them in memory."""
+
+    def append_frame(self, frame: Frame) -> None: ...
+
+    def append_steps(self, loss: list[float], lr: list[float]) -> None: ...
+
+
+@dataclass
+class FrameBuffer:
+    frames: list[Frame] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+    def append_frame(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def append_steps(self, loss: list[float], lr: list[float]) -> None:
+        self.train_loss += loss
+        self.lr += lr
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    return None
+
+
+class Capture:
+    """The handle `attach()` returns: `step()`, `remove()`, context manager."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CaptureConfig,
+        head: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        projection: Projection | None = None,
+        sink: Sink | None = None,
+    ):
+        self.config = config
+        self.points: list[HookPoint] = find_hook_points(model, config.modules, config.layouts)
+        self.head = head if head is not None else find_head(model)
+        self.optimizer = optimizer
+        self.projection = projection or Projection.mean(config.groups)
+        if self.projection.groups != config.groups:
+            raise ValueError(f"projection has {self.projection.groups} groups, config.groups is {config.groups}")
+        self.buffer = FrameBuffer()
+        self.sink: Sink = sink if sink is not None else self.buffer
+        self.normalizer = RobustNormalizer(config.norm_warmup)
+        self.faults: list[str] = []
+        self.missing: set[str] = set()
+        self.step_count = 0
+        self.last_frame: Frame | None = None
+        self._handles: list = []
+        self._warned: set[str] = set()
+        # accumulated since the previous frame; synced and handed to the sink once per frame
+        self._losses: list[torch.Tensor] = []
+        self._lrs: list[float] = []
+        self._alignments: list[torch.Tensor] = []
+        self._reset_step()
+        self._armed = True  # step 0 is a capture step
+        if self.head is None:
+            self.missing.update(HEAD_READOUTS)
+            self._warn_once("no_head", f"no linear classifier head found on {type(model).__name__}: "
+                            f"readouts {list(HEAD_READOUTS)} are marked missing (pass head=... to attach)")
+        for i, p in enumerate(self.points):
+            self._handles.append(p.module.register_forward_hook(self._block_hook(i)))
+        if self.head is not None:
+            self._handles.append(self.head.register_forward_hook(self._head_hook))
+        else:  # output statistics from the model's own output, when it is a tensor of logits
+            self._handles.append(model.register_forward_hook(self._output_hook))
+
+    # ---------------------------------------------------------------- hooks (user's forward/backward)
+    def _reset_step(self) -> None:
+        self._maps: list[torch.Tensor | None] = [None] * 6
+        self._bad: list[torch.Tensor] = []
+        self._seen_block = [False] * 3
+        self._head_seen = False
+        self._head: dict[str, torch.Tensor] = {}
+
+    def _fault(self, where: str, err: BaseException) -> None:
+        self.faults.append(f"step {self.step_count}, {where}: {type(err).__name__}: {err}")
+        self._warn_once(where, f"capture fault in {where} (recorded, training continues): {err}")
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _block_hook(self, i: int):
+        point = self.points[i]
+
+        def hook(module, args, output):
+            if not self._armed or self._seen_block[i]:
+                return  # the whole cost between capture steps
+            try:
+                t = _first_tensor(output)
+                if t is None or not t.requires_grad:
+                    return  # eval / no_grad forward: nothing to pair with a gradient
+                self._seen_block[i] = True
+                layout = {4: point.layout, 3: "bnd", 2: "bd"}.get(t.ndim)
+                if layout is None:
+                    raise ValueError(f"output of rank {t.ndim} (shape {tuple(t.shape)}); expected 2, 3 or 4")
+                layout = "bchw" if layout == "auto" else layout
+                self._maps[i], bad = tensor_to_map(t, layout, self.config.frame_size, self.projection, point.prefix_tokens)
+                self._bad.append(bad)
+                t.register_hook(self._grad_hook(i + 3, layout, point.prefix_tokens))
+            except Exception as err:  # noqa: BLE001 - never break the user's forward
+                self._fault(f"forward hook {point.name}", err)
+
+        return hook
+
+    def _grad_hook(self, channel: int, layout: str, prefix: int):
+        def hook(grad):
+            try:
+                self._maps[channel], bad = tensor_to_map(grad, layout, self.config.frame_size, self.projection, prefix)
+                self._bad.append(bad)
+            except Exception as err:  # noqa: BLE001 - never break the user's backward
+                self._fault(f"gradient hook {CHANNELS[channel]}", err)
+
+        return hook
+
+    def _head_hook(self, module, args, output):
+        capture_step = self._armed
+        if (not capture_step and self.config.gwa_window == "step") or self._head_seen:
+            return
+        try:
+            logits = _first_tensor(output)
+            z = _first_tensor(args)
+            if logits is None or z is None or not logits.requires_grad:
+                return
+            self._head_seen = True
+            z = z.detach()
+            if capture_step:
+                self._head.update(output_stats(logits))
+                self._bad.append((~torch.isfinite(logits.detach())).sum())
+            logits.register_hook(self._head_grad_hook(z, logits.detach(), capture_step))
+        except Exception as err:  # noqa: BLE001
+            self._fault("head forward hook", err)
+
+    def _head_grad_hook(self, z: torch.Tensor, logits: torch.Tensor, capture_step: bool):
+        def hook(grad):
+            try:
+                w = self.head.weight.detach().float()
+                g, zf = grad.float(), z.float()
+                self._alignments.append(gwa_alignments(zf, g, w))
+                if capture_step:
+                    self._head.update(head_gradient_scores(zf, g, w))
+            except Exception as err:  # noqa: BLE001
+                self._fault("head gradient hook", err)
+
+        return hook
+
+    def _output_hook(self, module, args, output):
+        if not self._armed or self._head_seen:
+            return
+        try:
+            logits = _first_tensor(output)
+            if logits is not None and logits.is_floating_point() and logits.ndim >= 2:
+                self._head_seen = True
+                self._head.update(output_stats(logits))
+        except Exception as err:  # noqa: BLE001
+            self._fault("output hook", err)
+
+    # ---------------------------------------------------------------- the training loop's call
+    def step(self, loss: torch.Tensor | float | None = None, lr: float | None = None) -> Frame | None:
+        """Call once per optimizer step, after backward. Returns the frame built at this step, if any."""
+        try:
+            if lr is None and self.optimizer is not None:
+                lr = self.optimizer.param_groups[0]["lr"]
+            lr = float("nan") if lr is None else float(lr)
+            if loss is None:
+                loss = torch.tensor(float("nan"))
+            self._losses.append(loss.detach().float().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss)))
+            self._lrs.append(lr)
+            frame = self._finish_frame() if self._armed else None
+        except Exception as err:  # noqa: BLE001
+            self._fault("step", err)
+            frame = None
+        finally:
+            self.step_count += 1
+            self._armed = self.step_count % self.config.cadence == 0
+            self._head_seen = False
+            if self._armed:
+                self._seen_block = [False] * 3
+        return frame
+
+    def _finish_frame(self) -> Frame:
+        s = self.config.frame_size
+        zeros = torch.zeros(s, s)
+        absent = [CHANNELS[c] for c, m in enumerate(self._maps) if m is None]
+        if absent:
+            self._warn_once("absent_maps", f"no capture for {absent} at step {self.step_count} "
+                            "(no forward/backward with grad through those modules?): zero maps used")
+        maps = torch.stack([zeros if m is None else m.float().cpu() for m in self._maps])  # (6, S, S)
+        frame = self.normalizer(maps).to(torch.bfloat16)
+
+        losses = torch.stack([l.float().cpu() for l in self._losses]).tolist()  # the one sync per frame
+        readouts = {k: float(v) for k, v in self._head.items()}
+        if self._alignments:
+            readouts["gwa"] = float(gwa_aggregate(torch.cat([a.cpu() for a in self._alignments])))
+        readouts["loss"] = losses[-1]
+        readouts["lr"] = self._lrs[-1]
+        readouts["nonfinite"] = float(sum(int(b) for b in self._bad))
+        missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
+        out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES})
+
+        self.sink.append_steps(losses, self._lrs)
+        self.sink.append_frame(out)
+        self.last_frame = out
+        self._losses, self._lrs, self._alignments = [], [], []
+        self._reset_step()
+        return out
+
+    def flush_steps(self) -> None:
+        """Hand per-step losses/lrs logged since the last frame to the sink (call at the end of a run)."""
+        if self._lrs:
+            self.sink.append_steps(torch.stack([l.float().cpu() for l in self._losses]).tolist(), self._lrs)
+            self._losses, self._lrs = [], []
+
+    # ---------------------------------------------------------------- results and lifetime
+    @property
+    def frames(self) -> list[Frame]:
+        """Frames kept in memory (only when no other sink was given)."""
+        return self.buffer.frames
+
+    def metadata(self) -> dict:
+        """What a run store records about how its frames were made."""
+        return {
+            "config": asdict(self.config),
+            "points": [{"position": p.position, "name": p.name, "layout": p.layout, "prefix_tokens": p.prefix_tokens} for p in self.points],
+            "head": None if self.head is None else type(self.head).__name__,
+            "projection": self.projection.to_dict(),
+            "projection_digest": self.projection.digest(),
+            "normalizer": self.normalizer.state_dict(),
+            "readouts_missing": sorted(self.missing),
+            "faults": self.faults[:100],
+        }
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush_steps()
+        self.remove()
+
+
+def attach(
+    model: nn.Module,
+    config: CaptureConfig | None = None,
+    *,
+    head: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    projection: Projection | None = None,
+    sink: Sink | None = None,
+    **overrides,
+) -> Capture:
+    """Attach capture hooks to `model`. `overrides` set `CaptureConfig` fields (`cadence=10`)."""
+    config = config or CaptureConfig()
+    if overrides:
+        valid = set(CaptureConfig.__dataclass_fields__)
+        unknown = set(overrides) - valid
+        if unknown:
+            raise TypeError(f"unknown capture option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+        config = CaptureConfig(**{**asdict(config), **overrides})
+    return Capture(model, config, head=head, optimizer=optimizer, projection=projection, sink=sink)

@@ -1,0 +1,1 @@
+"""diagnose stage (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""factory stage (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""pretrain stage (see DESIGN.md §2)."""
