@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
 
@@ -23,32 +22,21 @@ class ConfigError(ValueError):
     pass
 
 
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _dataclass_of(tp) -> type | None:
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass `cls` from a (nested) dict; unknown keys raise `ConfigError`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    types = _field_types(cls)
-    unknown = set(data) - set(types)
+    defaults = cls()  # every config dataclass has defaults; nested sections are dataclass instances
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(data) - set(valid)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(types)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid)}")
     kwargs = {}
     for key, value in data.items():
-        sub = _dataclass_of(types[key])
-        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub is not None and isinstance(value, dict) else value
+        sub = getattr(defaults, key)
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            value = from_dict(type(sub), value, f"{where}.{key}")
+        kwargs[key] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

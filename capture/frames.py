@@ -120,11 +120,15 @@ def group_vectors(x: torch.Tensor, layout: str, groups: int, prefix_tokens: int 
 def tensor_to_map(
     x: torch.Tensor, layout: str, size: int, projection: Projection, prefix_tokens: int = 0
 ) -> tuple[torch.Tensor, int]:
-    """One captured tensor -> `(S, S)` float32 map and its count of non-finite values."""
-    x = x.detach().float()
-    bad = x.numel() - int(torch.isfinite(x).sum())
-    if bad:
-        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    """One captured tensor -> `(S, S)` float32 map and its count of non-finite values (a 0-d tensor:
+    no device sync). Runs in float32 with autocast off, whatever the user's forward runs under."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _tensor_to_map(x.detach().float(), layout, size, projection, prefix_tokens)
+
+
+def _tensor_to_map(x: torch.Tensor, layout: str, size: int, projection: Projection, prefix_tokens: int):
+    bad = (~torch.isfinite(x)).sum()
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     pooled = channel_groups(to_grid(x, layout, prefix_tokens), projection.groups)  # (B, G, H, W)
     m = projection.apply(pooled).mean(dim=0)[None, None]  # batch mean -> (1, 1, H, W)
     m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
