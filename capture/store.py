@@ -1,7 +1,8 @@
 """Run stores: one zarr v3 store per training run (DESIGN.md §5; layout in docs/run-store.md).
 
     <run_id>.zarr/                  attrs: tevid_layout, complete, spec, label, onset_step, ...
-        frames      (T, 6, S, S)  uint16 = bfloat16 bit patterns (attrs frames_dtype), sharded
+        frames      (T, 6, S, S)  uint16 = bfloat16 bit patterns (attrs frames_dtype), zstd,
+                                  chunks of 16 frames in shards of 64
         frame_step  (T,)          int64   optimizer step of each frame
         readouts    (T, R)        float32 names in attrs readout_names; NaN = missing
         train_loss  (N,)          float32 every optimizer step
@@ -32,7 +33,8 @@ from capture.recorder import Frame
 
 LAYOUT_VERSION = 1
 FRAMES_DTYPE = "bfloat16"
-SHARD_FRAMES = 64  # frames per shard (chunks are single frames)
+SHARD_FRAMES = 64  # frames per shard file
+CHUNK_FRAMES = 16  # frames per compressed chunk inside a shard (1-frame chunks write ~5x slower)
 STEP_CHUNK = 4096
 PUBLIC_ARRAYS = ("frames", "frame_step", "readouts", "train_loss", "lr")
 
@@ -54,10 +56,11 @@ def _jsonable(x: Any) -> Any:
 
 
 class RunWriter:
-    """Streams frames and per-step logs of one run into a temporary store; `finalize()` publishes it.
+    """Streams frames of one run into a temporary store; `finalize()` publishes it.
 
     Usable as the `sink` of `capture.attach`. Frames are buffered and written a whole shard at a
-    time (a partial shard write would rewrite the shard).
+    time (a partial shard write would rewrite the shard). The small per-frame and per-step arrays
+    (steps, readouts, loss, lr: a few bytes each) stay in memory until `finalize()`.
     """
 
     def __init__(self, path: str | os.PathLike, frame_size: int, spec: dict | None = None, overwrite: bool = False):
@@ -73,7 +76,7 @@ class RunWriter:
         s, r = frame_size, len(READOUT_NAMES)
         # Every chunk is written, even all-fill ones, so a missing chunk file always means truncation.
         full = {"write_empty_chunks": True}
-        self.root.create_array("frames", shape=(0, 6, s, s), chunks=(1, 6, s, s), shards=(SHARD_FRAMES, 6, s, s), dtype="uint16", config=full)
+        self.root.create_array("frames", shape=(0, 6, s, s), chunks=(CHUNK_FRAMES, 6, s, s), shards=(SHARD_FRAMES, 6, s, s), dtype="uint16", config=full)
         self.root.create_array("frame_step", shape=(0,), chunks=(STEP_CHUNK,), dtype="int64", config=full)
         self.root.create_array("readouts", shape=(0, r), chunks=(STEP_CHUNK, r), dtype="float32", fill_value=np.nan, config=full)
         self.root.create_array("train_loss", shape=(0,), chunks=(STEP_CHUNK,), dtype="float32", fill_value=np.nan, config=full)
@@ -86,7 +89,9 @@ class RunWriter:
             "readout_names": list(READOUT_NAMES),
             "spec": _jsonable(spec or {}),
         })
-        self._frames: list[Frame] = []
+        self._frames: list[Frame] = []  # not yet written
+        self._steps: list[int] = []
+        self._readouts: list[list[float]] = []
         self._loss: list[float] = []
         self._lr: list[float] = []
         self.n_frames = 0
@@ -97,33 +102,29 @@ class RunWriter:
         if tuple(frame.frame.shape) != (6, self.size, self.size):
             raise RunStoreError(f"{self.tmp}: frame of shape {tuple(frame.frame.shape)}, store holds (6, {self.size}, {self.size})")
         self._frames.append(frame)
+        self._steps.append(int(frame.step))
+        self._readouts.append([frame.readouts.get(k, np.nan) for k in READOUT_NAMES])
         if len(self._frames) >= SHARD_FRAMES:
             self._flush_frames()
 
     def append_steps(self, loss: list[float], lr: list[float]) -> None:
         self._loss += loss
         self._lr += lr
-        if len(self._loss) >= STEP_CHUNK:
-            self._flush_steps()
 
     # -------------------------------------------------------------- writing
     def _flush_frames(self) -> None:
         if not self._frames:
             return
-        frames = np.stack([bf16_to_bits(f.frame) for f in self._frames])  # (n, 6, S, S) uint16
-        steps = np.array([f.step for f in self._frames], dtype=np.int64)
-        readouts = np.array([[f.readouts.get(k, np.nan) for k in READOUT_NAMES] for f in self._frames], dtype=np.float32)
+        frames = bf16_to_bits(torch.stack([f.frame for f in self._frames]))  # (n, 6, S, S) uint16
         self.root["frames"].append(frames)
-        self.root["frame_step"].append(steps)
-        self.root["readouts"].append(readouts)
         self.n_frames += len(self._frames)
         self._frames = []
 
-    def _flush_steps(self) -> None:
-        if self._loss:
-            self.root["train_loss"].append(np.asarray(self._loss, dtype=np.float32))
-            self.root["lr"].append(np.asarray(self._lr, dtype=np.float32))
-            self._loss, self._lr = [], []
+    def _write_small_arrays(self) -> None:
+        self.root["frame_step"].append(np.asarray(self._steps, dtype=np.int64))
+        self.root["readouts"].append(np.asarray(self._readouts, dtype=np.float32).reshape(-1, len(READOUT_NAMES)))
+        self.root["train_loss"].append(np.asarray(self._loss, dtype=np.float32))
+        self.root["lr"].append(np.asarray(self._lr, dtype=np.float32))
 
     def write_privileged(self, name: str, values: Any, attrs: dict | None = None) -> None:
         """Validation metrics, optimizer internals, ...: only for labeling and evaluation."""
@@ -136,7 +137,7 @@ class RunWriter:
     def finalize(self, **attrs: Any) -> Path:
         """Flush, record `attrs` (label, onset_step, capture metadata, ...), mark complete, publish."""
         self._flush_frames()
-        self._flush_steps()
+        self._write_small_arrays()
         self.root.attrs.update(_jsonable(attrs))
         self.root.attrs["n_frames"] = self.n_frames
         self.root.attrs["complete"] = True  # written last; the rename below is the commit point
