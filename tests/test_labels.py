@@ -1,0 +1,333 @@
+"""Labeling rules (paper Appendix A) on scripted signal sequences: each rule fires where it should,
+stays quiet where it should not, and its statistics are the libraries' own."""
+import json
+
+import numpy as np
+import pymannkendall as mk
+import pytest
+import statsmodels.api as sm
+from arch.bootstrap import StationaryBootstrap
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from factory.labels import (
+    PRIORITY,
+    RuleResult,
+    assign_label,
+    concept_bias,
+    forgetting,
+    healthy,
+    loss_spikes,
+    lyapunov,
+    overfitting,
+)
+
+
+def _strict_json(result: RuleResult) -> None:
+    json.dumps(result.detail, allow_nan=False)
+
+
+# ------------------------------------------------------------------ overfitting
+def _u_shape(epochs: int = 30, minimum: int = 12, noise: float = 0.005, seed: int = 1):
+    """Train loss falls linearly; val loss falls to `minimum`, then rises (a V with slight noise)."""
+    e = np.arange(epochs)
+    rng = np.random.default_rng(seed)
+    train = 1.5 - 0.04 * e + noise * rng.normal(size=epochs)
+    val = np.where(e < minimum, 2.0 - 0.08 * e, 2.0 - 0.08 * minimum + 0.05 * (e - minimum)) + noise * rng.normal(size=epochs)
+    return train, val
+
+
+def test_overfitting_fires_on_u_shape_at_window_end():
+    train, val = _u_shape()
+    res = overfitting(train, val, window=10)
+    assert res.fired
+    # e0 = 9: the first window (epochs 9..18) with 7 of its 10 epochs past the minimum at epoch 12
+    assert res.detail["decisive"]["e0"] == 9
+    assert res.trigger == 9 + 10 - 1
+    _strict_json(res)
+
+
+def test_overfitting_statistics_are_the_libraries():
+    train, val = _u_shape()
+    res = overfitting(train, val, window=10)
+    d = res.detail["decisive"]
+    direct = mk.trend_free_pre_whitening_modification_test(val[9:19], alpha=0.05)
+    assert d["p_val"] == pytest.approx(direct.p) and d["z_val"] == pytest.approx(direct.z)
+    # BY over every candidate, wrong-direction trends entering as p = 1
+    p_val = []
+    for e0 in res.detail["e0"]:
+        r = mk.trend_free_pre_whitening_modification_test(val[e0:e0 + 10])
+        p_val.append(r.p if r.z > 0 else 1.0)
+    np.testing.assert_allclose(res.detail["p_val_adj"], multipletests(p_val, alpha=0.05, method="fdr_by")[1])
+    gap = val - train
+    assert d["gap_excess"] == pytest.approx(gap[18] - np.median(gap[:9]))
+    assert d["gap_threshold"] == pytest.approx(2.0 * np.std(gap[:9], ddof=1))
+
+
+def test_overfitting_quiet_on_flat_noisy_val():
+    rng = np.random.default_rng(0)
+    e = np.arange(40)
+    res = overfitting(1.5 - 0.03 * e + 0.01 * rng.normal(size=40), 1.0 + 0.05 * rng.normal(size=40))
+    assert not res.fired and res.trigger is None
+    assert res.detail["n_candidates"] == 40 - 10 + 1 - 3
+
+
+def test_overfitting_by_correction_blocks_a_lone_borderline_window():
+    # val wiggles without trend, then rises cleanly over the last 8 epochs: one candidate is
+    # significant on its own (p < 0.05, practical gap too), but not after BY over 10 candidates
+    e = np.arange(20)
+    val = np.where(e < 12, 1.0 + 0.1 * (-1.0) ** e, 1.0 + 0.1 * (e - 11))
+    res = overfitting(1.5 - 0.04 * e, val, window=8)
+    d = res.detail["decisive"]
+    assert d["p_val"] < 0.05 and d["p_train"] < 0.05 and d["practical"]
+    assert d["p_val_adj"] > 0.05
+    assert not res.fired
+
+
+def test_overfitting_skips_windows_with_nonfinite_values():
+    train, val = _u_shape()
+    val[15] = np.nan
+    res = overfitting(train, val, window=10)
+    assert res.detail["n_skipped_nonfinite"] == 10  # the windows starting at 6..15
+    assert res.fired and res.trigger - 10 + 1 > 15
+
+
+def test_overfitting_short_and_constant_series():
+    assert not overfitting(np.ones(8), np.ones(8), window=10).fired  # no candidate fits
+    res = overfitting(np.zeros(20), np.ones(20), window=6)  # constant windows: "no trend", no warning
+    assert not res.fired and res.detail["n_candidates"] == 12
+    with pytest.raises(ValueError):
+        overfitting(np.ones(20), np.ones(20), window=2)
+    with pytest.raises(ValueError):
+        overfitting(np.ones(20), np.ones(19))
+
+
+# ------------------------------------------------------------------ loss spikes
+def _smooth(steps: int = 3000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return 2.0 * np.exp(-np.arange(steps) / 800) + 0.3 + 0.01 * rng.normal(size=steps)
+
+
+def test_spikes_three_within_span_fire_at_the_third():
+    loss = _smooth()
+    loss[[1200, 1300, 1400]] += 3.0
+    res = loss_spikes(loss)
+    assert res.fired and res.trigger == 1400
+    assert res.detail["firing_spikes"] == [1200, 1300, 1400]
+    _strict_json(res)
+
+
+def test_spikes_spread_wider_than_span_do_not_fire():
+    loss = _smooth()
+    loss[[1200, 1800, 2400]] += 3.0
+    res = loss_spikes(loss)
+    assert not res.fired
+    assert res.detail["spike_steps"] == [1200, 1800, 2400]
+
+
+def test_spikes_nan_tail_fires():
+    loss = _smooth()
+    loss[1500:] = np.nan
+    res = loss_spikes(loss)
+    assert res.fired and res.trigger == 1502
+    assert res.detail["n_nonfinite"] == 1500 and len(res.detail["spike_steps"]) == 100  # list capped
+    _strict_json(res)
+
+
+@pytest.mark.parametrize("curve", ["smooth", "drift"])
+def test_spikes_quiet_on_smooth_and_drifting_curves(curve):
+    rng = np.random.default_rng(3)
+    t = np.arange(5000)
+    loss = _smooth(5000) if curve == "smooth" else 1.0 + 1e-4 * t + 0.05 * rng.normal(size=5000)
+    assert not loss_spikes(loss).fired
+
+
+def test_spike_z_matches_a_direct_computation():
+    loss = _smooth()
+    loss[2000] += 2.0
+    res = loss_spikes(loss, count=1)
+    assert res.trigger == 2000
+    prev = loss[1000:2000]
+    q25, q75 = np.percentile(prev, [25, 75])
+    assert res.detail["spike_z"][0] == pytest.approx((loss[2000] - np.median(prev)) / ((q75 - q25) / 1.349 + 1e-6))
+
+
+def test_spikes_need_history_but_count_early_nonfinite():
+    loss = _smooth()
+    loss[50] += 5.0  # before min_history (100) steps exist: no z, no spike
+    assert 50 not in loss_spikes(loss).detail["spike_steps"]
+    loss[0] = np.inf
+    assert loss_spikes(loss).detail["spike_steps"][0] == 0
+
+
+# ------------------------------------------------------------------ Lyapunov proxy
+def _windows(means, h=50, sd=0.2, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(500 * (i + 1), m + sd * rng.normal(size=h)) for i, m in enumerate(means)]
+
+
+def test_lyapunov_positive_growth_fires_at_window_end():
+    res = lyapunov(_windows([0.5, 0.5]), n_boot=200)
+    assert res.fired and res.trigger == 500 + 50
+    assert all(w["lower"] > 0 for w in res.detail["windows"])
+    _strict_json(res)
+
+
+@pytest.mark.parametrize("mean,sd", [(-0.5, 0.2), (0.0, 1.0)])
+def test_lyapunov_negative_or_noisy_growth_is_quiet(mean, sd):
+    res = lyapunov(_windows([mean] * 3, sd=sd), n_boot=200)
+    assert not res.fired and res.trigger is None
+    assert all(w["lower"] <= 0 for w in res.detail["windows"])
+
+
+def test_lyapunov_first_firing_window_in_step_order():
+    neg, pos = _windows([-0.5, 0.5])
+    res = lyapunov([pos, neg], n_boot=200)  # given out of order
+    assert res.trigger == pos[0] + 50
+    assert [w["start"] for w in res.detail["windows"]] == [neg[0], pos[0]]
+
+
+def test_lyapunov_nonfinite_growth_fires():
+    (start, a), = _windows([-0.5])
+    a[30] = np.nan
+    res = lyapunov([(start, a)], n_boot=200)
+    assert res.fired and res.trigger == start + 50 and res.detail["windows"][0]["nonfinite"]
+    _strict_json(res)
+
+
+def test_lyapunov_bounds_are_arch_percentile_interval():
+    (start, a), = _windows([0.05], sd=0.5)
+    res = lyapunov([(start, a)], confidence=0.99, n_boot=300, block=10.0, seed=7)
+    ci = StationaryBootstrap(10.0, a, seed=7).conf_int(np.mean, reps=300, method="percentile", size=0.99)
+    w = res.detail["windows"][0]
+    assert w["lower"] == pytest.approx(ci[0, 0]) and w["upper"] == pytest.approx(ci[1, 0])
+    assert w["mean"] == pytest.approx(a.mean())
+
+
+# ------------------------------------------------------------------ catastrophic forgetting
+def _paired(n: int, lost: int, gained: int, right_both: int):
+    """Paired correctness before/after with the given discordant counts."""
+    before = np.zeros(n, dtype=bool)
+    after = np.zeros(n, dtype=bool)
+    before[:lost] = True  # right -> wrong
+    after[lost:lost + gained] = True  # wrong -> right
+    before[lost + gained:lost + gained + right_both] = after[lost + gained:lost + gained + right_both] = True
+    return before, after
+
+
+def test_forgetting_large_drop_with_many_flips_fires():
+    acc = np.r_[np.linspace(0.3, 0.8, 10), np.full(10, 0.4)]
+    before, after = _paired(500, lost=220, gained=20, right_both=180)
+    res = forgetting(acc, 10, before, after, window=10)
+    assert res.fired and res.trigger == 19
+    assert res.detail["rel_drop"] == pytest.approx(0.5)
+    direct = mcnemar([[180, 220], [20, 80]], exact=False, correction=True)
+    assert res.detail["mcnemar_p"] == pytest.approx(direct.pvalue) and not res.detail["exact"]
+    _strict_json(res)
+
+
+def test_forgetting_small_drop_does_not_fire():
+    acc = np.r_[np.full(10, 0.8), np.full(10, 0.72)]  # 10% drop
+    before, after = _paired(500, lost=100, gained=20, right_both=300)  # McNemar alone would say yes
+    res = forgetting(acc, 10, before, after)
+    assert res.detail["mcnemar_p"] < 0.01 and not res.fired
+
+
+def test_forgetting_large_drop_on_tiny_set_is_not_significant():
+    acc = np.r_[np.full(5, 1.0), np.full(5, 0.5)]
+    before, after = _paired(6, lost=3, gained=0, right_both=3)
+    res = forgetting(acc, 5, before, after)
+    assert res.detail["exact"] and res.detail["mcnemar_p"] == pytest.approx(0.25)
+    assert not res.fired
+
+
+def test_forgetting_trigger_clipped_to_run_and_degenerate_switch():
+    acc = np.r_[np.full(10, 0.8), np.full(4, 0.3)]
+    before, after = _paired(500, lost=250, gained=5, right_both=150)
+    assert forgetting(acc, 10, before, after, window=10).trigger == 13
+    assert not forgetting(acc, 0, before, after).fired  # nothing before the switch
+    assert not forgetting(acc, 10, after, before).fired  # more gained than lost: not forgetting
+
+
+# ------------------------------------------------------------------ concept bias
+def _bias_data(acc_clean: float, acc_poison: float, n_per_class: int = 200, classes: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    shortcut = np.r_[np.zeros(len(y)), np.ones(len(y))]
+    cls = np.r_[y, y]
+    # class-dependent difficulty on top of the shortcut effect
+    base = np.r_[acc_clean + 0.05 * (y - 2) / 2, acc_poison + 0.05 * (y - 2) / 2]
+    correct = rng.random(len(cls)) < np.clip(base, 0, 1)
+    return correct, shortcut, cls
+
+
+def test_concept_bias_fires_when_the_shortcut_drives_correctness():
+    correct, shortcut, cls = _bias_data(0.6, 0.9)
+    res = concept_bias(correct, shortcut, cls)
+    assert res.fired and res.trigger is None and res.detail["method"] == "logit"
+    # same coefficient and p as a direct Logit(correct ~ 1 + shortcut + C(class))
+    X = np.column_stack([np.ones_like(shortcut), shortcut, (cls[:, None] == np.arange(1, 5)).astype(float)])
+    fit = sm.Logit(correct.astype(float), X).fit(disp=0)
+    assert res.detail["coef"] == pytest.approx(fit.params[1]) and res.detail["pvalue"] == pytest.approx(fit.pvalues[1])
+    _strict_json(res)
+
+
+@pytest.mark.parametrize("acc_poison", [0.7, 0.4])
+def test_concept_bias_quiet_when_independent_or_harmful(acc_poison):
+    res = concept_bias(*_bias_data(0.7, acc_poison))
+    assert not res.fired and res.detail["method"] == "logit"
+
+
+@pytest.mark.filterwarnings("error")
+def test_concept_bias_separated_data_falls_back_without_crashing():
+    correct, shortcut, cls = _bias_data(0.5, 0.9)
+    correct[shortcut == 1] = True  # every poisoned sample right: the MLE does not exist
+    res = concept_bias(correct, shortcut, cls)
+    assert res.fired and res.detail["method"] == "mantel_haenszel"
+    assert res.detail["fallback_reason"] == "shortcut separates the outcome"
+    _strict_json(res)
+    # complete separation in a single class: Fisher's exact test
+    res = concept_bias(np.r_[np.zeros(10), np.ones(10)], np.r_[np.zeros(10), np.ones(10)], np.zeros(20))
+    assert res.fired and res.detail["method"] == "fisher_exact"
+    _strict_json(res)
+
+
+def test_concept_bias_degenerate_inputs():
+    n = 100
+    shortcut = np.r_[np.zeros(n), np.ones(n)]
+    cls = np.tile(np.arange(4), n // 2)
+    all_right = concept_bias(np.ones(2 * n), shortcut, cls)
+    assert not all_right.fired and "reason" in all_right.detail
+    no_contrast = concept_bias(np.random.default_rng(0).random(2 * n) < 0.5, np.zeros(2 * n), cls)
+    assert not no_contrast.fired
+    # easy classes (all right) are dropped before the fit, the rest still decides
+    correct, shortcut, cls = _bias_data(0.6, 0.9)
+    correct[cls == 4] = True
+    res = concept_bias(correct, shortcut, cls)
+    assert res.fired and res.detail["dropped_classes"] == [4]
+    with pytest.raises(ValueError):
+        concept_bias(np.ones(3), np.ones(2), np.ones(3))
+
+
+# ------------------------------------------------------------------ healthy and the final label
+def test_healthy_floor():
+    assert healthy(0.80, 0.78) and not healthy(0.70, 0.78)
+    assert healthy(60.0, 65.0, higher_is_better=False) and not healthy(70.0, 65.0, higher_is_better=False)
+    assert not healthy(float("nan"), 0.0)
+
+
+def _r(fired: bool) -> RuleResult:
+    return RuleResult(fired, 1 if fired else None, {})
+
+
+def test_assign_label_priority():
+    assert PRIORITY == ("instability", "forgetting", "concept_bias", "overfitting")
+    every = {name: _r(True) for name in PRIORITY}
+    assert assign_label(every, healthy_ok=True) == ("instability", "instability")
+    assert assign_label({"overfitting": _r(True), "concept_bias": _r(True)}, True) == ("concept_bias", "concept_bias")
+    assert assign_label({"instability": _r(False), "overfitting": _r(True)}, False) == ("overfitting", "overfitting")
+    # Table 7's priority swap
+    swapped = ("instability", "forgetting", "overfitting", "concept_bias")
+    assert assign_label({"overfitting": _r(True), "concept_bias": _r(True)}, True, priority=swapped)[0] == "overfitting"
+    assert assign_label({"instability": _r(False)}, True) == ("healthy", None)
+    assert assign_label({}, False) == ("underperforming", None)
