@@ -111,6 +111,20 @@ class RunWriter:
         self._loss += loss
         self._lr += lr
 
+    @property
+    def train_loss(self) -> np.ndarray:
+        """Per-step losses received so far."""
+        return np.asarray(self._loss, dtype=np.float64)
+
+    @property
+    def frame_steps(self) -> np.ndarray:
+        return np.asarray(self._steps, dtype=np.int64)
+
+    @property
+    def frame_readouts(self) -> np.ndarray:
+        """`(frames so far, R)` in the order of `READOUT_NAMES`."""
+        return np.asarray(self._readouts, dtype=np.float64).reshape(-1, len(READOUT_NAMES))
+
     # -------------------------------------------------------------- writing
     def _flush_frames(self) -> None:
         if not self._frames:

@@ -1,0 +1,565 @@
+"""Offline datasets of the data factory (DESIGN.md §6): one registry, one entry point.
+
+    data = load_dataset("shapes", image_size=32, seed=0, num_classes=8)
+    data.x_train  # (N, 3, 32, 32) float32, standardised per channel on the train split
+
+Built in, nothing downloaded: scikit-learn `digits`; `mnist1d`, the MNIST-1D generator of
+Greydanus (2020, "Scaling down deep learning", Sec. 2) re-implemented and vectorised, each 1-D
+signal drawn as a curve on an S x S canvas; procedural `shapes` and `textures` whose class count
+and noise are parameters; `pydoc_chars`, a character-level corpus from the documentation text that
+ships with Python. Real datasets load from a local `root` in their standard on-disk formats:
+`cifar10`, `cifar100` (python pickle batches), `svhn` (`*_32x32.mat`), `tiny_imagenet` (JPEG tree),
+`wikitext2` (`wiki.*.raw`); their val split is their test split.
+
+Every image dataset comes out as 3-channel `image_size` x `image_size` float32 images (grayscale
+replicated, resized with `F.interpolate`), standardised with the train split's per-channel mean
+and std (kept in `meta`). Text datasets are int64 token streams over a <= 100-symbol vocabulary
+(`meta["vocab"]`). Everything is deterministic given `seed`.
+"""
+from __future__ import annotations
+
+import inspect
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter1d
+
+
+@dataclass
+class TaskData:
+    name: str
+    modality: str  # "image" or "text"
+    num_classes: int  # classes; for text the vocabulary size
+    x_train: torch.Tensor  # image: (N, 3, S, S) float32 standardised; text: (N,) int64 token stream
+    y_train: torch.Tensor | None  # image: (N,) int64 in [0, num_classes); text: None
+    x_val: torch.Tensor
+    y_val: torch.Tensor | None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What every loader is told besides its own params. Loaders may subsample early (to avoid
+    decoding files that would be dropped); `load_dataset` subsamples again, a no-op then."""
+
+    image_size: int
+    seed: int
+    root: str | None
+    max_train: int | None
+    max_val: int | None
+
+
+DATASETS: dict[str, Callable[..., TaskData]] = {}
+TEXT_BLOCK = 256  # text: max_train / max_val count blocks of this many tokens (see load_dataset)
+# random streams per seed, kept apart: generator content, its noise, train / val subsampling
+_CONTENT_STREAM, _NOISE_STREAM, _TRAIN_STREAM, _VAL_STREAM = 0, 1, 2, 3
+
+
+def register(name: str) -> Callable:
+    def add(fn: Callable[..., TaskData]) -> Callable[..., TaskData]:
+        DATASETS[name] = fn
+        return fn
+
+    return add
+
+
+def load_dataset(name: str, *, image_size: int = 32, seed: int = 0, root: str | None = None,
+                 max_train: int | None = None, max_val: int | None = None, **params) -> TaskData:
+    """Load dataset `name` (a key of DATASETS) with its own `params` (e.g. `num_classes=8`).
+    An unknown name or param is a ValueError listing the valid ones; a real dataset without a
+    usable `root` is a FileNotFoundError naming the files it expects.
+
+    `max_train` / `max_val` keep a deterministic, class-balanced subset of the images; for text
+    they keep the first `max * TEXT_BLOCK` tokens, so one config number is a sensible budget for
+    both modalities (a window count of a few hundred would otherwise leave a few hundred chars).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+    loader = DATASETS[name]
+    valid = [p for p in inspect.signature(loader).parameters if p != "req"]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown params {unknown} for dataset {name!r}; valid: {valid or 'none'}")
+    req = Request(image_size, seed, None if root is None else str(root), max_train, max_val)
+    raw = loader(req, **params)
+    raw.meta.update(name=name, seed=seed, params=params)
+    if raw.modality == "text":
+        return _finish_text(raw, max_train, max_val)
+    return _finish_images(raw, image_size, seed, max_train, max_val)
+
+
+# ------------------------------------------------------------------ shared finishing steps
+def subsample_index(n: int, keep: int | None, seed: int | list[int], labels: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of a deterministic subset of size `keep` (all of range(n) when keep is None
+    or >= n). With labels, classes are drawn round-robin so the subset stays balanced and holds
+    every class as soon as keep >= number of classes."""
+    if keep is None or keep >= n:
+        return np.arange(n)
+    perm = np.random.default_rng(seed).permutation(n)
+    if labels is None:
+        return np.sort(perm[:keep])
+    yp = np.asarray(labels)[perm]
+    order = np.argsort(yp, kind="stable")
+    first = np.searchsorted(yp[order], yp[order], side="left")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - first  # position of each sample within its class (in perm order)
+    return np.sort(perm[np.argsort(rank, kind="stable")[:keep]])
+
+
+def to_images(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 (0..255) or float -> (N, 3, S, S) float32; C must be 1 or 3."""
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"images need 1 or 3 channels, got shape {tuple(x.shape)}")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.shape[-2:] != (image_size, image_size):
+        shrink = image_size < max(x.shape[-2:])  # antialias only when downsampling (avoids aliasing)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink)
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def _finish_images(raw: TaskData, image_size: int, seed: int, max_train: int | None, max_val: int | None) -> TaskData:
+    it = subsample_index(len(raw.y_train), max_train, [seed, _TRAIN_STREAM], raw.y_train.numpy())
+    iv = subsample_index(len(raw.y_val), max_val, [seed, _VAL_STREAM], raw.y_val.numpy())
+    x_train, x_val = to_images(raw.x_train[it], image_size), to_images(raw.x_val[iv], image_size)
+    std, mean = torch.std_mean(x_train, dim=(0, 2, 3), keepdim=True)
+    std = std.clamp_min(1e-6)  # a constant channel stays finite
+    meta = {**raw.meta, "image_size": image_size, "mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+    return TaskData(raw.name, "image", raw.num_classes, (x_train - mean) / std, raw.y_train[it].long(),
+                    (x_val - mean) / std, raw.y_val[iv].long(), meta)
+
+
+def _finish_text(raw: TaskData, max_train: int | None, max_val: int | None) -> TaskData:
+    # a contiguous prefix: text windows must not straddle cut points
+    x_train = raw.x_train if max_train is None else raw.x_train[: max_train * TEXT_BLOCK]
+    x_val = raw.x_val if max_val is None else raw.x_val[: max_val * TEXT_BLOCK]
+    return TaskData(raw.name, "text", raw.num_classes, x_train.clone(), None, x_val.clone(), None, raw.meta)
+
+
+def _labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Balanced labels in random order."""
+    return rng.permutation(np.arange(n) % num_classes)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [-1, 1], shaped (1, S, S) for broadcasting against (N, 1, 1)."""
+    c = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)
+    return c[None, None, :], c[None, :, None]  # X (columns), Y (rows)
+
+
+def _colour_pair(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random background and foreground colours, (n, 3, 1, 1), >= 0.35 apart in every channel so
+    the pattern is always visible; colour itself carries no class information."""
+    bg = rng.random((n, 3)).astype(np.float32)
+    gap = rng.uniform(0.35, 0.5, (n, 3)).astype(np.float32)
+    fg = np.where(bg > 0.5, bg - gap, bg + gap)
+    return bg[:, :, None, None], fg[:, :, None, None]
+
+
+def _smooth_field(n: int, channels: int, cells: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Low-frequency Gaussian random field: a cells x cells grid upsampled bicubically."""
+    coarse = torch.from_numpy(rng.standard_normal((n, channels, cells, cells)).astype(np.float32))
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).numpy()
+
+
+def _procedural(name: str, render: Callable, classes: list[str], req: Request, num_classes: int, noise: float,
+                n_train: int, n_val: int) -> TaskData:
+    """Shared driver of the procedural families: balanced labels, render at a canvas of
+    max(32, S) (so small outputs are antialiased by the final resize), add noise from its own
+    stream (the same seed gives the same clean images at any noise level), split."""
+    if not 2 <= num_classes <= len(classes):
+        raise ValueError(f"{name}: num_classes must be in [2, {len(classes)}], got {num_classes}")
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"{name}: n_train and n_val must be positive, got {n_train}, {n_val}")
+    rng, noise_rng = np.random.default_rng([req.seed, _CONTENT_STREAM]), np.random.default_rng([req.seed, _NOISE_STREAM])
+    n = n_train + n_val
+    y = _labels(n, num_classes, rng)
+    canvas = max(32, req.image_size)
+    img = render(y, canvas, rng)  # (n, 3, canvas, canvas) float32 in ~[0, 1]
+    img += noise * noise_rng.standard_normal(img.shape, dtype=np.float32)
+    x, yt = torch.from_numpy(img), torch.from_numpy(y)
+    meta = {"source": f"procedural {name}", "classes": classes[:num_classes], "noise": noise}
+    return TaskData(name, "image", num_classes, x[:n_train], yt[:n_train], x[n_train:], yt[n_train:], meta)
+
+
+# ------------------------------------------------------------------ shapes
+def _shape_sdf(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (negative inside) of a unit-size shape in its own frame."""
+    r = np.hypot(u, v)
+    if kind == "circle":
+        return r - 0.9
+    if kind == "square":
+        return np.maximum(np.abs(u), np.abs(v)) - 0.75
+    if kind == "triangle":  # equilateral, circumradius 1: inside all three half-planes
+        normals = [np.pi / 2 + k * 2 * np.pi / 3 for k in range(3)]
+        return np.max([u * np.cos(a) + v * np.sin(a) for a in normals], axis=0) - 0.5
+    if kind == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return np.minimum(np.maximum(au - 1, av - 0.3), np.maximum(av - 1, au - 0.3))
+    if kind == "ring":
+        return np.abs(r - 0.75) - 0.2
+    if kind == "bar":
+        return np.maximum(np.abs(u) - 1, np.abs(v) - 0.28)
+    if kind == "half_disk":
+        return np.maximum(r - 0.95, -v)
+    if kind == "frame":
+        return np.abs(np.maximum(np.abs(u), np.abs(v)) - 0.7) - 0.17
+    if kind == "two_dots":
+        return np.minimum(np.hypot(u - 0.55, v), np.hypot(u + 0.55, v)) - 0.4
+    if kind == "star":
+        return r - (0.6 + 0.35 * np.cos(5 * np.arctan2(v, u)))
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+SHAPES = ["circle", "square", "triangle", "cross", "ring", "bar", "half_disk", "frame", "two_dots", "star"]
+
+
+def _coverage(sd: np.ndarray, pixel: float) -> np.ndarray:
+    """Antialiased coverage from a signed distance in canvas units: a one-pixel linear ramp."""
+    return np.clip(0.5 - sd / pixel, 0.0, 1.0)
+
+
+def _render_shapes(y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    n = len(y)
+    X, Y = _grid(size)
+    pixel = 2.0 / size
+    bg, fg = _colour_pair(n, rng)
+    # clutter: a faint smooth colour field and 3 small dots of random colour under the shape
+    img = bg + 0.15 * _smooth_field(n, 3, 4, size, rng)
+    for _ in range(3):
+        cx, cy = (rng.uniform(-0.9, 0.9, (2, n, 1, 1))).astype(np.float32)
+        rad = rng.uniform(0.05, 0.09, (n, 1, 1)).astype(np.float32)
+        cover = _coverage(np.hypot(X - cx, Y - cy) - rad, pixel)[:, None]
+        img += cover * (rng.random((n, 3, 1, 1), dtype=np.float32) - img)
+    scale = rng.uniform(0.35, 0.6, (n, 1, 1)).astype(np.float32)  # half-width in canvas units
+    cx, cy = (rng.uniform(-1, 1, (2, n, 1, 1)) * (0.95 - scale)).astype(np.float32)
+    theta = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+    dx, dy = X - cx, Y - cy
+    u = (dx * np.cos(theta) + dy * np.sin(theta)) / scale
+    v = (-dx * np.sin(theta) + dy * np.cos(theta)) / scale
+    sd = np.empty((n, size, size), dtype=np.float32)
+    for k in np.unique(y):  # one vectorised pass per class
+        sd[y == k] = _shape_sdf(SHAPES[k], u[y == k], v[y == k])
+    cover = _coverage(sd * scale, pixel)[:, None]  # local units -> canvas units
+    return (img + cover * (fg - img)).astype(np.float32)
+
+
+@register("shapes")
+def load_shapes(req: Request, num_classes: int = 6, noise: float = 0.1, n_train: int = 3000, n_val: int = 600) -> TaskData:
+    """Geometric shapes (SHAPES, in order) at random position, size, rotation and colour over a
+    cluttered background (smooth colour field, small distractor dots)."""
+    return _procedural("shapes", _render_shapes, SHAPES, req, num_classes, noise, n_train, n_val)
+
+
+# ------------------------------------------------------------------ textures
+TEXTURES = ["stripes_0", "stripes_45", "stripes_90", "stripes_135", "checker", "dots", "blobs", "rings",
+            "waves", "fine_stripes"]
+
+
+def _texture(kind: str, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Pattern in [0, 1], (n, S, S). Random phase / offset everywhere, so no pixel is informative
+    on its own; orientations jitter by +-10 degrees, frequencies (cycles per image) by a range."""
+    def draw(lo, hi):
+        return rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)
+
+    jitter, phase = np.deg2rad(draw(-10, 10)), draw(0, 2 * np.pi)
+    freq = draw(2.5, 4.5) * np.pi  # radians per canvas unit (the canvas spans 2 units)
+    if kind.startswith("stripes_"):  # the angle is the stripes' normal: stripes_0 are vertical
+        a = np.deg2rad(float(kind.split("_")[1])) + jitter
+        return 0.5 + 0.5 * np.sin(freq * (X * np.cos(a) + Y * np.sin(a)) + phase)
+    if kind == "fine_stripes":  # any orientation: only the frequency tells it apart
+        a, f = draw(0, np.pi), draw(7, 9) * np.pi
+        return 0.5 + 0.5 * np.sin(f * (X * np.cos(a) + Y * np.sin(a)) + phase)
+    u = X * np.cos(jitter) + Y * np.sin(jitter)
+    v = -X * np.sin(jitter) + Y * np.cos(jitter)
+    if kind == "checker":
+        return 1 / (1 + np.exp(-6 * np.sin(freq * u + phase) * np.sin(freq * v + draw(0, 2 * np.pi))))
+    if kind == "dots":  # bright where both cosines peak: a lattice of round dots
+        return np.clip(np.cos(freq * u + phase) + np.cos(freq * v + draw(0, 2 * np.pi)) - 1.0, 0, 1)
+    if kind == "blobs":
+        z = _smooth_field(n, 1, 6, X.shape[-1], rng)[:, 0]
+        z = (z - z.mean((1, 2), keepdims=True)) / (z.std((1, 2), keepdims=True) + 1e-6)
+        return 1 / (1 + np.exp(-2 * z))
+    if kind == "rings":
+        r = np.hypot(X - draw(-0.5, 0.5), Y - draw(-0.5, 0.5))
+        return 0.5 + 0.5 * np.sin(freq * r + phase)
+    if kind == "waves":
+        a = draw(0, np.pi)
+        s, t = X * np.cos(a) + Y * np.sin(a), -X * np.sin(a) + Y * np.cos(a)
+        return 0.5 + 0.5 * np.sin(freq * s + 2.0 * np.sin(draw(1, 2) * np.pi * t + phase) + draw(0, 2 * np.pi))
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _render_textures(y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    X, Y = _grid(size)
+    bg, fg = _colour_pair(len(y), rng)
+    p = np.empty((len(y), size, size), dtype=np.float32)
+    for k in np.unique(y):
+        p[y == k] = _texture(TEXTURES[k], X, Y, rng, int((y == k).sum()))
+    return (bg + p[:, None] * (fg - bg)).astype(np.float32)
+
+
+@register("textures")
+def load_textures(req: Request, num_classes: int = 6, noise: float = 0.1, n_train: int = 3000, n_val: int = 600) -> TaskData:
+    """Texture classes (TEXTURES, in order): oriented gratings, checkerboard, dots, smooth blobs,
+    concentric rings, wavy stripes, fine stripes; two random colours per image."""
+    return _procedural("textures", _render_textures, TEXTURES, req, num_classes, noise, n_train, n_val)
+
+
+# ------------------------------------------------------------------ mnist1d
+# The ten 12-point digit templates and the generator settings of the reference implementation
+# (greydanus/mnist1d, get_templates / get_dataset_args).
+_MNIST1D_TEMPLATES = np.array([
+    [5, 6, 6.5, 6.75, 7, 7, 7, 7, 6.75, 6.5, 6, 5], [5, 3, 3, 3.4, 3.8, 4.2, 4.6, 5, 5.4, 5.8, 5, 5],
+    [5, 6, 6.5, 6.5, 6, 5.25, 4.75, 4, 3.5, 3.5, 4, 5], [5, 6, 6.5, 6.5, 6, 5, 5, 6, 6.5, 6.5, 6, 5],
+    [5, 4.4, 3.8, 3.2, 2.6, 2.6, 5, 5, 5, 5, 5, 5], [5, 3, 3, 3, 3, 5, 6, 6.5, 6.5, 6, 4.5, 5],
+    [5, 4, 3.5, 3.25, 3, 3, 3, 3, 3.25, 3.5, 4, 5], [5, 7, 7, 6.6, 6.2, 5.8, 5.4, 5, 4.6, 4.2, 5, 5],
+    [5, 4, 3.5, 3.5, 4, 5, 5, 4, 3.5, 3.5, 4, 5], [5, 4, 3.5, 3.5, 4, 5, 5, 5, 5, 4.7, 4.3, 5],
+])
+MNIST1D_ARGS = {"padding": (36, 60), "scale_coeff": 0.4, "max_translation": 48, "corr_noise_scale": 0.25,
+                "iid_noise_scale": 2e-2, "shear_scale": 0.75}
+
+
+def _mnist1d_templates() -> np.ndarray:
+    x = _MNIST1D_TEMPLATES - _MNIST1D_TEMPLATES.mean(1, keepdims=True)
+    x /= x.std(1, keepdims=True)
+    return (x - x[:, :1]) / 6.0  # every template starts (and ends) at 0
+
+
+def _resample(x: np.ndarray, lengths: np.ndarray, out: int) -> np.ndarray:
+    """Row-wise linear interpolation of the first `lengths[i]` values of row i onto `out` evenly
+    spaced points (interp1d over linspace(0, 1, .) in the reference), vectorised."""
+    pos = np.linspace(0, 1, out)[None, :] * (lengths - 1)[:, None]
+    i = np.minimum(np.floor(pos).astype(np.int64), (lengths - 2)[:, None])
+    frac = pos - i
+    return np.take_along_axis(x, i, 1) * (1 - frac) + np.take_along_axis(x, i + 1, 1) * frac
+
+
+def mnist1d_signals(y: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """MNIST-1D signals for digit labels y, (n, length): the reference `transform` applied to
+    every template at once (pad with zeros, dilate, scale, translate, correlated noise in the
+    padding, iid noise, shear, subsample). Same procedure and settings; a different random stream,
+    so it does not reproduce the reference pickle bit for bit."""
+    a, n, tl = MNIST1D_ARGS, len(y), _MNIST1D_TEMPLATES.shape[1]
+    lo, hi = a["padding"]
+    full = tl + hi
+    pad = lo + (rng.random(n) * (hi - lo + 1)).astype(np.int64)
+    src = np.zeros((n, full))
+    src[:, :tl] = _mnist1d_templates()[y] + 1e-8  # eps keeps the digit apart from the zero padding
+    x = _resample(src, tl + pad, full)  # pad, then dilate to a common length
+    x *= 1 + a["scale_coeff"] * (rng.random(n) - 0.5)[:, None]
+    shift = rng.integers(0, a["max_translation"], n)
+    x = np.take_along_axis(x, (np.arange(full)[None, :] - shift[:, None]) % full, 1)  # circular shift
+    corr = gaussian_filter1d(a["corr_noise_scale"] * rng.standard_normal((n, full)), 2, axis=1)
+    x = np.where(x != 0, x, corr) + a["iid_noise_scale"] * rng.standard_normal((n, full))
+    x -= (a["shear_scale"] * (rng.random(n) - 0.5))[:, None] * np.linspace(-0.5, 0.5, full)[None, :]
+    return _resample(x, np.full(n, full), length)
+
+
+def render_signals(signals: np.ndarray, size: int, amplitude: float = 3.5) -> np.ndarray:
+    """Draw each 1-D signal as a curve on a size x size canvas, (n, size, size) in [0, 1].
+
+    Time runs left to right (the signal linearly resampled at the column centres); values
+    +-`amplitude` span bottom to top (clipped). Each column is lit over the vertical range the
+    curve covers inside it (from half-way to its left neighbour to half-way to its right one),
+    so steep segments stay connected, with a one-pixel antialiased edge: a ~2 px stroke."""
+    n, length = signals.shape
+    t = np.clip((np.arange(size) + 0.5) / size * length - 0.5, 0, length - 1)
+    i = np.minimum(np.floor(t).astype(np.int64), length - 2)
+    v = signals[:, i] * (1 - (t - i)) + signals[:, i + 1] * (t - i)  # (n, size)
+    rows = (1 - np.clip(v / amplitude, -1, 1)) / 2 * size - 0.5  # value -> row coordinate (0 = top)
+    left = np.concatenate([rows[:, :1], rows[:, :-1]], 1)
+    right = np.concatenate([rows[:, 1:], rows[:, -1:]], 1)
+    lo = np.minimum(rows, np.minimum((rows + left) / 2, (rows + right) / 2))[:, None, :]
+    hi = np.maximum(rows, np.maximum((rows + left) / 2, (rows + right) / 2))[:, None, :]
+    r = np.arange(size, dtype=np.float64)[None, :, None]
+    dist = np.maximum(np.maximum(lo - r, r - hi), 0)  # rows from the covered interval
+    return np.clip(1.5 - dist, 0, 1).astype(np.float32)
+
+
+@register("mnist1d")
+def load_mnist1d(req: Request, n_train: int = 4000, n_val: int = 1000, length: int = 40) -> TaskData:
+    """MNIST-1D (Greydanus 2020): 10 classes, signals of `length` points drawn as curves."""
+    rng = np.random.default_rng([req.seed, _CONTENT_STREAM])
+    n = n_train + n_val
+    y = _labels(n, 10, rng)
+    x = mnist1d_signals(y, length, rng)
+    x = (x - x.mean()) / x.std()  # as the reference: centre the whole set, unit std
+    img = torch.from_numpy(render_signals(x, max(32, req.image_size)))[:, None]
+    yt = torch.from_numpy(y)
+    meta = {"source": "procedural MNIST-1D (Greydanus 2020)", "signal_length": length, **MNIST1D_ARGS}
+    return TaskData("mnist1d", "image", 10, img[:n_train], yt[:n_train], img[n_train:], yt[n_train:], meta)
+
+
+# ------------------------------------------------------------------ digits
+@register("digits")
+def load_digits(req: Request) -> TaskData:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), stratified 80/20 split by seed."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # pixel values 0..16
+    y = torch.from_numpy(d.target.astype(np.int64))
+    it, iv = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=req.seed)
+    # indices into the 1,797 images: the split itself, before any max_train / max_val
+    meta = {"source": "sklearn.datasets.load_digits", "train_index": it, "val_index": iv}
+    return TaskData("digits", "image", 10, x[it], y[it], x[iv], y[iv], meta)
+
+
+# ------------------------------------------------------------------ text
+OOV = "\ufffd"  # every character outside printable ASCII maps to this one symbol (index 0)
+VOCAB = OOV + "\t\n" + "".join(chr(c) for c in range(32, 127))
+_LOOKUP = np.zeros(128, dtype=np.int64)
+_LOOKUP[[ord(c) for c in VOCAB[1:]]] = np.arange(1, len(VOCAB))
+
+
+def encode_chars(text: str) -> torch.Tensor:
+    """Text -> int64 indices into VOCAB (vectorised over code points)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return torch.from_numpy(np.where(codes < 128, _LOOKUP[np.minimum(codes, 127)], 0))
+
+
+def decode_chars(tokens: torch.Tensor) -> str:
+    return "".join(VOCAB[i] for i in tokens.tolist())
+
+
+def _text_data(name: str, train: str, val: str, source: str) -> TaskData:
+    x_train, x_val = encode_chars(train), encode_chars(val)
+    oov = float((x_train == 0).float().mean()) if len(x_train) else 0.0
+    meta = {"source": source, "vocab": VOCAB, "oov_symbol": OOV, "oov_fraction_train": oov}
+    return TaskData(name, "text", len(VOCAB), x_train, None, x_val, None, meta)
+
+
+@register("pydoc_chars")
+def load_pydoc_chars(req: Request) -> TaskData:
+    """Python's own documentation topics (pydoc_data.topics), sorted by key and joined by blank
+    lines; contiguous 90/10 split."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    cut = int(0.9 * len(text))
+    return _text_data("pydoc_chars", text[:cut], text[cut:], "pydoc_data.topics")
+
+
+# ------------------------------------------------------------------ real datasets from `root`
+def find_root(name: str, root: str | None, files: list[str], subdir: str) -> Path:
+    """The folder holding `files`: `root` itself or `root/subdir`; else a clear error."""
+    wanted = ", ".join(files)
+    if root is None:
+        raise FileNotFoundError(f"{name} is read from a local copy: pass root=<folder holding {wanted}> "
+                                f"(e.g. the extracted {subdir}/); nothing is downloaded")
+    for folder in (Path(root), Path(root) / subdir):
+        if all((folder / f).exists() for f in files):
+            return folder
+    missing = [f for f in files if not (Path(root) / f).exists()]
+    raise FileNotFoundError(f"{name}: root={root} lacks {', '.join(missing)} (expected {wanted} "
+                            f"in root or in root/{subdir})")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar(name: str, req: Request, train_files: list[str], test_file: str, label_key: bytes, classes: int,
+           subdir: str) -> TaskData:
+    folder = find_root(name, req.root, train_files + [test_file], subdir)
+
+    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = [_unpickle(folder / f) for f in files]
+        x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    (xt, yt), (xv, yv) = read(train_files), read([test_file])
+    return TaskData(name, "image", classes, xt, yt, xv, yv, {"source": str(folder)})
+
+
+@register("cifar10")
+def load_cifar10(req: Request) -> TaskData:
+    files = [f"data_batch_{i}" for i in range(1, 6)]
+    return _cifar("cifar10", req, files, "test_batch", b"labels", 10, "cifar-10-batches-py")
+
+
+@register("cifar100")
+def load_cifar100(req: Request) -> TaskData:
+    return _cifar("cifar100", req, ["train"], "test", b"fine_labels", 100, "cifar-100-python")
+
+
+@register("svhn")
+def load_svhn(req: Request) -> TaskData:
+    """SVHN cropped digits (format 2): X (32, 32, 3, N) uint8, y (N, 1) with 10 meaning digit 0."""
+    from scipy.io import loadmat
+
+    folder = find_root("svhn", req.root, ["train_32x32.mat", "test_32x32.mat"], "svhn")
+
+    def read(file: str) -> tuple[torch.Tensor, torch.Tensor]:
+        mat = loadmat(folder / file)
+        x = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)))  # (H, W, C, N) -> (N, C, H, W)
+        y = mat["y"].reshape(-1).astype(np.int64) % 10  # label 10 is the digit 0
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    (xt, yt), (xv, yv) = read("train_32x32.mat"), read("test_32x32.mat")
+    return TaskData("svhn", "image", 10, xt, yt, xv, yv, {"source": str(folder)})
+
+
+def _read_jpegs(paths: list[Path]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 at the first image's size (Tiny-ImageNet is all 64x64; some are grey)."""
+    from PIL import Image
+
+    arrays, size = [], None
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            size = size or im.size
+            arrays.append(np.asarray(im if im.size == size else im.resize(size, Image.BILINEAR)))
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+
+
+@register("tiny_imagenet")
+def load_tiny_imagenet(req: Request, num_classes: int | None = None) -> TaskData:
+    """Tiny-ImageNet-200: train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt.
+    Classes are the sorted wnids (as torchvision's ImageFolder), the first `num_classes` kept
+    (default: all, 200 in the real set).
+    Only the files that survive max_train / max_val are decoded."""
+    folder = find_root("tiny_imagenet", req.root, ["wnids.txt", "train", "val/images", "val/val_annotations.txt"],
+                       "tiny-imagenet-200")
+    wnids = sorted((folder / "wnids.txt").read_text().split())
+    num_classes = len(wnids) if num_classes is None else num_classes
+    if not 1 <= num_classes <= len(wnids):
+        raise ValueError(f"tiny_imagenet: num_classes must be in [1, {len(wnids)}], got {num_classes}")
+    index = {w: i for i, w in enumerate(wnids[:num_classes])}
+    train = [(p, index[w]) for w in index for p in sorted((folder / "train" / w / "images").glob("*.JPEG"))]
+    val = []
+    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[1] in index:
+            val.append((folder / "val" / "images" / parts[0], index[parts[1]]))
+    if not train or not val:
+        raise FileNotFoundError(f"tiny_imagenet: no JPEGs found for the selected classes under {folder}")
+
+    def read(items: list[tuple[Path, int]], keep: int | None, seed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = np.array([c for _, c in items])
+        idx = subsample_index(len(items), keep, seed, labels)  # the same subset _finish_images would take
+        return _read_jpegs([items[i][0] for i in idx]), torch.from_numpy(labels[idx])
+
+    xt, yt = read(train, req.max_train, [req.seed, _TRAIN_STREAM])
+    xv, yv = read(val, req.max_val, [req.seed, _VAL_STREAM])
+    return TaskData("tiny_imagenet", "image", num_classes, xt, yt, xv, yv,
+                    {"source": str(folder), "wnids": wnids[:num_classes]})
+
+
+@register("wikitext2")
+def load_wikitext2(req: Request) -> TaskData:
+    """WikiText-2 raw, character level like pydoc_chars: wiki.train.raw / wiki.valid.raw."""
+    folder = find_root("wikitext2", req.root, ["wiki.train.raw", "wiki.valid.raw"], "wikitext-2-raw")
+    read = lambda f: (folder / f).read_text(encoding="utf-8")  # noqa: E731
+    return _text_data("wikitext2", read("wiki.train.raw"), read("wiki.valid.raw"), str(folder))
+
+
+BUILTIN = ["digits", "mnist1d", "shapes", "textures", "pydoc_chars"]  # need no files

@@ -1,0 +1,168 @@
+"""The data factory: run every spec of a config, label it, write one run store per run + a manifest.
+
+    accelerate launch factory/generate.py --config configs/factory/smoke.yaml --out outputs/corpus/smoke
+    python -m factory.generate --config configs/factory/smoke.yaml --out outputs/corpus/smoke
+
+Two real CPU processes (plain `--cpu` starts one):
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no factory/generate.py --config ... --out ...
+
+Runs are split deterministically over processes (spec i goes to process i mod world size).
+Resumable: a run whose store is complete is skipped; a killed run leaves only a `.tmp-*`
+directory, removed when that run starts again. The manifest is rebuilt from the complete stores,
+so it never lists a run twice.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from capture.config import cli_parser, load_config, save_config
+from capture.store import RunStore, RunStoreError
+from factory.archs import TEXT_ARCHS
+from factory.config import FactoryConfig
+from factory.perturbations import NOVEL, make_perturbation
+from factory.spec import RunSpec, expand
+
+TEXT_DATASETS = {"pydoc_chars", "wikitext2"}
+MANIFEST_KEYS = ("run_id", "split", "arch", "dataset", "optimizer", "perturbation", "seed", "label", "onset_step",
+                 "trigger_step", "online_label", "injected", "status", "steps", "n_frames", "seconds", "store")
+
+
+def compatible(spec: RunSpec, steps: int) -> bool:
+    """Text architectures train on text datasets, image ones on images; a perturbation applies only
+    to the modalities it names (no watermark on text)."""
+    modality = "text" if spec.dataset in TEXT_DATASETS else "image"
+    if (spec.arch in TEXT_ARCHS) != (modality == "text"):
+        return False
+    return modality in make_perturbation(spec.perturbation, steps).modalities
+
+
+def plan(cfg: FactoryConfig) -> list[RunSpec]:
+    return [s for s in expand(cfg.splits, NOVEL) if compatible(s, cfg.training.steps)]
+
+
+def store_path(corpus: Path, spec: RunSpec) -> Path:
+    return corpus / "runs" / f"{spec.run_id}.zarr"
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        RunStore(path)
+        return True
+    except RunStoreError:
+        return False
+
+
+def run_spec(spec: RunSpec, cfg: FactoryConfig, corpus: Path) -> dict:
+    from factory.train import run_one
+
+    path = store_path(corpus, spec)
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a killed attempt at this run
+    if path.exists():  # present but not complete (damaged): redo it
+        shutil.rmtree(path)
+    failed = corpus / "failed" / f"{spec.run_id}.json"
+    try:
+        record = run_one(spec, cfg, corpus)
+        failed.unlink(missing_ok=True)
+        return record
+    except Exception as err:  # noqa: BLE001 - one broken run must not stop the factory
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        record = {**spec.to_dict(), "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        failed.write_text(json.dumps(record, indent=1))
+        return record
+
+
+def record_from_store(path: Path, corpus: Path) -> dict:
+    attrs = RunStore(path).attrs
+    rec = {**attrs["spec"], **{k: attrs.get(k) for k in ("label", "onset_step", "trigger_step", "online_label", "status")}}
+    rec.update(injected=attrs.get("perturbation", {}).get("injected"), steps=len(RunStore(path).train_loss()),
+               n_frames=attrs.get("n_frames"), seconds=attrs.get("seconds"), store=str(path.relative_to(corpus)))
+    return {k: rec.get(k) for k in MANIFEST_KEYS}
+
+
+def write_manifest(specs: list[RunSpec], corpus: Path) -> list[dict]:
+    records = []
+    for spec in specs:
+        path = store_path(corpus, spec)
+        failed = corpus / "failed" / f"{spec.run_id}.json"
+        if is_complete(path):
+            records.append(record_from_store(path, corpus))
+        elif failed.exists():
+            rec = json.loads(failed.read_text())
+            records.append({**{k: rec.get(k) for k in MANIFEST_KEYS}, "error": rec.get("error")})
+    tmp = corpus / "manifest.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, corpus / "manifest.jsonl")
+    return records
+
+
+def summary(records: list[dict]) -> str:
+    """Runs per split x label, and injected perturbation class x rule label."""
+    labels = sorted({str(r.get("label")) for r in records})
+    lines = ["| split | " + " | ".join(labels) + " | total |", "|---" * (len(labels) + 2) + "|"]
+    for split in ("train", "val", "test"):
+        c = Counter(str(r.get("label")) for r in records if r["split"] == split)
+        lines.append(f"| {split} | " + " | ".join(str(c[l]) for l in labels) + f" | {sum(c.values())} |")
+    injected = sorted({str(r.get("injected")) for r in records})
+    lines += ["", "injected \\ label: | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for inj in injected:
+        c = Counter(str(r.get("label")) for r in records if str(r.get("injected")) == inj)
+        lines.append(f"| {inj} | " + " | ".join(str(c[l]) for l in labels) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_config(FactoryConfig, args.config, args.overrides)
+    corpus = Path(args.out)
+    specs = plan(cfg)
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        corpus.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, corpus)
+        print(f"factory {cfg.name}: {len(specs)} runs, world size {world}", flush=True)
+    accelerator.wait_for_everyone()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    mine = [s for i, s in enumerate(specs) if i % world == rank]
+    todo = [s for s in mine if not is_complete(store_path(corpus, s))]
+    start, done, failed = time.time(), 0, 0
+    bar = tqdm(todo, desc=f"[{rank}/{world}] runs", position=rank, unit="run", disable=not sys.stderr.isatty() and rank > 0)
+    for spec in bar:
+        rec = run_spec(spec, cfg, corpus)
+        done += 1
+        failed += rec.get("status") == "failed"
+        bar.set_postfix(last=f"{spec.perturbation}->{rec.get('label')}", failed=failed)
+    elapsed = time.time() - start
+    print(f"[rank {rank}/{world}] {done} runs ({len(mine) - len(todo)} already complete, {failed} failed) in {elapsed:.0f} s"
+          + (f": {3600 * done / elapsed:.0f} runs/hour" if done and elapsed > 0 else ""), flush=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        records = write_manifest(specs, corpus)
+        table = summary(records)
+        (corpus / "summary.md").write_text(table + "\n")
+        print(f"manifest: {corpus / 'manifest.jsonl'} ({len(records)} runs)\n{table}", flush=True)
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Label one finished run from its signals with the rules of `factory.labels` (paper Appendix A),
+windows scaled to the run length as `LabelConfig` says, plus the training-only ("online-style",
+Appendix A.4) variant that sees no validation metric and no optimizer internal.
+
+`label_run(...)` returns {label, onset_step, trigger_step, online_label, online_trigger, rules}.
+Epoch e of a factory run ends at step `epoch_step[e]`; rule triggers in epochs map to that step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pymannkendall as mk
+
+from factory import labels as R
+from factory.config import LabelConfig
+from factory.perturbations import Perturbation, TaskSwitch
+
+CLASSES = ("instability", "forgetting", "concept_bias", "overfitting")
+
+
+def epoch_means(values: np.ndarray, epoch_step: np.ndarray) -> np.ndarray:
+    """Mean of a per-step series over each epoch (steps epoch_step[e-1] .. epoch_step[e]-1)."""
+    bounds = np.concatenate([[0], epoch_step])
+    return np.array([np.mean(values[a:b]) if b > a else np.nan for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def _spikes(train_loss: np.ndarray, lc: LabelConfig, steps: int) -> R.RuleResult:
+    return R.loss_spikes(
+        train_loss, z=lc.spike_z, window=max(10, int(lc.spike_window_frac * steps)),
+        count=lc.spike_count, span=max(5, int(lc.spike_span_frac * steps)),
+    )
+
+
+def _instability(sig: dict, lc: LabelConfig, steps: int) -> tuple[R.RuleResult, R.RuleResult]:
+    spikes = _spikes(sig["train_loss"], lc, steps)
+    windows = [(s, np.asarray(a, dtype=float) - lc.lyapunov_margin) for s, a in sig["lyapunov"]]
+    lyap = R.lyapunov(windows, confidence=lc.lyapunov_confidence, n_boot=lc.lyapunov_bootstrap, block=lc.lyapunov_block) if windows else R.RuleResult(False, None, {"windows": 0})
+    return spikes, lyap
+
+
+def _forgetting(sig: dict, pert: Perturbation, num_classes: int, lc: LabelConfig) -> R.RuleResult | None:
+    if not isinstance(pert, TaskSwitch) or sig["val_labels"] is None:
+        return None  # no task switch: a run without a primary task cannot forget it
+    epoch_step, correct = sig["epoch_step"], sig["val_correct"]
+    after = np.nonzero(epoch_step > pert.onset)[0]
+    if len(after) == 0 or after[0] == 0:
+        return R.RuleResult(False, None, {"reason": "switch outside the evaluated epochs"})
+    e_s = int(after[0])
+    primary = sig["val_labels"] < num_classes // 2
+    acc = correct[:, primary].mean(axis=1)
+    window = max(2, round(lc.forget_window_frac * len(epoch_step)))
+    e_end = min(e_s + window - 1, len(epoch_step) - 1)
+    return R.forgetting(acc, e_s, correct[e_s - 1, primary], correct[e_end, primary], window=window, drop=lc.forget_drop, p=lc.forget_p)
+
+
+def _concept_bias(sig: dict, lc: LabelConfig) -> R.RuleResult | None:
+    """Evaluated at every epoch; fires if it holds at the final epoch, triggered at the first epoch
+    of the final unbroken run of firing epochs (one test per run decides, not the best of many)."""
+    if sig["poison_correct"] is None or len(sig["val_correct"]) == 0:
+        return None
+    clean, poison, y = sig["val_correct"], sig["poison_correct"], sig["val_labels"]
+    shortcut = np.concatenate([np.zeros(len(y)), np.ones(len(y))])
+    classes = np.concatenate([y, y])
+    fired = [R.concept_bias(np.concatenate([clean[e], poison[e]]), shortcut, classes, p=lc.bias_p) for e in range(len(clean))]
+    if not fired[-1].fired:
+        return R.RuleResult(False, None, {"final": fired[-1].detail})
+    first = len(fired) - 1
+    while first > 0 and fired[first - 1].fired:
+        first -= 1
+    return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first})
+
+
+def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:
+    train_ep = epoch_means(sig["train_loss"], sig["epoch_step"])
+    window = max(lc.overfit_min_window, round(lc.overfit_window_frac * len(train_ep)))
+    return R.overfitting(train_ep, sig["val_loss"], window=window, alpha=lc.overfit_alpha, gap_sigmas=lc.overfit_gap_sigmas)
+
+
+def _to_step(trigger: int | None, epoch_step: np.ndarray) -> int | None:
+    if trigger is None or len(epoch_step) == 0:
+        return None
+    return int(epoch_step[min(int(trigger), len(epoch_step) - 1)])
+
+
+def offline_label(sig: dict, pert: Perturbation, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
+    spikes, lyap = _instability(sig, lc, steps)
+    epoch_step = sig["epoch_step"]
+    step_triggers: dict[str, int | None] = {}
+    results: dict[str, R.RuleResult] = {}
+    if spikes.fired or lyap.fired:
+        triggers = [t for t in (spikes.trigger if spikes.fired else None, lyap.trigger if lyap.fired else None) if t is not None]
+        results["instability"] = R.RuleResult(True, min(triggers) if triggers else None, {})
+        step_triggers["instability"] = results["instability"].trigger  # both rules report steps
+    for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc)),
+                      ("overfitting", _overfitting(sig, lc) if len(epoch_step) else None)):
+        if res is not None:
+            results[name] = res
+            step_triggers[name] = _to_step(res.trigger, epoch_step)
+    final_acc = float(sig["val_acc"][-1]) if len(sig["val_acc"]) else float("nan")
+    floor = lc.floors.get(dataset, lc.default_floor)
+    healthy_ok = bool(np.isfinite(final_acc) and R.healthy(final_acc, floor))
+    label, _ = R.assign_label(results, healthy_ok)
+    rules = {name: {"fired": r.fired, "trigger_step": step_triggers.get(name), "detail": r.detail} for name, r in results.items()}
+    rules["instability_spikes"] = {"fired": spikes.fired, "trigger_step": spikes.trigger, "detail": spikes.detail}
+    rules["instability_lyapunov"] = {"fired": lyap.fired, "trigger_step": lyap.trigger, "detail": lyap.detail}
+    rules["healthy_floor"] = {"final_val_acc": final_acc, "floor": floor, "met": healthy_ok}
+    return {"label": label, "trigger_step": step_triggers.get(label), "rules": rules}
+
+
+# ------------------------------------------------------------------ training-only variant (A.4)
+def online_forgetting(train_loss: np.ndarray, span: int, jump: float = 2.0, learned: float = 0.5) -> R.RuleResult:
+    """A sustained jump of the training loss after the model had learned: the median over the next
+    `span` steps is >= `jump` x the median over the previous `span` steps, which was below
+    `learned` x the loss at the start. Trigger: the first step after which that holds."""
+    loss = np.asarray(train_loss, dtype=float)
+    if len(loss) < 3 * span or not np.isfinite(loss).all():
+        return R.RuleResult(False, None, {})
+    start = np.median(loss[:span])
+    for t in range(2 * span, len(loss) - span + 1):
+        before, after = np.median(loss[t - span:t]), np.median(loss[t:t + span])
+        if before < learned * start and after >= jump * before:
+            return R.RuleResult(True, t + span, {"before": before, "after": after})
+    return R.RuleResult(False, None, {})
+
+
+def online_overfitting(gwa: np.ndarray, frame_step: np.ndarray, train_loss: np.ndarray, alpha: float = 0.05, warmup: float = 0.1) -> R.RuleResult:
+    """Seed 004's validation-free criterion: GWA peaks and then declines (Mann-Kendall, p < alpha)
+    while the training loss has fallen below 20% of its start. Trigger: the step of the frame at
+    the end of the declining stretch. Concept bias folds into this class (paper A.4 merged variant)."""
+    keep = np.isfinite(gwa) & (frame_step >= warmup * max(1, frame_step[-1] if len(frame_step) else 1))
+    g, s = gwa[keep], frame_step[keep]
+    if len(g) < 8 or not np.isfinite(train_loss).all():
+        return R.RuleResult(False, None, {})
+    peak = int(np.argmax(g))
+    tail = g[peak:]
+    fallen = np.median(train_loss[-max(5, len(train_loss) // 10):]) < 0.2 * np.median(train_loss[: max(5, len(train_loss) // 10)])
+    if len(tail) < 6 or not fallen:
+        return R.RuleResult(False, None, {"peak_step": int(s[peak]), "fallen": bool(fallen)})
+    test = mk.original_test(tail, alpha=alpha)
+    fired = bool(test.trend == "decreasing")
+    return R.RuleResult(fired, int(s[-1]) if fired else None, {"peak_step": int(s[peak]), "p": float(test.p), "fallen": bool(fallen)})
+
+
+def online_label(sig: dict, lc: LabelConfig, steps: int) -> dict:
+    span = max(5, int(lc.spike_span_frac * steps))
+    results = {
+        "instability": _spikes(sig["train_loss"], lc, steps),
+        "forgetting": online_forgetting(sig["train_loss"], span),
+        "overfitting": online_overfitting(sig["gwa"], sig["frame_step"], sig["train_loss"]),
+    }
+    label, _ = R.assign_label(results, healthy_ok=True)
+    return {"label": label, "trigger_step": results[label].trigger if label in results else None}
+
+
+def label_run(sig: dict, spec, pert: Perturbation, data, lc: LabelConfig, steps: int) -> dict:
+    off = offline_label(sig, pert, spec.dataset, data.num_classes, lc, steps)
+    on = online_label(sig, lc, steps)
+    label = off["label"]
+    if label in ("healthy", "underperforming"):
+        onset = None
+    elif label == pert.injected or pert.kind == "novel":
+        onset = pert.onset  # the injected perturbation is the event
+    else:
+        onset = 0  # an anomaly that arose without its injection: from the start
+    return {"label": label, "onset_step": onset, "trigger_step": off["trigger_step"], "online_label": on["label"],
+            "online_trigger": on["trigger_step"], "rules": off["rules"]}
