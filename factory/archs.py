@@ -76,8 +76,9 @@ def _densenet(num_classes: int, image_size: int) -> nn.Module:
 def _maxvit(num_classes: int, image_size: int) -> nn.Module:
     from timm.models.maxxvit import MaxxVit, MaxxVitCfg, _rw_max_cfg
 
-    cfg = MaxxVitCfg(embed_dim=(16, 32, 64, 128), depths=(1, 1, 1, 1), block_type=("M",) * 4, stem_width=16,
-                     **_rw_max_cfg(window_size=(2, 2)))  # stage-1 map of 32px input is 8x8: 2x2 windows
+    # three stages (32px input: 8x8, 4x4, 2x2 maps) so 2x2 windows fit; widths divisible by head_dim 32
+    cfg = MaxxVitCfg(embed_dim=(32, 64, 96), depths=(1, 1, 1), block_type=("M",) * 3, stem_width=16,
+                     **_rw_max_cfg(window_size=(2, 2)))
     return MaxxVit(cfg, img_size=image_size, num_classes=num_classes)
 
 

@@ -46,6 +46,7 @@ class LabelConfig:
     spike_window_frac: float = 0.3  # rolling window for the robust statistics (paper: 1000 steps)
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)
     spike_count: int = 3
+    spike_merge_gap: int = 2  # spikes this close form one event (a level shift is not 3 spikes)
     lyapunov_confidence: float = 0.99
     lyapunov_bootstrap: int = 2000
     lyapunov_block: float = 3.0  # expected block length (paper: 10, with H = 50)
@@ -57,7 +58,7 @@ class LabelConfig:
     forget_drop: float = 0.30
     forget_p: float = 0.01
     bias_p: float = 0.01
-    floors: dict[str, float] = field(default_factory=dict)  # dataset -> min final val accuracy
+    floors: dict[str, float] = field(default_factory=dict)  # "arch/dataset" or "dataset" -> min final val accuracy
     default_floor: float = 0.0
 
 

@@ -26,7 +26,7 @@ def epoch_means(values: np.ndarray, epoch_step: np.ndarray) -> np.ndarray:
 def _spikes(train_loss: np.ndarray, lc: LabelConfig, steps: int) -> R.RuleResult:
     return R.loss_spikes(
         train_loss, z=lc.spike_z, window=max(10, int(lc.spike_window_frac * steps)),
-        count=lc.spike_count, span=max(5, int(lc.spike_span_frac * steps)),
+        count=lc.spike_count, span=max(5, int(lc.spike_span_frac * steps)), merge_gap=lc.spike_merge_gap,
     )
 
 
@@ -81,7 +81,12 @@ def _to_step(trigger: int | None, epoch_step: np.ndarray) -> int | None:
     return int(epoch_step[min(int(trigger), len(epoch_step) - 1)])
 
 
-def offline_label(sig: dict, pert: Perturbation, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
+def floor_for(lc: LabelConfig, arch: str, dataset: str) -> float:
+    """Performance floor: per `arch/dataset` if calibrated, else per dataset, else the default."""
+    return lc.floors.get(f"{arch}/{dataset}", lc.floors.get(dataset, lc.default_floor))
+
+
+def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
     spikes, lyap = _instability(sig, lc, steps)
     epoch_step = sig["epoch_step"]
     step_triggers: dict[str, int | None] = {}
@@ -96,7 +101,7 @@ def offline_label(sig: dict, pert: Perturbation, dataset: str, num_classes: int,
             results[name] = res
             step_triggers[name] = _to_step(res.trigger, epoch_step)
     final_acc = float(sig["val_acc"][-1]) if len(sig["val_acc"]) else float("nan")
-    floor = lc.floors.get(dataset, lc.default_floor)
+    floor = floor_for(lc, arch, dataset)
     healthy_ok = bool(np.isfinite(final_acc) and R.healthy(final_acc, floor))
     label, _ = R.assign_label(results, healthy_ok)
     rules = {name: {"fired": r.fired, "trigger_step": step_triggers.get(name), "detail": r.detail} for name, r in results.items()}
@@ -152,7 +157,7 @@ def online_label(sig: dict, lc: LabelConfig, steps: int) -> dict:
 
 
 def label_run(sig: dict, spec, pert: Perturbation, data, lc: LabelConfig, steps: int) -> dict:
-    off = offline_label(sig, pert, spec.dataset, data.num_classes, lc, steps)
+    off = offline_label(sig, pert, spec.arch, spec.dataset, data.num_classes, lc, steps)
     on = online_label(sig, lc, steps)
     label = off["label"]
     if label in ("healthy", "underperforming"):

@@ -158,12 +158,18 @@ def loss_spikes(
     count: int = 3,
     span: int = 500,
     min_history: int | None = None,
+    merge_gap: int = 0,
 ) -> RuleResult:
     """Spike at step t if z_t = (L_t - mu_t) / (sigma_t + 1e-6) >= z, with mu_t the median and
     sigma_t = IQR / 1.349 of the finite losses among the strictly previous `window` steps (z_t is
     defined once >= `min_history`, default window // 10, of them exist), or if L_t is not finite.
     Fires when `count` spikes lie within `span` consecutive steps (last - first < span);
     trigger = the step (index into `loss`) of the spike that completes the count.
+
+    `merge_gap` > 0 counts spike *events*: a spike within `merge_gap` steps of the previous one
+    belongs to the same event (the paper's 0 counts every step). A sustained level shift, such as
+    the loss jump of a task switch, is then one event rather than a run of "spikes". Non-finite
+    losses are never merged: a diverged run still fires.
     """
     if count < 1 or span < 1 or window < 1:
         raise ValueError(f"count, span and window must be >= 1, got {count}, {span}, {window}")
@@ -178,6 +184,8 @@ def loss_spikes(
         z_t = (losses - mu) / (sigma + 1e-6)
         spike = ~finite | (z_t >= z)  # NaN z (too little history) compares False
     steps = np.flatnonzero(spike)
+    if merge_gap > 0 and len(steps):  # first step of each event; a non-finite loss always counts
+        steps = steps[np.concatenate([[True], np.diff(steps) > merge_gap]) | ~finite[steps]]
     detail: dict = {
         "n_spikes": int(len(steps)),
         "n_nonfinite": int((~finite).sum()),

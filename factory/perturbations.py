@@ -87,13 +87,17 @@ class ExtremeLR(Perturbation):
 
 @dataclass
 class LRSpike(Perturbation):
-    """A short burst of `factor` x the learning rate starting at the onset."""
+    """Learning-rate spikes from the onset: `bursts` bursts of `length` steps at `factor` x the
+    learning rate, `gap` steps apart."""
 
     factor: float = 60.0
-    length: int = 10
+    length: int = 3
+    bursts: int = 3
+    gap: int = 10
 
     def lr_factor(self, step):
-        return self.factor if self.onset <= step < self.onset + self.length else 1.0
+        k, offset = divmod(step - self.onset, self.length + self.gap)
+        return self.factor if step >= self.onset and k < self.bursts and offset < self.length else 1.0
 
 
 @dataclass
@@ -277,7 +281,8 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=96),
     "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=48),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
-    "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=100.0, length=max(3, n // 30)),
+    "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=100.0,
+                                           length=max(2, n // 100), gap=max(5, n // 30)),
     "instability_cyclic": lambda n: CyclicLR(name="instability_cyclic", kind="known", injected="instability", onset=_at(0.3, n), peak=50.0, period=max(8, n // 8)),
     "forgetting": lambda n: TaskSwitch(name="forgetting", kind="known", injected="forgetting", onset=_at(0.5, n)),
     "forgetting_early": lambda n: TaskSwitch(name="forgetting_early", kind="known", injected="forgetting", onset=_at(0.35, n)),

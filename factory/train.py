@@ -44,10 +44,10 @@ def cached_dataset(name: str, image_size: int, max_train: int, max_val: int, roo
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":  # foreach: one fused kernel per op over all tensors (torch picks per-tensor on CPU)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, foreach=True)
     if name == "lion":
         from timm.optim import Lion
 
@@ -269,7 +269,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
             label=label["label"], onset_step=label["onset_step"], trigger_step=label["trigger_step"],
             online_label=label["online_label"], status=status,
             perturbation=pert.describe(), capture=cap.metadata(), training=asdict(tc), epoch_steps=tc.eval_every,
-            seconds=round(time.time() - t0, 2),
+            seconds=round(time.time() - t0, 2), num_classes=data.num_classes, modality=data.modality,
         )
     return {
         **spec.to_dict(),

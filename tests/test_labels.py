@@ -125,6 +125,20 @@ def test_spikes_spread_wider_than_span_do_not_fire():
     assert res.detail["spike_steps"] == [1200, 1800, 2400]
 
 
+def test_spike_events_merge_a_level_shift_but_not_divergence():
+    loss = _smooth()
+    loss[1500:1530] += 3.0  # a sustained jump (task switch): 30 spike steps, one event
+    assert loss_spikes(loss).fired
+    merged = loss_spikes(loss, merge_gap=2)
+    assert not merged.fired and merged.detail["spike_steps"][0] == 1500
+    bursts = _smooth()
+    bursts[[1200, 1201, 1300, 1301, 1400]] += 3.0  # three separate bursts
+    assert loss_spikes(bursts, merge_gap=2).trigger == 1400
+    nan_tail = _smooth()
+    nan_tail[1500:] = np.nan
+    assert loss_spikes(nan_tail, merge_gap=2).trigger == 1502
+
+
 def test_spikes_nan_tail_fires():
     loss = _smooth()
     loss[1500:] = np.nan
