@@ -89,6 +89,20 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     assert {r["run_id"]: (out / r["store"] / "zarr.json").stat().st_mtime_ns for r in records} == stamp
     assert f"0 runs ({len(specs)} already complete" in capsys.readouterr().out
 
+    # calibration on the corpus's own reference runs, then relabeling from the stored signals
+    from factory.relabel import main as relabel_main
+
+    assert relabel_main(["--corpus", str(out), "--calibrate"]) == 0
+    cal = json.loads((out / "calibration.json").read_text())
+    reference = [r for r in records if r["perturbation"] == "healthy"]
+    assert cal["reference_runs"] == len(reference) and cal["healthy_windows"] > 0
+    for r in reference:
+        assert 0 < cal["floors"][f"{r['arch']}/{r['dataset']}"] <= 1
+    relabeled = _manifest(out)
+    assert [r["run_id"] for r in relabeled] == [r["run_id"] for r in records]
+    for r in relabeled:
+        assert RunStore(out / r["store"]).attrs["label"] == r["label"]
+
 
 def test_killed_factory_leaves_no_complete_looking_run_and_resumes(tmp_path):
     out = tmp_path / "smoke"

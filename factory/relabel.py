@@ -1,0 +1,128 @@
+"""Relabel a corpus from its stored signals, optionally after calibrating on its reference runs.
+
+    python -m factory.relabel --corpus outputs/corpus/cpu [--calibrate] [key=value label overrides]
+
+Every signal a rule reads is in the run store (public per-step loss and readouts, privileged
+validation curves and Lyapunov windows), so labels can be recomputed without training again.
+
+`--calibrate` (paper Appendix A, "Healthy"; Table 10) sets, from the corpus's own reference runs
+(perturbation `healthy`: the default recipe, every split):
+  - floors: 95% of the median final validation accuracy of the reference runs of each
+    `arch/dataset` pair (and of each dataset, the fallback);
+  - the Lyapunov margin: the 95th percentile of the window means of the train split's healthy
+    runs (`healthy`, `healthy_lr_low`), which the finite-difference proxy keeps above 0.
+It writes them to `calibration.json` in the corpus, then relabels every run and rewrites the
+manifest and summary.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from capture.config import load_config
+from capture.store import RunStore, read_privileged
+from factory.config import FactoryConfig, LabelConfig
+from factory.generate import plan, store_path, summary, write_manifest
+from factory.labeler import label_run
+from factory.perturbations import make_perturbation
+from factory.spec import RunSpec
+
+HEALTHY_REFERENCE = "healthy"
+HEALTHY_INJECTED = ("healthy", "healthy_lr_low")
+
+
+def load_signals(path: Path) -> tuple[dict, dict]:
+    """The labeler's input for one run, read back from its store, and the store's attributes."""
+    store = RunStore(path)
+    priv = read_privileged(path)
+    names = store.readout_names
+    sig = {
+        "train_loss": store.train_loss().double().numpy(),
+        "frame_step": store.frame_step().numpy(),
+        "gwa": store.readouts()[:, names.index("gwa")].double().numpy(),
+        "epoch_step": priv["epoch_step"],
+        "val_loss": priv["val_loss"],
+        "val_acc": priv["val_acc"],
+        "val_correct": priv["val_correct"],
+        "poison_correct": priv.get("poison_correct"),
+        "val_labels": priv.get("val_labels"),
+        "lyapunov": list(zip(priv["lyapunov_start"].tolist(), priv["lyapunov_log_alpha"])) if "lyapunov_start" in priv else [],
+    }
+    return sig, store.attrs
+
+
+def calibrate(runs: list[tuple[Path, dict, dict]], fraction: float = 0.95, quantile: float = 0.95) -> dict:
+    pair_acc, ds_acc, windows = defaultdict(list), defaultdict(list), []
+    for _, sig, attrs in runs:
+        spec = attrs["spec"]
+        if spec["perturbation"] == HEALTHY_REFERENCE and attrs.get("status") == "complete" and len(sig["val_acc"]):
+            acc = float(sig["val_acc"][-1])
+            if np.isfinite(acc):
+                pair_acc[f"{spec['arch']}/{spec['dataset']}"].append(acc)
+                ds_acc[spec["dataset"]].append(acc)
+        if spec["perturbation"] in HEALTHY_INJECTED and spec["split"] == "train":
+            windows += [float(np.mean(a)) for _, a in sig["lyapunov"] if np.isfinite(a).all()]
+    floors = {k: round(fraction * float(np.median(v)), 4) for k, v in {**ds_acc, **pair_acc}.items()}
+    margin = float(np.quantile(windows, quantile)) if windows else 0.0
+    return {"floors": floors, "lyapunov_margin": round(margin, 4), "reference_runs": sum(len(v) for v in pair_acc.values()),
+            "healthy_windows": len(windows), "fraction": fraction, "quantile": quantile}
+
+
+def relabel_run(path: Path, sig: dict, attrs: dict, lc: LabelConfig) -> dict:
+    spec = RunSpec(**{k: attrs["spec"][k] for k in ("split", "arch", "dataset", "optimizer", "perturbation", "seed")})
+    pert = make_perturbation(spec.perturbation, attrs["training"]["steps"])
+    label = label_run(sig, spec, pert, SimpleNamespace(num_classes=attrs["num_classes"]), lc, len(sig["train_loss"]))
+    root = zarr.open_group(str(path), mode="r+")
+    root.attrs.update({k: label[k] for k in ("label", "onset_step", "trigger_step", "online_label")})
+    root["privileged/labeling"].attrs["rules"] = json.loads(json.dumps(label["rules"], default=float))
+    return label
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--calibrate", action="store_true")
+    p.add_argument("overrides", nargs="*", help="label config overrides, e.g. labels.spike_z=4")
+    args = p.parse_args(argv)
+    corpus = Path(args.corpus)
+    cfg = load_config(FactoryConfig, corpus / "config.json" if (corpus / "config.json").exists() else None, args.overrides)
+    specs = plan(cfg)
+    runs = []
+    for spec in tqdm(specs, desc="reading runs", unit="run"):
+        path = store_path(corpus, spec)
+        try:
+            sig, attrs = load_signals(path)
+        except Exception:  # noqa: BLE001 - missing or failed runs are reported by the manifest
+            continue
+        runs.append((path, sig, attrs))
+    if args.calibrate:
+        cal = calibrate(runs)
+        cfg.labels.floors.update(cal["floors"])
+        cfg.labels.lyapunov_margin = cal["lyapunov_margin"]
+        (corpus / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
+        print(f"calibrated on {cal['reference_runs']} reference runs: Lyapunov margin {cal['lyapunov_margin']}, "
+              f"{len(cal['floors'])} floors -> {corpus / 'calibration.json'}")
+    changed = 0
+    for path, sig, attrs in tqdm(runs, desc="relabeling", unit="run"):
+        changed += relabel_run(path, sig, attrs, cfg.labels)["label"] != attrs.get("label")
+    records = write_manifest(specs, corpus)
+    table = summary(records)
+    (corpus / "summary.md").write_text(table + "\n")
+    print(f"relabeled {len(runs)} runs ({changed} changed label)\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
