@@ -42,6 +42,7 @@ class LabelConfig:
     overfit_min_window: int = 6
     overfit_alpha: float = 0.05
     overfit_gap_sigmas: float = 2.0
+    overfit_gap_scale: str = "mad"  # "std" as in the paper; "mad": robust to the first epochs' fast fall
     spike_z: float = 3.5
     spike_window_frac: float = 0.3  # rolling window for the robust statistics (paper: 1000 steps)
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)
@@ -54,6 +55,10 @@ class LabelConfig:
     # finite difference of the real (adaptive) optimizer update, which separates healthy copies at a
     # small positive rate; the margin is calibrated on healthy reference runs (docs/factory.md).
     lyapunov_margin: float = 0.1
+    # Windows that must fire; paper: any one. A single window at a task switch separates the
+    # finite-difference copies as much as instability does (86-run pilot: 5 of 14 forgetting runs
+    # labeled instability with 1; with 2, forgetting 13/14 but instability 7/17). See docs/factory.md.
+    lyapunov_min_windows: int = 1
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30
     forget_p: float = 0.01

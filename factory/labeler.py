@@ -34,6 +34,12 @@ def _instability(sig: dict, lc: LabelConfig, steps: int) -> tuple[R.RuleResult, 
     spikes = _spikes(sig["train_loss"], lc, steps)
     windows = [(s, np.asarray(a, dtype=float) - lc.lyapunov_margin) for s, a in sig["lyapunov"]]
     lyap = R.lyapunov(windows, confidence=lc.lyapunov_confidence, n_boot=lc.lyapunov_bootstrap, block=lc.lyapunov_block) if windows else R.RuleResult(False, None, {"windows": 0})
+    firing = [w for w in lyap.detail.get("windows", []) if w.get("fired")] if lyap.fired else []
+    if lyap.fired and len(firing) < lc.lyapunov_min_windows:  # one window alone: not sustained
+        lyap = R.RuleResult(False, None, {**lyap.detail, "firing_windows": len(firing)})
+    elif lyap.fired:
+        w = firing[lc.lyapunov_min_windows - 1]
+        lyap = R.RuleResult(True, int(w["start"] + w["H"]), {**lyap.detail, "firing_windows": len(firing)})
     return spikes, lyap
 
 
@@ -72,7 +78,8 @@ def _concept_bias(sig: dict, lc: LabelConfig) -> R.RuleResult | None:
 def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:
     train_ep = epoch_means(sig["train_loss"], sig["epoch_step"])
     window = max(lc.overfit_min_window, round(lc.overfit_window_frac * len(train_ep)))
-    return R.overfitting(train_ep, sig["val_loss"], window=window, alpha=lc.overfit_alpha, gap_sigmas=lc.overfit_gap_sigmas)
+    return R.overfitting(train_ep, sig["val_loss"], window=window, alpha=lc.overfit_alpha, gap_sigmas=lc.overfit_gap_sigmas,
+                         gap_scale=lc.overfit_gap_scale)
 
 
 def _to_step(trigger: int | None, epoch_step: np.ndarray) -> int | None:

@@ -26,7 +26,7 @@ import pandas as pd
 import pymannkendall as mk
 import statsmodels.api as sm
 from arch.bootstrap import StationaryBootstrap
-from scipy.stats import fisher_exact
+from scipy.stats import fisher_exact, median_abs_deviation
 from statsmodels.stats.contingency_tables import StratifiedTable, mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.tools.sm_exceptions import (
@@ -78,6 +78,7 @@ def overfitting(
     alpha: float = 0.05,
     gap_sigmas: float = 2.0,
     min_history: int = 3,
+    gap_scale: str = "std",
 ) -> RuleResult:
     """Overfitting at the first candidate epoch e0 (with >= `min_history` epochs before it and
     [e0, e0+W-1] inside the run, W = `window`) where all hold:
@@ -90,6 +91,9 @@ def overfitting(
     Benjamini-Yekutieli runs per series over all tested candidates. std is the sample std (ddof=1)
     over the finite history values. Windows holding a non-finite value are not tested (and not
     counted in the correction). trigger = e0 + W - 1, the epoch at which the window is complete.
+    `gap_scale="mad"` measures "typical historical fluctuation" as the normal-consistent median
+    absolute deviation (scipy) instead of the std: a short history that holds the first epochs'
+    fast fall of the loss has a std far above its usual epoch-to-epoch fluctuation.
 
     Short series: MK sees W-1 residuals, so the smallest attainable p is ~0.027 for W=6, 0.0085 for
     W=7, 0.0027 for W=8, 0.00026 for W=10; after BY over m candidates (factor m * sum_{i<=m} 1/i for
@@ -128,7 +132,8 @@ def overfitting(
         hist = gap[:e0][np.isfinite(gap[:e0])]
         enough = len(hist) >= min_history
         excess.append(gap[e0 + window - 1] - np.median(hist) if enough else math.nan)
-        threshold.append(gap_sigmas * np.std(hist, ddof=1) if enough else math.nan)
+        spread = (median_abs_deviation(hist, scale="normal") if gap_scale == "mad" else np.std(hist, ddof=1)) if enough else math.nan
+        threshold.append(gap_sigmas * spread)
         practical.append(bool(enough and excess[-1] > threshold[-1]))
     fired_at = [i for i in range(len(e0s)) if val_sig[i] and tr_sig[i] and practical[i]]
     # the decisive candidate: the first that fires, else the one closest to firing on trends

@@ -25,6 +25,7 @@ class RunSettings:
     weight_decay: float
     augment: bool = True
     train_subset: int | None = None  # keep only this many training samples (windows for text)
+    anneal: bool = True  # warm-up + cosine schedule; False keeps the base learning rate
 
 
 @dataclass
@@ -67,12 +68,14 @@ class LRScale(Perturbation):
 
 @dataclass
 class Overfit(Perturbation):
-    """No weight decay, no augmentation, a tiny training subset (from the start)."""
+    """No weight decay, no augmentation, a tiny training subset (from the start), and no learning-rate
+    annealing: in a run of a few hundred steps an annealed model stops moving once it has memorised
+    the subset, and the validation loss plateaus instead of rising."""
 
     subset: int = 96
 
     def configure(self, s):
-        return replace(s, weight_decay=0.0, augment=False, train_subset=self.subset)
+        return replace(s, weight_decay=0.0, augment=False, train_subset=self.subset, anneal=False)
 
 
 @dataclass
@@ -281,8 +284,10 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=96),
     "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=48),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
-    "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=100.0,
-                                           length=max(2, n // 100), gap=max(5, n // 30)),
+    # x25 rather than x100: a x100 burst breaks the model for good, and the later bursts then add no
+    # spike to a loss that stays high (resnet/digits pilot: 2 spike events, labeled healthy)
+    "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=25.0,
+                                           length=max(2, n // 100), gap=max(5, n // 20)),
     "instability_cyclic": lambda n: CyclicLR(name="instability_cyclic", kind="known", injected="instability", onset=_at(0.3, n), peak=50.0, period=max(8, n // 8)),
     "forgetting": lambda n: TaskSwitch(name="forgetting", kind="known", injected="forgetting", onset=_at(0.5, n)),
     "forgetting_early": lambda n: TaskSwitch(name="forgetting_early", kind="known", injected="forgetting", onset=_at(0.35, n)),

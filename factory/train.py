@@ -202,7 +202,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     store_path.parent.mkdir(parents=True, exist_ok=True)
     writer = RunWriter(store_path, cfg.capture.frame_size, spec=spec.to_dict(), overwrite=overwrite)
     ccfg = CaptureConfig(cadence=cfg.capture.cadence, frame_size=cfg.capture.frame_size, modules=modules)
-    lyap_starts = sorted({int(f * tc.steps) for f in np.linspace(0.25, 0.9, tc.lyapunov_windows)}) if tc.lyapunov_windows else []
+    lyap_starts = sorted({int(f * tc.steps) for f in np.linspace(0.5, 0.9, tc.lyapunov_windows)}) if tc.lyapunov_windows else []
 
     val_loss, val_acc, val_correct, poison_correct, epoch_step = [], [], [], [], []
     lyap_windows: list[tuple[int, list[float]]] = []
@@ -214,7 +214,8 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
             for step in range(tc.steps):
                 pool = pert.pool(step, batches.pool)
                 x, y = pert.batch(step, *batches.draw(pool))
-                lr = settings.lr * lr_schedule(step, tc.steps, tc.warmup_frac) * pert.lr_factor(step)
+                scheduled = lr_schedule(step, tc.steps, tc.warmup_frac) if settings.anneal else 1.0
+                lr = settings.lr * scheduled * pert.lr_factor(step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 if step in lyap_starts:

@@ -103,6 +103,13 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     for r in relabeled:
         assert RunStore(out / r["store"]).attrs["label"] == r["label"]
 
+    from factory.stats import corpus_stats
+
+    text, numbers = corpus_stats(out)
+    assert "| split \\ label |" in text and "Agreement, known injected perturbations" in text
+    known = [r for r in relabeled if r["injected"] in ("overfitting", "instability", "forgetting", "concept_bias")]
+    assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
+
 
 def test_killed_factory_leaves_no_complete_looking_run_and_resumes(tmp_path):
     out = tmp_path / "smoke"

@@ -58,16 +58,16 @@ def test_unknown_perturbation_is_a_clear_error():
 
 def test_overfit_removes_regularisation_and_data():
     s = make_perturbation("overfit", STEPS).configure(RunSettings(lr=0.1, weight_decay=0.05))
-    assert s.weight_decay == 0 and not s.augment and s.train_subset == 96 and s.lr == 0.1
+    assert s.weight_decay == 0 and not s.augment and s.train_subset == 96 and s.lr == 0.1 and not s.anneal
 
 
 def test_lr_perturbations_change_the_lr_at_onset():
     spike = make_perturbation("instability_spike", STEPS)
     assert spike.onset == 40
     factors = [spike.lr_factor(t) for t in range(STEPS)]
-    assert factors[: spike.onset] == [1.0] * spike.onset and factors[spike.onset] == 100.0
-    bursts = sum(1 for t in range(1, STEPS) if factors[t] == 100.0 and factors[t - 1] == 1.0)
-    assert bursts == spike.bursts == 3 and factors.count(100.0) == 3 * spike.length
+    assert factors[: spike.onset] == [1.0] * spike.onset and factors[spike.onset] == 25.0
+    bursts = sum(1 for t in range(1, STEPS) if factors[t] == 25.0 and factors[t - 1] == 1.0)
+    assert bursts == spike.bursts == 3 and factors.count(25.0) == 3 * spike.length
     extreme = make_perturbation("instability_lr", STEPS)
     assert extreme.lr_factor(extreme.onset - 1) == 1.0 and extreme.lr_factor(STEPS - 1) == 30.0
     cyc = make_perturbation("instability_cyclic", STEPS)
