@@ -54,7 +54,7 @@ class LabelConfig:
     # Lower bound must exceed this. Paper: 0, for its Jacobian of the update map. Here the proxy is a
     # finite difference of the real (adaptive) optimizer update, which separates healthy copies at a
     # small positive rate; the margin is calibrated on healthy reference runs (docs/factory.md).
-    lyapunov_margin: float = 0.1
+    lyapunov_margin: float | list[float] = 0.1  # one value, or one per window position
     # Windows that must fire; paper: any one. A single window at a task switch separates the
     # finite-difference copies as much as instability does (86-run pilot: 5 of 14 forgetting runs
     # labeled instability with 1; with 2, forgetting 13/14 but instability 7/17). See docs/factory.md.

@@ -87,9 +87,10 @@ def run_spec(spec: RunSpec, cfg: FactoryConfig, corpus: Path) -> dict:
 
 
 def record_from_store(path: Path, corpus: Path) -> dict:
-    attrs = RunStore(path).attrs
+    store = RunStore(path)
+    attrs = store.attrs
     rec = {**attrs["spec"], **{k: attrs.get(k) for k in ("label", "onset_step", "trigger_step", "online_label", "status")}}
-    rec.update(injected=attrs.get("perturbation", {}).get("injected"), steps=len(RunStore(path).train_loss()),
+    rec.update(injected=attrs.get("perturbation", {}).get("injected"), steps=len(store.train_loss()),
                n_frames=attrs.get("n_frames"), seconds=attrs.get("seconds"), store=str(path.relative_to(corpus)))
     return {k: rec.get(k) for k in MANIFEST_KEYS}
 

@@ -32,7 +32,8 @@ def _spikes(train_loss: np.ndarray, lc: LabelConfig, steps: int) -> R.RuleResult
 
 def _instability(sig: dict, lc: LabelConfig, steps: int) -> tuple[R.RuleResult, R.RuleResult]:
     spikes = _spikes(sig["train_loss"], lc, steps)
-    windows = [(s, np.asarray(a, dtype=float) - lc.lyapunov_margin) for s, a in sig["lyapunov"]]
+    margins = lc.lyapunov_margin if isinstance(lc.lyapunov_margin, list) else [lc.lyapunov_margin] * len(sig["lyapunov"])
+    windows = [(s, np.asarray(a, dtype=float) - margins[min(k, len(margins) - 1)]) for k, (s, a) in enumerate(sig["lyapunov"])]
     lyap = R.lyapunov(windows, confidence=lc.lyapunov_confidence, n_boot=lc.lyapunov_bootstrap, block=lc.lyapunov_block) if windows else R.RuleResult(False, None, {"windows": 0})
     firing = [w for w in lyap.detail.get("windows", []) if w.get("fired")] if lyap.fired else []
     if lyap.fired and len(firing) < lc.lyapunov_min_windows:  # one window alone: not sustained

@@ -9,8 +9,9 @@ validation curves and Lyapunov windows), so labels can be recomputed without tra
 (perturbation `healthy`: the default recipe, every split):
   - floors: 95% of the median final validation accuracy of the reference runs of each
     `arch/dataset` pair (and of each dataset, the fallback);
-  - the Lyapunov margin: the 95th percentile of the window means of the train split's healthy
-    runs (`healthy`, `healthy_lr_low`), which the finite-difference proxy keeps above 0.
+  - the Lyapunov margins, one per window position: the 95th percentile of the window means of the
+    train split's healthy runs (`healthy`, `healthy_lr_low`) at that position (the finite-difference
+    proxy stays above 0 and shrinks as the learning rate anneals).
 It writes them to `calibration.json` in the corpus, then relabels every run and rewrites the
 manifest and summary.
 """
@@ -64,7 +65,7 @@ def load_signals(path: Path) -> tuple[dict, dict]:
 
 
 def calibrate(runs: list[tuple[Path, dict, dict]], fraction: float = 0.95, quantile: float = 0.95) -> dict:
-    pair_acc, ds_acc, windows = defaultdict(list), defaultdict(list), []
+    pair_acc, ds_acc, windows = defaultdict(list), defaultdict(list), defaultdict(list)
     for _, sig, attrs in runs:
         spec = attrs["spec"]
         if spec["perturbation"] == HEALTHY_REFERENCE and attrs.get("status") == "complete" and len(sig["val_acc"]):
@@ -73,11 +74,14 @@ def calibrate(runs: list[tuple[Path, dict, dict]], fraction: float = 0.95, quant
                 pair_acc[f"{spec['arch']}/{spec['dataset']}"].append(acc)
                 ds_acc[spec["dataset"]].append(acc)
         if spec["perturbation"] in HEALTHY_INJECTED and spec["split"] == "train":
-            windows += [float(np.mean(a)) for _, a in sig["lyapunov"] if np.isfinite(a).all()]
+            for k, (_, a) in enumerate(sig["lyapunov"]):
+                if np.isfinite(a).all():
+                    windows[k].append(float(np.mean(a)))
     floors = {k: round(fraction * float(np.median(v)), 4) for k, v in {**ds_acc, **pair_acc}.items()}
-    margin = float(np.quantile(windows, quantile)) if windows else 0.0
-    return {"floors": floors, "lyapunov_margin": round(margin, 4), "reference_runs": sum(len(v) for v in pair_acc.values()),
-            "healthy_windows": len(windows), "fraction": fraction, "quantile": quantile}
+    # one margin per window position: the proxy shrinks with the annealed learning rate
+    margins = [round(float(np.quantile(windows[k], quantile)), 4) for k in sorted(windows)]
+    return {"floors": floors, "lyapunov_margin": margins or 0.0, "reference_runs": sum(len(v) for v in pair_acc.values()),
+            "healthy_windows": sum(len(v) for v in windows.values()), "fraction": fraction, "quantile": quantile}
 
 
 def relabel_run(path: Path, sig: dict, attrs: dict, lc: LabelConfig) -> dict:
