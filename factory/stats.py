@@ -74,6 +74,18 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
               f"underperforming into healthy: {100 * online:.1f}% agree ({len(ok)} runs)"]
     lines += table(sorted({merged(r["label"]) for r in ok}), sorted({r["online_label"] for r in ok}),
                    Counter((merged(r["label"]), r["online_label"]) for r in ok), "offline \\ online")
+    lines += ["", "Lyapunov proxy: median (max) window mean per window position, by injected class"]
+    lyap: dict[str, list[np.ndarray]] = {}
+    for r in ok:
+        priv = read_privileged(corpus / r["store"])
+        if "lyapunov_log_alpha" in priv:
+            lyap.setdefault(r["injected"], []).append(priv["lyapunov_log_alpha"].mean(axis=1))
+    for inj, rows in sorted(lyap.items()):
+        width = max(len(x) for x in rows)
+        arr = np.array([np.pad(x, (0, width - len(x)), constant_values=np.nan) for x in rows])
+        with np.errstate(all="ignore"):
+            cells = [f"{np.nanmedian(arr[:, k]):.2f} ({np.nanmax(arr[:, k]):.2f})" for k in range(width)]
+        lines.append(f"- {inj} (n = {len(rows)}): " + ", ".join(cells))
     rs = [v for r in ok if r["label"] == "healthy" and r["arch"] not in ("lm", "lm_base")
           for v in [head_grad_val_acc_r(corpus, r)] if v is not None]
     r_mean, r_std = (float(np.mean(rs)), float(np.std(rs))) if rs else (float("nan"), float("nan"))
