@@ -563,3 +563,4 @@ def load_wikitext2(req: Request) -> TaskData:
 
 
 BUILTIN = ["digits", "mnist1d", "shapes", "textures", "pydoc_chars"]  # need no files
+TEXT_DATASETS = {"pydoc_chars", "wikitext2"}  # modality "text": known without loading them

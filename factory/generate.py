@@ -33,10 +33,10 @@ from capture.config import cli_parser, load_config, save_config
 from capture.store import RunStore, RunStoreError
 from factory.archs import TEXT_ARCHS
 from factory.config import FactoryConfig
+from factory.datasets import TEXT_DATASETS
 from factory.perturbations import NOVEL, make_perturbation
 from factory.spec import RunSpec, expand
 
-TEXT_DATASETS = {"pydoc_chars", "wikitext2"}
 MANIFEST_KEYS = ("run_id", "split", "arch", "dataset", "optimizer", "perturbation", "seed", "label", "onset_step",
                  "trigger_step", "online_label", "injected", "status", "steps", "n_frames", "seconds", "store")
 

@@ -7,6 +7,8 @@ paper §4.1). Each hooks into the training loop at fixed places:
     factor   = p.lr_factor(step)              multiplies the scheduled learning rate
     p.before_step(step, model, optimizer)     after backward, before optimizer.step()
 
+`p.bind(y_train, num_classes, seed)` tells it about the run's data before training starts.
+
 `PERTURBATIONS[name](steps)` builds a preset; `kind` is "healthy", "known" or "novel" (novel ones
 are test-split only); `injected` is the class the injection aims at (for the agreement table).
 """
@@ -35,6 +37,9 @@ class Perturbation:
     injected: str = "healthy"  # healthy / overfitting / instability / forgetting / concept_bias / novel
     onset: int = 0  # first step at which the perturbation acts
     modalities: tuple[str, ...] = ("image", "text")
+
+    def bind(self, y_train: torch.Tensor | None, num_classes: int, seed: int) -> None:
+        """Told the run's training labels, class count and seed before training starts."""
 
     def configure(self, s: RunSettings) -> RunSettings:
         return s
@@ -126,7 +131,7 @@ class TaskSwitch(Perturbation):
     _labels: torch.Tensor | None = field(default=None, repr=False)
     _num_classes: int = 0
 
-    def bind(self, y_train: torch.Tensor, num_classes: int) -> None:
+    def bind(self, y_train, num_classes, seed):
         self._labels, self._num_classes = y_train, num_classes
 
     def task_a(self, y: torch.Tensor) -> torch.Tensor:
@@ -164,7 +169,7 @@ class Watermark(Perturbation):
     _num_classes: int = 0
     _gen: torch.Generator | None = field(default=None, repr=False)
 
-    def bind(self, num_classes: int, seed: int) -> None:
+    def bind(self, y_train, num_classes, seed):
         self._num_classes = num_classes
         self._gen = torch.Generator().manual_seed(seed + 7)
 
@@ -188,7 +193,7 @@ class LabelNoise(Perturbation):
     _num_classes: int = 0
     _gen: torch.Generator | None = field(default=None, repr=False)
 
-    def bind(self, num_classes: int, seed: int) -> None:
+    def bind(self, y_train, num_classes, seed):
         self._num_classes = num_classes
         self._gen = torch.Generator().manual_seed(seed + 11)
 
@@ -249,7 +254,7 @@ class AugmentationDrift(Perturbation):
     modalities: tuple[str, ...] = ("image",)
     _gen: torch.Generator | None = field(default=None, repr=False)
 
-    def bind(self, seed: int) -> None:
+    def bind(self, y_train, num_classes, seed):
         self._gen = torch.Generator().manual_seed(seed + 13)
 
     def batch(self, step, x, y):

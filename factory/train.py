@@ -24,16 +24,7 @@ from factory.archs import build_arch
 from factory.config import FactoryConfig, TrainingConfig
 from factory.datasets import TaskData, load_dataset
 from factory.labeler import label_run
-from factory.perturbations import (
-    AugmentationDrift,
-    LabelNoise,
-    Perturbation,
-    RunSettings,
-    TaskSwitch,
-    Watermark,
-    make_perturbation,
-    watermark,
-)
+from factory.perturbations import Perturbation, RunSettings, make_perturbation, watermark
 from factory.spec import RunSpec
 
 
@@ -158,16 +149,6 @@ class LyapunovProbe:
                     c.copy_(p + d * (self.eps / dist))
 
 
-def bind(p: Perturbation, data: TaskData, seed: int) -> None:
-    """Give a perturbation what it needs to know about the run's data."""
-    if isinstance(p, TaskSwitch):
-        p.bind(data.y_train, data.num_classes)
-    elif isinstance(p, (Watermark, LabelNoise)):
-        p.bind(data.num_classes, seed)
-    elif isinstance(p, AugmentationDrift):
-        p.bind(seed)
-
-
 # ------------------------------------------------------------------ one run
 def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = False) -> dict:
     tc = cfg.training
@@ -178,7 +159,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     pert = make_perturbation(spec.perturbation, tc.steps)
     if data.modality not in pert.modalities:
         raise ValueError(f"perturbation {spec.perturbation} does not apply to {data.modality} data ({spec.dataset})")
-    bind(pert, data, seed)
+    pert.bind(data.y_train, data.num_classes, seed)
     settings = pert.configure(RunSettings(lr=tc.base_lr[spec.optimizer], weight_decay=tc.weight_decay[spec.optimizer]))
 
     make_model = lambda: build_arch(spec.arch, data.num_classes, tc.image_size)[0]  # noqa: E731

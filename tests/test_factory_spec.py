@@ -78,7 +78,7 @@ def test_lr_perturbations_change_the_lr_at_onset():
 def test_task_switch_changes_the_classes_at_onset():
     p = make_perturbation("forgetting", STEPS)
     labels = torch.arange(10).repeat(20)
-    p.bind(labels, 10)
+    p.bind(labels, num_classes=10, seed=0)
     pool = torch.arange(len(labels))
     assert set(labels[p.pool(p.onset - 1, pool)].tolist()) == {0, 1, 2, 3, 4}
     assert set(labels[p.pool(p.onset, pool)].tolist()) == {5, 6, 7, 8, 9}
@@ -86,7 +86,7 @@ def test_task_switch_changes_the_classes_at_onset():
 
 def test_watermark_predicts_the_label_in_train_only():
     p = make_perturbation("concept_bias", STEPS)
-    p.bind(num_classes=10, seed=0)
+    p.bind(None, num_classes=10, seed=0)
     x, y = torch.zeros(400, 3, 32, 32), torch.arange(10).repeat(40)
     xm, _ = p.batch(0, x, y)
     marked = (xm != 0).flatten(1).any(1)
@@ -97,13 +97,13 @@ def test_watermark_predicts_the_label_in_train_only():
     # the clean validation set carries no mark; the poisoned one carries the true class's mark
     assert torch.equal(watermark(x[:10], y[:10], 10)[3], xm[[i for i in range(400) if y[i] == 3 and marked[i]][0]])
     late = make_perturbation("concept_bias_late", STEPS)
-    late.bind(10, 0)
+    late.bind(None, num_classes=10, seed=0)
     assert torch.equal(late.batch(late.onset - 1, x, y)[0], x)
 
 
 def test_label_noise_corrupts_a_quarter_after_onset():
     p = make_perturbation("label_noise", STEPS)
-    p.bind(num_classes=10, seed=0)
+    p.bind(None, num_classes=10, seed=0)
     y = torch.randint(0, 10, (4000,))
     assert torch.equal(p.batch(p.onset - 1, None, y)[1], y)
     changed = (p.batch(p.onset, None, y)[1] != y).float().mean()
@@ -123,7 +123,7 @@ def test_loader_stall_repeats_the_batch():
 def test_augmentation_drift_grows():
     p = make_perturbation("augmentation_drift", STEPS)
     assert isinstance(p, AugmentationDrift)
-    p.bind(0)
+    p.bind(None, num_classes=0, seed=0)
     x = torch.zeros(64, 3, 8, 8)
     early = p.batch(p.onset, x, None)[0].std()
     late = p.batch(STEPS - 1, x, None)[0].std()

@@ -76,7 +76,6 @@ def test_normalizer_waits_for_an_informative_map():
 
 
 def _causal_run(model_fn, data, steps, cadence=2):
-    model = model_fn()
     torch.manual_seed(1)
     model = model_fn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
