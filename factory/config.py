@@ -42,7 +42,9 @@ class LabelConfig:
     overfit_min_window: int = 6
     overfit_alpha: float = 0.05
     overfit_gap_sigmas: float = 2.0
-    overfit_gap_scale: str = "mad"  # "std" as in the paper; "mad": robust to the first epochs' fast fall
+    # "std" as in the paper; "mad" or "diff" (epoch-to-epoch changes): robust to the first epochs' fast fall
+    overfit_gap_scale: str = "diff"
+    overfit_train_significant: bool = False  # train loss: a decreasing direction suffices (paper A.2 wording)
     spike_z: float = 3.5
     spike_window_frac: float = 0.3  # rolling window for the robust statistics (paper: 1000 steps)
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)

@@ -70,6 +70,15 @@ def _mk_prewhitened(x: np.ndarray, alpha: float) -> tuple[float, float]:
     return float(res.p), float(res.z)
 
 
+def _spread(hist: np.ndarray, gap_scale: str) -> float:
+    """Typical historical fluctuation of the gap (see `overfitting`)."""
+    if gap_scale == "std":
+        return float(np.std(hist, ddof=1))
+    if gap_scale == "mad":
+        return float(median_abs_deviation(hist, scale="normal"))
+    return float(median_abs_deviation(np.diff(hist), scale="normal") / math.sqrt(2))
+
+
 def overfitting(
     train_loss_ep: np.ndarray,
     val_loss_ep: np.ndarray,
@@ -79,6 +88,7 @@ def overfitting(
     gap_sigmas: float = 2.0,
     min_history: int = 3,
     gap_scale: str = "std",
+    train_significant: bool = True,
 ) -> RuleResult:
     """Overfitting at the first candidate epoch e0 (with >= `min_history` epochs before it and
     [e0, e0+W-1] inside the run, W = `window`) where all hold:
@@ -93,7 +103,15 @@ def overfitting(
     counted in the correction). trigger = e0 + W - 1, the epoch at which the window is complete.
     `gap_scale="mad"` measures "typical historical fluctuation" as the normal-consistent median
     absolute deviation (scipy) instead of the std: a short history that holds the first epochs'
-    fast fall of the loss has a std far above its usual epoch-to-epoch fluctuation.
+    fast fall of the loss has a std far above its usual epoch-to-epoch fluctuation. `gap_scale="diff"`
+    measures it from the history's epoch-to-epoch changes (normal-consistent MAD of the first
+    differences, / sqrt(2)), which is blind to the level of the early transient altogether: in a
+    run of 20 epochs the history before any e0 is mostly that transient, and both "std" and "mad"
+    then exceed the whole rise of an unmistakably overfitting run (factory pilot, docs/factory.md).
+    `train_significant=False` asks of the training loss only a decreasing direction (MK z < 0), as
+    the paper's A.2 words it ("a significant increasing trend and ... a decreasing trend"): once a
+    model has memorised its subset the training loss sits near zero and its fall over a short window
+    is rarely significant.
 
     Short series: MK sees W-1 residuals, so the smallest attainable p is ~0.027 for W=6, 0.0085 for
     W=7, 0.0027 for W=8, 0.00026 for W=10; after BY over m candidates (factor m * sum_{i<=m} 1/i for
@@ -105,6 +123,8 @@ def overfitting(
         raise ValueError(f"train and val losses must be 1-D of equal length, got {train.shape} and {val.shape}")
     if window < 3:
         raise ValueError(f"window must be >= 3 (prewhitened MK needs >= 2 residuals), got {window}")
+    if gap_scale not in ("std", "mad", "diff"):
+        raise ValueError(f"gap_scale must be 'std', 'mad' or 'diff', got {gap_scale!r}")
     if min_history < 2:
         raise ValueError(f"min_history must be >= 2 (the gap test needs a std), got {min_history}")
     gap = val - train
@@ -132,10 +152,11 @@ def overfitting(
         hist = gap[:e0][np.isfinite(gap[:e0])]
         enough = len(hist) >= min_history
         excess.append(gap[e0 + window - 1] - np.median(hist) if enough else math.nan)
-        spread = (median_abs_deviation(hist, scale="normal") if gap_scale == "mad" else np.std(hist, ddof=1)) if enough else math.nan
+        spread = _spread(hist, gap_scale) if enough else math.nan
         threshold.append(gap_sigmas * spread)
         practical.append(bool(enough and excess[-1] > threshold[-1]))
-    fired_at = [i for i in range(len(e0s)) if val_sig[i] and tr_sig[i] and practical[i]]
+    train_ok = tr_sig if train_significant else [z < 0 for z in z_tr]
+    fired_at = [i for i in range(len(e0s)) if val_sig[i] and train_ok[i] and practical[i]]
     # the decisive candidate: the first that fires, else the one closest to firing on trends
     i = fired_at[0] if fired_at else int(np.argmin(np.maximum(p_val_adj, p_tr_adj)))
     detail.update(

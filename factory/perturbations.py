@@ -27,7 +27,7 @@ class RunSettings:
     weight_decay: float
     augment: bool = True
     train_subset: int | None = None  # keep only this many training samples (windows for text)
-    anneal: bool = True  # warm-up + cosine schedule; False keeps the base learning rate
+    anneal: bool = True  # warm-up + cosine schedule; False: warm-up, then the base learning rate
 
 
 @dataclass
@@ -74,10 +74,12 @@ class LRScale(Perturbation):
 @dataclass
 class Overfit(Perturbation):
     """No weight decay, no augmentation, a tiny training subset (from the start), and no learning-rate
-    annealing: in a run of a few hundred steps an annealed model stops moving once it has memorised
-    the subset, and the validation loss plateaus instead of rising."""
+    annealing after the warm-up: in a run of a few hundred steps an annealed model stops moving once
+    it has memorised the subset, and the validation loss plateaus instead of rising. The subsets are
+    small because digits generalises from very few samples: with 96 of them a ResNet still reached
+    91% validation accuracy with a falling validation loss (docs/factory.md)."""
 
-    subset: int = 96
+    subset: int = 32
 
     def configure(self, s):
         return replace(s, weight_decay=0.0, augment=False, train_subset=self.subset, anneal=False)
@@ -286,8 +288,8 @@ def _at(frac: float, steps: int) -> int:
 PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "healthy": lambda n: LRScale(name="healthy"),
     "healthy_lr_low": lambda n: LRScale(name="healthy_lr_low", scale=0.5),
-    "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=96),
-    "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=48),
+    "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=32),
+    "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=16),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
     # x25 rather than x100: a x100 burst breaks the model for good, and the later bursts then add no
     # spike to a loss that stays high (resnet/digits pilot: 2 spike events, labeled healthy)

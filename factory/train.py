@@ -48,11 +48,13 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd, lion, adafactor")
 
 
-def lr_schedule(step: int, steps: int, warmup_frac: float) -> float:
-    """Linear warm-up, then cosine from 1 to 0.1."""
+def lr_schedule(step: int, steps: int, warmup_frac: float, anneal: bool = True) -> float:
+    """Linear warm-up, then cosine from 1 to 0.1 (`anneal`) or constant."""
     warm = max(1, int(warmup_frac * steps))
     if step < warm:
         return (step + 1) / warm
+    if not anneal:
+        return 1.0
     t = (step - warm) / max(1, steps - warm)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -195,7 +197,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
             for step in range(tc.steps):
                 pool = pert.pool(step, batches.pool)
                 x, y = pert.batch(step, *batches.draw(pool))
-                scheduled = lr_schedule(step, tc.steps, tc.warmup_frac) if settings.anneal else 1.0
+                scheduled = lr_schedule(step, tc.steps, tc.warmup_frac, settings.anneal)
                 lr = settings.lr * scheduled * pert.lr_factor(step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr

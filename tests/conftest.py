@@ -12,3 +12,17 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_corpus(tmp_path_factory) -> Path:
+    """The `smoke` factory corpus (7 tiny runs, every split), generated once per test session.
+    Tests must treat it as read-only (copy it to tmp_path before changing anything)."""
+    from factory.generate import main as generate_main
+
+    out = tmp_path_factory.mktemp("corpus") / "smoke"
+    assert generate_main(["--config", str(ROOT / "configs" / "factory" / "smoke.yaml"), "--out", str(out)]) == 0
+    return out

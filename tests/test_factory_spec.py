@@ -58,7 +58,7 @@ def test_unknown_perturbation_is_a_clear_error():
 
 def test_overfit_removes_regularisation_and_data():
     s = make_perturbation("overfit", STEPS).configure(RunSettings(lr=0.1, weight_decay=0.05))
-    assert s.weight_decay == 0 and not s.augment and s.train_subset == 96 and s.lr == 0.1 and not s.anneal
+    assert s.weight_decay == 0 and not s.augment and s.train_subset == 32 and s.lr == 0.1 and not s.anneal
 
 
 def test_lr_perturbations_change_the_lr_at_onset():

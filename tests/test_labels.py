@@ -102,6 +102,38 @@ def test_overfitting_short_and_constant_series():
         overfitting(np.ones(20), np.ones(19))
 
 
+
+def _memorised(epochs: int = 20, seed: int = 3):
+    """A short run that memorises a tiny subset: both losses fall fast for 3 epochs (the transient),
+    then the training loss sits near zero with noise while the validation loss climbs steadily."""
+    e = np.arange(epochs)
+    rng = np.random.default_rng(seed)
+    train = np.where(e < 3, 2.3 - 0.7 * e, 0.02 * np.exp(-0.05 * (e - 3))) + 0.004 * rng.normal(size=epochs)
+    val = np.where(e < 3, 2.3 - 0.5 * e, 0.8 + 0.06 * (e - 3)) + 0.01 * rng.normal(size=epochs)
+    return np.abs(train), val
+
+
+def test_overfitting_diff_scale_and_train_direction_catch_a_memorised_subset():
+    train, val = _memorised()
+    paper = overfitting(train, val, window=8)  # std over a history that is mostly the transient
+    assert not paper.fired
+    res = overfitting(train, val, window=8, gap_scale="diff", train_significant=False)
+    assert res.fired
+    d = res.detail["decisive"]
+    hist = (val - train)[: d["e0"]]
+    from scipy.stats import median_abs_deviation
+
+    assert d["gap_threshold"] == pytest.approx(2.0 * median_abs_deviation(np.diff(hist), scale="normal") / np.sqrt(2))
+    assert d["z_train"] < 0 and d["p_val_adj"] < 0.05
+
+
+def test_overfitting_train_direction_still_required():
+    train, val = _memorised()
+    rising_train = train + 0.05 * np.arange(len(train))  # training loss gets worse too: not overfitting
+    assert not overfitting(rising_train, val, window=8, gap_scale="diff", train_significant=False).fired
+    with pytest.raises(ValueError, match="gap_scale"):
+        overfitting(train, val, window=8, gap_scale="iqr")
+
 # ------------------------------------------------------------------ loss spikes
 def _smooth(steps: int = 3000, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
