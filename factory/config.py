@@ -38,7 +38,9 @@ class LabelConfig:
     """Thresholds of paper Appendix A, with windows scaled to the run length: `*_frac` fields are
     fractions of the run's steps (spikes) or of its epochs (overfitting, forgetting)."""
 
-    overfit_window_frac: float = 0.4  # W_ep (paper: 10 epochs)
+    # W_ep (paper: 10 epochs). 0.6 of 20 epochs = 12: with 8, MK's smallest p (0.0027, n = 8) times
+    # BY's factor over ~10 candidates left slow, steady rises undetected
+    overfit_window_frac: float = 0.6
     overfit_min_window: int = 6
     overfit_alpha: float = 0.05
     overfit_gap_sigmas: float = 2.0
@@ -50,6 +52,7 @@ class LabelConfig:
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)
     spike_count: int = 3
     spike_merge_gap: int = 2  # spikes this close form one event (a level shift is not 3 spikes)
+    spike_min_rise_frac: float = 0.1  # a spike also rises >= this x the run's starting loss (near-zero losses)
     lyapunov_confidence: float = 0.99
     lyapunov_bootstrap: int = 2000
     lyapunov_block: float = 3.0  # expected block length (paper: 10, with H = 50)
@@ -57,10 +60,18 @@ class LabelConfig:
     # finite difference of the real (adaptive) optimizer update, which separates healthy copies at a
     # small positive rate; the margin is calibrated on healthy reference runs (docs/factory.md).
     lyapunov_margin: float | list[float] = 0.1  # one value, or one per window position
-    # Windows that must fire; paper: any one. A single window at a task switch separates the
-    # finite-difference copies as much as instability does (86-run pilot: 5 of 14 forgetting runs
-    # labeled instability with 1; with 2, forgetting 13/14 but instability 7/17). See docs/factory.md.
-    lyapunov_min_windows: int = 1
+    # Floor under the calibrated margins: late in an annealed run healthy windows sit at ~0.01, so a
+    # 95th-percentile margin there is noise-level and any slightly busier run (one learning a new
+    # task after a switch) clears it; LR-instability windows sit at 0.2-1.8 (docs/factory.md).
+    lyapunov_min_margin: float = 0.1
+    # per architecture (calibrated on its own healthy reference runs, like the floors); else the above
+    lyapunov_arch_margin: dict[str, list[float]] = field(default_factory=dict)
+    # Windows that must fire; paper: any one, of H = 50 steps. Our windows are H = 8 steps, so one
+    # transient (a task switch, a single LR burst) fills a whole window: in the cpu corpus's first 50
+    # runs every forgetting run at 50% had its window-1 mean at 0.66-0.87, as high as the LR-burst runs
+    # (0.66-1.06), against 0.19-0.34 for healthy runs. Two windows ask for sustained separation; short
+    # events are left to the spike rule. See docs/factory.md.
+    lyapunov_min_windows: int = 2
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30
     forget_p: float = 0.01

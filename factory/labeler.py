@@ -24,15 +24,20 @@ def epoch_means(values: np.ndarray, epoch_step: np.ndarray) -> np.ndarray:
 
 
 def _spikes(train_loss: np.ndarray, lc: LabelConfig, steps: int) -> R.RuleResult:
+    start = train_loss[:10][np.isfinite(train_loss[:10])]
+    min_rise = lc.spike_min_rise_frac * float(np.median(start)) if len(start) else 0.0
     return R.loss_spikes(
         train_loss, z=lc.spike_z, window=max(10, int(lc.spike_window_frac * steps)),
         count=lc.spike_count, span=max(5, int(lc.spike_span_frac * steps)), merge_gap=lc.spike_merge_gap,
+        min_rise=min_rise,
     )
 
 
-def _instability(sig: dict, lc: LabelConfig, steps: int) -> tuple[R.RuleResult, R.RuleResult]:
+def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.RuleResult, R.RuleResult]:
     spikes = _spikes(sig["train_loss"], lc, steps)
-    margins = lc.lyapunov_margin if isinstance(lc.lyapunov_margin, list) else [lc.lyapunov_margin] * len(sig["lyapunov"])
+    margin = lc.lyapunov_arch_margin.get(arch, lc.lyapunov_margin)
+    margins = margin if isinstance(margin, list) else [margin] * len(sig["lyapunov"])
+    margins = [max(m, lc.lyapunov_min_margin) for m in margins]
     windows = [(s, np.asarray(a, dtype=float) - margins[min(k, len(margins) - 1)]) for k, (s, a) in enumerate(sig["lyapunov"])]
     lyap = R.lyapunov(windows, confidence=lc.lyapunov_confidence, n_boot=lc.lyapunov_bootstrap, block=lc.lyapunov_block) if windows else R.RuleResult(False, None, {"windows": 0})
     firing = [w for w in lyap.detail.get("windows", []) if w.get("fired")] if lyap.fired else []
@@ -95,7 +100,7 @@ def floor_for(lc: LabelConfig, arch: str, dataset: str) -> float:
 
 
 def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
-    spikes, lyap = _instability(sig, lc, steps)
+    spikes, lyap = _instability(sig, lc, steps, arch)
     epoch_step = sig["epoch_step"]
     step_triggers: dict[str, int | None] = {}
     results: dict[str, R.RuleResult] = {}

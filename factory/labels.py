@@ -185,6 +185,7 @@ def loss_spikes(
     span: int = 500,
     min_history: int | None = None,
     merge_gap: int = 0,
+    min_rise: float = 0.0,
 ) -> RuleResult:
     """Spike at step t if z_t = (L_t - mu_t) / (sigma_t + 1e-6) >= z, with mu_t the median and
     sigma_t = IQR / 1.349 of the finite losses among the strictly previous `window` steps (z_t is
@@ -196,6 +197,11 @@ def loss_spikes(
     belongs to the same event (the paper's 0 counts every step). A sustained level shift, such as
     the loss jump of a task switch, is then one event rather than a run of "spikes". Non-finite
     losses are never merged: a diverged run still fires.
+
+    `min_rise` > 0 also asks L_t - mu_t >= min_rise (an absolute rise). A model that has memorised
+    its data has a loss near zero with a tiny IQR, so a batch loss of 0.01 against a median of 0.001
+    scores z ~ 100 without being a spike of anything; the factory sets min_rise from the loss level
+    at the start of the run (`LabelConfig.spike_min_rise_frac`).
     """
     if count < 1 or span < 1 or window < 1:
         raise ValueError(f"count, span and window must be >= 1, got {count}, {span}, {window}")
@@ -208,7 +214,7 @@ def loss_spikes(
     sigma = ((rolling.quantile(0.75) - rolling.quantile(0.25)) / IQR_TO_SIGMA).shift(1).to_numpy()
     with np.errstate(invalid="ignore"):
         z_t = (losses - mu) / (sigma + 1e-6)
-        spike = ~finite | (z_t >= z)  # NaN z (too little history) compares False
+        spike = ~finite | ((z_t >= z) & (losses - mu >= min_rise))  # NaN z (too little history) compares False
     steps = np.flatnonzero(spike)
     if merge_gap > 0 and len(steps):  # first step of each event; a non-finite loss always counts
         steps = steps[np.concatenate([[True], np.diff(steps) > merge_gap]) | ~finite[steps]]

@@ -291,10 +291,11 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=32),
     "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=16),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
-    # x25 rather than x100: a x100 burst breaks the model for good, and the later bursts then add no
-    # spike to a loss that stays high (resnet/digits pilot: 2 spike events, labeled healthy)
-    "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=25.0,
-                                           length=max(2, n // 100), gap=max(5, n // 20)),
+    # one-step bursts, 4 of them: 3-step x25 bursts raised the loss for tens of steps (Adam) instead of
+    # spiking it, so later bursts hid in the raised rolling statistics (cpu corpus, first 50 runs: the
+    # spike rule fired on 1 of 12 spike runs); x100 breaks a model for good (earlier pilot)
+    "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=50.0,
+                                           length=1, bursts=4, gap=max(5, n // 25)),
     "instability_cyclic": lambda n: CyclicLR(name="instability_cyclic", kind="known", injected="instability", onset=_at(0.3, n), peak=50.0, period=max(8, n // 8)),
     "forgetting": lambda n: TaskSwitch(name="forgetting", kind="known", injected="forgetting", onset=_at(0.5, n)),
     "forgetting_early": lambda n: TaskSwitch(name="forgetting_early", kind="known", injected="forgetting", onset=_at(0.35, n)),

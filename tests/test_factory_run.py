@@ -96,6 +96,7 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     cal = json.loads((out / "calibration.json").read_text())
     reference = [r for r in records if r["perturbation"] == "healthy"]
     assert cal["reference_runs"] == len(reference) and cal["healthy_windows"] > 0
+    assert set(cal["lyapunov_arch_margin"]) == {r["arch"] for r in records if r["perturbation"] in ("healthy", "healthy_lr_low")}
     for r in reference:
         assert 0 < cal["floors"][f"{r['arch']}/{r['dataset']}"] <= 1
     relabeled = _manifest(out)

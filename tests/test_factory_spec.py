@@ -65,9 +65,9 @@ def test_lr_perturbations_change_the_lr_at_onset():
     spike = make_perturbation("instability_spike", STEPS)
     assert spike.onset == 40
     factors = [spike.lr_factor(t) for t in range(STEPS)]
-    assert factors[: spike.onset] == [1.0] * spike.onset and factors[spike.onset] == 25.0
-    bursts = sum(1 for t in range(1, STEPS) if factors[t] == 25.0 and factors[t - 1] == 1.0)
-    assert bursts == spike.bursts == 3 and factors.count(25.0) == 3 * spike.length
+    assert factors[: spike.onset] == [1.0] * spike.onset and factors[spike.onset] == 50.0
+    bursts = sum(1 for t in range(1, STEPS) if factors[t] == 50.0 and factors[t - 1] == 1.0)
+    assert bursts == spike.bursts == 4 and factors.count(50.0) == 4 * spike.length == 4
     extreme = make_perturbation("instability_lr", STEPS)
     assert extreme.lr_factor(extreme.onset - 1) == 1.0 and extreme.lr_factor(STEPS - 1) == 30.0
     cyc = make_perturbation("instability_cyclic", STEPS)

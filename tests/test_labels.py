@@ -206,6 +206,17 @@ def test_spikes_need_history_but_count_early_nonfinite():
     assert loss_spikes(loss).detail["spike_steps"][0] == 0
 
 
+
+def test_spikes_min_rise_ignores_jitter_of_a_memorised_near_zero_loss():
+    rng = np.random.default_rng(5)
+    loss = 0.002 + 0.0002 * rng.normal(size=300)
+    loss[[150, 170, 190]] = 0.01  # z ~ 30 against a tiny IQR, but a rise of only 0.008
+    assert loss_spikes(loss, window=90, span=60).fired
+    quiet = loss_spikes(loss, window=90, span=60, min_rise=0.2)
+    assert not quiet.fired and quiet.detail["n_spikes"] == 0
+    loss[[150, 170, 190]] = 1.0  # real spikes rise far above the floor
+    assert loss_spikes(loss, window=90, span=60, min_rise=0.2).fired
+
 # ------------------------------------------------------------------ Lyapunov proxy
 def _windows(means, h=50, sd=0.2, seed=0):
     rng = np.random.default_rng(seed)
@@ -377,3 +388,25 @@ def test_assign_label_priority():
     assert assign_label({"overfitting": _r(True), "concept_bias": _r(True)}, True, priority=swapped)[0] == "overfitting"
     assert assign_label({"instability": _r(False)}, True) == ("healthy", None)
     assert assign_label({}, False) == ("underperforming", None)
+
+
+# ------------------------------------------------------------------ the labeler's instability settings
+def test_labeler_lyapunov_needs_two_windows_and_uses_per_arch_margins():
+    from factory.config import LabelConfig
+    from factory.labeler import _instability
+
+    rng = np.random.default_rng(0)
+    calm = lambda level: level + 0.01 * rng.normal(size=8)  # noqa: E731
+    transient = [(150, calm(0.9)), (190, calm(0.02)), (230, calm(0.01)), (270, calm(0.01))]  # a task switch
+    sustained = [(150, calm(0.9)), (190, calm(0.6)), (230, calm(0.5)), (270, calm(0.01))]  # an LR blow-up
+    sig = lambda w: {"train_loss": np.linspace(2, 0.5, 300), "lyapunov": w}  # noqa: E731
+    lc = LabelConfig(lyapunov_margin=[0.3, 0.1, 0.05, 0.01], lyapunov_bootstrap=200)
+    assert not _instability(sig(transient), lc, 300, "resnet")[1].fired
+    lyap = _instability(sig(sustained), lc, 300, "resnet")[1]
+    assert lyap.fired and lyap.trigger == 190 + 8 and lyap.detail["firing_windows"] == 3
+    # the floor under the margins: late windows at 0.01-level noise never count
+    assert [w["fired"] for w in lyap.detail["windows"]][-1] is False
+    # an architecture whose own healthy runs separate this fast is not unstable
+    lc.lyapunov_arch_margin = {"vit": [1.0, 0.8, 0.7, 0.1]}
+    assert not _instability(sig(sustained), lc, 300, "vit")[1].fired
+    assert _instability(sig(sustained), lc, 300, "resnet")[1].fired
