@@ -1,0 +1,216 @@
+"""The clip data path (pretrain/clips.py, docs/clips.md): windows, targets, shards, loader, privileged rule."""
+import ast
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from capture.store import RunStore
+from pretrain.clips import (CLASSES, CLIP_READOUTS, IGNORE, ClipConfig, CorpusClips, clip_loader, collate, export_shards,
+                            main, readout_features, run_targets, window_targets)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _key(item) -> tuple:
+    return item["run_id"], item["end_frame"]
+
+
+def _unbatch(batches) -> list[dict]:
+    """Collated batches back to items (scalars as python values)."""
+    def one(v, i):
+        return v[i].item() if torch.is_tensor(v) and v.ndim == 1 else v[i]
+    return [{k: one(v, i) for k, v in b.items()} for b in batches for i in range(len(b["run_id"]))]
+
+
+def _same_item(a: dict, b: dict) -> bool:
+    return (torch.equal(a["frames"].view(torch.int16), b["frames"].view(torch.int16))
+            and torch.equal(a["readouts"].nan_to_num(-7.0), b["readouts"].nan_to_num(-7.0))
+            and all(int(a[k]) == int(b[k]) for k in ("target", "novel", "end_frame", "end_step"))
+            and all(a[k] == b[k] for k in ("run_id", "split", "label")))
+
+
+@pytest.fixture(scope="module")
+def shards(smoke_corpus, tmp_path_factory) -> Path:
+    """The smoke corpus exported through the CLI, 3 clips per shard (test split: 12 clips, 4 shards)."""
+    out = tmp_path_factory.mktemp("clips")
+    assert main(["export", "--corpus", str(smoke_corpus), "--out", str(out), "--shard-size", "3"]) == 0
+    return out
+
+
+def test_windows_are_causal_and_match_the_store(smoke_corpus):
+    ds = CorpusClips(smoke_corpus, None)
+    assert len(ds.runs) == 7 and len(ds) == sum(r["n_frames"] - 9 for r in ds.runs)  # no padded windows
+    for k in range(0, len(ds), 4):
+        item = ds[k]
+        t, record = item["end_frame"], next(r for r in ds.runs if r["run_id"] == item["run_id"])
+        store = RunStore(smoke_corpus / record["store"])
+        assert t >= 9 and item["frames"].dtype == torch.bfloat16 and item["frames"].shape == (10, 6, 16, 16)
+        assert torch.equal(item["frames"].view(torch.int16), store.frames()[t - 9:t + 1].view(torch.int16))
+        cols = [store.readout_names.index(n) for n in CLIP_READOUTS]
+        assert torch.equal(item["readouts"], store.readouts()[t - 9:t + 1, cols])
+        assert item["end_step"] == store.frame_step()[t].item() and item["split"] == record["split"]
+    uncached = CorpusClips(smoke_corpus, None, cache_bytes=0)  # one zarr read per window
+    assert all(_same_item(uncached[k], ds[k]) for k in range(len(ds)))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)))
+    assert batch["frames"].shape == (4, 10, 6, 16, 16) and batch["readouts"].shape == (4, 10, 8)
+    assert batch["target"].dtype == torch.long and batch["novel"].dtype == torch.bool and len(batch["run_id"]) == 4
+    stride = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, stride=3))
+    assert [ds_i[1] for ds_i in stride.index[:3]] == [3, 6, 9]
+
+
+STEPS = list(range(0, 60, 5))  # 12 frames, every 5 steps; epoch = 6 steps, H = 2 epochs = 12 steps
+I = IGNORE
+
+
+@pytest.mark.parametrize("label, onset, trigger, novel, expected", [
+    ("healthy", None, None, False, [0] * 12),
+    ("instability", 18, 34, False, [0, 0, 0, 0, I, 2, 2, 2, 2, 2, 2, 2]),  # positives from max(18, 34 - 12) = 22
+    ("forgetting", 10, 20, False, [0, 0, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]),  # g - H = 8 < onset: from the onset
+    ("concept_bias", 0, 50, False, [I] * 8 + [4] * 4),  # from-start perturbation: no healthy windows
+    ("overfitting", 0, None, False, [1] * 12),  # no trigger: positive from the onset
+    ("underperforming", None, None, False, [I] * 12),
+    (None, None, None, False, [I] * 12),  # unlabeled run
+    ("healthy", 18, None, True, [0, 0, 0, 0] + [I] * 8),  # novel: IGNORE from the onset, novel mask
+    ("instability", 30, 40, True, [0] * 6 + [I] * 6),  # novel wins over the rule's label
+])
+def test_window_targets(label, onset, trigger, novel, expected):
+    target, mask = window_targets(STEPS, label, onset, trigger, 6, novel, ClipConfig(horizon_epochs=2.0))
+    assert target.tolist() == expected and target.dtype == torch.long
+    assert mask.tolist() == ([novel and s >= onset for s in STEPS])
+
+
+def test_window_targets_errors():
+    with pytest.raises(ValueError, match="unknown label 'weird'"):
+        window_targets(STEPS, "weird", 0, None, 6, False)
+    with pytest.raises(ValueError, match="epoch_steps"):
+        window_targets(STEPS, "overfitting", 0, 30, None, False)
+
+
+def test_run_targets_take_a_novel_onset_from_the_perturbation(smoke_corpus):
+    ds = CorpusClips(smoke_corpus, "test")
+    novel = [r for r in ds._runs if r.record["perturbation"] == "label_noise"]
+    assert novel and all(r.novel.tolist() == [s >= 18 for s in r.steps] for r in novel)
+    attrs = {"label": "healthy", "onset_step": None, "trigger_step": None, "epoch_steps": 6,
+             "perturbation": {"kind": "novel", "onset": 30}}
+    assert run_targets(attrs, STEPS)[0].tolist() == [0] * 6 + [I] * 6
+
+
+def test_readout_features():
+    raw = torch.tensor([0.0, 1.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e12, 2.0])
+    out = readout_features(raw.expand(2, 3, 8))
+    assert out.shape == (2, 3, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    l2, l3 = torch.log(torch.tensor(2.0)), torch.log(torch.tensor(3.0))
+    expected = torch.tensor([0, l2, -l2, 0, 0, 0, torch.log1p(torch.tensor(1e12)), l3])
+    assert torch.allclose(out[1, 2, :8], expected)
+    assert out[0, 0, 8:].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+
+
+def test_export_and_loader_round_trip(smoke_corpus, shards):
+    index = json.loads((shards / "index.json").read_text())
+    assert index["clip_config"] == {"window": 10, "stride": 1, "horizon_epochs": 2.0}
+    assert index["shards"]["test"] == [f"clips-{i:06d}.tar" for i in range(4)]
+    for split in ("train", "val", "test"):
+        expected = {_key(x): x for x in CorpusClips(smoke_corpus, split)}
+        got = _unbatch(clip_loader(shards / split, batch_size=2, shuffle=0))
+        assert len(got) == len(expected) == index["counts"][split]["total"]
+        assert all(_same_item(x, expected[_key(x)]) for x in got)
+        targets = [x["target"] for x in expected.values()]
+        assert index["counts"][split]["ignore"] == targets.count(IGNORE)
+        assert all(index["counts"][split][c] == targets.count(k) for k, c in enumerate(CLASSES))
+    assert index["counts"]["test"]["novel"] == 6 and index["counts"]["train"]["instability"] == 6
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_shards(smoke_corpus, shards)
+
+
+def test_shuffling_shuffles_and_is_seeded(shards):
+    order = lambda loader: [_key(x) for x in _unbatch(loader)]  # noqa: E731
+    plain = order(clip_loader(shards / "test", batch_size=3, shuffle=0))
+    loader = clip_loader(shards / "test", batch_size=3, shuffle=100, seed=1)
+    epoch0, epoch1 = order(loader), order(loader)
+    assert sorted(epoch0) == sorted(epoch1) == sorted(plain)
+    assert epoch0 != plain and epoch1 != epoch0  # a new order every epoch
+    assert order(clip_loader(shards / "test", batch_size=3, shuffle=100, seed=1)) == epoch0  # reproducible
+
+
+def test_shards_split_disjointly_over_ranks_and_workers(shards, monkeypatch):
+    everything = sorted(_key(x) for x in _unbatch(clip_loader(shards / "test", batch_size=4)))
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank)), monkeypatch.setenv("WORLD_SIZE", "2")
+        for worker in range(2):
+            monkeypatch.setenv("WORKER", str(worker)), monkeypatch.setenv("NUM_WORKERS", "2")
+            part = [_key(x) for x in _unbatch(clip_loader(shards / "test", batch_size=4))]
+            assert len(part) == 3  # 4 shards of 3 clips: one shard per (rank, worker)
+            seen += part
+        monkeypatch.delenv("WORKER"), monkeypatch.delenv("NUM_WORKERS")
+        real_workers = [_key(x) for x in _unbatch(clip_loader(shards / "test", batch_size=4, num_workers=2))]
+        assert sorted(real_workers) == sorted(seen[-6:])  # real DataLoader workers split the same way
+    assert sorted(seen) == everything and len(set(seen)) == 12
+
+
+def test_too_few_shards_raise_or_resample(shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="1 clip shard.*2 process"):
+        clip_loader(shards / "val", batch_size=2)  # 3 clips in one shard
+    loader = clip_loader(shards / "val", batch_size=2, epoch_size=5)
+    assert len(loader) == 3
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(b["run_id"]) for b in batches] == [2, 2, 2] and all(b["split"] == ["val"] * 2 for b in batches)
+
+
+def test_clear_errors(smoke_corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.jsonl"):
+        CorpusClips(tmp_path / "nowhere", "train")
+    with pytest.raises(ValueError, match=r"split 'training'.*\['test', 'train', 'val'\]"):
+        CorpusClips(smoke_corpus, "training")
+    with pytest.raises(ValueError, match="not-a-run"):
+        CorpusClips(smoke_corpus, "train", runs=["not-a-run"])
+    with pytest.raises(FileNotFoundError, match="no clip shards"):
+        clip_loader(tmp_path, batch_size=2)
+
+
+def test_clips_never_touch_privileged_data(smoke_corpus, tmp_path):
+    """Corrupt every privileged group of a copied corpus: clips are identical and nothing fails; and an
+    audit hook sees no file or directory under privileged/ opened or listed by the clip path."""
+    copy = tmp_path / "smoke"
+    shutil.copytree(smoke_corpus, copy)
+    for group in copy.glob("runs/*.zarr/privileged"):
+        shutil.rmtree(group)
+        group.mkdir()
+        (group / "zarr.json").write_text("{ this is not json")
+    touched, watching = [], [False]
+
+    def hook(event, args):
+        if watching[0] and event in ("open", "os.listdir", "os.scandir") and args and "privileged" in str(args[0]):
+            touched.append((event, str(args[0])))
+
+    sys.addaudithook(hook)  # cannot be removed; inert outside this test
+    watching[0] = True
+    try:
+        clips = CorpusClips(copy, None)
+        items = [clips[k] for k in range(len(clips))]
+        export_shards(copy, tmp_path / "shards", shard_size=50)
+        streamed = _unbatch(clip_loader(tmp_path / "shards" / "test", batch_size=5))
+    finally:
+        watching[0] = False
+    assert touched == []
+    original = CorpusClips(smoke_corpus, None)
+    assert len(items) == len(original) and all(_same_item(a, original[k]) for k, a in enumerate(items))
+    assert len(streamed) == 12
+
+
+def test_clip_module_names_no_privileged_access():
+    tree = ast.parse((ROOT / "pretrain" / "clips.py").read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    names = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)] + [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]
+    strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+    assert not [x for x in names + strings if "privileged" in x.lower()]
+    assert "zarr" not in names  # stores are read only through capture.store.RunStore
