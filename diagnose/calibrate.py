@@ -1,0 +1,326 @@
+"""Calibration of TEViD on the validation split (DESIGN.md §7-§9; paper Sec. 4.3, Appendices E.1, H.1).
+
+Fitted once on validation, then frozen and saved as `calibration.json` beside the weights:
+
+1. temperature T (optional): minimises the validation NLL of the tempered Dirichlet mean
+   `softmax(log p / T)` over windows with a known target; bounded to [0.25, 4] so that a tiny,
+   perfectly fitted validation set cannot push it to 0. Vacuity does not depend on T.
+2. vacuity threshold tau: the `tau_quantile` (0.95) quantile of vacuity over all windows of known
+   (non-novel) validation runs, i.e. about 5% of in-distribution windows abstain (the paper's
+   "global quantile" scheme, App. H.1); a fixed `tau` may be given instead; 0.35 (the paper's value)
+   when there are no windows.
+3. per-class alert thresholds of the streaming rule (diagnose.decision): each Healthy validation run
+   is replayed window by window, in order, with the rule. For class c and run r let m_r(c) be the
+   largest value such that p_c > m for `consecutive` known frames in a row would need a threshold
+   below m_r(c) (the max over runs of 3 consecutive known frames of their min p_c). Thresholds are
+   order statistics of m(c) (plus 1e-6) taken at a common rank k, the smallest k whose replayed FAR
+   (fraction of Healthy runs with any confirmed alert, DESIGN.md §9) is <= `far_target` (5%); then
+   clipped to [`min_threshold`, 1]. Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
+
+    python -m diagnose.calibrate --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu --out outputs/finetune/cpu/final
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diagnose.decision import Rule, first_alerts
+from diagnose.evidential import IGNORE, tempered_probs
+
+CALIBRATION_FILE = "calibration.json"
+MARGIN = 1e-6  # thresholds sit just above an order statistic, so float noise between replays cannot flip a tie
+
+
+@dataclass
+class CalibrationConfig:
+    far_target: float = 0.05  # max fraction of Healthy validation runs with a confirmed alert
+    fit_temperature: bool = True
+    temperature_bounds: list = field(default_factory=lambda: [0.25, 4.0])
+    tau: float | None = None  # fixed vacuity threshold; None = the tau_quantile of validation vacuity
+    tau_quantile: float = 0.95
+    default_tau: float = 0.35  # the paper's value, used when validation has no window
+    consecutive: int = 3
+    min_threshold: float = 0.5  # an alert needs the class to hold at least half the probability
+    default_threshold: float = 0.9  # without Healthy validation runs (paper App. E.1)
+
+
+@dataclass
+class Calibration:
+    """The frozen operating point of a fine-tuned TEViD."""
+
+    classes: list
+    thresholds: list  # K-1 floats, for classes[1:]
+    temperature: float = 1.0
+    tau: float = 0.35
+    consecutive: int = 3
+    report: dict = field(default_factory=dict)
+
+    @classmethod
+    def default(cls, num_classes: int, classes) -> "Calibration":
+        return cls(list(classes), [CalibrationConfig.default_threshold] * (num_classes - 1), 1.0,
+                   CalibrationConfig.default_tau, CalibrationConfig.consecutive, {"calibrated": False})
+
+    def rule(self) -> Rule:
+        return Rule(tuple(self.thresholds), self.tau, self.consecutive)
+
+    def probs(self, alpha: torch.Tensor) -> torch.Tensor:
+        return tempered_probs(alpha, self.temperature)
+
+
+def save_calibration(cal: Calibration, directory: str | Path) -> Path:
+    """Write `calibration.json` atomically into `directory`."""
+    path = Path(directory) / CALIBRATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{CALIBRATION_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_finite(asdict(cal)), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(obj):
+    """JSON has no NaN/inf: non-finite report figures (e.g. an NLL with no scored window) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def load_calibration(directory: str | Path) -> Calibration:
+    path = Path(directory) / CALIBRATION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: calibrate the checkpoint first "
+                                f"(python -m diagnose.calibrate --checkpoint {directory} --corpus CORPUS --out {directory})")
+    data = json.loads(path.read_text())
+    try:
+        cal = Calibration(**data)
+    except TypeError as err:
+        raise ValueError(f"{path}: not a calibration file ({err})") from err
+    if len(cal.thresholds) != len(cal.classes) - 1:
+        raise ValueError(f"{path}: {len(cal.thresholds)} thresholds for {len(cal.classes)} classes (need one per anomaly class)")
+    return cal
+
+
+# ---------------------------------------------------------------- predictions of the validation runs
+
+@dataclass
+class RunStream:
+    """One run's window predictions in frame order."""
+
+    run_id: str
+    label: str
+    end_frame: np.ndarray  # (N,) int
+    target: np.ndarray  # (N,) int, IGNORE where not scored
+    novel: np.ndarray  # (N,) bool
+    alpha: np.ndarray  # (N, K) float
+
+    @property
+    def known(self) -> bool:
+        return not bool(self.novel.any())
+
+
+@torch.no_grad()
+def predict_records(model, dataset, indices=None, batch_size: int = 64, device: torch.device | str = "cpu") -> list[dict]:
+    """Run `model.predict` over `dataset[i]` for i in `indices` (all by default); one dict per window:
+    run_id, label, end_frame, target, novel, alpha and logits (lists of K floats)."""
+    from pretrain.clips import collate
+
+    indices = range(len(dataset)) if indices is None else indices
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    records = []
+    for batch in loader:
+        out = model.predict(batch["frames"].to(device), batch["readouts"].to(device))
+        alpha, logits = out["alpha"].cpu().double().tolist(), out["logits"].cpu().double().tolist()
+        for j in range(len(alpha)):
+            records.append({"run_id": batch["run_id"][j], "label": batch["label"][j], "end_frame": int(batch["end_frame"][j]),
+                            "target": int(batch["target"][j]), "novel": bool(batch["novel"][j]), "alpha": alpha[j],
+                            "logits": logits[j]})
+    model.train(was_training)
+    return records
+
+
+def streams_from_records(records: list[dict]) -> list[RunStream]:
+    by_run: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_run[r["run_id"]].append(r)
+    streams = []
+    for run_id in sorted(by_run):
+        rows = sorted(by_run[run_id], key=lambda r: r["end_frame"])
+        streams.append(RunStream(run_id, rows[0]["label"], np.array([r["end_frame"] for r in rows]),
+                                 np.array([r["target"] for r in rows]), np.array([r["novel"] for r in rows], dtype=bool),
+                                 np.array([r["alpha"] for r in rows], dtype=np.float64)))
+    return streams
+
+
+def window_metrics(records: list[dict]) -> dict:
+    """Window-level validation metrics: macro F1 and accuracy of argmax p over windows with a known
+    target (macro over the classes present in the targets), mean vacuity over all windows."""
+    from sklearn.metrics import f1_score
+
+    if not records:
+        return {"windows": 0, "scored": 0, "macro_f1": float("nan"), "accuracy": float("nan"), "mean_vacuity": float("nan")}
+    alpha = np.array([r["alpha"] for r in records])
+    target = np.array([r["target"] for r in records])
+    vacuity = alpha.shape[1] / alpha.sum(1)
+    pred = alpha.argmax(1)
+    scored = target != IGNORE
+    out = {"windows": len(records), "scored": int(scored.sum()), "mean_vacuity": float(vacuity.mean())}
+    if scored.any():
+        y, p = target[scored], pred[scored]
+        out["macro_f1"] = float(f1_score(y, p, labels=sorted(set(y.tolist())), average="macro", zero_division=0))
+        out["accuracy"] = float((y == p).mean())
+    else:
+        out["macro_f1"] = out["accuracy"] = float("nan")
+    return out
+
+
+# ---------------------------------------------------------------- fitting
+
+def fit_temperature(alpha: np.ndarray, target: np.ndarray, bounds=(0.25, 4.0)) -> tuple[float, float, float]:
+    """(T, NLL at T=1, NLL at T) minimising the mean NLL of softmax(log p / T) over valid targets."""
+    from scipy.optimize import minimize_scalar
+
+    valid = target != IGNORE
+    if valid.sum() == 0:
+        return 1.0, float("nan"), float("nan")
+    logp = torch.log(torch.from_numpy(alpha[valid] / alpha[valid].sum(1, keepdims=True)))
+    y = torch.from_numpy(target[valid]).long()
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logp / math.exp(log_t), y))
+
+    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded")
+    t = float(math.exp(res.x))
+    return t, nll(0.0), nll(res.x)
+
+
+def _peak_streak_min(p: np.ndarray, known: np.ndarray, consecutive: int) -> float:
+    """max over runs of `consecutive` consecutive known frames of min p (the rule fires iff threshold < it)."""
+    best = -math.inf
+    for i in range(len(p) - consecutive + 1):
+        if known[i:i + consecutive].all():
+            best = max(best, float(p[i:i + consecutive].min()))
+    return best
+
+
+def calibrate(streams: list[RunStream], cfg: CalibrationConfig = CalibrationConfig(), classes=None) -> Calibration:
+    """Temperature, tau and per-class thresholds from the validation runs' streams (module docstring)."""
+    if not streams:
+        raise ValueError("calibrate: no validation runs to calibrate on")
+    k = streams[0].alpha.shape[1]
+    classes = list(classes) if classes is not None else [str(c) for c in range(k)]
+    report: dict = {"calibrated": True, "runs": len(streams), "windows": int(sum(len(s.target) for s in streams))}
+
+    alpha = np.concatenate([s.alpha for s in streams])
+    target = np.concatenate([s.target for s in streams])
+    temperature = 1.0
+    if cfg.fit_temperature:
+        temperature, before, after = fit_temperature(alpha, target, cfg.temperature_bounds)
+        report["nll_t1"], report["nll_fitted"] = before, after
+
+    known = [s for s in streams if s.known]
+    if cfg.tau is not None:
+        tau, report["tau_source"] = float(cfg.tau), "fixed"
+    elif known:
+        vac = np.concatenate([k / s.alpha.sum(1) for s in known])
+        tau, report["tau_source"] = float(np.quantile(vac, cfg.tau_quantile)), f"quantile {cfg.tau_quantile} of {len(vac)} known windows"
+    else:
+        tau, report["tau_source"] = cfg.default_tau, "default (no known validation windows)"
+
+    probs = {s.run_id: tempered_probs(torch.from_numpy(s.alpha), temperature).numpy() for s in streams}
+    healthy = [s for s in known if s.label == "healthy"]
+    report["healthy_runs"] = len(healthy)
+    if not healthy:
+        thresholds = [cfg.default_threshold] * (k - 1)
+        report["threshold_source"] = "default (no Healthy validation runs)"
+    else:
+        thresholds = _fit_thresholds(healthy, probs, tau, cfg)
+        report["threshold_source"] = f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs"
+    cal = Calibration(classes, [float(t) for t in thresholds], float(temperature), float(tau), cfg.consecutive, report)
+    report.update(_replay_report(streams, probs, cal))
+    return cal
+
+
+def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: CalibrationConfig) -> list[float]:
+    k = healthy[0].alpha.shape[1]
+    # m[r, c-1]: the rule fires class c on run r iff threshold_c < m[r, c-1]
+    m = np.full((len(healthy), k - 1), -math.inf)
+    for r, s in enumerate(healthy):
+        vac = k / s.alpha.sum(1)
+        known = vac <= tau
+        for c in range(1, k):
+            m[r, c - 1] = _peak_streak_min(probs[s.run_id][:, c], known, cfg.consecutive)
+    order = np.sort(m, axis=0)  # ascending per class
+    for rank in range(len(healthy)):
+        thresholds = [float(min(1.0, max(cfg.min_threshold, order[rank, c] + MARGIN))) for c in range(k - 1)]
+        rule = Rule(tuple(thresholds), tau, cfg.consecutive)
+        alarms = sum(bool(first_alerts(rule.replay(probs[s.run_id], k / s.alpha.sum(1)))) for s in healthy)
+        if alarms / len(healthy) <= cfg.far_target:
+            return thresholds
+    raise AssertionError("unreachable: at the top rank no Healthy run can fire")  # threshold >= every m
+
+
+def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> dict:
+    """FAR on Healthy runs, per-class detection on anomalous runs and the Unknown fraction, replayed
+    with the calibrated rule on the validation streams themselves (optimistic: fitted on them)."""
+    rule = cal.rule()
+    healthy_alarms, detected, anomalous, unknown = 0, defaultdict(int), defaultdict(int), []
+    for s in streams:
+        decisions = rule.replay(probs[s.run_id], s.alpha.shape[1] / s.alpha.sum(1))
+        first = first_alerts(decisions)
+        unknown.append(np.mean([d.unknown for d in decisions]))
+        if not s.known:
+            continue
+        if s.label == "healthy":
+            healthy_alarms += bool(first)
+        elif s.label in cal.classes:
+            anomalous[s.label] += 1
+            detected[s.label] += cal.classes.index(s.label) in first
+    out = {"val_unknown_fraction": float(np.mean(unknown))}
+    n_healthy = sum(s.known and s.label == "healthy" for s in streams)
+    if n_healthy:
+        out["val_far"] = healthy_alarms / n_healthy
+    out["val_detection"] = {c: f"{detected[c]}/{anomalous[c]}" for c in sorted(anomalous)}
+    return out
+
+
+# ---------------------------------------------------------------- CLI: (re)calibrate a checkpoint
+
+def main(argv: list[str] | None = None) -> int:
+    from capture.config import cli_parser, from_dict, load_config
+    from diagnose.tevid import load_tevid
+    from pretrain.checkpoint import load_checkpoint
+    from pretrain.clips import CLASSES, ClipConfig, CorpusClips
+
+    p = cli_parser("Calibrate a fine-tuned TEViD on a corpus's validation split", corpus=True, checkpoint=True)
+    args = p.parse_args(argv)
+    if args.checkpoint is None:
+        p.error("--checkpoint DIR (a fine-tuning output, e.g. out/final) is required")
+    cfg = load_config(CalibrationConfig, args.config, args.overrides)
+    model, _ = load_tevid(args.checkpoint, require_calibration=False)
+    saved = load_checkpoint(args.checkpoint).config.get("data", {})
+    clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
+    val = CorpusClips(args.corpus, "val", clip_cfg)
+    records = predict_records(model, val, batch_size=64)
+    cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
+    path = save_calibration(cal, args.out)
+    print(json.dumps({**window_metrics(records), "temperature": cal.temperature, "tau": cal.tau,
+                      "thresholds": cal.thresholds, **cal.report}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

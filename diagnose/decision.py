@@ -1,0 +1,112 @@
+"""The streaming decision rule (DESIGN.md §8; paper Sec. 4.3 "Streaming inference" and Appendix E.1).
+
+At each new frame TEViD gives class probabilities `p (K,)` (class 0 = Healthy) and a vacuity `u`:
+
+- `u > tau` (or any non-finite input): the frame is Unknown (abstain). An Unknown frame is not a
+  prediction, so it BREAKS every streak: "its non-abstain probability exceeds a class-specific
+  threshold for three consecutive predictions" (paper) reads as three consecutive non-abstained frames.
+- otherwise, for each anomaly class c = 1..K-1: the streak of c grows by one if `p_c > threshold_c`
+  (strictly) and is reset to 0 if not.
+- the alert for c fires at the frame where its streak reaches `consecutive` (3). It stays active, and
+  is not fired again, while the streak continues; after a break, a new full streak fires it again.
+
+A pure function over an immutable state, like Lightning's `EarlyStopping._evaluate_stopping_criteria`:
+the live monitor and the replay used by evaluation and calibration share `decide`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+UNKNOWN = -1  # `Decision.label` of an abstained frame
+
+
+class Reason(str, Enum):
+    KNOWN = "known"  # a prediction was made (u <= tau)
+    VACUITY = "vacuity"  # u > tau: not enough evidence, Unknown
+    NONFINITE = "nonfinite"  # a probability or the vacuity is NaN/inf: Unknown, never an alert
+
+
+@dataclass(frozen=True)
+class DecisionState:
+    """Per-anomaly-class streak lengths (index c-1 for class c) and the frames seen so far."""
+
+    streaks: tuple[int, ...] = ()
+    frames: int = 0
+
+    @classmethod
+    def start(cls, num_classes: int) -> "DecisionState":
+        return cls(streaks=(0,) * (num_classes - 1))
+
+
+@dataclass(frozen=True)
+class Decision:
+    label: int  # argmax class, or UNKNOWN
+    reason: Reason
+    new_alerts: tuple[int, ...] = ()  # classes whose alert fires at this frame
+    active: tuple[int, ...] = ()  # classes whose streak is >= consecutive (includes new_alerts)
+    frame: int = 0  # 0-based index of the frame in the stream
+
+    @property
+    def unknown(self) -> bool:
+        return self.label == UNKNOWN
+
+
+def decide(
+    state: DecisionState,
+    probs: Sequence[float],
+    vacuity: float,
+    thresholds: Sequence[float],
+    tau: float,
+    consecutive: int = 3,
+) -> tuple[DecisionState, Decision]:
+    """One step of the rule. `probs` has K entries, `thresholds` K-1 (one per anomaly class 1..K-1)."""
+    probs = [float(p) for p in probs]
+    k = len(probs)
+    if len(thresholds) != k - 1:
+        raise ValueError(f"decide: {len(thresholds)} thresholds for {k} classes; need one per anomaly class ({k - 1})")
+    if consecutive < 1:
+        raise ValueError(f"decide: consecutive must be >= 1, got {consecutive}")
+    streaks = state.streaks or (0,) * (k - 1)
+    if len(streaks) != k - 1:
+        raise ValueError(f"decide: state has {len(streaks)} streaks but probs have {k} classes")
+    frame = state.frames
+    if not (all(math.isfinite(p) for p in probs) and math.isfinite(float(vacuity))):
+        return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.NONFINITE, frame=frame)
+    if float(vacuity) > tau:
+        return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.VACUITY, frame=frame)
+    new = tuple(s + 1 if p > t else 0 for s, p, t in zip(streaks, probs[1:], thresholds))
+    active = tuple(c + 1 for c, s in enumerate(new) if s >= consecutive)
+    fired = tuple(c + 1 for c, s in enumerate(new) if s == consecutive)
+    label = max(range(k), key=lambda c: probs[c])
+    return DecisionState(new, frame + 1), Decision(label, Reason.KNOWN, fired, active, frame)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The frozen operating point: thresholds (K-1), tau, consecutive. `replay` runs a whole stream."""
+
+    thresholds: tuple[float, ...]
+    tau: float
+    consecutive: int = 3
+
+    def replay(self, probs: Sequence[Sequence[float]], vacuity: Sequence[float]) -> list[Decision]:
+        if len(probs) != len(vacuity):
+            raise ValueError(f"Rule.replay: {len(probs)} probability rows but {len(vacuity)} vacuities")
+        state, out = DecisionState.start(len(self.thresholds) + 1), []
+        for p, u in zip(probs, vacuity):
+            state, d = decide(state, p, u, self.thresholds, self.tau, self.consecutive)
+            out.append(d)
+        return out
+
+
+def first_alerts(decisions: Sequence[Decision]) -> dict[int, int]:
+    """{class: frame index of its first alert} over a replayed stream."""
+    first: dict[int, int] = {}
+    for d in decisions:
+        for c in d.new_alerts:
+            first.setdefault(c, d.frame)
+    return first
+

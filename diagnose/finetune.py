@@ -1,0 +1,358 @@
+"""Fine-tune TEViD on a corpus's clips, then calibrate it on the validation split (DESIGN.md §7-§9;
+paper Sec. 4.3, Appendix D.2, Table 14).
+
+    accelerate launch diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu \
+        --checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu [key=value ...]
+    python -m diagnose.finetune --config configs/finetune/tiny.yaml --corpus DIR --out DIR   # from scratch
+
+Two real CPU processes (plain `--cpu` starts one):
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no diagnose/finetune.py --config ... --corpus ... --out ...
+
+Training clips come from the corpus's zarr stores (`data.source: zarr`, small corpora) or from
+webdataset shards written by `python -m pretrain.clips export` (`data.source: shards`); validation
+always reads the val split from the stores (it is small, and calibration needs each run's windows in
+order). The corpus is imbalanced: each class is weighted in the loss by n / (K_present * n_c) over
+the training windows (sklearn's "balanced"), which works the same for a map-style dataset and for a
+stream (a sampler cannot reweight a stream) and keeps every clip once per epoch. Windows with target
+IGNORE are dropped from the map-style training set and masked out of the loss on shards.
+
+Outputs in --out: config.json (resolved), train.csv (every `log_every` optimizer steps), epochs.csv
+(per epoch: train loss, validation loss / macro F1 / accuracy / mean vacuity, clips/s), last/
+(atomic checkpoint after every epoch, with optimizer and scheduler: a rerun resumes from it), and
+final/ (weights + calibration.json, loaded by `diagnose.tevid.load_tevid`).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from capture.config import cli_parser, load_config, save_config, to_dict
+from diagnose.calibrate import (CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records,
+                                window_metrics)
+from diagnose.evidential import evidential_loss, kl_anneal
+from diagnose.tevid import TEViD, TEViDConfig, build_tevid, tevid_config_from
+from pretrain.checkpoint import checkpoint_exists, load_checkpoint, restore_training_state, save_checkpoint, unwrap
+from pretrain.clips import CLASSES, IGNORE, ClipConfig, CorpusClips, clip_loader, collate
+
+
+@dataclass
+class DataConfig:
+    source: str = "zarr"  # "zarr": windows read from the run stores (CorpusClips) | "shards": webdataset shards
+    shards: str | None = None  # export root of `pretrain.clips export` (holds index.json, train/)
+    window: int = 10  # T frames per clip (causal: frames t-9..t)
+    stride: int = 1
+    horizon_epochs: float = 2.0  # lead horizon H of the positive zone (DESIGN.md §9)
+    num_workers: int = 0
+    shuffle_buffer: int = 1000  # shards only
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate, paper Table 14
+    min_lr: float = 0.0  # the cosine ends here
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.05  # not on biases, norms, position embeddings
+    warmup_epochs: float = 5.0
+    clip_grad: float | None = 1.0  # max gradient norm; None: no clipping
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "tiny"
+    seed: int = 0
+    model: TEViDConfig = field(default_factory=TEViDConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32  # clips per process and micro-step; global batch = batch_size * grad_accum * processes
+    grad_accum: int = 1
+    epochs: int = 50
+    kl_anneal_epochs: float = 10.0  # lambda of the KL term ramps 0 -> 1 over these epochs (0: 1 from the start)
+    class_weights: str = "balanced"  # "balanced" | "none"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval_batch_size: int = 64
+    log_every: int = 10  # optimizer steps between train.csv rows
+    precision: str = "auto"  # "auto": bf16 autocast on a CUDA device with bf16, else fp32; "bf16"; "no"
+    resume: bool = True  # continue from --out/last when it exists
+    threads: int | None = None  # torch threads per process; None: CPU cores / processes
+
+    def __post_init__(self):
+        if self.data.source not in ("zarr", "shards"):
+            raise ValueError(f"data.source must be 'zarr' or 'shards', got {self.data.source!r}")
+        if self.class_weights not in ("balanced", "none"):
+            raise ValueError(f"class_weights must be 'balanced' or 'none', got {self.class_weights!r}")
+        if self.precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'no', got {self.precision!r}")
+
+
+# ---------------------------------------------------------------- pieces
+
+def balanced_weights(counts: list[int]) -> torch.Tensor:
+    """n / (K_present * n_c) for classes present, 0 for absent ones (sklearn's 'balanced')."""
+    c = torch.tensor(counts, dtype=torch.float64)
+    present = c > 0
+    w = torch.zeros_like(c)
+    w[present] = c.sum() / (present.sum() * c[present])
+    return w.float()
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warm-up over `warmup` steps, then
+    half-cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_targets(ds: CorpusClips) -> np.ndarray:
+    """Target of every window of a CorpusClips without reading frames. CorpusClips has no public
+    per-window target list; it is read from its run table (`_runs`) through its `index`."""
+    return np.array([int(ds._runs[i].target[t]) for i, t in ds.index], dtype=np.int64)
+
+
+class CsvLog:
+    """Append-only CSV; on resume the rows past the resumed step (written after the last checkpoint) are dropped."""
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None, enabled: bool = True):
+        self.path, self.fields, self.enabled = path, fields, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
+
+
+@dataclass
+class TrainData:
+    loader: object
+    steps_per_epoch: int
+    counts: list  # training windows per class
+    clips: int  # training windows per epoch (all processes)
+
+
+def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelerator) -> TrainData:
+    k = cfg.model.num_classes
+    if cfg.data.source == "zarr":
+        ds = CorpusClips(corpus, "train", clip_cfg)
+        targets = clip_targets(ds)
+        keep = np.flatnonzero(targets != IGNORE)
+        if len(keep) == 0:
+            raise ValueError(f"{corpus}: the train split has no window with a known target (all IGNORE)")
+        counts = np.bincount(targets[keep], minlength=k).tolist()
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, keep.tolist()), batch_size=cfg.batch_size, shuffle=True,
+                                             collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=False)
+        loader = accelerator.prepare(loader)  # shards batches over processes
+        return TrainData(loader, math.ceil(len(loader) / cfg.grad_accum), counts, len(keep))
+    if not cfg.data.shards:
+        raise ValueError("data.source=shards needs data.shards=DIR (the output of `python -m pretrain.clips export`)")
+    root = Path(cfg.data.shards)
+    index_file = root / "index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file} not found: data.shards must be an export root of `python -m pretrain.clips export`")
+    index = json.loads(index_file.read_text())
+    saved = index.get("clip_config", {})
+    if saved and saved != dataclasses.asdict(clip_cfg):
+        raise ValueError(f"{index_file}: shards were exported with {saved}, the config asks for {dataclasses.asdict(clip_cfg)}")
+    c = index["counts"]["train"]
+    counts = [int(c.get(name, 0)) for name in CLASSES[:k]]
+    total = sum(counts)
+    # a resampled stream of exactly steps x grad_accum full batches per process and epoch
+    per_step = cfg.grad_accum * cfg.batch_size
+    spe = max(1, math.ceil(total / (accelerator.num_processes * per_step)))
+    loader = clip_loader(root / "train", cfg.batch_size, shuffle=cfg.data.shuffle_buffer, num_workers=cfg.data.num_workers,
+                         seed=cfg.seed, epoch_size=spe * per_step)
+    return TrainData(loader, spe, counts, spe * per_step * accelerator.num_processes)
+
+
+def evaluate(model: TEViD, val: CorpusClips, accelerator, batch_size: int) -> list[dict]:
+    """Window predictions of the whole val split: each process takes every world-th window, then all gather."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = predict_records(unwrap(model), val, range(rank, len(val), world), batch_size, accelerator.device)
+    return gather_object(mine) if world > 1 else mine
+
+
+def val_loss(records: list[dict]) -> float:
+    """Evidential loss of the val windows at lambda = 1 (comparable across epochs), no class weights."""
+    target = torch.tensor([r["target"] for r in records])
+    if not (target != IGNORE).any():
+        return float("nan")
+    return float(evidential_loss(torch.tensor([r["logits"] for r in records]), target, 1.0))
+
+
+# ---------------------------------------------------------------- training
+
+def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, cfg: FinetuneConfig, state: dict,
+                    class_w: torch.Tensor | None, log: CsvLog) -> dict:
+    """One pass over the training clips; returns mean loss (over processes), clips and seconds."""
+    model.train()
+    losses, clips, start = [], 0, time.time()
+    bar = tqdm(total=data.steps_per_epoch, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", unit="step",
+               disable=not accelerator.is_main_process, leave=False, file=sys.stderr)
+    for batch in data.loader:
+        lam = kl_anneal(state["step"] / data.steps_per_epoch, cfg.kl_anneal_epochs)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device))
+            loss = evidential_loss(logits.float(), batch["target"].to(accelerator.device), lam, class_w)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite fine-tuning loss {loss.item()} at step {state['step']} "
+                                         f"(epoch {state['epoch']}, runs {sorted(set(batch['run_id']))})")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        clips += len(batch["run_id"])
+        if accelerator.sync_gradients:
+            scheduler.step()
+            state["step"] += 1
+            bar.update()
+            if state["step"] % cfg.log_every == 0:
+                mean = accelerator.reduce(torch.stack(losses[-cfg.grad_accum:]).mean(), "mean").item()
+                log.write({"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0],
+                           "kl_weight": lam, "loss": mean})
+                bar.set_postfix(loss=f"{mean:.4f}")
+    bar.close()
+    seconds = time.time() - start
+    mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else float("nan")
+    total_clips = int(accelerator.reduce(torch.tensor(clips, device=accelerator.device), "sum").item())
+    return {"train_loss": mean_loss, "clips": total_clips, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli_parser(__doc__.splitlines()[0], corpus=True, checkpoint=True).parse_args(argv)
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    corpus, out = Path(args.corpus), Path(args.out)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and not bf16_ok:
+        raise ValueError("precision=bf16: this device has no bf16 support (CPU runs fp32; use precision=auto or no)")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision="bf16" if cfg.precision != "no" and bf16_ok else "no")
+    world = accelerator.num_processes
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    set_seed(cfg.seed)
+
+    # model: resume from out/last, else from the MAE checkpoint (or scratch)
+    last = out / "last"
+    resumed = load_checkpoint(last) if cfg.resume and checkpoint_exists(last) else None
+    if resumed is not None:
+        model_cfg = tevid_config_from(resumed.config, str(last))
+        model = TEViD(model_cfg)
+        model.load_state_dict(resumed.weights, strict=True)
+    else:
+        model, model_cfg = build_tevid(cfg.model, args.checkpoint)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    if args.checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
+        print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {args.checkpoint} is not used", flush=True)
+
+    clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs)
+    data = train_data(cfg, corpus, clip_cfg, accelerator)
+    try:
+        val = CorpusClips(corpus, "val", dataclasses.replace(clip_cfg, stride=1))  # every window: the rule streams them all
+    except ValueError as err:
+        raise ValueError(f"{corpus}: fine-tuning validates and calibrates on the val split: {err}") from err
+    class_w = balanced_weights(data.counts).to(accelerator.device) if cfg.class_weights == "balanced" else None
+
+    o = cfg.optim
+    decay, no_decay = [], []
+    skip = model.no_weight_decay()
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=tuple(o.betas))
+    total = cfg.epochs * data.steps_per_epoch
+    warmup = min(round(o.warmup_epochs * data.steps_per_epoch), max(0, total - 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, o.min_lr / o.lr))
+    state = {"step": 0, "epoch": 0}
+    if resumed is not None:
+        state["step"] = restore_training_state(last, optimizer, scheduler)
+        state["epoch"] = int(resumed.extra.get("epoch", 0))
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, unprepared
+
+    main_proc = accelerator.is_main_process
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        n_params = sum(p.numel() for p in model.parameters())
+        init = "resumed" if resumed is not None else f"MAE {args.checkpoint}" if args.checkpoint and model_cfg.uses_video else "scratch"
+        print(f"finetune {cfg.name}: world size {world}, inputs {model_cfg.inputs}, encoder "
+              f"{model_cfg.encoder if model_cfg.uses_video else '-'} ({init}), {n_params / 1e6:.2f}M params, "
+              f"{data.clips} training windows/epoch {dict(zip(CLASSES, data.counts))}, {len(val)} val windows, "
+              f"{data.steps_per_epoch} steps/epoch, global batch {cfg.batch_size * world * cfg.grad_accum}", flush=True)
+        if resumed is not None:
+            print(f"resumed from {last} at step {state['step']} (epoch {state['epoch']})", flush=True)
+    resume_step = state["step"] if resumed is not None else None
+    train_log = CsvLog(out / "train.csv", ["step", "epoch", "lr", "kl_weight", "loss"], resume_step, main_proc)
+    epoch_log = CsvLog(out / "epochs.csv", ["epoch", "step", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
+                                            "val_mean_vacuity", "clips_per_s", "seconds"], resume_step, main_proc)
+    accelerator.wait_for_everyone()
+
+    records: list[dict] | None = None
+    while state["epoch"] < cfg.epochs:
+        if hasattr(data.loader, "set_epoch"):  # a prepared DataLoader: reshuffle per epoch
+            data.loader.set_epoch(state["epoch"])
+        elif hasattr(data.loader, "epoch"):  # a ClipLoader: its epoch seeds the stream
+            data.loader.epoch = state["epoch"]
+        stats = train_one_epoch(model, data, optimizer, scheduler, accelerator, cfg, state, class_w, train_log)
+        state["epoch"] += 1
+        records = evaluate(model, val, accelerator, cfg.eval_batch_size)
+        if main_proc:
+            m = window_metrics(records)
+            row = {"epoch": state["epoch"], "step": state["step"], "train_loss": stats["train_loss"], "val_loss": val_loss(records),
+                   "val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"], "val_mean_vacuity": m["mean_vacuity"],
+                   "clips_per_s": stats["clips"] / max(stats["seconds"], 1e-9), "seconds": stats["seconds"]}
+            epoch_log.write(row)
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+            save_checkpoint(last, model=model, config=to_dict(cfg), step=state["step"], optimizer=optimizer.optimizer,
+                            scheduler=scheduler, extra={"epoch": state["epoch"]})
+        accelerator.wait_for_everyone()
+
+    if records is None:  # resumed after the last epoch: predict once for the calibration
+        records = evaluate(model, val, accelerator, cfg.eval_batch_size)
+    if main_proc:
+        cal = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes])
+        final = save_checkpoint(out / "final", model=model, config=to_dict(cfg), step=state["step"], extra={"epoch": state["epoch"]})
+        save_calibration(cal, final)
+        print(f"calibration: temperature {cal.temperature:.3g}, tau {cal.tau:.3g}, thresholds "
+              f"{dict(zip(cal.classes[1:], (round(t, 3) for t in cal.thresholds)))}, {cal.report}", flush=True)
+        print(f"final weights and calibration: {final}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""TEViD: the temporal vision diagnostician (DESIGN.md §7; paper Sec. 4.3 and Appendix D).
+
+    frames   (B, T, 6, S, S) -> SpaceTimeEncoder -> tokens (B, T, P, D) -> mean over T and P -> (B, D)
+    readouts (B, T, 8) raw   -> readout_features (B, T, 16) -> Linear+GELU per frame (B, T, E) -> GRU -> last state (B, E)
+    concat (B, D + E) -> LayerNorm -> MLP -> evidence logits f (B, K)
+
+`inputs` selects the branches: "both" (the model), "video" or "readouts" (the fusion ablation is one
+flag; an unused branch is not built). The evidential read-out of `f` is `diagnose.evidential.dirichlet`.
+The encoder starts from a Dynamics-MAE checkpoint (its `encoder.*` weights; the encoder config is
+taken from the checkpoint) or from scratch. A fine-tuned TEViD is saved with `pretrain.checkpoint`
+and its calibration (`calibration.json`) beside it; `load_tevid(dir)` returns both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp, trunc_normal_
+
+from diagnose.evidential import dirichlet, tempered_probs
+from pretrain.clips import CLASSES, CLIP_READOUTS, readout_features
+from pretrain.encoder import EncoderConfig, SpaceTimeEncoder, encoder_config
+
+INPUTS = ("both", "video", "readouts")
+ENCODER_PREFIX = "encoder."  # where a Dynamics-MAE checkpoint keeps its encoder weights
+
+
+@dataclass
+class TEViDConfig:
+    encoder: str = "tiny"  # variant of pretrain.encoder.ENCODER_VARIANTS
+    encoder_overrides: dict = field(default_factory=dict)  # EncoderConfig fields, e.g. {drop_path: 0.1}
+    inputs: str = "both"  # "both" | "video" | "readouts"
+    readout_dim: int = 64  # E: per-frame readout embedding and GRU state
+    hidden_dim: int = 256  # fusion MLP hidden width
+    dropout: float = 0.1  # in the fusion MLP
+    num_classes: int = 5  # K: Healthy + 4 known anomaly classes (pretrain.clips.CLASSES)
+
+    def __post_init__(self):
+        if self.inputs not in INPUTS:
+            raise ValueError(f"TEViDConfig.inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"TEViDConfig.num_classes must be >= 2, got {self.num_classes}")
+
+    @property
+    def uses_video(self) -> bool:
+        return self.inputs in ("both", "video")
+
+    @property
+    def uses_readouts(self) -> bool:
+        return self.inputs in ("both", "readouts")
+
+    def encoder_cfg(self) -> EncoderConfig:
+        return encoder_config(self.encoder, **self.encoder_overrides)
+
+
+class ReadoutEncoder(nn.Module):
+    """The window's scalar readouts -> one vector: per-frame embedding, then a 1-layer GRU over T."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        n_features = 2 * len(CLIP_READOUTS)  # signed log1p values + missing flags (pretrain.clips.readout_features)
+        self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.GELU())
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+
+    def forward(self, readouts: torch.Tensor) -> torch.Tensor:
+        if readouts.ndim != 3 or readouts.shape[-1] != len(CLIP_READOUTS):
+            raise ValueError(f"TEViD: readouts must be (B, T, {len(CLIP_READOUTS)}) raw {CLIP_READOUTS}, got {tuple(readouts.shape)}")
+        x = self.embed(readout_features(readouts))  # (B, T, E)
+        _, h = self.gru(x)  # h (1, B, E): the state after the window's last frame
+        return h[-1]
+
+
+class TEViD(nn.Module):
+    def __init__(self, cfg: TEViDConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or TEViDConfig()
+        width = 0
+        self.encoder = SpaceTimeEncoder(cfg.encoder_cfg()) if cfg.uses_video else None
+        if self.encoder is not None:
+            width += self.encoder.cfg.embed_dim
+        self.readouts = ReadoutEncoder(cfg.readout_dim) if cfg.uses_readouts else None
+        if self.readouts is not None:
+            width += cfg.readout_dim
+        self.fusion_norm = nn.LayerNorm(width)
+        self.head = Mlp(width, hidden_features=cfg.hidden_dim, out_features=cfg.num_classes, drop=cfg.dropout)
+        for m in (self.fusion_norm, self.head, self.readouts):
+            if m is not None:
+                m.apply(_init_linear)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} if self.encoder is not None else set()
+
+    def forward_features(self, frames: torch.Tensor | None, readouts: torch.Tensor | None) -> torch.Tensor:
+        """The fused window representation (B, D + E) (or one of the two, per `inputs`)."""
+        parts = []
+        if self.encoder is not None:
+            if frames is None:
+                raise ValueError(f"TEViD(inputs={self.cfg.inputs!r}) needs frames (B, T, 6, S, S)")
+            tokens = self.encoder.forward_features(frames)  # (B, T, P, D)
+            parts.append(tokens.mean(dim=(1, 2)))  # (B, D)
+        if self.readouts is not None:
+            if readouts is None:
+                raise ValueError(f"TEViD(inputs={self.cfg.inputs!r}) needs readouts (B, T, {len(CLIP_READOUTS)})")
+            parts.append(self.readouts(readouts.float()))  # (B, E)
+        return self.fusion_norm(torch.cat(parts, dim=-1))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)  # (B, K) evidence logits f
+
+    def forward(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None) -> torch.Tensor:
+        """Evidence logits f (B, K); `alpha = softplus(f) + 1` (diagnose.evidential)."""
+        return self.forward_head(self.forward_features(frames, readouts))
+
+    @torch.no_grad()
+    def predict(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None, temperature: float = 1.0) -> dict:
+        """dict(probs (B, K) after `temperature`, vacuity (B,), alpha (B, K), logits (B, K)); no gradients.
+        Call `.eval()` first (load_tevid returns the model in eval mode)."""
+        logits = self(frames, readouts).float()
+        d = dirichlet(logits)
+        return {"probs": tempered_probs(d.alpha, temperature), "vacuity": d.vacuity, "alpha": d.alpha, "logits": logits}
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
+class TEViDLoadError(RuntimeError):
+    pass
+
+
+def build_tevid(cfg: TEViDConfig, mae_checkpoint: str | Path | None = None) -> tuple[TEViD, TEViDConfig]:
+    """A TEViD from scratch, or with its encoder initialised from a Dynamics-MAE checkpoint directory.
+
+    With a checkpoint the encoder config comes from the checkpoint (`config["encoder"]`); fields set
+    in `cfg.encoder_overrides` win (e.g. `drop_path`, which changes no weight shape). The returned
+    config holds the resolved encoder fields, so it rebuilds the same model without the checkpoint.
+    """
+    if mae_checkpoint is None or not cfg.uses_video:
+        return TEViD(cfg), cfg
+    from pretrain.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(mae_checkpoint)
+    enc = ckpt.config.get("encoder")
+    if not isinstance(enc, dict):
+        raise TEViDLoadError(f"{ckpt.path}/config.json has no 'encoder' section: not a Dynamics-MAE checkpoint "
+                             f"(config keys: {sorted(ckpt.config)})")
+    cfg = dataclasses.replace(cfg, encoder_overrides={**enc, **cfg.encoder_overrides})
+    model = TEViD(cfg)
+    weights = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt.weights.items() if k.startswith(ENCODER_PREFIX)}
+    if not weights:
+        raise TEViDLoadError(f"{ckpt.path}: no weights start with {ENCODER_PREFIX!r}")
+    try:
+        model.encoder.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise TEViDLoadError(f"{ckpt.path}: encoder weights do not fit TEViD's encoder {cfg.encoder_cfg()} "
+                             f"(encoder_overrides must not change the checkpoint's shapes): {err}") from err
+    return model, cfg
+
+
+def tevid_config_from(config: dict, where: str = "checkpoint") -> TEViDConfig:
+    """The TEViDConfig in a saved fine-tuning config (its "model" section)."""
+    from capture.config import from_dict
+
+    if not isinstance(config.get("model"), dict):
+        raise TEViDLoadError(f"{where}: config has no 'model' section (keys: {sorted(config)}): not a TEViD checkpoint")
+    return from_dict(TEViDConfig, config["model"], f"{where}:model")
+
+
+def load_tevid(path: str | Path, require_calibration: bool = True):
+    """(model in eval mode, Calibration) from a fine-tuning output dir (`out/final`). Weights load
+    strictly from safetensors; `calibration.json` must be there unless `require_calibration=False`
+    (then an uncalibrated default: temperature 1, tau 0.35, thresholds 0.9)."""
+    from diagnose.calibrate import Calibration, load_calibration
+    from pretrain.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    cfg = tevid_config_from(ckpt.config, str(ckpt.path))
+    model = TEViD(cfg)
+    try:
+        model.load_state_dict(ckpt.weights, strict=True)
+    except RuntimeError as err:
+        raise TEViDLoadError(f"{ckpt.path}: weights do not match the saved model config: {err}") from err
+    model.eval()
+    cal_file = Path(path) / "calibration.json"
+    if cal_file.exists() or require_calibration:
+        cal = load_calibration(path)
+    else:
+        cal = Calibration.default(cfg.num_classes, CLASSES[: cfg.num_classes])
+    return model, cal
+

@@ -1,0 +1,207 @@
+"""The streaming decision rule (DESIGN.md §8) on scripted sequences, as Lightning's test_early_stopping does,
+and its calibration on validation runs (diagnose/calibrate.py)."""
+import math
+
+import numpy as np
+import pytest
+
+from diagnose.calibrate import (CalibrationConfig, RunStream, _peak_streak_min, calibrate, fit_temperature, load_calibration,
+                                save_calibration, streams_from_records)
+from diagnose.decision import UNKNOWN, Decision, DecisionState, Reason, Rule, decide, first_alerts
+
+K = 5
+THRESHOLDS = (0.6, 0.6, 0.6, 0.6)  # anomaly classes 1..4
+TAU = 0.35
+
+
+def p(c: int, q: float = 0.8) -> tuple[float, ...]:
+    """Probability q on class c, the rest spread evenly."""
+    rest = (1 - q) / (K - 1)
+    return tuple(q if k == c else rest for k in range(K))
+
+
+H, O, I, F, B = (p(c) for c in range(K))  # Healthy, Overfitting, Instability, Forgetting, concept Bias
+LOW_O = p(1, 0.55)  # class 1 is the argmax but below its threshold
+U = 0.2  # a confident vacuity
+X = 0.9  # an Unknown vacuity
+
+
+@pytest.mark.parametrize(
+    "frames, expected",
+    [
+        # (probs, vacuity) per frame -> {class: frame of its first alert}
+        ([(H, U)] * 8, {}),
+        ([(O, U)] * 2, {}),  # two frames are not enough
+        ([(O, U)] * 3, {1: 2}),
+        ([(H, U), (O, U), (O, U), (O, U), (O, U)], {1: 3}),
+        ([(O, U), (O, U), (H, U), (O, U), (O, U), (O, U)], {1: 5}),  # a healthy frame resets the streak
+        ([(O, U), (O, U), (O, X), (O, U), (O, U)], {}),  # an Unknown frame breaks the streak
+        ([(O, U), (O, U), (O, X), (O, U), (O, U), (O, U)], {1: 5}),
+        ([(O, U), (O, U), (LOW_O, U), (O, U)], {}),  # argmax but not above threshold
+        ([(O, U), (I, U), (O, U), (I, U), (O, U), (I, U)], {}),  # alternating classes never confirm
+        ([(O, U)] * 3 + [(F, U)] * 3, {1: 2, 3: 5}),
+        ([(B, U)] * 3 + [(H, U)] + [(B, U)] * 3, {4: 2}),  # first alert only (the second fire is later)
+        ([(I, float("nan"))] * 2 + [(I, U)] * 3, {2: 4}),  # non-finite input is Unknown
+    ],
+)
+def test_scripted_sequences(frames, expected):
+    rule = Rule(THRESHOLDS, TAU, consecutive=3)
+    decisions = rule.replay([f[0] for f in frames], [f[1] for f in frames])
+    assert first_alerts(decisions) == expected
+    assert [d.frame for d in decisions] == list(range(len(frames)))
+
+
+def test_fires_once_per_streak_and_again_after_a_break():
+    rule = Rule(THRESHOLDS, TAU)
+    seq = [O] * 5 + [H] + [O] * 3
+    ds = rule.replay(seq, [U] * len(seq))
+    fired = [d.frame for d in ds if 1 in d.new_alerts]
+    active = [d.frame for d in ds if 1 in d.active]
+    assert fired == [2, 8]
+    assert active == [2, 3, 4, 8]
+
+
+def test_both_classes_above_threshold_fire_together():
+    both = (0.05, 0.45, 0.45, 0.025, 0.025)
+    ds = Rule((0.4, 0.4, 0.9, 0.9), TAU).replay([both] * 3, [U] * 3)
+    assert ds[-1].new_alerts == (1, 2) and ds[-1].label in (1, 2)
+
+
+def test_per_class_thresholds_and_strict_inequality():
+    seq = [p(2, 0.7)] * 4
+    assert first_alerts(Rule((0.6, 0.75, 0.6, 0.6), TAU).replay(seq, [U] * 4)) == {}
+    assert first_alerts(Rule((0.6, 0.7, 0.6, 0.6), TAU).replay(seq, [U] * 4)) == {}  # 0.7 > 0.7 is false
+    assert first_alerts(Rule((0.6, 0.69, 0.6, 0.6), TAU).replay(seq, [U] * 4)) == {2: 2}
+    assert first_alerts(Rule((0.6, 1.0, 0.6, 0.6), TAU).replay([p(2, 0.999)] * 5, [U] * 5)) == {}  # 1.0 = never
+
+
+def test_vacuity_boundary_and_labels():
+    s = DecisionState.start(K)
+    s, d = decide(s, O, TAU, THRESHOLDS, TAU)  # u == tau is not Unknown ("u > tau")
+    assert d.reason is Reason.KNOWN and d.label == 1 and not d.unknown
+    s, d = decide(s, O, math.nextafter(TAU, 1), THRESHOLDS, TAU)
+    assert d.reason is Reason.VACUITY and d.label == UNKNOWN and d.unknown
+    assert s.streaks == (0, 0, 0, 0) and s.frames == 2
+    _, d = decide(s, (math.inf,) + O[1:], U, THRESHOLDS, TAU)
+    assert d.reason is Reason.NONFINITE and d.new_alerts == ()
+
+
+def test_state_is_immutable_and_decide_is_pure():
+    s0 = DecisionState.start(K)
+    s1, d1 = decide(s0, O, U, THRESHOLDS, TAU)
+    s1b, d1b = decide(s0, O, U, THRESHOLDS, TAU)
+    assert s0.streaks == (0, 0, 0, 0) and s1 == s1b and d1 == d1b
+    assert isinstance(d1, Decision) and s1.streaks == (1, 0, 0, 0)
+
+
+def test_consecutive_is_a_parameter():
+    assert first_alerts(Rule(THRESHOLDS, TAU, consecutive=1).replay([O], [U])) == {1: 0}
+    assert first_alerts(Rule(THRESHOLDS, TAU, consecutive=5).replay([O] * 4, [U] * 4)) == {}
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="one per anomaly class"):
+        decide(DecisionState.start(K), O, U, (0.5, 0.5), TAU)
+    with pytest.raises(ValueError, match="state has 2 streaks"):
+        decide(DecisionState((0, 0), 0), O, U, THRESHOLDS, TAU)
+    with pytest.raises(ValueError, match="vacuities"):
+        Rule(THRESHOLDS, TAU).replay([O, O], [U])
+
+
+# ---------------------------------------------------------------- calibration of the rule (diagnose/calibrate.py)
+
+
+def _stream(run_id, label, probs, strength=20.0, novel=False, target=0):
+    """A run whose windows have Dirichlet mean `probs` (N, K) and total evidence `strength` (u = K / S)."""
+    probs = np.asarray(probs, dtype=float)
+    s = np.broadcast_to(np.asarray(strength, dtype=float), (len(probs),))
+    alpha = probs * s[:, None]
+    return RunStream(run_id, label, np.arange(len(probs)), np.full(len(probs), target), np.full(len(probs), novel), alpha)
+
+
+def _healthy_runs(n=40, frames=15, seed=0):
+    rng = np.random.default_rng(seed)
+    runs = []
+    for r in range(n):
+        logits = rng.normal(0, 1, (frames, K))
+        logits[:, 0] += 2.0
+        logits[rng.integers(frames - 3):, rng.integers(1, K)] += rng.uniform(0, 4)  # some runs drift late
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        runs.append(_stream(f"h{r}", "healthy", p, rng.uniform(8, 40, frames)))
+    return runs
+
+
+def test_peak_streak_min_is_where_the_rule_starts_firing():
+    for run in _healthy_runs(10):
+        vac = K / run.alpha.sum(1)
+        probs = run.alpha / run.alpha.sum(1, keepdims=True)
+        for c in range(1, K):
+            m = _peak_streak_min(probs[:, c], vac <= TAU, 3)
+            if not np.isfinite(m):
+                continue
+            thr = [1.0] * (K - 1)
+            thr[c - 1] = m
+            assert first_alerts(Rule(tuple(thr), TAU).replay(probs, vac)) == {}  # p > m never 3 times in a row
+            thr[c - 1] = m - 1e-9
+            assert c in first_alerts(Rule(tuple(thr), TAU).replay(probs, vac))
+    assert _peak_streak_min(np.array([0.9, 0.9, 0.9]), np.array([True, False, True]), 3) == -np.inf
+
+
+@pytest.mark.parametrize("far", [0.05, 0.2])
+def test_thresholds_meet_the_false_alarm_target_and_are_minimal(far):
+    runs = _healthy_runs()
+    cfg = CalibrationConfig(far_target=far, fit_temperature=False, tau=0.6, min_threshold=0.0)
+    cal = calibrate(runs, cfg)
+    rule = cal.rule()
+    alarms = [bool(first_alerts(rule.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1)))) for s in runs]
+    assert np.mean(alarms) <= far and cal.report["val_far"] == np.mean(alarms)
+    # one rank lower (every threshold at the next smaller order statistic) breaks the target
+    lower = []
+    for c in range(1, K):
+        ms = sorted(_peak_streak_min(s.alpha[:, c] / s.alpha.sum(1), K / s.alpha.sum(1) <= 0.6, 3) for s in runs)
+        below = [m for m in ms if m < cal.thresholds[c - 1] - 1e-6]
+        lower.append(below[-1] + 1e-6 if below else cal.thresholds[c - 1])
+    low_rule = Rule(tuple(lower), 0.6)
+    assert np.mean([bool(first_alerts(low_rule.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1)))) for s in runs]) > far
+
+
+def test_tau_is_the_vacuity_quantile_of_known_runs():
+    rng = np.random.default_rng(2)
+    known = [_stream(f"k{i}", "overfitting", np.full((10, K), 1 / K), rng.uniform(5, 50, 10), target=1) for i in range(5)]
+    novel = [_stream("n", "healthy", np.full((10, K), 1 / K), 5.1, novel=True)]  # u ~ 1: ignored for tau
+    cal = calibrate(known + novel, CalibrationConfig(fit_temperature=False))
+    vac = np.concatenate([K / s.alpha.sum(1) for s in known])
+    assert cal.tau == pytest.approx(np.quantile(vac, 0.95))
+    assert cal.thresholds == [0.9] * 4 and "no Healthy" in cal.report["threshold_source"]
+    assert calibrate(known, CalibrationConfig(fit_temperature=False, tau=0.35)).tau == 0.35
+
+
+def test_temperature_softens_overconfident_predictions():
+    rng = np.random.default_rng(3)
+    n = 400
+    target = rng.integers(0, K, n)
+    pred = np.where(rng.random(n) < 0.6, target, rng.integers(0, K, n))  # 60% right, always very confident
+    alpha = np.ones((n, K))
+    alpha[np.arange(n), pred] = 60.0
+    t, before, after = fit_temperature(alpha, target)
+    assert t > 1.5 and after < before
+    # the NLL at the fitted T is a minimum on a grid
+    logp = np.log(alpha / alpha.sum(1, keepdims=True))
+    def nll(temp):
+        z = logp / temp
+        z = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return -z[np.arange(n), target].mean()
+    assert nll(t) <= min(nll(x) for x in np.linspace(0.3, 4, 60)) + 1e-4
+
+
+def test_streams_and_calibration_file_round_trip(tmp_path):
+    records = [{"run_id": "b", "label": "healthy", "end_frame": f, "target": 0, "novel": False, "alpha": [5.0, 1, 1, 1, 1]}
+               for f in (11, 9, 10)] + [{"run_id": "a", "label": "forgetting", "end_frame": 9, "target": -1, "novel": False,
+                                          "alpha": [1.0, 1, 1, 9, 1]}]
+    streams = streams_from_records(records)
+    assert [s.run_id for s in streams] == ["a", "b"] and list(streams[1].end_frame) == [9, 10, 11]
+    cal = calibrate(streams, CalibrationConfig(), ["healthy", "o", "i", "f", "c"])
+    path = save_calibration(cal, tmp_path)
+    assert load_calibration(tmp_path) == cal and "NaN" not in path.read_text()
+    with pytest.raises(FileNotFoundError, match="calibrate the checkpoint"):
+        load_calibration(tmp_path / "nothing")

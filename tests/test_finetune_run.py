@@ -1,0 +1,201 @@
+"""TEViD (diagnose/): the model and its inputs, MAE initialisation, checkpoint + calibration round trip,
+fine-tuning end to end on the smoke corpus under 2 real accelerate processes, resume."""
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diagnose.calibrate import Calibration, load_calibration, save_calibration
+from diagnose.evidential import IGNORE as LOSS_IGNORE
+from diagnose.finetune import FinetuneConfig, balanced_weights, main as finetune_main, warmup_cosine
+from diagnose.tevid import TEViD, TEViDConfig, TEViDLoadError, build_tevid, load_tevid
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.clips import CLASSES, IGNORE
+from pretrain.encoder import encoder_config
+from pretrain.mae import DynamicsMAE
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "finetune" / "tiny.yaml"
+FAST = ["batch_size=3", "kl_anneal_epochs=0"]  # lambda = 1 throughout: the loss is comparable across epochs
+
+
+def _clip(b=2, t=10, s=16):
+    frames = torch.randn(b, t, 6, s, s).to(torch.bfloat16)
+    readouts = torch.rand(b, t, 8) * 10
+    readouts[0, 3, 1] = float("nan")  # a missing readout
+    return frames, readouts
+
+
+def _csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Dynamics-MAE saved as pretraining saves it."""
+    cfg = encoder_config("tiny")
+    path = tmp_path_factory.mktemp("mae") / "final"
+    save_checkpoint(path, model=DynamicsMAE(cfg), config={"encoder": dataclasses.asdict(cfg)}, step=7)
+    return path
+
+
+@pytest.mark.parametrize("inputs", ["both", "video", "readouts"])
+def test_model_inputs_shapes_and_backward(inputs):
+    model = TEViD(TEViDConfig(encoder="tiny", inputs=inputs))
+    frames, readouts = _clip()
+    assert (model.encoder is None) == (inputs == "readouts") and (model.readouts is None) == (inputs == "video")
+    f = model(frames if inputs != "readouts" else None, readouts if inputs != "video" else None)
+    assert f.shape == (2, 5) and torch.isfinite(f).all()
+    f.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    out = model.eval().predict(frames, readouts, temperature=2.0)
+    torch.testing.assert_close(out["vacuity"], 5 / out["alpha"].sum(-1))
+    torch.testing.assert_close(out["probs"].sum(-1), torch.ones(2))
+    if inputs != "video":
+        with pytest.raises(ValueError, match="needs readouts"):
+            model(frames, None)
+    if inputs != "readouts":
+        with pytest.raises(ValueError, match="needs frames"):
+            model(None, readouts)
+
+
+def test_readouts_branch_uses_the_order_of_frames():
+    """The GRU reads the window in time order: reversing the readouts changes the output."""
+    model = TEViD(TEViDConfig(encoder="tiny", inputs="readouts")).eval()
+    r = torch.randn(1, 10, 8).cumsum(1)
+    assert not torch.allclose(model(None, r), model(None, r.flip(1)))
+
+
+def test_ignore_is_the_clip_value():
+    assert LOSS_IGNORE == IGNORE and len(CLASSES) == TEViDConfig().num_classes
+
+
+def test_encoder_initialised_from_mae(mae_checkpoint):
+    mae_weights = load_checkpoint(mae_checkpoint).weights
+    model, cfg = build_tevid(TEViDConfig(encoder="tiny", encoder_overrides={"drop_path": 0.1}), mae_checkpoint)
+    assert cfg.encoder_cfg().drop_path == 0.1 and cfg.encoder_overrides["embed_dim"] == encoder_config("tiny").embed_dim
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, mae_weights["encoder." + k]), k
+    scratch, _ = build_tevid(TEViDConfig(encoder="tiny"))
+    assert not torch.equal(scratch.encoder.pos_embed_space, model.encoder.pos_embed_space)
+    with pytest.raises(TEViDLoadError, match="do not fit"):
+        build_tevid(TEViDConfig(encoder="tiny", encoder_overrides={"embed_dim": 32}), mae_checkpoint)
+
+
+def test_non_mae_checkpoint_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "x", model=torch.nn.Linear(2, 2), config={"lr": 1}, step=0)
+    with pytest.raises(TEViDLoadError, match="not a Dynamics-MAE checkpoint"):
+        build_tevid(TEViDConfig(), tmp_path / "x")
+
+
+def test_checkpoint_and_calibration_round_trip_bit_exact(tmp_path):
+    cfg = TEViDConfig(encoder="tiny", encoder_overrides={"depth": 1})
+    model = TEViD(cfg).eval()
+    cal = Calibration(list(CLASSES), [0.61, 0.7, 0.93, 0.5], temperature=1.37, tau=0.41, consecutive=3,
+                      report={"calibrated": True, "healthy_runs": 4})
+    path = save_checkpoint(tmp_path / "final", model=model, config={"model": dataclasses.asdict(cfg)}, step=12)
+    save_calibration(cal, path)
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.pkl"))  # safetensors + JSON only
+    loaded, cal2 = load_tevid(path)
+    assert not loaded.training and cal2 == cal
+    ref = model.state_dict()
+    got = loaded.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    frames, readouts = _clip()
+    a, b = model.predict(frames, readouts, cal.temperature), loaded.predict(frames, readouts, cal2.temperature)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    (path / "calibration.json").unlink()
+    with pytest.raises(FileNotFoundError, match="diagnose.calibrate"):
+        load_tevid(path)
+    _, default = load_tevid(path, require_calibration=False)
+    assert default.report == {"calibrated": False} and default.tau == 0.35
+
+
+def test_schedule_and_class_weights():
+    assert [round(warmup_cosine(s, 2, 10), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    w = balanced_weights([6, 0, 2, 0, 4])
+    torch.testing.assert_close(w, torch.tensor([12 / 18, 0, 12 / 6, 0, 12 / 12]))
+    with pytest.raises(ValueError, match="data.source"):
+        FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, source="clips"))
+
+
+# ---------------------------------------------------------------- end to end
+
+def _launch(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "diagnose" / "finetune.py"),
+           "--config", str(TINY), "--corpus", str(corpus), "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _check_run(out: Path, stdout: str, epochs: int):
+    assert "world size 2" in stdout, stdout
+    rows = _csv(out / "epochs.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows  # the loss goes down
+    assert all(0 <= float(r["val_mean_vacuity"]) <= 1 and r["val_macro_f1"] != "" for r in rows)
+    model, cal = load_tevid(out / "final")
+    last = load_checkpoint(out / "last")
+    assert all(torch.equal(v, last.weights[k]) for k, v in model.state_dict().items())  # final = last weights, bit-exact
+    assert cal == load_calibration(out / "final") and len(cal.thresholds) == 4 and 0 < cal.tau <= 1
+    saved = json.loads((out / "config.json").read_text())["model"]
+    assert saved == load_checkpoint(out / "final").config["model"] == dataclasses.asdict(model.cfg)  # the resolved model config
+    return model
+
+
+@pytest.mark.slow
+def test_finetune_two_processes_scratch_and_from_mae(smoke_corpus, mae_checkpoint, tmp_path):
+    scratch = _launch(smoke_corpus, tmp_path / "scratch", *FAST, "epochs=4")
+    mae = _launch(smoke_corpus, tmp_path / "mae", *FAST, "epochs=4", "--checkpoint", str(mae_checkpoint))
+    for proc in (scratch, mae):
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        proc.stdout_text = stdout
+    _check_run(tmp_path / "scratch", scratch.stdout_text, 4)
+    assert "scratch" in scratch.stdout_text and "MAE " in mae.stdout_text
+    model = _check_run(tmp_path / "mae", mae.stdout_text, 4)
+    assert model.cfg.encoder_overrides["embed_dim"] == encoder_config("tiny").embed_dim
+
+
+@pytest.mark.parametrize("inputs", ["video", "readouts"])
+def test_finetune_in_process_resume_and_inputs(smoke_corpus, tmp_path, capsys, inputs):
+    out = tmp_path / "ft"
+    base = ["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out), *FAST, f"model.inputs={inputs}"]
+    assert finetune_main([*base, "epochs=1"]) == 0
+    first = load_checkpoint(out / "last")
+    steps = first.step
+    assert steps >= 1 and "world size 1" in capsys.readouterr().out
+
+    assert finetune_main([*base, "epochs=2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'last'} at step {steps} (epoch 1)" in printed
+    rows = _csv(out / "train.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * steps + 1))  # continues from the saved step
+    assert load_checkpoint(out / "last").step == 2 * steps and load_checkpoint(out / "last").extra["epoch"] == 2
+    model, cal = load_tevid(out / "final")
+    assert model.cfg.inputs == inputs and cal.report["calibrated"]
+
+
+def test_finetune_from_shards(smoke_corpus, tmp_path, capsys):
+    from pretrain.clips import export_shards
+
+    counts = export_shards(smoke_corpus, tmp_path / "clips", shard_size=2)
+    out = tmp_path / "ft"
+    assert finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out), *FAST, "epochs=1",
+                          "data.source=shards", f"data.shards={tmp_path / 'clips'}"]) == 0
+    printed = capsys.readouterr().out
+    known = {c: counts["train"][c] for c in CLASSES}
+    assert f"{dict(known)}" in printed and load_checkpoint(out / "last").step == -(-sum(known.values()) // 3)
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out / "x"), "data.source=shards",
+                       f"data.shards={tmp_path}"])
