@@ -1,0 +1,169 @@
+"""Hyper-parameters of the baselines, tuned with optuna on the validation split (DESIGN.md §9; paper
+Sec. 5.1: "each baseline's hyper-parameters tuned on validation", App. G).
+
+`tune(make_diagnoser, val_runs, n_trials=25, seed=0)` runs a TPE study (optuna TPESampler(seed)) that
+maximises the event-time AUPRC (eval.metrics.event_auprc) of the replayed validation runs. The runs are
+read from the stores once (`eval.replay.load_runs`) and replayed for every trial, so a trial of CUSUM
+or BOCPD costs only the detector's own arithmetic.
+
+    python -m eval.tune --corpus outputs/corpus/cpu --out outputs/tune/cusum baseline=cusum [n_trials=25 seed=0]
+
+writes `config.json` (this TuneConfig), `best.json` (best value, params, and the baseline's resolved
+config) and `trials.json` (every trial's params and value). Search spaces: `SPACES`; the names of the
+params are the config fields they set (dots for nested sections: `residuals.span`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from capture.config import cli_parser, from_dict, load_config, save_config
+from eval.baselines import CONFIGS, TCNConfig, make_baseline, train_tcn
+from eval.metrics import event_auprc
+from eval.replay import SCORE_FROM, Diagnoser, LoadedRun, load_runs, replay_runs
+
+
+def tune(make_diagnoser: Callable[[optuna.Trial], Diagnoser], val_runs: Sequence[LoadedRun], n_trials: int = 25,
+         seed: int = 0, *, metric: Callable = event_auprc, score_from: int = SCORE_FROM, progress: bool = True,
+         study_name: str | None = None) -> tuple[dict, optuna.Study]:
+    """Maximise `metric(replayed val_runs)` over `n_trials` TPE trials; returns (best params, study).
+
+    `make_diagnoser(trial)` builds a diagnoser from `trial.suggest_*` values (see SPACES). A metric that
+    is undefined on the validation runs (NaN: no positive frame) is an error, not a bad trial."""
+    if not val_runs:
+        raise ValueError("tune: no validation runs")
+    runs = list(val_runs)
+
+    def objective(trial: optuna.Trial) -> float:
+        value = float(metric(replay_runs(runs, make_diagnoser(trial), score_from=score_from, progress=False)))
+        if not math.isfinite(value):
+            raise ValueError(f"tune: {getattr(metric, '__name__', metric)} is {value} on the {len(runs)} validation runs "
+                             f"(no positive frame from frame {score_from} on?): nothing to tune against")
+        return value
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), study_name=study_name)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(objective, n_trials=n_trials, show_progress_bar=progress)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return dict(study.best_params), study
+
+
+# ---------------------------------------------------------------- search spaces
+
+def _cusum_params(trial: optuna.Trial) -> dict:
+    p = {"k": trial.suggest_float("k", 0.0, 2.0),
+         "two_sided": trial.suggest_categorical("two_sided", [False, True]),
+         "aggregate": trial.suggest_categorical("aggregate", ["max", "last"]),
+         "reset_at_h": trial.suggest_categorical("reset_at_h", [False, True]),
+         "residuals.span": trial.suggest_float("residuals.span", 5.0, 100.0, log=True),
+         "residuals.scale_span": trial.suggest_float("residuals.scale_span", 10.0, 200.0, log=True)}
+    if p["reset_at_h"]:
+        p["h"] = trial.suggest_float("h", 2.0, 20.0, log=True)
+    return p
+
+
+def _bocpd_params(trial: optuna.Trial) -> dict:
+    return {"hazard_lambda": trial.suggest_float("hazard_lambda", 10.0, 1000.0, log=True),
+            "recent": trial.suggest_int("recent", 2, 30),
+            "kappa0": trial.suggest_float("kappa0", 0.1, 10.0, log=True),
+            "alpha0": trial.suggest_float("alpha0", 0.5, 10.0, log=True),
+            "beta0": trial.suggest_float("beta0", 0.5, 10.0, log=True),
+            "aggregate": trial.suggest_categorical("aggregate", ["max", "last"]),
+            "residuals.span": trial.suggest_float("residuals.span", 5.0, 100.0, log=True)}
+
+
+def _readout_params(trial: optuna.Trial) -> dict:
+    return {"ref_frames": trial.suggest_int("ref_frames", 1, 8),
+            "smooth_span": trial.suggest_float("smooth_span", 1.0, 6.0),
+            "direction": trial.suggest_categorical("direction", ["up", "down", "abs"])}
+
+
+def _tcn_params(trial: optuna.Trial) -> dict:
+    return {"channels": trial.suggest_categorical("channels", [16, 32, 64]),
+            "levels": trial.suggest_int("levels", 2, 4),
+            "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+            "lr": trial.suggest_float("lr", 1e-3, 1e-2, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),
+            "epochs": trial.suggest_int("epochs", 10, 60, step=10),
+            "relative": trial.suggest_categorical("relative", [False, True])}
+
+
+PARAMS = {"cusum": _cusum_params, "bocpd": _bocpd_params, "head_grad": _readout_params, "gwa": _readout_params,
+          "tcn_scalar": _tcn_params}
+
+
+def baseline_config(name: str, params: dict):
+    """The baseline's config with `params` (dotted names = nested fields) set over its defaults."""
+    default = TCNConfig() if name == "tcn_scalar" else CONFIGS[name]() if name in CONFIGS else None
+    if default is None:
+        raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
+    data = dataclasses.asdict(default)
+    for key, value in params.items():
+        node, *path = data, *key.split(".")
+        for k in path[:-1]:
+            node = node[k]
+        if path[-1] not in node:
+            raise KeyError(f"baseline_config({name!r}): {key!r} is not a field of {type(default).__name__}")
+        node[path[-1]] = value
+    return from_dict(type(default), data, f"{name} config")
+
+
+def space(name: str, train_runs: Sequence[LoadedRun] | None = None) -> Callable[[optuna.Trial], Diagnoser]:
+    """`make_diagnoser(trial)` of a named baseline; the TCN trains on `train_runs` in every trial."""
+    if name not in PARAMS:
+        raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
+    if name == "tcn_scalar":
+        if not train_runs:
+            raise ValueError("space('tcn_scalar'): the TCN needs train_runs to train in each trial")
+        return lambda trial: train_tcn(list(train_runs), baseline_config(name, _tcn_params(trial)), progress=False)[0]
+    return lambda trial: make_baseline(name, baseline_config(name, PARAMS[name](trial)))
+
+
+# ---------------------------------------------------------------- command line
+
+@dataclass
+class TuneConfig:
+    baseline: str = "cusum"  # one of PARAMS
+    n_trials: int = 25
+    seed: int = 0
+    split: str = "val"  # tuned on
+    train_split: str = "train"  # the TCN's training runs
+    score_from: int = SCORE_FROM
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_parser("Tune a baseline's hyper-parameters on validation (optuna TPE, event-time AUPRC)", corpus=True)
+    args = parser.parse_args(argv)
+    cfg = load_config(TuneConfig, args.config, args.overrides)
+    if cfg.baseline not in PARAMS:
+        raise SystemExit(f"baseline={cfg.baseline!r} is not tunable; choose one of {sorted(PARAMS)}")
+    out = Path(args.out)
+    save_config(cfg, out)
+    val = load_runs(args.corpus, cfg.split, frames=False)
+    train = load_runs(args.corpus, cfg.train_split, frames=False) if cfg.baseline == "tcn_scalar" else None
+    params, study = tune(space(cfg.baseline, train), val, cfg.n_trials, cfg.seed, score_from=cfg.score_from)
+    best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
+            "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": len(val)}
+    (out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+    trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name} for t in study.trials]
+    (out / "trials.json").write_text(json.dumps(trials, indent=1, default=float) + "\n")
+    values = np.array([t["value"] for t in trials if t["value"] is not None])
+    print(f"{cfg.baseline}: best event-time AUPRC {study.best_value:.4f} on {len(val)} {cfg.split} runs "
+          f"({len(values)} trials, median {np.median(values):.4f}); params {params}")
+    print(f"wrote {out / 'best.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
