@@ -36,6 +36,11 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         sub = getattr(defaults, key)
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             value = from_dict(type(sub), value, f"{where}.{key}")
+        elif isinstance(sub, float) and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from None
         kwargs[key] = value
     try:
         return cls(**kwargs)

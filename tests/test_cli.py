@@ -55,3 +55,12 @@ def test_unknown_keys_are_errors_that_list_valid_ones(tmp_path):
         load_config(Outer, None, ["capture.cadence=0"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 3e-4\n")  # YAML 1.1 (PyYAML) reads this as the string "3e-4"
+    assert load_config(Outer, f).lr == pytest.approx(3e-4)
+    assert load_config(Outer, None, ["lr=1e-3"]).lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"lr: expected a number, got 'fast'"):
+        load_config(Outer, None, ["lr=fast"])
