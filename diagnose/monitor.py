@@ -1,0 +1,686 @@
+"""The live monitor: one call attaches TEViD and the rule symptoms to a running training job.
+
+    monitor = diagnose.watch(model, optimizer)            # nothing else changes in the loop
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        if monitor.should_stop: break                      # only if stop_on=... was given
+    monitor.alerts                                         # [Alert(name, step, source, probability, message)]
+    monitor.remove()                                       # or `with diagnose.watch(...) as monitor:`
+
+DESIGN.md §1 (use 3: a streaming hook in live jobs) and §8 (the streaming rule). The capture hooks
+(`capture.attach`, one code path with the factory) build a frame every `cadence` optimizer steps; an
+optimizer step post-hook drives them, so only real optimizer steps count (gradient accumulation,
+GradScaler-skipped steps). At each frame the monitor runs the rule symptoms (`diagnose.symptoms`) on
+the steps since the previous frame and, with a checkpoint, TEViD on the last T frames followed by the
+calibrated decision rule (`diagnose.decision.decide`). Everything is moved to the host once per frame.
+
+The loss is what hooks cannot see: `monitor.observe(loss=...)` gives it; otherwise it is recovered from
+the classifier head's logits and their gradient (`loss_from_logits_grad`, exact for mean-reduced
+softmax cross-entropy, NaN for other losses).
+
+A fault inside the monitor never reaches the training job: it is caught, logged once on the "tevid"
+logger, and the monitor removes its hooks (`disabled_reason` says why). Mistakes in the call itself
+(unknown options, a model with no hook points, a checkpoint that does not load) raise at `watch()`.
+See docs/monitor.md for DDP behaviour and the symptom rules.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import traceback
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from capture.recorder import CaptureConfig, Frame, attach
+from diagnose.symptoms import (SYMPTOM_NAMES, Alert, DeadUnits, GradStats, LayerStats, Observation,
+                               SaturatedActivations, Symptom, SymptomTracker)
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_checkpoint"  # used by checkpoint=None once shipped
+WINDOW = 10  # T frames per TEViD window (DESIGN.md §3), unless the checkpoint's data config says otherwise
+logger = logging.getLogger("tevid")
+
+
+@dataclass
+class MonitorConfig:
+    cadence: int = 50  # one frame (and one round of checks) every `cadence` optimizer steps
+    frame_size: int | None = None  # S; None: the checkpoint's encoder size, else 32
+    grad_every: int | None = None  # gradient statistics every n optimizer steps; None: = cadence
+    other_ranks: str = "off"  # ranks > 0 under DDP: "off" (no hooks) | "capture" (capture their shard only)
+    tevid_device: str = "cpu"  # where TEViD runs: "cpu" | "model" (the watched model's device)
+    loss_from_head: bool = True  # recover the loss from the head's logits gradient when not observed
+    max_activation_modules: int = 32  # ReLU / tanh / sigmoid modules hooked for dead / saturated units
+
+    def __post_init__(self):
+        if self.other_ranks not in ("off", "capture"):
+            raise ValueError(f"other_ranks must be 'off' or 'capture', got {self.other_ranks!r}")
+        if self.tevid_device not in ("cpu", "model"):
+            raise ValueError(f"tevid_device must be 'cpu' or 'model', got {self.tevid_device!r}")
+        if self.grad_every is not None and self.grad_every < 1:
+            raise ValueError(f"grad_every must be >= 1, got {self.grad_every}")
+
+
+class _CallbackRaised(Exception):
+    """A user callback raised: its exception is the user's, so it is re-raised, not treated as a fault."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _RingSink:
+    """Capture sink that keeps the last `maxlen` frames and the per-step losses since the last frame."""
+
+    def __init__(self, maxlen: int):
+        self.frames: deque[Frame] = deque(maxlen=maxlen)
+        self.losses: list[float] = []
+
+    def append_frame(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def append_steps(self, loss: list[float], lr: list[float]) -> None:
+        self.losses += loss
+
+    def take_losses(self) -> list[float]:
+        out, self.losses = self.losses, []
+        return out
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    return None
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size): torch.distributed when initialised, else the launcher's RANK / WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / DataParallel / torch.compile wrappers (hooks go on it)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer whose `step` really runs (accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer wrap one; their own `step` may skip it, e.g. while accumulating gradients)."""
+    for attr in ("optimizer", "_optimizer"):
+        inner = getattr(optimizer, attr, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            return unwrap_optimizer(inner)
+    return optimizer
+
+
+@torch.no_grad()
+def loss_from_logits_grad(logits: torch.Tensor, grad: torch.Tensor, tol: float = 0.02) -> torch.Tensor:
+    """Mean softmax cross-entropy recovered from logits `(..., C)` and dL/dlogits, as a 0-d tensor, no sync.
+
+    For mean-reduced cross-entropy over the n rows that carry a label, `G = (P - Y) / n` on those rows
+    and 0 on ignored ones (ignore_index, padding). The label of a row is its only negative entry
+    (argmin G), n = (p_y - 1) / G_y (the median over rows with p_y < 0.999), and the loss is the mean of
+    -log p_y. The reconstruction `Y = P - n G` must be one-hot within `tol` on every informative row,
+    else NaN (other losses, label smoothing, extra terms on the logits). Any scaling of the loss
+    (GradScaler, 1/accumulation) changes n, not the value returned. Non-finite logits give NaN.
+    """
+    return recover_loss(logits, grad, tol)[0]
+
+
+@torch.no_grad()
+def recover_loss(logits: torch.Tensor, grad: torch.Tensor, tol: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, known) as 0-d tensors: `known` is False when the loss cannot be recovered (not a mean
+    cross-entropy, or non-finite gradients with finite logits); non-finite logits are a known NaN loss."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        lf = logits.detach().float().reshape(-1, logits.shape[-1])  # (N, C)
+        g = grad.detach().float().reshape(-1, grad.shape[-1])  # (N, C)
+        bad_logits, bad_grad = ~torch.isfinite(lf).all(), ~torch.isfinite(g).all()
+        logp = torch.log_softmax(lf, dim=-1)
+        p = logp.exp()
+        active = g.abs().amax(dim=1) > 0  # rows that are part of the loss
+        y = g.argmin(dim=1, keepdim=True)  # (N, 1)
+        g_y, p_y = g.gather(1, y).squeeze(1), p.gather(1, y).squeeze(1)
+        informative = active & (p_y < 0.999) & (g_y < 0)
+        n_row = torch.where(informative, (p_y - 1) / torch.where(g_y < 0, g_y, -1.0), torch.nan)
+        n = torch.nanmedian(n_row) if n_row.numel() else torch.tensor(float("nan"), device=lf.device)
+        onehot = torch.zeros_like(p).scatter_(1, y, 1.0)
+        err = ((p - n * g) - onehot).abs().amax(dim=1)  # (N,)
+        ok = ~(informative & ~(err <= tol)).any() & active.any() & (torch.isfinite(n) | ~informative.any())
+        loss = -(logp.gather(1, y).squeeze(1) * active).sum() / active.sum().clamp_min(1)
+        ok = ok & ~bad_grad & ~bad_logits
+        nan = torch.full_like(loss, float("nan"))
+        return torch.where(ok, loss, nan), ok | bad_logits
+
+
+def _activation_modules(model: nn.Module, limit: int) -> list[tuple[str, nn.Module, str]]:
+    """ReLU-like ("relu") and bounded ("bounded": tanh, sigmoid, hardtanh) modules, at most `limit`,
+    evenly spaced in module order. ReLU6 is a Hardtanh subclass but counts as ReLU-like."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ReLU, nn.ReLU6)):
+            found.append((name, m, "relu"))
+        elif isinstance(m, (nn.Tanh, nn.Sigmoid, nn.Hardtanh)):
+            found.append((name, m, "bounded"))
+    if len(found) > limit:
+        found = [found[i] for i in sorted(set(np.linspace(0, len(found) - 1, limit).round().astype(int)))]
+    return found
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+class Monitor:
+    """The handle `watch()` returns. Public: `alerts`, `should_stop`, `observe()`, `remove()`,
+    `readouts` (one dict per frame), `predictions` (TEViD, per frame), `frames` (the last T),
+    `disabled_reason`, `role` ("diagnose" | "capture" | "off"), `rank`, `world_size`."""
+
+    def __init__(self, model: nn.Module, optimizer, checkpoint=None, *, config: MonitorConfig,
+                 capture_options: dict | None = None, callbacks=(), stop_on=None, log_dir=None,
+                 symptoms: list[Symptom] | None = None, head: nn.Module | None = None):
+        self.config = config
+        self.alerts: list[Alert] = []
+        self.readouts: list[dict] = []
+        self.predictions: list[dict] = []
+        self.should_stop = False
+        self.disabled_reason: str | None = None
+        self.step_count = 0
+        self.log_dir: Path | None = None
+        self.rank, self.world_size = _dist_info()
+        self.role = "diagnose" if self.rank == 0 else config.other_ranks
+        self.model = unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self.callbacks = list(callbacks)
+        self.tracker = SymptomTracker(symptoms)
+        self.capture = None
+        self.tevid = self.calibration = self.checkpoint = None
+        self._off = self.role == "off"
+        self._in_opt_hook = False
+        self._handles: list = []
+        self._opt_handles: list = []
+        self._janitor = None
+        self._armed = True  # step 0 is a capture step
+        self._seen: set[tuple[str, str]] = set()
+        self._layer_pending: dict[tuple[str, str], torch.Tensor] = {}  # (kind, module name) -> stats, on device
+        self._pending_grads: list[tuple[int, torch.Tensor]] = []
+        self._observed: list = []
+        self._head_sum, self._head_n, self._head_known = None, 0, None
+        self._loss_known: list = []  # per step since the last frame: bool or 0-d bool tensor
+        self._unknown_streak = 0
+        self._decision = None
+        self.stop_on = frozenset(stop_on or ())
+        self._check_stop_on()
+        if self.role == "off":
+            return
+        if self.role == "diagnose":
+            self._load_tevid(checkpoint)
+        s = config.frame_size or 32
+        self.window = WINDOW if self.tevid is None else self._window
+        self.capture_config = CaptureConfig(cadence=config.cadence, frame_size=s, **(capture_options or {}))
+        self._sink = _RingSink(self.window)
+        self.capture = attach(self.model, self.capture_config, head=head, optimizer=self.optimizer, sink=self._sink)
+        self._grad_every = config.grad_every or config.cadence
+        self._register_hooks()
+        if log_dir is not None:
+            self._guard("opening the log directory", self._open_log, Path(log_dir))
+
+    # ---------------------------------------------------------------- setup
+    def _check_stop_on(self) -> None:
+        from pretrain.clips import CLASSES
+
+        valid = set(SYMPTOM_NAMES) | {s.name for s in self.tracker.symptoms} | set(CLASSES) | {"unknown"}
+        unknown = sorted(set(self.stop_on) - valid)
+        if unknown:
+            raise ValueError(f"stop_on: unknown alert name(s) {unknown}; valid: {sorted(valid)}")
+
+    def _load_tevid(self, checkpoint) -> None:
+        default = checkpoint is None
+        path = DEFAULT_CHECKPOINT if default else Path(checkpoint)
+        if default and not (path / "config.json").is_file():
+            return  # no shipped model yet: readouts and rule symptoms only
+        try:
+            try:
+                from diagnose.tevid import load_tevid
+            except ImportError:  # where the brief placed it
+                from diagnose.calibrate import load_tevid  # type: ignore[attr-defined,no-redef]
+            model, cal = load_tevid(path)
+        except Exception as err:
+            if not default:
+                raise
+            logger.warning("default TEViD checkpoint %s did not load (%s); rule symptoms only", path, err)
+            return
+        enc = getattr(model, "encoder", None)
+        if enc is not None:
+            if self.config.frame_size not in (None, enc.cfg.img_size):
+                raise ValueError(f"frame_size={self.config.frame_size} but the TEViD checkpoint {path} reads "
+                                 f"{enc.cfg.img_size}x{enc.cfg.img_size} frames: leave frame_size unset or match it")
+            self.config.frame_size = enc.cfg.img_size
+        config = json.loads((path / "config.json").read_text())
+        self._window = int((config.get("data") or {}).get("window", WINDOW))
+        device = "cpu" if self.config.tevid_device == "cpu" else next(self.model.parameters()).device
+        self.tevid = model.to(device).eval().requires_grad_(False)
+        self.calibration, self._tevid_device, self.checkpoint = cal, device, str(path)
+        from diagnose.decision import DecisionState
+
+        self._decision = DecisionState.start(len(cal.classes))
+
+    def _register_hooks(self) -> None:
+        if self.optimizer is not None:
+            self._opt_handles.append(self.optimizer.register_step_post_hook(self._post_step))
+        if self.role != "diagnose":
+            return
+        head = self.capture.head
+        if head is not None and self.config.loss_from_head:
+            self._handles.append(head.register_forward_hook(self._head_forward))
+        for name, module, kind in _activation_modules(self.model, self.config.max_activation_modules):
+            self._handles.append(module.register_forward_hook(self._stats_hook(name, kind)))
+        for p in self.capture.points:
+            self._handles.append(p.module.register_forward_hook(self._stats_hook(p.name, "block")))
+        self._inactivity = next((s for s in self.tracker.symptoms if isinstance(s, DeadUnits)), DeadUnits()).inactivity
+        self._bound = next((s for s in self.tracker.symptoms if isinstance(s, SaturatedActivations)), SaturatedActivations()).bound
+
+    def _open_log(self, log_dir: Path) -> None:
+        d = log_dir if self.rank == 0 else log_dir / f"rank{self.rank}"
+        d.mkdir(parents=True, exist_ok=True)
+        info = {"monitor": asdict(self.config), "capture": asdict(self.capture_config), "symptoms": self.tracker.config(),
+                "checkpoint": getattr(self, "checkpoint", None), "role": self.role, "rank": self.rank,
+                "world_size": self.world_size, "stop_on": sorted(self.stop_on)}
+        tmp = d / f".monitor.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(_jsonable(info), indent=1) + "\n")
+        os.replace(tmp, d / "monitor.json")
+        self.log_dir = d
+
+    # ---------------------------------------------------------------- fault handling
+    def _guard(self, where: str, fn, *args):
+        """Run monitor code; any exception switches the monitor off instead of reaching the training job."""
+        if self._off:
+            return None
+        try:
+            return fn(*args)
+        except _CallbackRaised as user:
+            raise user.error
+        except Exception as err:  # noqa: BLE001 - the training job must never see the monitor's faults
+            self._fault(where, err)
+            return None
+
+    def _fault(self, where: str, err: BaseException) -> None:
+        if self._off:
+            return
+        self.disabled_reason = f"{where}: {type(err).__name__}: {err}"
+        summary = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-4))
+        logger.warning("TEViD monitor switched itself off after a fault in %s at step %d (training continues): "
+                       "%s: %s\n%s", where, self.step_count, type(err).__name__, err, summary)
+        self._detach()
+
+    def _detach(self) -> None:
+        self._off = True
+        if self.capture is not None:
+            self.capture.remove()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._in_opt_hook and self._opt_handles:
+            # torch iterates the optimizer's hook dict while calling it: removing our handle now would
+            # break that loop inside the user's optimizer.step(); the next forward removes it instead
+            if self._janitor is None:
+                self._janitor = self.model.register_forward_pre_hook(self._janitor_hook)
+        else:
+            self._remove_optimizer_hooks()
+
+    def _janitor_hook(self, module, args) -> None:
+        self._remove_optimizer_hooks()
+
+    def _remove_optimizer_hooks(self) -> None:
+        for h in self._opt_handles:
+            h.remove()
+        self._opt_handles.clear()
+        if self._janitor is not None:
+            self._janitor.remove()
+            self._janitor = None
+
+    # ---------------------------------------------------------------- hooks (the user's forward / backward / step)
+    def _head_forward(self, module, args, output) -> None:
+        if not self._off:
+            self._guard("head forward hook", self._head_forward_impl, output)
+
+    def _head_forward_impl(self, output) -> None:
+        logits = _first_tensor(output)
+        if logits is None or not logits.requires_grad or not logits.is_floating_point():
+            return
+        detached = logits.detach()
+        logits.register_hook(lambda grad: self._guard("head gradient hook", self._head_grad, detached, grad))
+
+    def _head_grad(self, logits: torch.Tensor, grad: torch.Tensor) -> None:
+        est, known = recover_loss(logits, grad)
+        if self._head_sum is None:
+            self._head_sum, self._head_known = est, known
+        else:
+            self._head_sum = self._head_sum + est.to(self._head_sum.device)
+            self._head_known = self._head_known & known.to(self._head_known.device)
+        self._head_n += 1
+
+    def _stats_hook(self, name: str, kind: str):
+        def hook(module, args, output):
+            if self._off or not self._armed or (kind, name) in self._seen:
+                return  # the whole cost between capture steps
+            self._guard(f"activation hook {name}", self._layer_stats, name, kind, module, args, output)
+
+        return hook
+
+    def _layer_stats(self, name: str, kind: str, module: nn.Module, args, output) -> None:
+        out = _first_tensor(output)
+        if out is None or not out.requires_grad or not out.is_floating_point():
+            return  # eval / no_grad forward
+        self._seen.add((kind, name))
+        with torch.no_grad(), torch.autocast(device_type=out.device.type, enabled=False):
+            if kind == "relu":
+                x = out.detach()
+                active = (x != 0).float()
+                unit_dim = 1 if x.ndim >= 4 else x.ndim - 1  # channels of a conv map, else the last axis
+                activity = active.mean(dim=[d for d in range(x.ndim) if d != unit_dim]) if x.ndim > 1 else active
+                stats = torch.stack([(activity < self._inactivity).float().mean(), 1 - active.mean()])
+            elif kind == "bounded":
+                x = _first_tensor(args).detach().float()
+                if isinstance(module, nn.Hardtanh):
+                    sat = (x <= module.min_val) | (x >= module.max_val)
+                else:
+                    sat = x.abs() >= self._bound
+                stats = sat.float().mean().reshape(1)
+            else:
+                x = out.detach().float().abs()
+                stats = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).amax().reshape(1)
+        self._layer_pending[(kind, name)] = stats
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._off:
+            return
+        self._in_opt_hook = True
+        try:
+            self._guard("optimizer step hook", self._on_step)
+        finally:
+            self._in_opt_hook = False
+
+    # ---------------------------------------------------------------- the monitor's own work
+    def observe(self, loss=None) -> None:
+        """Add what hooks cannot see: the training loss of this optimizer step (a tensor or a float).
+        Call it before `optimizer.step()`; with gradient accumulation, once per micro-batch (the mean
+        is used). Without it the loss is recovered from the head's gradient (`loss_from_logits_grad`)."""
+        if loss is not None and not self._off:
+            self._guard("observe", self._observed.append, loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+
+    def step(self) -> None:
+        """Count one optimizer step by hand: only for `watch(model, optimizer=None)`."""
+        if self.optimizer is not None:
+            raise RuntimeError("Monitor.step(): the optimizer's step hook already counts steps; do not call step() too")
+        self._guard("step", self._on_step)
+
+    def _take_loss(self):
+        """This step's loss (observed > recovered from the head > unknown, NaN) and whether it is known
+        (a tensor when recovered: synced with the frame). An unknown loss is a missing readout, not NaN."""
+        known = True
+        if self._observed:
+            vals = [v.float().mean().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(v) for v in self._observed]
+            loss = torch.stack([v.to(vals[0].device) for v in vals]).mean()
+        elif self._head_n:
+            loss, known = self._head_sum / self._head_n, self._head_known
+        else:
+            loss, known = float("nan"), False
+        self._observed, self._head_sum, self._head_n = [], None, 0
+        self._loss_known.append(known)
+        return loss
+
+    def _grad_tensor(self) -> torch.Tensor | None:
+        """(norm, mean |g|, first weight norm, last weight norm) on the gradients' device, no sync."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None and not p.grad.is_sparse]
+        if not grads:
+            return None
+        dev = grads[0].device
+        with torch.no_grad():
+            l2 = torch.stack([n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)])
+            l1 = torch.stack([n.to(dev) for n in torch._foreach_norm(grads, 1, dtype=torch.float32)])
+            weights = [i for i, g in enumerate(grads) if g.ndim >= 2] or [0, len(grads) - 1]
+            numel = sum(g.numel() for g in grads)
+            return torch.stack([torch.linalg.vector_norm(l2), l1.sum() / numel, l2[weights[0]], l2[weights[-1]]])
+
+    def _on_step(self) -> None:
+        s, armed = self.step_count, self._armed
+        loss = self._take_loss()
+        if self.role == "diagnose" and self.optimizer is not None and s % self._grad_every == 0:
+            g = self._grad_tensor()
+            if g is not None:
+                self._pending_grads.append((s, g))
+        frame = self.capture.step(loss)
+        self.step_count += 1
+        self._armed = self.step_count % self.config.cadence == 0
+        self._seen.clear()
+        layers, self._layer_pending = self._layer_pending, {}
+        if frame is not None:
+            self._on_frame(frame, layers if armed else {})
+
+    def _on_frame(self, frame: Frame, layers: dict) -> None:
+        record = {"step": frame.step, **frame.readouts}
+        self.readouts.append(record)
+        alerts: list[Alert] = []
+        if self.role == "diagnose":
+            stats = self._sync_layers(layers)
+            alerts += self._run_symptoms(self._sink.take_losses(), frame, stats)
+            if self.tevid is not None:
+                alerts += self._run_tevid(frame)
+        else:
+            self._sink.take_losses()
+            self._loss_known = []
+        if self.log_dir is not None:
+            self._append("readouts.jsonl", record)
+        for cb in self.callbacks:
+            on_frame = getattr(cb, "on_frame", None)
+            if callable(on_frame):
+                self._call_user(cb, on_frame, frame)
+        for a in alerts:
+            self._emit(a)
+
+    def _sync_layers(self, layers: dict) -> dict[str, LayerStats]:
+        if not layers:
+            return {}
+        keys = list(layers)
+        dev = layers[keys[0]].device
+        flat = torch.cat([layers[k].to(dev) for k in keys]).tolist()  # one sync
+        out, i = {}, 0
+        for kind, n in keys:
+            if kind == "relu":
+                out[n], i = LayerStats(kind, dead_fraction=flat[i], zero_fraction=flat[i + 1]), i + 2
+            elif kind == "bounded":
+                out[n], i = LayerStats(kind, saturated_fraction=flat[i]), i + 1
+            else:
+                out[n], i = LayerStats(kind, max_abs=flat[i]), i + 1
+        return out
+
+    def _run_symptoms(self, losses: list[float], frame: Frame | None, layers: dict[str, LayerStats]) -> list[Alert]:
+        grads = {}
+        if self._pending_grads:
+            dev = self._pending_grads[0][1].device
+            values = torch.stack([g.to(dev) for _, g in self._pending_grads]).tolist()  # one sync
+            grads = {s: GradStats(*v) for (s, _), v in zip(self._pending_grads, values)}
+            self._pending_grads = []
+        known = self._known_flags(len(losses))
+        first = self.step_count - len(losses)
+        alerts = []
+        for i, loss in enumerate(losses):
+            st = first + i
+            at_frame = frame is not None and st == frame.step
+            obs = Observation(st, loss=loss if known[i] else None, grads=grads.pop(st, None), layers=layers if at_frame else None,
+                              nonfinite=frame.readouts.get("nonfinite") if at_frame else None)
+            alerts += self.tracker.update(obs)
+        for st in sorted(grads):  # a gradient check whose loss never reached the capture (should not happen)
+            alerts += self.tracker.update(Observation(st, grads=grads[st]))
+        return alerts
+
+    def _known_flags(self, n: int) -> list[bool]:
+        """Whether each of the last `n` steps' losses was known (one sync for the recovered ones)."""
+        flags, self._loss_known = self._loss_known[-n:] if n else [], []
+        tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+        values = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()) if tensors else iter(())
+        out = [bool(next(values)) if isinstance(f, torch.Tensor) else bool(f) for f in flags]
+        return [False] * (n - len(out)) + out
+
+    def _run_tevid(self, frame: Frame) -> list[Alert]:
+        from diagnose.decision import Reason, decide
+        from pretrain.clips import CLIP_READOUTS
+
+        ring = list(self._sink.frames)
+        if len(ring) < self.window:
+            return []  # windows are causal and unpadded (DESIGN.md §7): the first T-1 frames get no prediction
+        cal, dev = self.calibration, self._tevid_device
+        frames = torch.stack([f.frame for f in ring])[None]  # (1, T, 6, S, S) bf16
+        readouts = torch.tensor([[f.readouts.get(k, math.nan) for k in CLIP_READOUTS] for f in ring],
+                                dtype=torch.float32)[None]  # (1, T, 8) raw
+        with torch.no_grad(), torch.autocast(device_type=torch.device(dev).type, enabled=False):
+            out = self.tevid.predict(frames.to(dev), readouts.to(dev), temperature=cal.temperature)
+        probs = out["probs"][0].double().tolist()
+        u = float(out["vacuity"][0])
+        self._decision, d = decide(self._decision, probs, u, cal.thresholds, cal.tau, cal.consecutive)
+        label = "unknown" if d.unknown else cal.classes[d.label]
+        self.predictions.append({"step": frame.step, "probs": dict(zip(cal.classes, probs)), "vacuity": u,
+                                 "label": label, "reason": d.reason.value})
+        alerts = [Alert(cal.classes[c], frame.step, "tevid", probs[c],
+                        f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} for "
+                        f"{cal.consecutive} frames in a row, vacuity {u:.2f})", {"vacuity": u, "probs": probs})
+                  for c in d.new_alerts]
+        self._unknown_streak = self._unknown_streak + 1 if d.reason == Reason.VACUITY else 0
+        if self._unknown_streak == cal.consecutive:
+            alerts.append(Alert("unknown", frame.step, "tevid", None,
+                                f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} frames in a row)",
+                                {"vacuity": u, "probs": probs}))
+        return alerts
+
+    def _emit(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+        logger.warning("alert %s (%s) at step %d: %s", alert.name, alert.source, alert.step, alert.message)
+        if alert.name in self.stop_on:
+            self.should_stop = True
+        if self.log_dir is not None:
+            self._append("alerts.jsonl", alert.to_dict())
+        for cb in self.callbacks:
+            on_alert = getattr(cb, "on_alert", None)
+            fn = on_alert if callable(on_alert) else cb
+            if callable(fn):
+                self._call_user(cb, fn, alert)
+
+    def _call_user(self, cb, fn, arg) -> None:
+        try:
+            fn(arg)
+        except Exception as err:  # the user's own exception (e.g. optuna.TrialPruned) goes to the user
+            raise _CallbackRaised(err) from err
+
+    def _append(self, name: str, obj: dict) -> None:
+        with open(self.log_dir / name, "a") as f:
+            f.write(json.dumps(_jsonable(obj)) + "\n")
+
+    # ---------------------------------------------------------------- results and lifetime
+    @property
+    def active(self) -> bool:
+        return not self._off
+
+    @property
+    def frames(self) -> list[Frame]:
+        """The last T frames (the window TEViD reads)."""
+        return list(self._sink.frames) if self.capture is not None else []
+
+    def _flush(self) -> None:
+        """Checks for the steps after the last frame (at `remove()`)."""
+        self.capture.flush_steps()
+        losses = self._sink.take_losses()
+        if self.role != "diagnose":
+            self._loss_known = []
+        if self.role == "diagnose" and (losses or self._pending_grads):
+            for a in self._run_symptoms(losses, None, {}):
+                self._emit(a)
+
+    def remove(self) -> None:
+        """Run the checks of the steps since the last frame, then remove every hook (idempotent)."""
+        if not self._off and self.capture is not None:
+            self._guard("flush at remove", self._flush)
+        self._detach()
+
+    def state_dict(self) -> dict:
+        d = self._decision
+        return {"step_count": self.step_count, "should_stop": self.should_stop, "alerts": [a.to_dict() for a in self.alerts],
+                "symptoms": self.tracker.state_dict(), "unknown_streak": self._unknown_streak,
+                "decision": None if d is None else {"streaks": list(d.streaks), "frames": d.frames}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the step count, alerts, stop request, symptom histories and TEViD streaks (the capture
+        restarts its normaliser warm-up, and the first step after loading is a capture step)."""
+        self.step_count = int(state["step_count"])
+        if self.capture is not None:
+            self.capture.step_count = self.step_count
+        self.should_stop = bool(state["should_stop"])
+        self.alerts = [Alert(**a) for a in state["alerts"]]
+        self.tracker.load_state_dict(state["symptoms"])
+        self._unknown_streak = int(state.get("unknown_streak", 0))
+        if state.get("decision") and self._decision is not None:
+            from diagnose.decision import DecisionState
+
+            self._decision = DecisionState(tuple(state["decision"]["streaks"]), int(state["decision"]["frames"]))
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "off: " + self.disabled_reason if self.disabled_reason else ("active" if self.active else "inactive")
+        return (f"Monitor(role={self.role!r}, rank={self.rank}/{self.world_size}, step={self.step_count}, "
+                f"alerts={len(self.alerts)}, tevid={self.tevid is not None}, {state})")
+
+
+def watch(model: nn.Module, optimizer=None, checkpoint=None, *, cadence: int = 50, frame_size: int | None = None,
+          callbacks=(), stop_on=None, log_dir=None, symptoms: list[Symptom] | None = None,
+          head: nn.Module | None = None, **options) -> Monitor:
+    """Attach the monitor to `model` and `optimizer` (torch, accelerate- or Lightning-wrapped).
+
+    checkpoint: a fine-tuned TEViD directory (weights + calibration.json, `diagnose.tevid.load_tevid`);
+      None: `DEFAULT_CHECKPOINT` when it exists, else readouts and rule symptoms only.
+    cadence, frame_size: one frame every `cadence` optimizer steps, S x S (S from the checkpoint).
+    callbacks: callables `f(alert)` or objects with `on_alert(alert)` (and optionally `on_frame(frame)`).
+    stop_on: alert names that set `monitor.should_stop` (e.g. {"nan_inf", "instability"}).
+    log_dir: writes monitor.json (the resolved config), alerts.jsonl and readouts.jsonl there.
+    symptoms: rule symptoms (default `diagnose.symptoms.default_symptoms()`; [] for none).
+    options: `MonitorConfig` fields (grad_every, other_ranks, tevid_device, loss_from_head,
+      max_activation_modules) and `capture.CaptureConfig` fields (modules, layouts, groups, ...).
+    """
+    mon_fields = {f.name for f in fields(MonitorConfig)} - {"cadence", "frame_size"}
+    cap_fields = {f.name for f in fields(CaptureConfig)} - {"cadence", "frame_size"}
+    unknown = set(options) - mon_fields - cap_fields
+    if unknown:
+        raise TypeError(f"watch(): unknown option(s) {sorted(unknown)}; valid: {sorted(mon_fields | cap_fields)}")
+    config = MonitorConfig(cadence=cadence, frame_size=frame_size, **{k: v for k, v in options.items() if k in mon_fields})
+    if callable(callbacks) or hasattr(callbacks, "on_alert"):
+        callbacks = (callbacks,)
+    if isinstance(stop_on, str):
+        stop_on = (stop_on,)
+    return Monitor(model, optimizer, checkpoint, config=config,
+                   capture_options={k: v for k, v in options.items() if k in cap_fields}, callbacks=callbacks,
+                   stop_on=stop_on, log_dir=log_dir, symptoms=symptoms, head=head)
