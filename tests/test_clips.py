@@ -121,7 +121,8 @@ def test_export_and_loader_round_trip(smoke_corpus, shards):
         targets = [x["target"] for x in expected.values()]
         assert index["counts"][split]["ignore"] == targets.count(IGNORE)
         assert all(index["counts"][split][c] == targets.count(k) for k, c in enumerate(CLASSES))
-    assert index["counts"]["test"]["novel"] == 6 and index["counts"]["train"]["instability"] == 6
+    # the two novel test runs (label_noise, onset 18 = frame 3) contribute their 3 windows each
+    assert index["counts"]["test"]["novel"] == 6
     with pytest.raises(FileExistsError, match="overwrite"):
         export_shards(smoke_corpus, shards)
 
