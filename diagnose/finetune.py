@@ -48,6 +48,7 @@ from diagnose.evidential import evidential_loss, kl_anneal
 from diagnose.tevid import TEViD, TEViDConfig, build_tevid, tevid_config_from
 from pretrain.checkpoint import checkpoint_exists, load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from pretrain.clips import CLASSES, IGNORE, ClipConfig, CorpusClips, clip_loader, collate
+from pretrain.train import lr_factor
 
 
 @dataclass
@@ -111,12 +112,9 @@ def balanced_weights(counts: list[int]) -> torch.Tensor:
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier of optimizer step `step` (0-based): linear warm-up over `warmup` steps, then
-    half-cosine down to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """LR multiplier of optimizer step `step` (0-based): pretraining's schedule (`pretrain.train.lr_factor`),
+    linear warm-up over `warmup` steps, then half-cosine down to `min_ratio` at `total`."""
+    return lr_factor(step, total, warmup, min_ratio)
 
 
 def clip_targets(ds: CorpusClips) -> np.ndarray:

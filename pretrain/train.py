@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_epoch = max(1, -(-batches // cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    if cfg.max_steps is not None:  # a run cut short by steps keeps the schedule's shape: warm-up <= 10%
+        warmup = min(warmup, max(1, total // 10))
     lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
     optimizer, scheduler = make_optimizer(cfg.optim, model, lr, total, warmup)
 
