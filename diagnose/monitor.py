@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from capture.recorder import CaptureConfig, Frame, attach
+from capture.recorder import CaptureConfig, Frame, _first_tensor, attach
 from diagnose.symptoms import (SYMPTOM_NAMES, Alert, DeadUnits, GradStats, LayerStats, Observation,
                                SaturatedActivations, Symptom, SymptomTracker)
 
@@ -90,14 +90,6 @@ class _RingSink:
     def take_losses(self) -> list[float]:
         out, self.losses = self.losses, []
         return out
-
-
-def _first_tensor(x):
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    return None
 
 
 def _dist_info() -> tuple[int, int]:

@@ -26,3 +26,38 @@ def smoke_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "smoke"
     assert generate_main(["--config", str(ROOT / "configs" / "factory" / "smoke.yaml"), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the CPU may be shared with other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class PrivilegedWatch:
+    """Records every file open or directory listing under a `privileged/` path while active
+    (a Python audit hook: it cannot be removed, so it stays inert outside `with`)."""
+
+    def __init__(self):
+        self.touched: list[tuple[str, str]] = []
+        self.active = False
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event, args):
+        if self.active and event in ("open", "os.listdir", "os.scandir") and args and "privileged" in str(args[0]):
+            self.touched.append((event, str(args[0])))
+
+    def __enter__(self):
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+@pytest.fixture
+def privileged_watch() -> PrivilegedWatch:
+    return PrivilegedWatch()

@@ -2,7 +2,6 @@
 import ast
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -175,7 +174,7 @@ def test_clear_errors(smoke_corpus, tmp_path):
         clip_loader(tmp_path, batch_size=2)
 
 
-def test_clips_never_touch_privileged_data(smoke_corpus, tmp_path):
+def test_clips_never_touch_privileged_data(smoke_corpus, tmp_path, privileged_watch):
     """Corrupt every privileged group of a copied corpus: clips are identical and nothing fails; and an
     audit hook sees no file or directory under privileged/ opened or listed by the clip path."""
     copy = tmp_path / "smoke"
@@ -184,22 +183,12 @@ def test_clips_never_touch_privileged_data(smoke_corpus, tmp_path):
         shutil.rmtree(group)
         group.mkdir()
         (group / "zarr.json").write_text("{ this is not json")
-    touched, watching = [], [False]
-
-    def hook(event, args):
-        if watching[0] and event in ("open", "os.listdir", "os.scandir") and args and "privileged" in str(args[0]):
-            touched.append((event, str(args[0])))
-
-    sys.addaudithook(hook)  # cannot be removed; inert outside this test
-    watching[0] = True
-    try:
+    with privileged_watch:
         clips = CorpusClips(copy, None)
         items = [clips[k] for k in range(len(clips))]
         export_shards(copy, tmp_path / "shards", shard_size=50)
         streamed = _unbatch(clip_loader(tmp_path / "shards" / "test", batch_size=5))
-    finally:
-        watching[0] = False
-    assert touched == []
+    assert privileged_watch.touched == []
     original = CorpusClips(smoke_corpus, None)
     assert len(items) == len(original) and all(_same_item(a, original[k]) for k, a in enumerate(items))
     assert len(streamed) == 12

@@ -7,12 +7,7 @@ import torch
 from pretrain.encoder import ENCODER_VARIANTS, EncoderConfig, SpaceTimeEncoder, encoder_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared with other jobs
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the CPU may be shared with other jobs
 
 
 @pytest.mark.parametrize("variant", sorted(ENCODER_VARIANTS))

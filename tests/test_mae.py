@@ -9,12 +9,7 @@ from pretrain.encoder import encoder_config
 from pretrain.mae import DynamicsMAE, tube_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared with other jobs
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the CPU may be shared with other jobs
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 import ast
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +88,7 @@ def test_truncated_run_gives_the_same_outputs(smoke_corpus):
                         np.testing.assert_array_equal(a.probs, b.probs)
 
 
-def test_replay_shapes_and_no_privileged_read(smoke_corpus, tmp_path):
+def test_replay_shapes_and_no_privileged_read(smoke_corpus, tmp_path, privileged_watch):
     """Replay a copied corpus whose privileged groups are destroyed: same results, nothing under
     privileged/ opened or listed (audit hook), and reading privileged data there does fail."""
     copy = tmp_path / "smoke"
@@ -99,20 +98,10 @@ def test_replay_shapes_and_no_privileged_read(smoke_corpus, tmp_path):
         group.mkdir()
         (group / "zarr.json").write_text("{ not json")
         group.chmod(0)
-    touched, watching = [], [False]
-
-    def hook(event, args):
-        if watching[0] and event in ("open", "os.listdir", "os.scandir") and args and "privileged" in str(args[0]):
-            touched.append((event, str(args[0])))
-
-    sys.addaudithook(hook)  # cannot be removed; inert outside this test
-    watching[0] = True
-    try:
+    with privileged_watch:
         results = {name: replay(copy, None, make_baseline(name), progress=False) for name in ("cusum", "head_grad")}
         framed = replay(copy, "test", Peeker(), progress=False)
-    finally:
-        watching[0] = False
-    assert touched == []
+    assert privileged_watch.touched == []
     with pytest.raises(Exception):
         read_privileged(next(copy.glob("runs/*.zarr")))
     manifest = [json.loads(x) for x in (copy / "manifest.jsonl").read_text().splitlines()]
