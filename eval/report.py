@@ -1,0 +1,317 @@
+"""The evaluation report: every method on the same held-out runs, same protocol (DESIGN.md §8-§9, §11;
+paper Sec. 5, Tables 3 and 5, App. E, H, I).
+
+    python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu \
+        [--tuned outputs/tune] [--config FILE] [key=value ...]
+
+For each method of `ReportConfig.methods`:
+
+1. build it: TEViD from `--checkpoint` (`eval.replay.TEViDDiagnoser`, its calibration); `cusum`, `bocpd`,
+   `head_grad`, `gwa` with the tuned params of `--tuned DIR/<name>/best.json` (`python -m eval.tune`) or
+   their defaults; `tcn_scalar`, `r2plus1d`, `video_swin` trained on the train split (the TCN with its
+   tuned params if any; a video baseline loaded from `video_dirs[name]` when given);
+2. replay the validation and test splits frame by frame (`eval.replay.replay_runs`);
+3. freeze the operating point on validation: TEViD keeps its calibrated rule (per-class thresholds, tau);
+   every other method gets `eval.metrics.threshold_for_far(val, far)` on its score. A validation split
+   without Healthy runs has no FAR: the threshold then comes from the Healthy runs of the train split
+   (recorded as `threshold_split`);
+4. `eval.metrics.summarize` on test (BCa intervals over runs).
+
+Writes into --out: `config.json` (this ReportConfig), `metrics.json` (one entry per method: summarize's
+figures plus `kind`, `threshold` / `rule`, `threshold_split`), `tables.md` (Table 3 main results,
+Table 5 per held-out factor), `figures/*.png` (eval.figures). JSON has no NaN: undefined figures are null.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capture.config import cli_parser, from_dict, load_config, save_config
+from eval import figures as FIG
+from eval import metrics as M
+from eval.replay import SCORE_FROM, LoadedRun, TEViDDiagnoser, frame_window, load_runs, replay_runs, unknown_mask, with_alerts
+
+METHODS = ("tevid", "cusum", "bocpd", "head_grad", "gwa", "tcn_scalar", "r2plus1d", "video_swin")
+KINDS = {"tevid": "tevid", "cusum": "scalar", "bocpd": "scalar", "tcn_scalar": "scalar", "head_grad": "readout",
+         "gwa": "readout", "r2plus1d": "video", "video_swin": "video"}
+FACTORS = ("arch", "dataset", "optimizer")
+TABLE3 = (("event_auprc", "AUPRC"), ("median_lead_epochs", "Lead (ep)"), ("far", "FAR"), ("detection_rate", "Det."),
+          ("macro_f1", "Macro-F1"), ("unknown_auroc", "Unk. AUROC"), ("augrc", "AUGRC"), ("cost_per_100_runs", "Cost/100"))
+
+
+@dataclass
+class ReportConfig:
+    methods: list = field(default_factory=lambda: list(METHODS))
+    test_split: str = "test"
+    val_split: str = "val"
+    train_split: str = "train"
+    far: float = 0.05  # FAR target of the frozen threshold of score-only methods
+    consecutive: int = 3
+    n_resamples: int = 2000
+    seed: int = 0
+    horizon_epochs: float = M.HORIZON_EPOCHS
+    score_from: int = SCORE_FROM
+    tuned: str | None = None  # eval.tune outputs: <tuned>/<method>/best.json (or --tuned)
+    tcn: dict = field(default_factory=dict)  # TCNConfig overrides (over tuned params)
+    r2plus1d: dict = field(default_factory=dict)  # VideoConfig overrides
+    video_swin: dict = field(default_factory=dict)
+    video_dirs: dict = field(default_factory=dict)  # method -> saved VideoDetector dir (then not trained here)
+    tevid_checkpoints: dict = field(default_factory=dict)  # more TEViDs: name -> fine-tuned dir (e.g. tevid_scratch)
+    figures: bool = True
+    timeline_runs: int = 1  # per-run timelines (anomalous runs first)
+    threads: int | None = 1  # torch threads (the CPU is shared)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"ReportConfig.methods: unknown {unknown}; choose from {list(METHODS)}")
+        clash = [m for m in self.tevid_checkpoints if m in METHODS]
+        if clash:
+            raise ValueError(f"ReportConfig.tevid_checkpoints: names {clash} are taken by methods; use e.g. tevid_scratch")
+        if not self.methods and not self.tevid_checkpoints:
+            raise ValueError("ReportConfig: no method to evaluate (methods and tevid_checkpoints are empty)")
+
+    @property
+    def all_methods(self) -> list[str]:
+        return list(self.methods) + list(self.tevid_checkpoints)
+
+
+# ---------------------------------------------------------------- building the methods
+
+def tuned_params(tuned: str | Path | None, name: str) -> dict | None:
+    """Best params of `python -m eval.tune ... baseline=<name>` under `tuned` (DIR/<name>/best.json or DIR/best.json)."""
+    if tuned is None:
+        return None
+    for p in (Path(tuned) / name / "best.json", Path(tuned) / "best.json"):
+        if p.is_file():
+            best = json.loads(p.read_text())
+            if best.get("baseline", name) == name:
+                return dict(best["params"])
+    return None
+
+
+def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | None, train_runs, progress: bool):
+    """(diagnoser, notes) of one method."""
+    from eval.baselines import TCNConfig, make_baseline, train_tcn
+    from eval.tune import baseline_config
+
+    params = tuned_params(cfg.tuned, name)
+    notes = {"tuned_params": params}
+    if name in cfg.tevid_checkpoints:
+        return TEViDDiagnoser.from_checkpoint(cfg.tevid_checkpoints[name], name=name), notes
+    if name == "tevid":
+        if checkpoint is None:
+            raise SystemExit("method tevid needs --checkpoint DIR (a fine-tuned TEViD: diagnose.finetune's out/final)")
+        return TEViDDiagnoser.from_checkpoint(checkpoint), notes
+    if name in ("cusum", "bocpd", "head_grad", "gwa"):
+        bcfg = baseline_config(name, params) if params else None
+        return make_baseline(name, bcfg), notes
+    if name == "tcn_scalar":
+        base = dataclasses.asdict(baseline_config(name, params) if params else TCNConfig())
+        tcfg = from_dict(TCNConfig, {**base, **cfg.tcn}, "report.tcn")
+        det, hist = train_tcn(train_runs, tcfg, progress=progress)
+        notes["train"] = {"n_train": hist["n_train"], "final_loss": hist["train_loss"][-1] if hist["train_loss"] else None}
+        return det, notes
+    from eval.baselines.video import VIDEO_CONFIGS, VideoConfig, VideoDetector, train_video
+
+    if name in cfg.video_dirs:
+        notes["loaded_from"] = str(cfg.video_dirs[name])
+        return VideoDetector.load(cfg.video_dirs[name], name), notes
+    vcfg = from_dict(VideoConfig, {**dataclasses.asdict(VIDEO_CONFIGS[name]()), **getattr(cfg, name)}, f"report.{name}")
+    det, hist = train_video(corpus, vcfg, cfg.train_split, progress=progress, name=name)
+    notes["train"] = {"n_train": hist["n_train"], "steps": len(hist["loss"]), "final_loss": hist["loss"][-1]}
+    return det, notes
+
+
+# ---------------------------------------------------------------- evaluating one method
+
+def freeze_threshold(val: list[M.RunResult], train_healthy: list[M.RunResult], far: float, consecutive: int):
+    """(threshold, split it came from): FAR <= far on validation; train Healthy runs if validation has none."""
+    if any(r.kind == "healthy" for r in val):
+        return M.threshold_for_far(val, far, consecutive), "val"
+    if train_healthy:
+        return M.threshold_for_far(train_healthy, far, consecutive), "train"
+    return math.inf, "none"  # no Healthy run anywhere: never alert
+
+
+def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg: ReportConfig, progress: bool):
+    """(test results with alerts, summary dict, unknown masks per run or None)."""
+    kw = dict(score_from=cfg.score_from, progress=progress)
+    val = replay_runs(runs["val"], diagnoser, **kw)
+    test = replay_runs(runs["test"], diagnoser, **kw)
+    info: dict = {"kind": KINDS.get(name, "tevid")}
+    unknown = None
+    if isinstance(diagnoser, TEViDDiagnoser):
+        rule = diagnoser.calibration.rule()
+        test = with_alerts(test, rule=rule)
+        unknown = {r.run_id: unknown_mask(r, rule) for r in test}
+        info.update(rule={"thresholds": list(rule.thresholds), "tau": rule.tau, "consecutive": rule.consecutive},
+                    threshold=None, threshold_split="calibration")
+    else:
+        train_res = []
+        if not any(r.kind == "healthy" for r in val):  # fallback: the Healthy train runs, with frames when needed
+            healthy = [r for r in runs["train"] if r.truth.get("label") == "healthy"]
+            if healthy and frame_window(diagnoser) != 0 and healthy[0].frames is None:
+                healthy = load_runs(runs["corpus"], cfg.train_split, [r.run_id for r in healthy], progress=False)
+            train_res = replay_runs(healthy, diagnoser, **kw)
+        thr, where = freeze_threshold(val, [r for r in train_res if r.kind == "healthy"], cfg.far, cfg.consecutive)
+        test = M.alerts_at_threshold(test, thr, cfg.consecutive)
+        info.update(threshold=thr, threshold_split=where)
+    summary = M.summarize(test, cfg.n_resamples, horizon_epochs=cfg.horizon_epochs, seed=cfg.seed, progress=progress)
+    return test, {**info, **summary}, unknown
+
+
+# ---------------------------------------------------------------- tables
+
+def _fmt(x, digits=3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _ci(s: dict, key: str) -> str:
+    v, ci = s.get(key), s.get(f"{key}_ci")
+    if v is None:
+        return "–"
+    if not ci or any(c is None or not math.isfinite(c) for c in ci):
+        return _fmt(v)
+    return f"{_fmt(v)} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]"
+
+
+def table3(metrics: dict) -> str:
+    """Main results (paper Table 3): one row per method, 95% BCa intervals over runs in brackets."""
+    head = "| Method | kind | " + " | ".join(h for _, h in TABLE3) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE3) + 2)]
+    for name, s in metrics.items():
+        lines.append(f"| {name} | {s['kind']} | " + " | ".join(_ci(s, k) for k, _ in TABLE3) + " |")
+    return "\n".join(lines)
+
+
+def table5(results: dict[str, list[M.RunResult]], info: dict[str, dict], horizon_epochs: float) -> str:
+    """Per held-out factor (paper Table 5): event AUPRC / detection rate of each method on the test runs
+    of each architecture, dataset and optimizer."""
+    names = list(results)
+    lines = ["| factor | value | runs | " + " | ".join(f"{n} AUPRC / Det." for n in names) + " |",
+             "|" + "---|" * (len(names) + 3)]
+    for factor in FACTORS:
+        values = sorted({str(info[r.run_id].get(factor)) for r in next(iter(results.values()), [])})
+        for v in values:
+            cells = []
+            for n in names:
+                sub = [r for r in results[n] if str(info[r.run_id].get(factor)) == v]
+                cells.append(f"{_fmt(M.event_auprc(sub, horizon_epochs))} / {_fmt(M.detection_rate(sub), 2)}")
+            n_runs = sum(str(info[r.run_id].get(factor)) == v for r in next(iter(results.values())))
+            lines.append(f"| {factor} | {v} | {n_runs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating, np.integer)):
+        return _jsonable(obj.item())
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- figures
+
+def head_grad_series(corpus: Path, runs: list[LoadedRun]) -> list[dict]:
+    """Public head-gradient readout and privileged validation accuracy of each run (evaluation only)."""
+    from capture.store import read_privileged
+    from pretrain.clips import corpus_runs
+
+    stores = {r["run_id"]: Path(corpus) / r["store"] for r in corpus_runs(corpus)}
+    out = []
+    for run in runs:
+        if "head_grad_norm" not in run.readout_names:
+            continue
+        priv = read_privileged(stores[run.run_id])
+        out.append({"run_id": run.run_id, "label": run.truth.get("label"), "frame_step": run.frame_step,
+                    "head_grad_norm": run.readouts[:, run.readout_names.index("head_grad_norm")],
+                    "epoch_step": np.asarray(priv.get("epoch_step", [])), "val_acc": np.asarray(priv.get("val_acc", []))})
+    first = {}  # one run per label first, so the panels show different labels
+    for s in out:
+        first.setdefault(s["label"], s)
+    return list(first.values()) + [s for s in out if first.get(s["label"]) is not s]
+
+
+def write_figures(out: Path, corpus: Path, results: dict, metrics: dict, unknown: dict, runs: dict, cfg: ReportConfig) -> list[Path]:
+    fig_dir = out / "figures"
+    paths = [FIG.risk_coverage_figure(results, fig_dir / "risk_coverage.png", cfg.horizon_epochs),
+             FIG.pareto_figure(results, metrics, fig_dir / "lead_vs_far.png")]
+    main = "tevid" if "tevid" in results else next(iter(results))
+    paths.append(FIG.confusion_figure(results[main], fig_dir / f"confusion_{main}.png", main, unknown.get(main)))
+    by_id = {r.run_id: r for r in runs["test"]}
+    order = sorted(results[main], key=lambda r: {"anomaly": 0, "novel": 1, "healthy": 2}.get(r.kind, 3))
+    tau = metrics[main].get("rule", {}).get("tau") if metrics[main].get("rule") else None
+    for r in order[:cfg.timeline_runs]:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in r.run_id)
+        paths.append(FIG.timeline_figure(r, by_id[r.run_id].frames, fig_dir / f"timeline_{main}_{safe}.png", main, tau))
+    paths.append(FIG.head_grad_figure(head_grad_series(corpus, runs["test"]), fig_dir / "head_grad_vs_val_acc.png"))
+    return paths
+
+
+# ---------------------------------------------------------------- the report
+
+def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoint: str | Path | None = None,
+                progress: bool = True) -> dict:
+    """Replay, score and write the report directory; returns metrics.json's content."""
+    corpus, out = Path(corpus), Path(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    save_config(cfg, out)
+    t0 = time.time()
+    runs = {"test": load_runs(corpus, cfg.test_split, progress=progress),
+            "val": load_runs(corpus, cfg.val_split, progress=progress),
+            "train": load_runs(corpus, cfg.train_split, frames=False, progress=progress), "corpus": corpus}
+    info = {r.run_id: r.info for r in runs["test"]}
+    results, metrics, unknown = {}, {}, {}
+    for name in cfg.all_methods:
+        t = time.time()
+        diagnoser, notes = build_method(name, cfg, corpus, Path(checkpoint) if checkpoint else None, runs["train"], progress)
+        test, summary, unk = evaluate_method(name, diagnoser, runs, cfg, progress)
+        results[name], metrics[name] = test, {**summary, **notes, "seconds": round(time.time() - t, 2)}
+        if unk is not None:
+            unknown[name] = unk
+        print(f"{name}: event AUPRC {_fmt(summary['event_auprc'])}, FAR {_fmt(summary['far'], 2)}, "
+              f"detection {_fmt(summary['detection_rate'], 2)} ({time.time() - t:.1f} s)", file=sys.stderr)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n")
+    test_ids = [r.run_id for r in runs["test"]]
+    tables = [f"# Evaluation report\n\ncorpus `{corpus}`, checkpoint `{checkpoint}`; test split `{cfg.test_split}` "
+              f"({len(test_ids)} runs), thresholds frozen on `{cfg.val_split}` (FAR <= {cfg.far}); "
+              f"{cfg.n_resamples} bootstrap resamples over runs, 95% BCa.\n",
+              "## Table 3: main results\n", table3(metrics), "",
+              "## Table 5: per held-out factor (event AUPRC / detection rate)\n", table5(results, info, cfg.horizon_epochs), ""]
+    (out / "tables.md").write_text("\n".join(tables) + "\n")
+    if cfg.figures:
+        write_figures(out, corpus, results, metrics, unknown, runs, cfg)
+    print(f"wrote {out / 'metrics.json'}, {out / 'tables.md'} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_parser("Evaluation report: TEViD and the baselines on the test split (DESIGN.md §9)",
+                        corpus=True, checkpoint=True)
+    parser.add_argument("--tuned", default=None, help="directory of `python -m eval.tune` outputs (<tuned>/<method>/best.json)")
+    args = parser.parse_args(argv)
+    cfg = load_config(ReportConfig, args.config, args.overrides)
+    if args.tuned:
+        cfg = dataclasses.replace(cfg, tuned=args.tuned)
+    make_report(args.corpus, args.out, cfg, args.checkpoint)
+    print(Path(args.out) / "tables.md")
+    print((Path(args.out) / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

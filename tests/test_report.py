@@ -1,0 +1,113 @@
+"""The evaluation report (eval/report.py, eval/figures.py) end to end on the smoke corpus, with a
+randomly initialised tiny TEViD saved through the checkpoint API and a default calibration."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from diagnose.calibrate import Calibration, save_calibration
+from diagnose.tevid import TEViD, TEViDConfig
+from eval import figures as FIG
+from eval.metrics import RunResult
+from eval.report import ReportConfig, main as report_main, make_report
+from pretrain.checkpoint import save_checkpoint
+from pretrain.clips import CLASSES
+
+KEYS = ("event_auprc", "event_auprc_ci", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc",
+        "augrc", "cost", "kind")
+TINY_VIDEO = "r2plus1d={width: 8, layers: [1, 1, 1, 1], max_steps: 2, batch_size: 4, norm_clips: 8}"
+
+
+@pytest.fixture(scope="module")
+def tevid_checkpoint(tmp_path_factory):
+    cfg = TEViDConfig(encoder="tiny", readout_dim=16, hidden_dim=32, dropout=0.0)
+    path = save_checkpoint(tmp_path_factory.mktemp("tevid") / "final", model=TEViD(cfg),
+                           config={"model": dataclasses.asdict(cfg)}, step=0)
+    save_calibration(Calibration.default(len(CLASSES), CLASSES), path)
+    return path
+
+
+def test_report_command_writes_metrics_tables_figures(smoke_corpus, tevid_checkpoint, tmp_path, capsys):
+    tuned = tmp_path / "tuned" / "cusum"
+    tuned.mkdir(parents=True)
+    (tuned / "best.json").write_text(json.dumps({"baseline": "cusum", "params": {"k": 0.7}}))
+    out = tmp_path / "report"
+    argv = ["--corpus", str(smoke_corpus), "--checkpoint", str(tevid_checkpoint), "--out", str(out),
+            "--tuned", str(tmp_path / "tuned"), "methods=[tevid, cusum, head_grad, tcn_scalar, r2plus1d]",
+            "n_resamples=200", "tcn={epochs: 2}", TINY_VIDEO]
+    assert report_main(argv) == 0
+    assert "Table 3" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["tevid", "cusum", "head_grad", "tcn_scalar", "r2plus1d"]
+    kinds = {"tevid": "tevid", "cusum": "scalar", "head_grad": "readout", "tcn_scalar": "scalar", "r2plus1d": "video"}
+    for name, m in metrics.items():
+        assert set(KEYS) <= set(m), (name, set(KEYS) - set(m))
+        assert m["kind"] == kinds[name]
+        assert 0.0 <= m["far"] <= 1.0 and m["n_runs"] == 4 and m["n_novel"] == 2 and m["n_healthy"] == 2
+        assert m["event_auprc"] is None  # no known-anomaly run in the smoke test split: undefined -> null
+    assert metrics["cusum"]["tuned_params"] == {"k": 0.7} and metrics["head_grad"]["tuned_params"] is None
+    assert metrics["tevid"]["threshold_split"] == "calibration" and metrics["tevid"]["rule"]["tau"] == 0.35
+    assert 0.0 <= metrics["tevid"]["unknown_auroc"] <= 1.0 and metrics["tevid"]["augrc"] is not None
+    # the smoke val split has no Healthy run: score thresholds come from the Healthy train runs
+    assert metrics["cusum"]["threshold_split"] == "train" and math.isfinite(metrics["cusum"]["threshold"])
+    assert metrics["tcn_scalar"]["macro_f1"] is not None and metrics["cusum"]["macro_f1"] is None
+    assert json.loads((out / "config.json").read_text())["tuned"] == str(tmp_path / "tuned")
+    tables = (out / "tables.md").read_text()
+    assert "Table 3" in tables and "Table 5" in tables and "| arch | mixer | 2 |" in tables
+    assert tables.count("\n| ") >= 1 + 5 + 1 + 5  # header rows + 5 methods; factor rows (arch x2, dataset x2, optimizer)
+    figs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    for stem in ("risk_coverage", "lead_vs_far", "confusion_tevid", "timeline_tevid_", "head_grad_vs_val_acc"):
+        assert any(f.startswith(stem) for f in figs), (stem, figs)
+    assert all((out / "figures" / f).stat().st_size > 5000 for f in figs)
+
+
+def test_report_on_a_split_with_anomalies(smoke_corpus, tevid_checkpoint, tmp_path):
+    """Scored on the train split (a healthy and an instability run): AUPRC and its interval are defined."""
+    cfg = ReportConfig(methods=["tevid", "cusum"], test_split="train", n_resamples=200, figures=False,
+                       tevid_checkpoints={"tevid_scratch": str(tevid_checkpoint)})
+    m = make_report(smoke_corpus, tmp_path, cfg, tevid_checkpoint, progress=False)
+    assert list(m) == ["tevid", "cusum", "tevid_scratch"] and m["tevid_scratch"]["kind"] == "tevid"
+    assert m["tevid_scratch"]["event_auprc"] == m["tevid"]["event_auprc"]  # the same checkpoint twice
+    for name in ("tevid", "cusum"):
+        s = m[name]
+        assert 0.0 < s["event_auprc"] <= 1.0 and s["n_anomalous"] == 1 and s["n_healthy"] == 1
+        assert s["detection_rate"] in (0.0, 1.0) and s["cost"] >= -100
+        assert len(s["event_auprc_ci"]) == 2
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["cusum"]["event_auprc"] == pytest.approx(m["cusum"]["event_auprc"])
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        ReportConfig(methods=["tevid", "lstm"])
+    with pytest.raises(ValueError, match="taken by methods"):
+        ReportConfig(tevid_checkpoints={"cusum": "x"})
+
+
+def _run(run_id, label, novel=False, alerts=(), onset=None, n=6):
+    return RunResult(run_id, label, novel, onset, None if label in ("healthy", None) else 40, 10.0,
+                     np.arange(n) * 10, np.zeros(n), alerts=list(alerts))
+
+
+def test_confusion_counts_by_hand():
+    runs = [_run("h0", "healthy"), _run("h1", "healthy", alerts=[(20, "instability")]),
+            _run("a0", "instability", onset=20, alerts=[(10, "forgetting"), (30, "instability")]),
+            _run("a1", "forgetting", onset=20, alerts=[(30, "anomaly")]), _run("a2", "overfitting", onset=0),
+            _run("n0", "healthy", novel=True, onset=20), _run("n1", "healthy", novel=True, onset=20)]
+    unknown = {"n1": np.array([0, 0, 1, 1, 1, 0], bool), "n0": np.array([1, 1, 0, 0, 0, 0], bool)}
+    cm = FIG.confusion_counts(runs, unknown)
+    row, col = FIG.TRUE_ROWS.index, FIG.PRED_COLS.index
+    assert cm[row("healthy"), col("healthy")] == 1 and cm[row("healthy"), col("instability")] == 1
+    assert cm[row("instability"), col("instability")] == 1  # the pre-onset alert does not count
+    assert cm[row("forgetting"), col("other")] == 1 and cm[row("overfitting"), col("healthy")] == 1
+    assert cm[row("novel"), col("unknown")] == 1 and cm[row("novel"), col("healthy")] == 1  # n0 abstains before onset only
+    assert cm.sum() == len(runs)
+
+
+def test_pareto_front_by_hand():
+    far = np.array([0.0, 0.0, 0.1, 0.2, 0.3, 0.5])
+    lead = np.array([-2.0, -1.0, -1.5, 0.5, 0.2, 1.0])
+    f, l = FIG.pareto_front(far, lead)
+    assert f.tolist() == [0.0, 0.2, 0.5] and l.tolist() == [-1.0, 0.5, 1.0]
