@@ -117,12 +117,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
     return lr_factor(step, total, warmup, min_ratio)
 
 
-def clip_targets(ds: CorpusClips) -> np.ndarray:
-    """Target of every window of a CorpusClips without reading frames. CorpusClips has no public
-    per-window target list; it is read from its run table (`_runs`) through its `index`."""
-    return np.array([int(ds._runs[i].target[t]) for i, t in ds.index], dtype=np.int64)
-
-
 class CsvLog:
     """Append-only CSV; on resume the rows past the resumed step (written after the last checkpoint) are dropped."""
 
@@ -157,7 +151,7 @@ def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelera
     k = cfg.model.num_classes
     if cfg.data.source == "zarr":
         ds = CorpusClips(corpus, "train", clip_cfg)
-        targets = clip_targets(ds)
+        targets = ds.targets()
         keep = np.flatnonzero(targets != IGNORE)
         if len(keep) == 0:
             raise ValueError(f"{corpus}: the train split has no window with a known target (all IGNORE)")

@@ -67,10 +67,9 @@ class LabelConfig:
     # per architecture (calibrated on its own healthy reference runs, like the floors); else the above
     lyapunov_arch_margin: dict[str, list[float]] = field(default_factory=dict)
     # Windows that must fire; paper: any one, of H = 50 steps. Our windows are H = 8 steps, so one
-    # transient (a task switch, a single LR burst) fills a whole window: in the cpu corpus's first 50
-    # runs every forgetting run at 50% had its window-1 mean at 0.66-0.87, as high as the LR-burst runs
-    # (0.66-1.06), against 0.19-0.34 for healthy runs. Two windows ask for sustained separation; short
-    # events are left to the spike rule. See docs/factory.md.
+    # transient (a task switch, a single LR burst) fills a whole window as high as instability does
+    # (`factory.stats` per-window medians, docs/factory.md). Two windows ask for sustained separation;
+    # short events are left to the spike rule.
     lyapunov_min_windows: int = 2
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30

@@ -76,8 +76,8 @@ class Overfit(Perturbation):
     """No weight decay, no augmentation, a tiny training subset (from the start), and no learning-rate
     annealing after the warm-up: in a run of a few hundred steps an annealed model stops moving once
     it has memorised the subset, and the validation loss plateaus instead of rising. The subsets are
-    small because digits generalises from very few samples: with 96 of them a ResNet still reached
-    91% validation accuracy with a falling validation loss (docs/factory.md)."""
+    small because digits generalises from very few samples: with 96 of them the validation loss of a
+    ResNet kept falling (docs/factory.md)."""
 
     subset: int = 32
 
@@ -292,8 +292,7 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=16),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
     # one-step bursts, 4 of them: 3-step x25 bursts raised the loss for tens of steps (Adam) instead of
-    # spiking it, so later bursts hid in the raised rolling statistics (cpu corpus, first 50 runs: the
-    # spike rule fired on 1 of 12 spike runs); x100 breaks a model for good (earlier pilot)
+    # spiking it, so later bursts hid in the raised rolling statistics; x100 breaks a model for good
     "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=50.0,
                                            length=1, bursts=4, gap=max(5, n // 25)),
     "instability_cyclic": lambda n: CyclicLR(name="instability_cyclic", kind="known", injected="instability", onset=_at(0.3, n), peak=50.0, period=max(8, n // 8)),

@@ -171,6 +171,10 @@ class CorpusClips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def targets(self) -> np.ndarray:
+        """(len,) int64: the target of every window, in item order, without reading any frame."""
+        return np.array([int(self._runs[i].target[t]) for i, t in self.index], dtype=np.int64)
+
     def __getitem__(self, k: int) -> dict:
         i, t = self.index[k]
         start = t - self.cfg.window + 1

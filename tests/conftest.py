@@ -61,3 +61,18 @@ class PrivilegedWatch:
 @pytest.fixture
 def privileged_watch() -> PrivilegedWatch:
     return PrivilegedWatch()
+
+
+def copy_without_privileged(corpus: Path, dest: Path, lock: bool = False) -> Path:
+    """A copy of `corpus` whose every `privileged/` group is destroyed: emptied, its zarr.json made
+    invalid, and (`lock`) its directory made unreadable."""
+    import shutil
+
+    shutil.copytree(corpus, dest)
+    for group in dest.glob("runs/*.zarr/privileged"):
+        shutil.rmtree(group)
+        group.mkdir()
+        (group / "zarr.json").write_text("{ this is not json")
+        if lock:
+            group.chmod(0)
+    return dest

@@ -1,7 +1,6 @@
 """The clip data path (pretrain/clips.py, docs/clips.md): windows, targets, shards, loader, privileged rule."""
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,8 @@ import torch
 from capture.store import RunStore
 from pretrain.clips import (CLASSES, CLIP_READOUTS, IGNORE, ClipConfig, CorpusClips, clip_loader, collate, export_shards,
                             main, readout_features, run_targets, window_targets)
+
+from conftest import copy_without_privileged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,12 +178,7 @@ def test_clear_errors(smoke_corpus, tmp_path):
 def test_clips_never_touch_privileged_data(smoke_corpus, tmp_path, privileged_watch):
     """Corrupt every privileged group of a copied corpus: clips are identical and nothing fails; and an
     audit hook sees no file or directory under privileged/ opened or listed by the clip path."""
-    copy = tmp_path / "smoke"
-    shutil.copytree(smoke_corpus, copy)
-    for group in copy.glob("runs/*.zarr/privileged"):
-        shutil.rmtree(group)
-        group.mkdir()
-        (group / "zarr.json").write_text("{ this is not json")
+    copy = copy_without_privileged(smoke_corpus, tmp_path / "smoke")
     with privileged_watch:
         clips = CorpusClips(copy, None)
         items = [clips[k] for k in range(len(clips))]

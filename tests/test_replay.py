@@ -1,7 +1,6 @@
 """The streaming replay (eval/replay.py): the past only, public data only, shapes, confirmed alerts."""
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ from eval.metrics import RunResult
 from eval.replay import (RUN_INFO_KEYS, FrameOutput, PastView, confirmed_alerts, load_runs, replay, replay_runs,
                          run_outputs, unknown_mask, with_alerts)
 from pretrain.clips import CLASSES
+
+from conftest import copy_without_privileged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,13 +92,7 @@ def test_truncated_run_gives_the_same_outputs(smoke_corpus):
 def test_replay_shapes_and_no_privileged_read(smoke_corpus, tmp_path, privileged_watch):
     """Replay a copied corpus whose privileged groups are destroyed: same results, nothing under
     privileged/ opened or listed (audit hook), and reading privileged data there does fail."""
-    copy = tmp_path / "smoke"
-    shutil.copytree(smoke_corpus, copy)
-    for group in copy.glob("runs/*.zarr/privileged"):
-        shutil.rmtree(group)
-        group.mkdir()
-        (group / "zarr.json").write_text("{ not json")
-        group.chmod(0)
+    copy = copy_without_privileged(smoke_corpus, tmp_path / "smoke", lock=True)
     with privileged_watch:
         results = {name: replay(copy, None, make_baseline(name), progress=False) for name in ("cusum", "head_grad")}
         framed = replay(copy, "test", Peeker(), progress=False)

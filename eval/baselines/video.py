@@ -160,9 +160,7 @@ class VideoClassifier(nn.Module):
 # ---------------------------------------------------------------- training
 
 def _labelled(ds: CorpusClips) -> np.ndarray:
-    from diagnose.finetune import clip_targets
-
-    target = clip_targets(ds)
+    target = ds.targets()
     return np.flatnonzero(target != IGNORE), target
 
 
