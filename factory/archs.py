@@ -51,7 +51,8 @@ def _resnet(num_classes: int, image_size: int) -> nn.Module:
 def _vit(dim: int, depth: int, heads: int, patch: int, name: str = "vit_tiny_patch16_224"):
     def make(num_classes: int, image_size: int) -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size,
-                                 patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
+                                 patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                                 class_token=False, global_pool="avg")
     return make
 
 

@@ -53,6 +53,9 @@ class LabelConfig:
     spike_count: int = 3
     spike_merge_gap: int = 2  # spikes this close form one event (a level shift is not 3 spikes)
     spike_min_rise_frac: float = 0.1  # a spike also rises >= this x the run's starting loss (near-zero losses)
+    # history a robust z needs, as a fraction of the window (paper: 1000-step window, no minimum said);
+    # a tenth (9 steps) let the noisy first steps of SGD runs score z >= 3.5 on ordinary batches
+    spike_min_history_frac: float = 0.5
     lyapunov_confidence: float = 0.99
     lyapunov_bootstrap: int = 2000
     lyapunov_block: float = 3.0  # expected block length (paper: 10, with H = 50)
@@ -71,6 +74,13 @@ class LabelConfig:
     # (`factory.stats` per-window medians, docs/factory.md). Two windows ask for sustained separation;
     # short events are left to the spike rule.
     lyapunov_min_windows: int = 2
+    # collapse (instability): had reached >= collapse_learned x chance accuracy, then the last
+    # forget_window_frac of the epochs at <= collapse_level x chance with the training loss back at
+    # >= collapse_loss_return x its start (factory.labels.collapse)
+    collapse: bool = True
+    collapse_learned: float = 2.0
+    collapse_level: float = 1.5
+    collapse_loss_return: float = 0.9
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30
     forget_p: float = 0.01

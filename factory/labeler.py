@@ -26,11 +26,20 @@ def epoch_means(values: np.ndarray, epoch_step: np.ndarray) -> np.ndarray:
 def _spikes(train_loss: np.ndarray, lc: LabelConfig, steps: int) -> R.RuleResult:
     start = train_loss[:10][np.isfinite(train_loss[:10])]
     min_rise = lc.spike_min_rise_frac * float(np.median(start)) if len(start) else 0.0
+    window = max(10, int(lc.spike_window_frac * steps))
     return R.loss_spikes(
-        train_loss, z=lc.spike_z, window=max(10, int(lc.spike_window_frac * steps)),
+        train_loss, z=lc.spike_z, window=window, min_history=max(1, int(lc.spike_min_history_frac * window)),
         count=lc.spike_count, span=max(5, int(lc.spike_span_frac * steps)), merge_gap=lc.spike_merge_gap,
         min_rise=min_rise,
     )
+
+
+def _collapse(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult:
+    if not lc.collapse or len(sig["val_acc"]) == 0:
+        return R.RuleResult(False, None, {"reason": "off" if not lc.collapse else "no validation epochs"})
+    window = max(2, round(lc.forget_window_frac * len(sig["epoch_step"])))
+    return R.collapse(sig["val_acc"], sig["train_loss"], 1.0 / num_classes, window=window, learned=lc.collapse_learned,
+                      level=lc.collapse_level, loss_return=lc.collapse_loss_return)
 
 
 def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.RuleResult, R.RuleResult]:
@@ -102,10 +111,12 @@ def floor_for(lc: LabelConfig, arch: str, dataset: str) -> float:
 def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
     spikes, lyap = _instability(sig, lc, steps, arch)
     epoch_step = sig["epoch_step"]
+    collapsed = _collapse(sig, lc, num_classes)
+    collapse_step = _to_step(collapsed.trigger, epoch_step)
     step_triggers: dict[str, int | None] = {}
     results: dict[str, R.RuleResult] = {}
-    if spikes.fired or lyap.fired:
-        triggers = [t for t in (spikes.trigger if spikes.fired else None, lyap.trigger if lyap.fired else None) if t is not None]
+    if spikes.fired or lyap.fired or collapsed.fired:
+        triggers = [t for t, r in ((spikes.trigger, spikes), (lyap.trigger, lyap), (collapse_step, collapsed)) if r.fired and t is not None]
         results["instability"] = R.RuleResult(True, min(triggers) if triggers else None, {})
         step_triggers["instability"] = results["instability"].trigger  # both rules report steps
     for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc)),
@@ -120,6 +131,7 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
     rules = {name: {"fired": r.fired, "trigger_step": step_triggers.get(name), "detail": r.detail} for name, r in results.items()}
     rules["instability_spikes"] = {"fired": spikes.fired, "trigger_step": spikes.trigger, "detail": spikes.detail}
     rules["instability_lyapunov"] = {"fired": lyap.fired, "trigger_step": lyap.trigger, "detail": lyap.detail}
+    rules["instability_collapse"] = {"fired": collapsed.fired, "trigger_step": collapse_step, "detail": collapsed.detail}
     rules["healthy_floor"] = {"final_val_acc": final_acc, "floor": floor, "met": healthy_ok}
     return {"label": label, "trigger_step": step_triggers.get(label), "rules": rules}
 

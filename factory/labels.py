@@ -6,6 +6,7 @@ Rules and their paper thresholds (the defaults; the factory's thresholds live in
                 Benjamini-Yekutieli across candidates e0, and a practical gap test (A.2 "Overfitting")
   loss_spikes   robust z >= 3.5 against the previous 1000 steps, >= 3 spikes within 500 steps
   lyapunov      99% stationary-bootstrap CI of the mean log growth factor (Algorithm 1) above 0
+  collapse      (the factory's addition) learned, then back at chance to the end: a saturated blow-up
   forgetting    relative accuracy drop >= 30% after the task switch, McNemar p < 0.01
   concept_bias  logistic regression correct ~ shortcut + C(class), shortcut coefficient > 0, p < 0.01
   healthy       final metric meets the dataset floor (Appendix B, Table 10)
@@ -266,6 +267,43 @@ def lyapunov(
         if fired and trigger is None:
             trigger = int(start) + len(a)
     return RuleResult(trigger is not None, trigger, {"confidence": confidence, "windows": per_window})
+
+
+def collapse(
+    val_acc_ep: np.ndarray,
+    train_loss: np.ndarray,
+    chance: float,
+    *,
+    window: int = 5,
+    learned: float = 2.0,
+    level: float = 1.5,
+    loss_return: float = 0.9,
+) -> RuleResult:
+    """Collapse: the finite counterpart of divergence. A model that had learned (some epoch's
+    validation accuracy >= `learned` x chance) ends at chance: each of the last `window` epochs has
+    validation accuracy <= `level` x chance, and the training loss over the steps of those epochs
+    has returned to >= `loss_return` x its level over the first 10 steps (the model lost what it had
+    learned on its own training data). The paper counts a non-finite loss as instability; a small
+    model whose learning rate blows up usually saturates instead, its loss back at log K, and that
+    is one level shift, not three spikes. trigger = the first epoch of the final stretch at chance.
+    """
+    acc = np.asarray(val_acc_ep, dtype=float)
+    loss = np.asarray(train_loss, dtype=float)
+    detail: dict = {"chance": _num(chance), "window": window}
+    if len(acc) <= window or not (0 < chance < 1) or len(loss) < 10:
+        return RuleResult(False, None, {**detail, "reason": "too few epochs or steps"})
+    peak = float(np.nanmax(acc[:-window])) if np.isfinite(acc[:-window]).any() else math.nan
+    at_chance = np.isfinite(acc) & (acc <= level * chance)
+    tail_steps = max(1, round(len(loss) * window / len(acc)))
+    start, end = np.nanmedian(loss[:10]), np.nanmedian(np.where(np.isfinite(loss[-tail_steps:]), loss[-tail_steps:], np.inf))
+    detail.update(peak_acc=_num(peak), final_acc=_num(acc[-1]), start_loss=_num(start), end_loss=_num(end))
+    fired = bool(peak >= learned * chance and at_chance[-window:].all() and end >= loss_return * start)
+    if not fired:
+        return RuleResult(False, None, detail)
+    first = len(acc) - 1
+    while first > 0 and at_chance[first - 1]:
+        first -= 1
+    return RuleResult(True, first, detail)
 
 
 # ------------------------------------------------------------------ catastrophic forgetting

@@ -73,16 +73,32 @@ class LRScale(Perturbation):
 
 @dataclass
 class Overfit(Perturbation):
-    """No weight decay, no augmentation, a tiny training subset (from the start), and no learning-rate
-    annealing after the warm-up: in a run of a few hundred steps an annealed model stops moving once
-    it has memorised the subset, and the validation loss plateaus instead of rising. The subsets are
-    small because digits generalises from very few samples: with 96 of them the validation loss of a
-    ResNet kept falling (docs/factory.md)."""
+    """No weight decay, no augmentation, a tiny training subset (from the start, or from `onset` when
+    it is > 0), the learning rate times `lr_scale`, and no annealing after the warm-up: in a run of a
+    few hundred steps an annealed model stops moving once it has memorised the subset, and the
+    validation loss plateaus instead of rising. The subsets are small because digits generalises from
+    very few samples: with 96 of them the validation loss of a ResNet kept falling (docs/factory.md)."""
 
     subset: int = 32
+    lr_scale: float = 1.0
+    _keep: torch.Tensor | None = field(default=None, repr=False)
+    _seed: int = 0
+
+    def bind(self, y_train, num_classes, seed):
+        self._seed = seed
 
     def configure(self, s):
-        return replace(s, weight_decay=0.0, augment=False, train_subset=self.subset, anneal=False)
+        # onset 0: the subset from the start (Batches draws it); later: `pool` narrows to it at the onset
+        return replace(s, lr=s.lr * self.lr_scale, weight_decay=0.0, augment=False,
+                       train_subset=self.subset if self.onset == 0 else None, anneal=False)
+
+    def pool(self, step, pool):
+        if self.onset == 0 or step < self.onset:
+            return pool
+        if self._keep is None:
+            gen = torch.Generator().manual_seed(self._seed + 17)
+            self._keep = pool[torch.randperm(len(pool), generator=gen)[: self.subset]]
+        return self._keep
 
 
 @dataclass
@@ -288,8 +304,10 @@ def _at(frac: float, steps: int) -> int:
 PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "healthy": lambda n: LRScale(name="healthy"),
     "healthy_lr_low": lambda n: LRScale(name="healthy_lr_low", scale=0.5),
-    "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=32),
-    "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=16),
+    # slowed memorisation (lr x 0.2 / 0.5): at the full rate the subset is memorised within two epochs,
+    # the validation loss rises before any labeling window starts and, with SGD, then freezes
+    "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=32, lr_scale=0.2),
+    "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=16, lr_scale=0.5),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
     # one-step bursts, 4 of them: 3-step x25 bursts raised the loss for tens of steps (Adam) instead of
     # spiking it, so later bursts hid in the raised rolling statistics; x100 breaks a model for good

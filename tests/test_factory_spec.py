@@ -58,7 +58,19 @@ def test_unknown_perturbation_is_a_clear_error():
 
 def test_overfit_removes_regularisation_and_data():
     s = make_perturbation("overfit", STEPS).configure(RunSettings(lr=0.1, weight_decay=0.05))
-    assert s.weight_decay == 0 and not s.augment and s.train_subset == 32 and s.lr == 0.1 and not s.anneal
+    assert s.weight_decay == 0 and not s.augment and s.train_subset == 32 and s.lr == pytest.approx(0.02) and not s.anneal
+
+
+def test_overfit_with_an_onset_narrows_the_pool_at_the_onset():
+    from factory.perturbations import Overfit
+
+    p = Overfit(subset=8, onset=10)
+    p.bind(None, 10, seed=3)
+    assert p.configure(RunSettings(lr=0.1, weight_decay=0.05)).train_subset is None
+    pool = torch.arange(100)
+    assert torch.equal(p.pool(9, pool), pool)
+    narrowed = p.pool(10, pool)
+    assert len(narrowed) == 8 and torch.equal(p.pool(50, pool), narrowed) and set(narrowed.tolist()) <= set(range(100))
 
 
 def test_lr_perturbations_change_the_lr_at_onset():
