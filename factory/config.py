@@ -25,6 +25,9 @@ class TrainingConfig:
     lyapunov_windows: int = 4  # Lyapunov proxy windows per run (evenly spaced)
     lyapunov_horizon: int = 8  # H steps per window
     lyapunov_eps: float = 1e-3  # perturbation size relative to the parameter norm
+    # top Hessian eigenvalue (capture.hessian, Lanczos) at every k-th captured frame on the step's training
+    # batch, stored as the public per-frame array `hessian_top` (NaN elsewhere); 0 = off
+    hessian_every: int = 0
 
 
 @dataclass
@@ -52,7 +55,12 @@ class LabelConfig:
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)
     spike_count: int = 3
     spike_merge_gap: int = 2  # spikes this close form one event (a level shift is not 3 spikes)
-    spike_min_rise_frac: float = 0.1  # a spike also rises >= this x the run's starting loss (near-zero losses)
+    # a spike also rises >= this x the run's starting loss: near-zero memorised losses, and the flat
+    # plateaus (IQR ~0.05) on which an ordinary batch 0.3 higher scores z > 3.5 (docs/factory.md)
+    spike_min_rise_frac: float = 0.25
+    # a jump inside a merged stretch starts a new event (factory.labels.loss_spikes): LR bursts that
+    # keep the loss raised between them are several events, a plateau after a level shift is one
+    spike_jump_frac: float = 0.5
     # history a robust z needs, as a fraction of the window (paper: 1000-step window, no minimum said);
     # a tenth (9 steps) let the noisy first steps of SGD runs score z >= 3.5 on ordinary batches
     spike_min_history_frac: float = 0.5
@@ -99,6 +107,7 @@ class FactoryConfig:
     val: SplitConfig = field(default_factory=SplitConfig)
     test: SplitConfig = field(default_factory=SplitConfig)
     data_root: dict[str, str] = field(default_factory=dict)  # dataset -> local path (real datasets)
+    subsample: int = 1  # keep every k-th run of the plan (throughput measurements on a spread-out sample)
 
     @property
     def splits(self) -> dict[str, SplitConfig]:

@@ -51,7 +51,9 @@ def compatible(spec: RunSpec, steps: int) -> bool:
 
 
 def plan(cfg: FactoryConfig) -> list[RunSpec]:
-    return [s for s in expand(cfg.splits, NOVEL) if compatible(s, cfg.training.steps)]
+    if cfg.subsample < 1:
+        raise ValueError(f"subsample must be >= 1, got {cfg.subsample}")
+    return [s for s in expand(cfg.splits, NOVEL) if compatible(s, cfg.training.steps)][:: cfg.subsample]
 
 
 def store_path(corpus: Path, spec: RunSpec) -> Path:

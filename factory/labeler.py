@@ -30,7 +30,7 @@ def _spikes(train_loss: np.ndarray, lc: LabelConfig, steps: int) -> R.RuleResult
     return R.loss_spikes(
         train_loss, z=lc.spike_z, window=window, min_history=max(1, int(lc.spike_min_history_frac * window)),
         count=lc.spike_count, span=max(5, int(lc.spike_span_frac * steps)), merge_gap=lc.spike_merge_gap,
-        min_rise=min_rise,
+        min_rise=min_rise, jump_frac=lc.spike_jump_frac,
     )
 
 

@@ -187,6 +187,7 @@ def loss_spikes(
     min_history: int | None = None,
     merge_gap: int = 0,
     min_rise: float = 0.0,
+    jump_frac: float = 0.0,
 ) -> RuleResult:
     """Spike at step t if z_t = (L_t - mu_t) / (sigma_t + 1e-6) >= z, with mu_t the median and
     sigma_t = IQR / 1.349 of the finite losses among the strictly previous `window` steps (z_t is
@@ -203,6 +204,11 @@ def loss_spikes(
     its data has a loss near zero with a tiny IQR, so a batch loss of 0.01 against a median of 0.001
     scores z ~ 100 without being a spike of anything; the factory sets min_rise from the loss level
     at the start of the run (`LabelConfig.spike_min_rise_frac`).
+
+    `jump_frac` > 0 (with `merge_gap`) lets a spike step inside a merged stretch start a new event
+    when the loss jumped into it: L_t - L_{t-1} >= jump_frac * (L_t - mu_t) and >= `min_rise`. Repeated
+    bursts that keep the loss raised in between are then several events, while a plateau after a
+    level shift, whose steps do not jump, stays one.
     """
     if count < 1 or span < 1 or window < 1:
         raise ValueError(f"count, span and window must be >= 1, got {count}, {span}, {window}")
@@ -218,7 +224,13 @@ def loss_spikes(
         spike = ~finite | ((z_t >= z) & (losses - mu >= min_rise))  # NaN z (too little history) compares False
     steps = np.flatnonzero(spike)
     if merge_gap > 0 and len(steps):  # first step of each event; a non-finite loss always counts
-        steps = steps[np.concatenate([[True], np.diff(steps) > merge_gap]) | ~finite[steps]]
+        new_event = np.concatenate([[True], np.diff(steps) > merge_gap]) | ~finite[steps]
+        if jump_frac > 0:  # a fresh jump inside a raised stretch starts an event of its own
+            prev = np.concatenate([[np.nan], losses[:-1]])[steps]
+            with np.errstate(invalid="ignore"):
+                rise = losses[steps] - prev
+                new_event |= (rise >= jump_frac * (losses[steps] - mu[steps])) & (rise >= min_rise)
+        steps = steps[new_event]
     detail: dict = {
         "n_spikes": int(len(steps)),
         "n_nonfinite": int((~finite).sum()),

@@ -14,6 +14,7 @@ from factory.labels import (
     PRIORITY,
     RuleResult,
     assign_label,
+    collapse,
     concept_bias,
     forgetting,
     healthy,
@@ -217,6 +218,62 @@ def test_spikes_min_rise_ignores_jitter_of_a_memorised_near_zero_loss():
     loss[[150, 170, 190]] = 1.0  # real spikes rise far above the floor
     assert loss_spikes(loss, window=90, span=60, min_rise=0.2).fired
 
+def test_spike_jumps_inside_a_raised_stretch_are_events_of_their_own():
+    rng = np.random.default_rng(4)
+    loss = 0.3 + 0.02 * rng.normal(size=300)
+    for t in (150, 162, 174):  # bursts 12 steps apart; the loss stays raised between them
+        loss[t] = 8.0
+        loss[t + 1:t + 12] = np.linspace(4.0, 2.0, 11)
+    merged = loss_spikes(loss, window=90, span=45, merge_gap=2, min_rise=0.5)
+    assert not merged.fired and merged.detail["n_spikes"] == 1
+    jumps = loss_spikes(loss, window=90, span=45, merge_gap=2, min_rise=0.5, jump_frac=0.5)
+    assert jumps.fired and jumps.detail["firing_spikes"] == [150, 162, 174]
+    shift = 0.3 + 0.02 * rng.normal(size=300)
+    shift[150:] += 2.0  # a level shift: one jump, then a raised plateau
+    assert loss_spikes(shift, window=90, span=45, merge_gap=2, min_rise=0.5, jump_frac=0.5).detail["n_spikes"] == 1
+
+
+def test_spikes_min_history_silences_the_noisy_first_steps():
+    rng = np.random.default_rng(2)
+    loss = 2.3 + 0.02 * rng.normal(size=300)
+    loss[[12, 16, 20]] += 0.6  # ordinary early batches against 9 steps of a tiny IQR
+    assert loss_spikes(loss, window=90, span=45, min_history=9).fired
+    assert not loss_spikes(loss, window=90, span=45, min_history=45).fired
+
+
+# ------------------------------------------------------------------ collapse
+def _collapse_run(final_acc: float, final_loss: float, epochs: int = 20, steps: int = 300):
+    acc = np.concatenate([np.linspace(0.2, 0.9, epochs // 2), np.full(epochs - epochs // 2, final_acc)])
+    loss = np.concatenate([np.linspace(2.3, 0.3, steps // 2), np.full(steps - steps // 2, final_loss)])
+    return acc, loss
+
+
+def test_collapse_fires_when_a_learned_model_ends_at_chance():
+    acc, loss = _collapse_run(0.1, 2.31)
+    res = collapse(acc, loss, 0.1, window=5)
+    assert res.fired and res.trigger == 10 and res.detail["peak_acc"] == pytest.approx(0.9)
+    _strict_json(res)
+
+
+@pytest.mark.parametrize("final_acc, final_loss, why", [
+    (0.45, 1.2, "a forgetting run: half the classes still right"),
+    (0.12, 0.4, "training loss still low: the model fits its data (e.g. a task switch to unlearned classes)"),
+    (0.9, 0.3, "healthy"),
+])
+def test_collapse_quiet_otherwise(final_acc, final_loss, why):
+    acc, loss = _collapse_run(final_acc, final_loss)
+    assert not collapse(acc, loss, 0.1, window=5).fired, why
+
+
+def test_collapse_needs_a_model_that_had_learned_and_a_sustained_end():
+    never = np.full(20, 0.1)
+    assert not collapse(never, np.full(300, 2.3), 0.1, window=5).fired  # never above chance
+    acc, loss = _collapse_run(0.1, 2.31)
+    acc[-2] = 0.5  # recovers within the last window
+    assert not collapse(acc, loss, 0.1, window=5).fired
+    assert not collapse(acc[:4], loss, 0.1, window=5).fired  # too few epochs
+
+
 # ------------------------------------------------------------------ Lyapunov proxy
 def _windows(means, h=50, sd=0.2, seed=0):
     rng = np.random.default_rng(seed)
@@ -410,3 +467,21 @@ def test_labeler_lyapunov_needs_two_windows_and_uses_per_arch_margins():
     lc.lyapunov_arch_margin = {"vit": [1.0, 0.8, 0.7, 0.1]}
     assert not _instability(sig(sustained), lc, 300, "vit")[1].fired
     assert _instability(sig(sustained), lc, 300, "resnet")[1].fired
+
+
+def test_labeler_collapse_makes_an_lr_blow_up_instability():
+    from types import SimpleNamespace
+
+    from factory.config import LabelConfig
+    from factory.labeler import offline_label
+    from factory.perturbations import make_perturbation
+
+    acc, loss = _collapse_run(0.1, 2.31)
+    sig = {"train_loss": loss, "lyapunov": [], "epoch_step": np.arange(15, 301, 15), "val_loss": np.full(20, 2.3),
+           "val_acc": acc, "val_correct": np.zeros((20, 4), bool), "poison_correct": None, "val_labels": None}
+    pert = make_perturbation("instability_lr", 300)
+    off = offline_label(sig, pert, "resnet", "digits", 10, LabelConfig(), 300)
+    assert off["label"] == "instability" and off["rules"]["instability_collapse"]["fired"]
+    assert off["trigger_step"] == 165  # first epoch at chance (10) ends at step 165
+    off = offline_label(sig, pert, "resnet", "digits", 10, LabelConfig(collapse=False), 300)
+    assert off["label"] != "instability"
