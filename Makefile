@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/python -m capture.demo --out outputs/demo
+	$(VENV)/bin/python -m diagnose.demo --out outputs/demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
