@@ -4,7 +4,7 @@ VENV ?= .venv
 export ONEDNN_MAX_CPU_ISA ?= AVX512_CORE_BF16
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench reproduce clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,22 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python -m capture.bench --out outputs/bench
+
+# The shipped default model from scratch (diagnose/default_checkpoint/; its MANIFEST.json lists these
+# commands). About 2-3 hours on a quiet 2-core CPU; the corpus and checkpoints go to outputs/.
+LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+	--mixed_precision no --dynamo_backend no
+reproduce: setup
+	$(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
+	$(VENV)/bin/python -m factory.relabel --corpus outputs/corpus/cpu --calibrate --config configs/factory/cpu.yaml
+	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu
+	$(VENV)/bin/python -m pretrain.clips export --corpus outputs/corpus/cpu --out outputs/shards/cpu --overwrite
+	$(LAUNCH2) pretrain/train.py --config configs/pretrain/cpu.yaml --corpus outputs/shards/cpu --out outputs/pretrain/cpu
+	$(LAUNCH2) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu \
+		--checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu
+	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu
+	$(VENV)/bin/python -m diagnose.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
+		--report outputs/report/cpu/metrics.json
 
 clean:
 	rm -rf outputs .pytest_cache

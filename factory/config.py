@@ -87,7 +87,7 @@ class LabelConfig:
     # >= collapse_loss_return x its start (factory.labels.collapse)
     collapse: bool = True
     collapse_learned: float = 2.0
-    collapse_level: float = 1.5
+    collapse_level: float = 2.0
     collapse_loss_return: float = 0.9
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30

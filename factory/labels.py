@@ -288,7 +288,7 @@ def collapse(
     *,
     window: int = 5,
     learned: float = 2.0,
-    level: float = 1.5,
+    level: float = 2.0,
     loss_return: float = 0.9,
 ) -> RuleResult:
     """Collapse: the finite counterpart of divergence. A model that had learned (some epoch's
