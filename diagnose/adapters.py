@@ -10,12 +10,17 @@
 
 The adapters only attach, feed the loss where the framework exposes it, and turn `should_stop` into
 the framework's own stop request; all monitoring lives in `diagnose.monitor` (STYLE.md 6: the loop
-never special-cases one callback type). When a framework is missing, its adapter is a stub whose
-constructor raises an ImportError that names the package to install.
+never special-cases one callback type). The two framework classes are built on first access (module
+`__getattr__`): importing Lightning takes seconds, and users of the optuna or accelerate adapters should
+not pay for it. When a framework is missing, its adapter is a stub whose constructor raises an
+ImportError that names the package to install. Tested against lightning 2.6 and transformers 5.23
+(tests/test_adapters_frameworks.py).
 """
 from __future__ import annotations
 
 import math
+
+import torch.nn as nn
 
 from diagnose.monitor import Monitor, watch
 from diagnose.symptoms import Alert
@@ -67,68 +72,26 @@ def prune_on_alert(trial, monitor: Monitor, step: int, value: float | None = Non
         raise optuna.TrialPruned(f"TEViD alert {first.name!r} ({first.source}) at step {first.step}: {first.message}")
 
 
-# ---------------------------------------------------------------- Lightning (optional)
-
-try:
-    import lightning.pytorch as _pl
-except ImportError:
-    try:
-        import pytorch_lightning as _pl  # type: ignore[no-redef]
-    except ImportError:
-        _pl = None
-
-if _pl is not None:
-
-    class TEViDLightningCallback(_pl.Callback):
-        """Attach at `on_fit_start` to the module and its first optimizer; the loss comes from
-        `on_before_backward`; `should_stop` becomes `trainer.should_stop`, agreed by all ranks through
-        `trainer.strategy.reduce_boolean_decision` (as Lightning's EarlyStopping does)."""
-
-        def __init__(self, checkpoint=None, **watch_kwargs):
-            self.checkpoint, self.watch_kwargs = checkpoint, watch_kwargs
-            self.monitor: Monitor | None = None
-            self._state: dict | None = None
-
-        def on_fit_start(self, trainer, pl_module):
-            if self.monitor is None:
-                self.monitor = watch(pl_module, trainer.optimizers[0], self.checkpoint, **self.watch_kwargs)
-                if self._state:
-                    self.monitor.load_state_dict(self._state)
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            if self.monitor is not None:
-                self.monitor.observe(loss=loss)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.monitor is not None:
-                stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
-                trainer.should_stop = trainer.should_stop or stop
-
-        def on_fit_end(self, trainer, pl_module):
-            if self.monitor is not None:
-                self.monitor.remove()
-
-        def state_dict(self):
-            return self.monitor.state_dict() if self.monitor is not None else {}
-
-        def load_state_dict(self, state_dict):
-            self._state = state_dict
-
-else:
-
-    class TEViDLightningCallback:  # type: ignore[no-redef]
-        def __init__(self, *args, **kwargs):
-            raise ImportError("TEViDLightningCallback needs Lightning: neither `lightning` nor `pytorch_lightning` "
-                              "imports here (pip install lightning). Without it, call diagnose.watch(model, optimizer) "
-                              "in your own loop.")
+# ---------------------------------------------------------------- shared by the framework adapters
 
 
-# ---------------------------------------------------------------- Hugging Face transformers (optional)
+def find_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier head of a framework's model, where `capture.find_head(model)` sees none: the
+    `get_classifier()` of the first submodule that has one (a LightningModule holding a timm model),
+    else a Hugging Face model's `get_output_embeddings()` (its LM head) when that is a Linear."""
+    from capture.hookpoints import find_head as capture_find_head
 
-try:
-    import transformers as _hf
-except ImportError:
-    _hf = None
+    for module in model.modules():
+        head = capture_find_head(module)
+        if head is not None:
+            return head
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _watch(model, optimizer, checkpoint, watch_kwargs: dict) -> Monitor:
+    return watch(model, optimizer, checkpoint, **{"head": find_head(model), **watch_kwargs})
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -142,34 +105,158 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
-if _hf is not None:
+def _lightning():
+    """`lightning.pytorch`, else `pytorch_lightning`, else None."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        try:
+            import pytorch_lightning as pl  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return pl
 
-    class TEViDTrainerCallback(_hf.TrainerCallback):
-        """Attach at `on_train_begin` to the Trainer's model and optimizer (the loss is recovered from the
-        head's gradient: the Trainer does not hand per-step losses to callbacks); `should_stop` becomes
-        `control.should_training_stop` on every rank (one all-reduce per step under DDP)."""
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers
+
+
+# ---------------------------------------------------------------- Lightning (optional)
+
+
+def _lightning_callback() -> type:
+    pl = _lightning()
+    if pl is None:
+        class TEViDLightningCallback:
+            def __init__(self, *args, **kwargs):
+                raise ImportError("TEViDLightningCallback needs Lightning: neither `lightning` nor `pytorch_lightning` "
+                                  "imports here (pip install lightning). Without it, call diagnose.watch(model, optimizer) "
+                                  "in your own loop.")
+
+        return TEViDLightningCallback
+
+    class TEViDLightningCallback(pl.Callback):
+        """Attach at `on_fit_start` to the LightningModule and its first optimizer (`monitor` is the
+        `Monitor`; each fit attaches a new one, removed at `on_fit_end` or `on_exception`). The loss of
+        each micro-batch comes from `on_before_backward`, undoing what Lightning did to it first: the
+        1/accumulate_grad_batches of automatic optimisation and a "16-mixed" GradScaler's scale.
+        `should_stop` becomes `trainer.should_stop`, agreed by all ranks through
+        `trainer.strategy.reduce_boolean_decision` (as Lightning's EarlyStopping does); Lightning stops
+        after that batch unless `min_epochs` / `min_steps` are not met yet. `state_dict` (the monitor's)
+        is saved in Lightning checkpoints and restored on resume."""
 
         def __init__(self, checkpoint=None, **watch_kwargs):
             self.checkpoint, self.watch_kwargs = checkpoint, watch_kwargs
             self.monitor: Monitor | None = None
+            self._state: dict | None = None
+            self._attached = False
+
+        def on_fit_start(self, trainer, pl_module):
+            if self._attached:
+                return
+            self.monitor = _watch(pl_module, trainer.optimizers[0], self.checkpoint, self.watch_kwargs)
+            self._attached = True
+            if self._state:
+                self.monitor.load_state_dict(self._state)
+            self._state = None
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            if not self._attached:
+                return
+            loss = loss.detach()
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                scale = getattr(scaler, "_scale", None)  # a tensor: dividing by it needs no host sync
+                loss = loss / (scale.to(loss.device) if scale is not None else scaler.get_scale())
+            if pl_module.automatic_optimization:
+                loss = loss * trainer.accumulate_grad_batches
+            self.monitor.observe(loss=loss)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self._attached:
+                stop = trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False)
+                trainer.should_stop = trainer.should_stop or stop
+
+        def on_fit_end(self, trainer, pl_module):
+            self._detach()
+
+        def on_exception(self, trainer, pl_module, exception):
+            self._detach()
+
+        def _detach(self) -> None:
+            if self._attached:
+                self.monitor.remove()
+                self._attached = False
+
+        def state_dict(self):
+            return self.monitor.state_dict() if self.monitor is not None else {}
+
+        def load_state_dict(self, state_dict):
+            if state_dict and self._attached:  # strategies that restore after setup (e.g. DeepSpeed)
+                self.monitor.load_state_dict(state_dict)
+            elif state_dict:
+                self._state = state_dict
+
+    return TEViDLightningCallback
+
+
+# ---------------------------------------------------------------- Hugging Face transformers (optional)
+
+
+def _trainer_callback() -> type:
+    hf = _transformers()
+    if hf is None:
+        class TEViDTrainerCallback:
+            def __init__(self, *args, **kwargs):
+                raise ImportError("TEViDTrainerCallback needs Hugging Face `transformers`, which does not import here "
+                                  "(pip install transformers). Without it, call diagnose.watch(model, optimizer) in your "
+                                  "own loop.")
+
+        return TEViDTrainerCallback
+
+    class TEViDTrainerCallback(hf.TrainerCallback):
+        """Attach at `on_train_begin` to the Trainer's model and optimizer (accelerate's wrapper: its inner
+        torch optimizer steps only at the end of each gradient-accumulation cycle, so only optimizer steps
+        count); each `train()` attaches a new `monitor`, removed at `on_train_end`. The Trainer hands no
+        per-step loss to callbacks: the loss is recovered from the head's gradient (`find_head`: a
+        `get_classifier()`, else the model's output embeddings; pass `head=` otherwise). `should_stop`
+        becomes `control.should_training_stop` on every rank (one all-reduce per step under DDP)."""
+
+        def __init__(self, checkpoint=None, **watch_kwargs):
+            self.checkpoint, self.watch_kwargs = checkpoint, watch_kwargs
+            self.monitor: Monitor | None = None
+            self._attached = False
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if self.monitor is None and model is not None and optimizer is not None:
-                self.monitor = watch(model, optimizer, self.checkpoint, **self.watch_kwargs)
+            if not self._attached and model is not None and optimizer is not None:
+                self.monitor = _watch(model, optimizer, self.checkpoint, self.watch_kwargs)
+                self._attached = True
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.monitor is not None and _any_rank(self.monitor.should_stop, args.device):
+            if self._attached and _any_rank(self.monitor.should_stop, args.device):
                 control.should_training_stop = True
             return control
 
         def on_train_end(self, args, state, control, **kwargs):
-            if self.monitor is not None:
+            if self._attached:
                 self.monitor.remove()
+                self._attached = False
 
-else:
+    return TEViDTrainerCallback
 
-    class TEViDTrainerCallback:  # type: ignore[no-redef]
-        def __init__(self, *args, **kwargs):
-            raise ImportError("TEViDTrainerCallback needs Hugging Face `transformers`, which does not import here "
-                              "(pip install transformers). Without it, call diagnose.watch(model, optimizer) in your "
-                              "own loop.")
+
+_LAZY = {"TEViDLightningCallback": _lightning_callback, "TEViDTrainerCallback": _trainer_callback,
+         "_pl": _lightning, "_hf": _transformers}
+
+
+def __getattr__(name: str):
+    """The framework adapters (and `_pl` / `_hf`, the frameworks or None), imported on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = _LAZY[name]()
+    globals()[name] = value
+    return value
