@@ -4,7 +4,7 @@ manifest that says which corpus config, which commit and which commands made it.
     python -m diagnose.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
         [--report outputs/report/cpu/metrics.json] [--out diagnose/default_checkpoint]
 
-Copies the weights (`model.safetensors`), `config.json` and `calibration.json` (no pickle anywhere),
+Copies the weights (`model.safetensors`), `config.json`, `state.json` and `calibration.json` (no pickle),
 checks that the copy loads (`diagnose.tevid.load_tevid`), and writes `MANIFEST.json`: the corpus's
 config (as saved by the factory) and its label counts, the git commit and whether the tree was dirty,
 the pipeline commands (`make reproduce` runs the same ones), sha256 and size of every file, and the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from diagnose.monitor import DEFAULT_CHECKPOINT
 
-FILES = ("model.safetensors", "config.json", "calibration.json")
+FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
 # the pipeline behind the shipped model (Makefile target `reproduce` runs exactly these)
 PIPELINE = (
     "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu",
