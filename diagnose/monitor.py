@@ -247,6 +247,8 @@ class Monitor:
             raise ValueError(f"stop_on: unknown alert name(s) {unknown}; valid: {sorted(valid)}")
 
     def _load_tevid(self, checkpoint) -> None:
+        if checkpoint is False:
+            return  # asked for readouts and rule symptoms only, even where a default model ships
         default = checkpoint is None
         path = DEFAULT_CHECKPOINT if default else Path(checkpoint)
         if default and not (path / "config.json").is_file():
