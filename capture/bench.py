@@ -70,6 +70,32 @@ def _block(model, opt, x, y, steps: int, options: dict | None) -> float:
     return elapsed / steps
 
 
+def interleaved_rounds(blocks: dict, rounds: int, rng: random.Random, desc: str = "") -> dict[str, list[float]]:
+    """Run every block once per round, in an order shuffled each round (so drift of a shared machine
+    hits every mode alike). `blocks`: mode -> callable returning seconds per step of one block.
+    Returns mode -> its seconds per step, one entry per round."""
+    times = {m: [] for m in blocks}
+    for _ in tqdm(range(rounds), desc=desc, unit="round"):
+        order = list(blocks)
+        rng.shuffle(order)
+        for mode in order:
+            times[mode].append(blocks[mode]())
+    return times
+
+
+def ratio_summary(times: dict[str, list[float]], baseline: str = "plain") -> dict[str, dict[str, float]]:
+    """Per mode other than `baseline`: median, min and max over rounds of its step time divided by the
+    same round's `baseline` step time (the ratio is taken within a round, never across rounds)."""
+    base = times[baseline]
+    out = {}
+    for mode, t in times.items():
+        if mode == baseline:
+            continue
+        r = [a / b for a, b in zip(t, base)]
+        out[mode] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    return out
+
+
 def step_time_ratios(rounds: int, steps: int, batch: int = 64, seed: int = 0) -> dict:
     rng = random.Random(seed)
     results = {}
@@ -79,24 +105,9 @@ def step_time_ratios(rounds: int, steps: int, batch: int = 64, seed: int = 0) ->
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
         _block(model, opt, x, y, 5, None)  # warm-up
-        times = {m: [] for m in MODES}
-        for _ in tqdm(range(rounds), desc=name, unit="round"):
-            order = list(MODES)
-            rng.shuffle(order)
-            for mode in order:
-                times[mode].append(_block(model, opt, x, y, steps, MODES[mode]))
-        plain = times["plain"]
-        results[name] = {
-            "plain_ms_per_step": 1000 * statistics.median(plain),
-            "ratios": {
-                mode: {
-                    "median": statistics.median(r := [t / p for t, p in zip(times[mode], plain)]),
-                    "min": min(r),
-                    "max": max(r),
-                }
-                for mode in MODES if mode != "plain"
-            },
-        }
+        blocks = {m: (lambda o=opts: _block(model, opt, x, y, steps, o)) for m, opts in MODES.items()}
+        times = interleaved_rounds(blocks, rounds, rng, desc=name)
+        results[name] = {"plain_ms_per_step": 1000 * statistics.median(times["plain"]), "ratios": ratio_summary(times)}
     return results
 
 

@@ -118,21 +118,31 @@ def group_vectors(x: torch.Tensor, layout: str, groups: int, prefix_tokens: int 
 
 
 def tensor_to_map(
-    x: torch.Tensor, layout: str, size: int, projection: Projection, prefix_tokens: int = 0
-) -> tuple[torch.Tensor, int]:
+    x: torch.Tensor, layout: str, size: int, projection: Projection, prefix_tokens: int = 0, per_sample: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One captured tensor -> `(S, S)` float32 map and its count of non-finite values (a 0-d tensor:
-    no device sync). Runs in float32 with autocast off, whatever the user's forward runs under."""
+    no device sync). Runs in float32 with autocast off, whatever the user's forward runs under.
+
+    `per_sample=True` (DP telemetry): each sample's map before the batch mean, `(B, H, W)` at the
+    tensor's own resolution, and its count of non-finite values `(B,)`; `resize_map` of their mean is
+    the `(S, S)` map."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _tensor_to_map(x.detach().float(), layout, size, projection, prefix_tokens)
+        return _tensor_to_map(x.detach().float(), layout, size, projection, prefix_tokens, per_sample)
 
 
-def _tensor_to_map(x: torch.Tensor, layout: str, size: int, projection: Projection, prefix_tokens: int):
-    bad = (~torch.isfinite(x)).sum()
+def resize_map(m: torch.Tensor, size: int) -> torch.Tensor:
+    """`(H, W)` -> `(S, S)`: bilinear with antialiasing (a linear map: the resized mean is the mean of the resized)."""
+    return F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+
+
+def _tensor_to_map(x: torch.Tensor, layout: str, size: int, projection: Projection, prefix_tokens: int,
+                   per_sample: bool = False):
+    bad = (~torch.isfinite(x)).flatten(1).sum(1) if per_sample else (~torch.isfinite(x)).sum()
     x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     pooled = channel_groups(to_grid(x, layout, prefix_tokens), projection.groups)  # (B, G, H, W)
-    m = projection.apply(pooled).mean(dim=0)[None, None]  # batch mean -> (1, 1, H, W)
-    m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return m[0, 0], bad
+    if per_sample:
+        return projection.apply(pooled), bad  # (B, H, W), (B,)
+    return resize_map(projection.apply(pooled).mean(dim=0), size), bad  # batch mean -> (H, W) -> (S, S)
 
 
 class RobustNormalizer:

@@ -16,18 +16,22 @@ adds a few `N x C` element-wise ops that stay on the device. Everything is synce
 
 Nothing here raises inside the user's forward or backward pass: a fault is recorded in
 `cap.faults`, warned about once, and that frame's affected maps/readouts come out as zeros/NaN.
+
+`release=` (DP telemetry, `diagnose.privacy.DPTelemetry`): at a capture step the hooks keep each
+sample's maps and the head's inputs (`PerSample`) instead of batch means, and the frame's maps and
+readouts are whatever `release(per_sample)` returns; per-step losses are withheld (NaN to the sink).
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 
-from capture.frames import CHANNELS, Projection, RobustNormalizer, tensor_to_map
+from capture.frames import CHANNELS, Projection, RobustNormalizer, resize_map, tensor_to_map
 from capture.hookpoints import HookPoint, find_head, find_hook_points
 from capture.readouts import (
     HEAD_READOUTS,
@@ -63,6 +67,21 @@ class Frame:
     step: int
     frame: torch.Tensor  # (6, S, S) bfloat16, on the CPU
     readouts: dict[str, float]
+
+
+@dataclass
+class PerSample:
+    """What a capture step saw, per sample (for `release`): B = samples of the capture batch."""
+
+    maps: list[torch.Tensor | None]  # 6 maps (B, H, W) before the batch mean, in CHANNELS order (None: not captured)
+    nonfinite: torch.Tensor | None  # (B,) non-finite values per sample in the captured tensors and logits
+    z: torch.Tensor | None = None  # the head's input (B, ..., d), detached
+    grad_logits: torch.Tensor | None = None  # dL/dlogits (B, ..., C)
+    logits: torch.Tensor | None = None  # (B, ..., C) (the model's output when there is no linear head)
+    weight: torch.Tensor | None = None  # the head's weight (C, d)
+
+
+Release = Callable[[PerSample], tuple[list, dict]]  # -> 6 maps (H, W) or None, readouts {name: float}
 
 
 class Sink(Protocol):
@@ -106,8 +125,13 @@ class Capture:
         optimizer: torch.optim.Optimizer | None = None,
         projection: Projection | None = None,
         sink: Sink | None = None,
+        release: Release | None = None,
     ):
+        if release is not None and config.gwa_window != "step":
+            raise ValueError("capture with release= (DP telemetry) needs gwa_window='step': GWA over all samples "
+                             "since the last frame would draw one release from `cadence` batches")
         self.config = config
+        self.release = release
         self.points: list[HookPoint] = find_hook_points(model, config.modules, config.layouts)
         self.head = head if head is not None else find_head(model)
         self.optimizer = optimizer
@@ -147,6 +171,7 @@ class Capture:
         self._seen_block = [False] * 3
         self._head_seen = False
         self._head: dict[str, torch.Tensor] = {}
+        self._per_sample: dict[str, torch.Tensor] = {}  # release only: z, grad_logits, logits, weight
 
     def _fault(self, where: str, err: BaseException) -> None:
         self.faults.append(f"step {self.step_count}, {where}: {type(err).__name__}: {err}")
@@ -172,7 +197,8 @@ class Capture:
                 if layout is None:
                     raise ValueError(f"output of rank {t.ndim} (shape {tuple(t.shape)}); expected 2, 3 or 4")
                 layout = "bchw" if layout == "auto" else layout
-                self._maps[i], bad = tensor_to_map(t, layout, self.config.frame_size, self.projection, point.prefix_tokens)
+                self._maps[i], bad = tensor_to_map(t, layout, self.config.frame_size, self.projection, point.prefix_tokens,
+                                                   per_sample=self.release is not None)
                 self._bad.append(bad)
                 t.register_hook(self._grad_hook(i + 3, layout, point.prefix_tokens))
             except Exception as err:  # noqa: BLE001 - never break the user's forward
@@ -183,7 +209,8 @@ class Capture:
     def _grad_hook(self, channel: int, layout: str, prefix: int):
         def hook(grad):
             try:
-                self._maps[channel], bad = tensor_to_map(grad, layout, self.config.frame_size, self.projection, prefix)
+                self._maps[channel], bad = tensor_to_map(grad, layout, self.config.frame_size, self.projection, prefix,
+                                                         per_sample=self.release is not None)
                 self._bad.append(bad)
             except Exception as err:  # noqa: BLE001 - never break the user's backward
                 self._fault(f"gradient hook {CHANNELS[channel]}", err)
@@ -201,7 +228,10 @@ class Capture:
                 return
             self._head_seen = True
             z = z.detach()
-            if capture_step:
+            if capture_step and self.release is not None:
+                self._per_sample.update(z=z, logits=logits.detach())
+                self._bad.append((~torch.isfinite(logits.detach())).flatten(1).sum(1))
+            elif capture_step:
                 self._head.update(output_stats(logits))
                 self._bad.append((~torch.isfinite(logits.detach())).sum())
             logits.register_hook(self._head_grad_hook(z, logits.detach(), capture_step))
@@ -211,6 +241,9 @@ class Capture:
     def _head_grad_hook(self, z: torch.Tensor, logits: torch.Tensor, capture_step: bool):
         def hook(grad):
             try:
+                if self.release is not None:  # per-sample terms go to the release at the frame
+                    self._per_sample.update(grad_logits=grad.detach(), weight=self.head.weight.detach().clone())
+                    return
                 w = self.head.weight.detach().float()
                 g, zf = grad.float(), z.float()
                 self._alignments.append(gwa_alignments(zf, g, w))
@@ -228,7 +261,10 @@ class Capture:
             logits = _first_tensor(output)
             if logits is not None and logits.is_floating_point() and logits.ndim >= 2:
                 self._head_seen = True
-                self._head.update(output_stats(logits))
+                if self.release is not None:
+                    self._per_sample["logits"] = logits.detach()
+                else:
+                    self._head.update(output_stats(logits))
         except Exception as err:  # noqa: BLE001
             self._fault("output hook", err)
 
@@ -262,6 +298,8 @@ class Capture:
         if absent:
             self._warn_once("absent_maps", f"no capture for {absent} at step {self.step_count} "
                             "(no forward/backward with grad through those modules?): zero maps used")
+        if self.release is not None:
+            return self._finish_released_frame(zeros)
         maps = torch.stack([zeros if m is None else m.float().cpu() for m in self._maps])  # (6, S, S)
         frame = self.normalizer(maps).to(torch.bfloat16)
 
@@ -274,7 +312,22 @@ class Capture:
         readouts["nonfinite"] = float(sum(int(b) for b in self._bad))
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES})
+        return self._emit(out, losses)
 
+    def _finish_released_frame(self, zeros: torch.Tensor) -> Frame:
+        """The frame from `release(per-sample terms)`: maps and readouts as released, nothing else."""
+        bad = [b for b in self._bad if b.ndim == 1]
+        nonfinite = torch.stack([b.to(bad[0].device) for b in bad]).sum(0) if bad and len({b.shape for b in bad}) == 1 else None
+        maps, readouts = self.release(PerSample(maps=list(self._maps), nonfinite=nonfinite, **self._per_sample))
+        frame = self.normalizer(torch.stack([zeros if m is None else resize_map(m.float(), self.config.frame_size).cpu()
+                                             for m in maps])).to(torch.bfloat16)  # (6, S, S)
+        readouts = {k: float(v) for k, v in readouts.items()}
+        readouts["lr"] = self._lrs[-1]
+        missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
+        out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES})
+        return self._emit(out, [math.nan] * len(self._lrs))  # per-step losses are not released
+
+    def _emit(self, out: Frame, losses: list[float]) -> Frame:
         self.sink.append_steps(losses, self._lrs)
         self.sink.append_frame(out)
         self.last_frame = out
@@ -285,7 +338,9 @@ class Capture:
     def flush_steps(self) -> None:
         """Hand per-step losses/lrs logged since the last frame to the sink (call at the end of a run)."""
         if self._lrs:
-            self.sink.append_steps(torch.stack([l.float().cpu() for l in self._losses]).tolist(), self._lrs)
+            losses = ([math.nan] * len(self._lrs) if self.release is not None
+                      else torch.stack([l.float().cpu() for l in self._losses]).tolist())
+            self.sink.append_steps(losses, self._lrs)
             self._losses, self._lrs = [], []
 
     # ---------------------------------------------------------------- results and lifetime
@@ -328,6 +383,7 @@ def attach(
     optimizer: torch.optim.Optimizer | None = None,
     projection: Projection | None = None,
     sink: Sink | None = None,
+    release: Release | None = None,
     **overrides,
 ) -> Capture:
     """Attach capture hooks to `model`. `overrides` set `CaptureConfig` fields (`cadence=10`)."""
@@ -338,4 +394,4 @@ def attach(
         if unknown:
             raise TypeError(f"unknown capture option(s) {sorted(unknown)}; valid: {sorted(valid)}")
         config = CaptureConfig(**{**asdict(config), **overrides})
-    return Capture(model, config, head=head, optimizer=optimizer, projection=projection, sink=sink)
+    return Capture(model, config, head=head, optimizer=optimizer, projection=projection, sink=sink, release=release)

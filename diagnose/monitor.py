@@ -43,8 +43,11 @@ from capture.recorder import CaptureConfig, Frame, _first_tensor, attach
 from diagnose.symptoms import (SYMPTOM_NAMES, Alert, DeadUnits, GradStats, LayerStats, Observation,
                                SaturatedActivations, Symptom, SymptomTracker)
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default_checkpoint"  # used by checkpoint=None once shipped
+# the shipped model, used by checkpoint=None; TEVID_DEFAULT_CHECKPOINT points it elsewhere (tests of the
+# rules-only monitor point it at nothing)
+DEFAULT_CHECKPOINT = Path(os.environ.get("TEVID_DEFAULT_CHECKPOINT") or Path(__file__).resolve().parent / "default_checkpoint")
 WINDOW = 10  # T frames per TEViD window (DESIGN.md §3), unless the checkpoint's data config says otherwise
+DEFER_NUMEL = 1 << 22  # logits elements kept for the once-per-frame loss recovery before it runs early
 logger = logging.getLogger("tevid")
 
 
@@ -75,21 +78,16 @@ class _CallbackRaised(Exception):
 
 
 class _RingSink:
-    """Capture sink that keeps the last `maxlen` frames and the per-step losses since the last frame."""
+    """Capture sink that keeps the last `maxlen` frames (the monitor keeps its own per-step losses)."""
 
     def __init__(self, maxlen: int):
         self.frames: deque[Frame] = deque(maxlen=maxlen)
-        self.losses: list[float] = []
 
     def append_frame(self, frame: Frame) -> None:
         self.frames.append(frame)
 
     def append_steps(self, loss: list[float], lr: list[float]) -> None:
-        self.losses += loss
-
-    def take_losses(self) -> list[float]:
-        out, self.losses = self.losses, []
-        return out
+        pass
 
 
 def _dist_info() -> tuple[int, int]:
@@ -135,28 +133,35 @@ def loss_from_logits_grad(logits: torch.Tensor, grad: torch.Tensor, tol: float =
 
 
 @torch.no_grad()
-def recover_loss(logits: torch.Tensor, grad: torch.Tensor, tol: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+def recover_loss(logits: torch.Tensor, grad: torch.Tensor, tol: float = 0.02,
+                 batched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, known) as 0-d tensors: `known` is False when the loss cannot be recovered (not a mean
-    cross-entropy, or non-finite gradients with finite logits); non-finite logits are a known NaN loss."""
+    cross-entropy, or non-finite gradients with finite logits); non-finite logits are a known NaN loss.
+    `batched`: the first axis indexes K independent losses (stacked steps) -> (K,) and (K,)."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        lf = logits.detach().float().reshape(-1, logits.shape[-1])  # (N, C)
-        g = grad.detach().float().reshape(-1, grad.shape[-1])  # (N, C)
-        bad_logits, bad_grad = ~torch.isfinite(lf).all(), ~torch.isfinite(g).all()
+        lf, g = logits.detach().float(), grad.detach().float()
+        if not batched:
+            lf, g = lf[None], g[None]
+        k = lf.shape[0]
+        lf = lf.reshape(k, -1, lf.shape[-1])  # (K, N, C)
+        g = g.reshape(k, -1, g.shape[-1])  # (K, N, C)
+        bad_logits, bad_grad = ~torch.isfinite(lf).flatten(1).all(1), ~torch.isfinite(g).flatten(1).all(1)  # (K,)
         logp = torch.log_softmax(lf, dim=-1)
         p = logp.exp()
-        active = g.abs().amax(dim=1) > 0  # rows that are part of the loss
-        y = g.argmin(dim=1, keepdim=True)  # (N, 1)
-        g_y, p_y = g.gather(1, y).squeeze(1), p.gather(1, y).squeeze(1)
+        active = g.abs().amax(dim=2) > 0  # (K, N) rows that are part of the loss
+        y = g.argmin(dim=2, keepdim=True)  # (K, N, 1)
+        g_y, p_y = g.gather(2, y).squeeze(2), p.gather(2, y).squeeze(2)  # (K, N)
         informative = active & (p_y < 0.999) & (g_y < 0)
         n_row = torch.where(informative, (p_y - 1) / torch.where(g_y < 0, g_y, -1.0), torch.nan)
-        n = torch.nanmedian(n_row) if n_row.numel() else torch.tensor(float("nan"), device=lf.device)
-        onehot = torch.zeros_like(p).scatter_(1, y, 1.0)
-        err = ((p - n * g) - onehot).abs().amax(dim=1)  # (N,)
-        ok = ~(informative & ~(err <= tol)).any() & active.any() & (torch.isfinite(n) | ~informative.any())
-        loss = -(logp.gather(1, y).squeeze(1) * active).sum() / active.sum().clamp_min(1)
+        n = (torch.nanmedian(n_row, dim=1).values if n_row.shape[1]
+             else torch.full((k,), float("nan"), device=lf.device))  # (K,)
+        onehot = torch.zeros_like(p).scatter_(2, y, 1.0)
+        err = ((p - n[:, None, None] * g) - onehot).abs().amax(dim=2)  # (K, N)
+        ok = ~(informative & ~(err <= tol)).any(1) & active.any(1) & (torch.isfinite(n) | ~informative.any(1))
+        loss = -(logp.gather(2, y).squeeze(2) * active).sum(1) / active.sum(1).clamp_min(1)  # (K,)
         ok = ok & ~bad_grad & ~bad_logits
-        nan = torch.full_like(loss, float("nan"))
-        return torch.where(ok, loss, nan), ok | bad_logits
+        loss, known = torch.where(ok, loss, torch.full_like(loss, float("nan"))), ok | bad_logits
+        return (loss, known) if batched else (loss[0], known[0])
 
 
 def _activation_modules(model: nn.Module, limit: int) -> list[tuple[str, nn.Module, str]]:
@@ -190,8 +195,10 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer, checkpoint=None, *, config: MonitorConfig,
                  capture_options: dict | None = None, callbacks=(), stop_on=None, log_dir=None,
-                 symptoms: list[Symptom] | None = None, head: nn.Module | None = None):
+                 symptoms: list[Symptom] | None = None, head: nn.Module | None = None, dp=None):
         self.config = config
+        self.dp = None  # DP telemetry (diagnose.privacy.DPTelemetry): the capture's release, when dp= is given
+        self._dp_reported = False
         self.alerts: list[Alert] = []
         self.readouts: list[dict] = []
         self.predictions: list[dict] = []
@@ -211,14 +218,23 @@ class Monitor:
         self._in_opt_hook = False
         self._handles: list = []
         self._opt_handles: list = []
+        self._stat_hooks: list = []  # (module, hook) of the layer statistics, registered around capture steps only
+        self._stat_handles: list = []
         self._janitor = None
         self._armed = True  # step 0 is a capture step
         self._seen: set[tuple[str, str]] = set()
         self._layer_pending: dict[tuple[str, str], torch.Tensor] = {}  # (kind, module name) -> stats, on device
         self._pending_grads: list[tuple[int, torch.Tensor]] = []
         self._observed: list = []
-        self._head_sum, self._head_n, self._head_known = None, 0, None
-        self._loss_known: list = []  # per step since the last frame: bool or 0-d bool tensor
+        # the loss recovered from the head runs once per frame over all steps since the last one (one
+        # batched `recover_loss`), not as ~25 small ops every step: the steps' logits and dL/dlogits wait here
+        self._head_pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, logits, grad) per micro-batch
+        self._head_numel = 0
+        self._head_step = -1  # the last step a head gradient arrived for
+        self._head_results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # (steps, losses, known) recovered
+        self._head_losses: dict[int, list] = {}  # step -> [sum of losses, micro-batches, known] on the host
+        self._step_losses: list[tuple[int, object, object]] = []  # (step, loss, known) since the last frame;
+        # loss None = recovered from the head at the next frame; known: bool or a 0-d bool tensor
         self._unknown_streak = 0
         self._decision = None
         self.stop_on = frozenset(stop_on or ())
@@ -229,9 +245,16 @@ class Monitor:
             self._load_tevid(checkpoint)
         s = config.frame_size or 32
         self.window = WINDOW if self.tevid is None else self._window
-        self.capture_config = CaptureConfig(cadence=config.cadence, frame_size=s, **(capture_options or {}))
+        options = dict(capture_options or {})
+        if dp is not None:
+            from diagnose.privacy import DPTelemetry
+
+            options["gwa_window"] = "step"  # one release = one batch (watch() rejects an explicit "frame")
+            self.dp = DPTelemetry(dp)
+        self.capture_config = CaptureConfig(cadence=config.cadence, frame_size=s, **options)
         self._sink = _RingSink(self.window)
-        self.capture = attach(self.model, self.capture_config, head=head, optimizer=self.optimizer, sink=self._sink)
+        self.capture = attach(self.model, self.capture_config, head=head, optimizer=self.optimizer, sink=self._sink,
+                              release=self.dp)
         self._grad_every = config.grad_every or config.cadence
         self._register_hooks()
         if log_dir is not None:
@@ -282,22 +305,33 @@ class Monitor:
     def _register_hooks(self) -> None:
         if self.optimizer is not None:
             self._opt_handles.append(self.optimizer.register_step_post_hook(self._post_step))
-        if self.role != "diagnose":
-            return
+        if self.role != "diagnose" or self.dp is not None:
+            return  # under DP the monitor reads only the released frames: no per-step loss, no layer statistics
         head = self.capture.head
         if head is not None and self.config.loss_from_head:
             self._handles.append(head.register_forward_hook(self._head_forward))
-        for name, module, kind in _activation_modules(self.model, self.config.max_activation_modules):
-            self._handles.append(module.register_forward_hook(self._stats_hook(name, kind)))
-        for p in self.capture.points:
-            self._handles.append(p.module.register_forward_hook(self._stats_hook(p.name, "block")))
+        self._stat_hooks = [(m, self._stats_hook(name, kind))
+                            for name, m, kind in _activation_modules(self.model, self.config.max_activation_modules)]
+        self._stat_hooks += [(p.module, self._stats_hook(p.name, "block")) for p in self.capture.points]
+        self._arm_stats(self._armed)
         self._inactivity = next((s for s in self.tracker.symptoms if isinstance(s, DeadUnits)), DeadUnits()).inactivity
         self._bound = next((s for s in self.tracker.symptoms if isinstance(s, SaturatedActivations)), SaturatedActivations()).bound
+
+    def _arm_stats(self, on: bool) -> None:
+        """The layer-statistics hooks sit on the model only for capture steps: between them the activation
+        modules keep torch's hook-free call path."""
+        if on and not self._stat_handles:
+            self._stat_handles = [m.register_forward_hook(h) for m, h in self._stat_hooks]
+        elif not on and self._stat_handles:
+            for h in self._stat_handles:
+                h.remove()
+            self._stat_handles = []
 
     def _open_log(self, log_dir: Path) -> None:
         d = log_dir if self.rank == 0 else log_dir / f"rank{self.rank}"
         d.mkdir(parents=True, exist_ok=True)
         info = {"monitor": asdict(self.config), "capture": asdict(self.capture_config), "symptoms": self.tracker.config(),
+                "dp": None if self.dp is None else asdict(self.dp.config),
                 "checkpoint": getattr(self, "checkpoint", None), "role": self.role, "rank": self.rank,
                 "world_size": self.world_size, "stop_on": sorted(self.stop_on)}
         tmp = d / f".monitor.json.tmp-{os.getpid()}"
@@ -334,6 +368,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._arm_stats(False)
         if self._in_opt_hook and self._opt_handles:
             # torch iterates the optimizer's hook dict while calling it: removing our handle now would
             # break that loop inside the user's optimizer.step(); the next forward removes it instead
@@ -366,13 +401,41 @@ class Monitor:
         logits.register_hook(lambda grad: self._guard("head gradient hook", self._head_grad, detached, grad))
 
     def _head_grad(self, logits: torch.Tensor, grad: torch.Tensor) -> None:
-        est, known = recover_loss(logits, grad)
-        if self._head_sum is None:
-            self._head_sum, self._head_known = est, known
-        else:
-            self._head_sum = self._head_sum + est.to(self._head_sum.device)
-            self._head_known = self._head_known & known.to(self._head_known.device)
-        self._head_n += 1
+        self._head_pending.append((self.step_count, logits, grad.detach()))
+        self._head_step = self.step_count
+        self._head_numel += logits.numel()
+        if self._head_numel > DEFER_NUMEL:  # large logits (a language model's): recover now, keep nothing
+            self._recover_pending()
+
+    def _recover_pending(self) -> None:
+        """The losses of the waiting micro-batches, one batched `recover_loss` per run of equal shapes."""
+        pending, self._head_pending, self._head_numel = self._head_pending, [], 0
+        i = 0
+        while i < len(pending):
+            key = lambda e: (e[1].shape, e[1].dtype, e[1].device, e[2].shape, e[2].dtype)  # noqa: E731
+            j = i + 1
+            while j < len(pending) and key(pending[j]) == key(pending[i]):
+                j += 1
+            group = pending[i:j]
+            losses, known = recover_loss(torch.stack([e[1] for e in group]), torch.stack([e[2] for e in group]), batched=True)
+            self._head_results.append(([e[0] for e in group], losses, known))
+            i = j
+
+    def _sync_heads(self) -> None:
+        """Recovered head losses to the host (one sync), summed per step over its micro-batches."""
+        self._recover_pending()
+        results, self._head_results = self._head_results, []
+        if not results:
+            return
+        dev = results[0][1].device
+        flat = torch.cat([t.to(dev).float() for _, losses, known in results for t in (losses, known)]).tolist()
+        i = 0
+        for steps, losses, _ in results:
+            k = len(steps)
+            for step, loss, ok in zip(steps, flat[i: i + k], flat[i + k: i + 2 * k]):
+                acc = self._head_losses.setdefault(step, [0.0, 0, True])
+                acc[0], acc[1], acc[2] = acc[0] + loss, acc[1] + 1, acc[2] and bool(ok)
+            i += 2 * k
 
     def _stats_hook(self, name: str, kind: str):
         def hook(module, args, output):
@@ -402,8 +465,8 @@ class Monitor:
                     sat = x.abs() >= self._bound
                 stats = sat.float().mean().reshape(1)
             else:
-                x = out.detach().float().abs()
-                stats = torch.where(torch.isfinite(x), x, torch.zeros_like(x)).amax().reshape(1)
+                x = out.detach().float().abs()  # a new tensor: cleaned in place
+                stats = x.nan_to_num_(nan=0.0, posinf=0.0).amax().reshape(1)
         self._layer_pending[(kind, name)] = stats
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -429,20 +492,46 @@ class Monitor:
             raise RuntimeError("Monitor.step(): the optimizer's step hook already counts steps; do not call step() too")
         self._guard("step", self._on_step)
 
-    def _take_loss(self):
-        """This step's loss (observed > recovered from the head > unknown, NaN) and whether it is known
-        (a tensor when recovered: synced with the frame). An unknown loss is a missing readout, not NaN."""
-        known = True
+    def _take_loss(self) -> None:
+        """Record this step's loss: observed > recovered from the head (at the next frame) > unknown (NaN,
+        known False). An unknown loss is a missing readout, not NaN."""
+        s = self.step_count
         if self._observed:
             vals = [v.float().mean().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(v) for v in self._observed]
-            loss = torch.stack([v.to(vals[0].device) for v in vals]).mean()
-        elif self._head_n:
-            loss, known = self._head_sum / self._head_n, self._head_known
+            entry = (s, torch.stack([v.to(vals[0].device) for v in vals]).mean(), True)
+        elif self._head_step == s:
+            entry = (s, None, None)
         else:
-            loss, known = float("nan"), False
-        self._observed, self._head_sum, self._head_n = [], None, 0
-        self._loss_known.append(known)
+            entry = (s, float("nan"), False)
+        self._observed = []
+        self._step_losses.append(entry)
+
+    def _loss_now(self):
+        """The loss of the step just recorded, for the frame's readout (syncs the recovered head losses)."""
+        s, loss, known = self._step_losses[-1]
+        if loss is None:
+            self._sync_heads()
+            total, n, _ = self._head_losses[s]
+            return total / n
         return loss
+
+    def _take_step_losses(self) -> list[tuple[int, float | None]]:
+        """(step, loss or None when unknown) of every step since the last frame (one host sync each for
+        the recovered and the observed losses)."""
+        self._sync_heads()
+        entries, self._step_losses = self._step_losses, []
+        heads, self._head_losses = self._head_losses, {}
+        observed = [loss for _, loss, _ in entries if isinstance(loss, torch.Tensor)]
+        synced = iter(torch.stack([v.to(observed[0].device).float() for v in observed]).tolist() if observed else [])
+        out = []
+        for s, loss, known in entries:
+            if loss is None:  # recovered from the head
+                total, n, known = heads[s]
+                loss = total / n
+            elif isinstance(loss, torch.Tensor):
+                loss = next(synced)
+            out.append((s, loss if known else None))
+        return out
 
     def _grad_tensor(self) -> torch.Tensor | None:
         """(norm, mean |g|, first weight norm, last weight norm) on the gradients' device, no sync."""
@@ -460,14 +549,21 @@ class Monitor:
 
     def _on_step(self) -> None:
         s, armed = self.step_count, self._armed
-        loss = self._take_loss()
-        if self.role == "diagnose" and self.optimizer is not None and s % self._grad_every == 0:
+        private = self.dp is not None
+        if private:
+            self._observed = []  # not released under DP: the frame's loss readout is released from the head
+        else:
+            self._take_loss()
+        if not private and self.role == "diagnose" and self.optimizer is not None and s % self._grad_every == 0:
             g = self._grad_tensor()
             if g is not None:
                 self._pending_grads.append((s, g))
-        frame = self.capture.step(loss)
+        # the capture needs the loss only for the frame's readout; the monitor keeps the per-step ones
+        frame = self.capture.step(self._loss_now() if armed and not private else math.nan)
         self.step_count += 1
         self._armed = self.step_count % self.config.cadence == 0
+        if self._stat_hooks:
+            self._arm_stats(self._armed)
         self._seen.clear()
         layers, self._layer_pending = self._layer_pending, {}
         if frame is not None:
@@ -477,14 +573,17 @@ class Monitor:
         record = {"step": frame.step, **frame.readouts}
         self.readouts.append(record)
         alerts: list[Alert] = []
-        if self.role == "diagnose":
+        if self.role == "diagnose" and self.dp is not None:
+            alerts += self._run_private_symptoms(frame)
+            if self.tevid is not None:
+                alerts += self._run_tevid(frame)
+        elif self.role == "diagnose":
             stats = self._sync_layers(layers)
-            alerts += self._run_symptoms(self._sink.take_losses(), frame, stats)
+            alerts += self._run_symptoms(self._take_step_losses(), frame, stats)
             if self.tevid is not None:
                 alerts += self._run_tevid(frame)
         else:
-            self._sink.take_losses()
-            self._loss_known = []
+            self._step_losses = []
         if self.log_dir is not None:
             self._append("readouts.jsonl", record)
         for cb in self.callbacks:
@@ -510,33 +609,32 @@ class Monitor:
                 out[n], i = LayerStats(kind, max_abs=flat[i]), i + 1
         return out
 
-    def _run_symptoms(self, losses: list[float], frame: Frame | None, layers: dict[str, LayerStats]) -> list[Alert]:
+    def _run_symptoms(self, losses: list[tuple[int, float | None]], frame: Frame | None,
+                      layers: dict[str, LayerStats]) -> list[Alert]:
+        """Symptom checks of the steps since the last frame: `losses` = (step, loss or None if unknown)."""
         grads = {}
         if self._pending_grads:
             dev = self._pending_grads[0][1].device
             values = torch.stack([g.to(dev) for _, g in self._pending_grads]).tolist()  # one sync
             grads = {s: GradStats(*v) for (s, _), v in zip(self._pending_grads, values)}
             self._pending_grads = []
-        known = self._known_flags(len(losses))
-        first = self.step_count - len(losses)
         alerts = []
-        for i, loss in enumerate(losses):
-            st = first + i
+        for st, loss in losses:
             at_frame = frame is not None and st == frame.step
-            obs = Observation(st, loss=loss if known[i] else None, grads=grads.pop(st, None), layers=layers if at_frame else None,
+            obs = Observation(st, loss=loss, grads=grads.pop(st, None), layers=layers if at_frame else None,
                               nonfinite=frame.readouts.get("nonfinite") if at_frame else None)
             alerts += self.tracker.update(obs)
         for st in sorted(grads):  # a gradient check whose loss never reached the capture (should not happen)
             alerts += self.tracker.update(Observation(st, grads=grads[st]))
         return alerts
 
-    def _known_flags(self, n: int) -> list[bool]:
-        """Whether each of the last `n` steps' losses was known (one sync for the recovered ones)."""
-        flags, self._loss_known = self._loss_known[-n:] if n else [], []
-        tensors = [f for f in flags if isinstance(f, torch.Tensor)]
-        values = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()) if tensors else iter(())
-        out = [bool(next(values)) if isinstance(f, torch.Tensor) else bool(f) for f in flags]
-        return [False] * (n - len(out)) + out
+    def _run_private_symptoms(self, frame: Frame) -> list[Alert]:
+        """Under DP the rule symptoms see the released frame only: its (private) loss, and non-finite values
+        when the released count says more than half of the capture batch had some (the count is noisy)."""
+        loss, nonfinite = frame.readouts.get("loss", math.nan), frame.readouts.get("nonfinite", math.nan)
+        flagged = math.isfinite(nonfinite) and nonfinite > (self.dp.batch or 0) / 2
+        obs = Observation(frame.step, loss=loss if math.isfinite(loss) else None, nonfinite=nonfinite if flagged else 0.0)
+        return self.tracker.update(obs)
 
     def _run_tevid(self, frame: Frame) -> list[Alert]:
         from diagnose.decision import Reason, decide
@@ -549,7 +647,7 @@ class Monitor:
         frames = torch.stack([f.frame for f in ring])[None]  # (1, T, 6, S, S) bf16
         readouts = torch.tensor([[f.readouts.get(k, math.nan) for k in CLIP_READOUTS] for f in ring],
                                 dtype=torch.float32)[None]  # (1, T, 8) raw
-        with torch.no_grad(), torch.autocast(device_type=torch.device(dev).type, enabled=False):
+        with torch.inference_mode(), torch.autocast(device_type=torch.device(dev).type, enabled=False):
             out = self.tevid.predict(frames.to(dev), readouts.to(dev), temperature=cal.temperature)
         probs = out["probs"][0].double().tolist()
         u = float(out["vacuity"][0])
@@ -604,28 +702,46 @@ class Monitor:
     def _flush(self) -> None:
         """Checks for the steps after the last frame (at `remove()`)."""
         self.capture.flush_steps()
-        losses = self._sink.take_losses()
-        if self.role != "diagnose":
-            self._loss_known = []
+        losses = self._take_step_losses()
         if self.role == "diagnose" and (losses or self._pending_grads):
             for a in self._run_symptoms(losses, None, {}):
                 self._emit(a)
 
     def remove(self) -> None:
-        """Run the checks of the steps since the last frame, then remove every hook (idempotent)."""
+        """Run the checks of the steps since the last frame, then remove every hook (idempotent). Under DP,
+        print and log the privacy spent ("DP telemetry: epsilon=... delta=... after N releases")."""
         if not self._off and self.capture is not None:
             self._guard("flush at remove", self._flush)
         self._detach()
+        if self.dp is not None and not self._dp_reported:
+            self._dp_reported = True
+            text = self.dp.report()
+            if self.log_dir is not None:
+                try:
+                    info = _jsonable({**self.privacy, "report": text})
+                    (self.log_dir / "privacy.json").write_text(json.dumps(info, indent=1) + "\n")
+                except OSError as err:
+                    logger.warning("could not write %s: %s", self.log_dir / "privacy.json", err)
+
+    @property
+    def privacy(self) -> dict | None:
+        """Under DP: {epsilon, delta, releases, mechanism, noise_multiplier, sample_rate, clip} so far; else None."""
+        return None if self.dp is None else self.dp.privacy()
 
     def state_dict(self) -> dict:
         d = self._decision
         return {"step_count": self.step_count, "should_stop": self.should_stop, "alerts": [a.to_dict() for a in self.alerts],
                 "symptoms": self.tracker.state_dict(), "unknown_streak": self._unknown_streak,
-                "decision": None if d is None else {"streaks": list(d.streaks), "frames": d.frames}}
+                "decision": None if d is None else {"streaks": list(d.streaks), "frames": d.frames},
+                "dp": None if self.dp is None else self.dp.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, frames: list[Frame] | None = None) -> None:
         """Restore the step count, alerts, stop request, symptom histories and TEViD streaks (the capture
-        restarts its normaliser warm-up, and the first step after loading is a capture step)."""
+        restarts its normaliser warm-up, and the first step after loading is a capture step). `frames`:
+        a previous monitor's `frames` (its last T), so TEViD predicts at the next frame instead of
+        waiting for T new ones."""
+        if frames and self.capture is not None:
+            self._sink.frames.extend(frames)
         self.step_count = int(state["step_count"])
         if self.capture is not None:
             self.capture.step_count = self.step_count
@@ -633,6 +749,8 @@ class Monitor:
         self.alerts = [Alert(**a) for a in state["alerts"]]
         self.tracker.load_state_dict(state["symptoms"])
         self._unknown_streak = int(state.get("unknown_streak", 0))
+        if state.get("dp") and self.dp is not None:
+            self.dp.load_state_dict(state["dp"])
         if state.get("decision") and self._decision is not None:
             from diagnose.decision import DecisionState
 
@@ -652,16 +770,20 @@ class Monitor:
 
 def watch(model: nn.Module, optimizer=None, checkpoint=None, *, cadence: int = 50, frame_size: int | None = None,
           callbacks=(), stop_on=None, log_dir=None, symptoms: list[Symptom] | None = None,
-          head: nn.Module | None = None, **options) -> Monitor:
+          head: nn.Module | None = None, dp=None, **options) -> Monitor:
     """Attach the monitor to `model` and `optimizer` (torch, accelerate- or Lightning-wrapped).
 
     checkpoint: a fine-tuned TEViD directory (weights + calibration.json, `diagnose.tevid.load_tevid`);
-      None: `DEFAULT_CHECKPOINT` when it exists, else readouts and rule symptoms only.
+      None: `DEFAULT_CHECKPOINT` when it exists, else readouts and rule symptoms only; False: never TEViD.
     cadence, frame_size: one frame every `cadence` optimizer steps, S x S (S from the checkpoint).
     callbacks: callables `f(alert)` or objects with `on_alert(alert)` (and optionally `on_frame(frame)`).
     stop_on: alert names that set `monitor.should_stop` (e.g. {"nan_inf", "instability"}).
     log_dir: writes monitor.json (the resolved config), alerts.jsonl and readouts.jsonl there.
     symptoms: rule symptoms (default `diagnose.symptoms.default_symptoms()`; [] for none).
+    dp: `diagnose.privacy.DPConfig`: DP telemetry (docs/selection_privacy.md). Every frame (maps and
+      readouts) is one clipped + noised release of the capture batch's per-sample terms; `monitor.privacy`
+      gives epsilon over the releases made, printed at `remove()`. Per-step losses, gradient and layer
+      statistics are not released, so the rule symptoms see only the frames.
     options: `MonitorConfig` fields (grad_every, other_ranks, tevid_device, loss_from_head,
       max_activation_modules) and `capture.CaptureConfig` fields (modules, layouts, groups, ...).
     """
@@ -671,10 +793,18 @@ def watch(model: nn.Module, optimizer=None, checkpoint=None, *, cadence: int = 5
     if unknown:
         raise TypeError(f"watch(): unknown option(s) {sorted(unknown)}; valid: {sorted(mon_fields | cap_fields)}")
     config = MonitorConfig(cadence=cadence, frame_size=frame_size, **{k: v for k, v in options.items() if k in mon_fields})
+    if dp is not None:
+        from diagnose.privacy import DPConfig
+
+        if not isinstance(dp, DPConfig):
+            raise TypeError(f"watch(dp=...) takes a diagnose.privacy.DPConfig, got {type(dp).__name__}")
+        if options.get("gwa_window", "step") != "step":
+            raise ValueError("watch(dp=...) needs gwa_window='step': GWA over all samples since the last frame would "
+                             "draw one release from `cadence` batches")
     if callable(callbacks) or hasattr(callbacks, "on_alert"):
         callbacks = (callbacks,)
     if isinstance(stop_on, str):
         stop_on = (stop_on,)
     return Monitor(model, optimizer, checkpoint, config=config,
                    capture_options={k: v for k, v in options.items() if k in cap_fields}, callbacks=callbacks,
-                   stop_on=stop_on, log_dir=log_dir, symptoms=symptoms, head=head)
+                   stop_on=stop_on, log_dir=log_dir, symptoms=symptoms, head=head, dp=dp)

@@ -76,3 +76,15 @@ def copy_without_privileged(corpus: Path, dest: Path, lock: bool = False) -> Pat
         if lock:
             group.chmod(0)
     return dest
+
+
+@pytest.fixture
+def no_default_model(monkeypatch, tmp_path):
+    """The monitor as it is without a shipped model (checkpoint=None -> rule symptoms only), in this
+    process and in the processes a test launches."""
+    import diagnose.monitor
+
+    missing = tmp_path / "no_default_model"
+    monkeypatch.setenv("TEVID_DEFAULT_CHECKPOINT", str(missing))
+    monkeypatch.setattr(diagnose.monitor, "DEFAULT_CHECKPOINT", missing)
+    return missing

@@ -13,6 +13,8 @@ from diagnose.adapters import find_head
 LIT_MODULES = [f"net.{m}" for m in MODULES]
 
 
+pytestmark = pytest.mark.usefixtures("no_default_model")  # these tests are of the monitor without a shipped model
+
 @pytest.fixture(autouse=True)
 def _threads(one_thread):
     pass

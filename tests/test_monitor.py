@@ -18,9 +18,12 @@ import torch.nn.functional as F
 
 import diagnose
 from capture import HookPointError
-from diagnose.monitor import DEFAULT_CHECKPOINT, Monitor, loss_from_logits_grad, recover_loss, watch
+import diagnose.monitor
+from diagnose.monitor import Monitor, loss_from_logits_grad, recover_loss, watch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("no_default_model")  # these tests are of the monitor without a shipped model
+
 MODULES = ["blocks.0", "blocks.2", "blocks.4"]
 
 
@@ -148,7 +151,7 @@ def test_plain_loop_frames_readouts_and_remove(tmp_path):
     before = hooks_of(model, opt)
     monitor = diagnose.watch(model, opt, cadence=3, modules=MODULES, log_dir=tmp_path / "log")
     assert isinstance(monitor, Monitor) and monitor.role == "diagnose" and monitor.tevid is None
-    assert not DEFAULT_CHECKPOINT.exists()  # no shipped model yet: rule symptoms only
+    assert not diagnose.monitor.DEFAULT_CHECKPOINT.exists()  # `no_default_model`: rule symptoms only
     true = train(model, opt, 20)
     assert monitor.step_count == 20 and [r["step"] for r in monitor.readouts] == list(range(0, 20, 3))
     for r in monitor.readouts:  # the loss readout is recovered from the head gradient, no observe() needed
