@@ -7,6 +7,8 @@
         readouts    (T, R)        float32 names in attrs readout_names; NaN = missing
         train_loss  (N,)          float32 every optimizer step
         lr          (N,)          float32 every optimizer step
+        <extra>     (T,)          float32 optional per-frame arrays, names in attrs frame_arrays
+                                  (e.g. hessian_top: capture.hessian); NaN = not computed at that frame
         privileged/               validation metrics etc.: labeling and evaluation only
 
 A writer builds the store under `<run_id>.zarr.tmp-<pid>` and renames it only after `finalize()`,
@@ -37,6 +39,7 @@ SHARD_FRAMES = 64  # frames per shard file
 CHUNK_FRAMES = 16  # frames per compressed chunk inside a shard (1-frame chunks write ~5x slower)
 STEP_CHUNK = 4096
 PUBLIC_ARRAYS = ("frames", "frame_step", "readouts", "train_loss", "lr")
+RESERVED = (*PUBLIC_ARRAYS, "privileged")
 
 
 class RunStoreError(ValueError):
@@ -75,12 +78,16 @@ class RunWriter:
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         s, r = frame_size, len(READOUT_NAMES)
         # Every chunk is written, even all-fill ones, so a missing chunk file always means truncation.
+        # write_empty_chunks is a setting of the array object, not stored: write through these objects
+        # (an array reopened by name would skip all-fill chunks, e.g. a lone frame at step 0).
         full = {"write_empty_chunks": True}
-        self.root.create_array("frames", shape=(0, 6, s, s), chunks=(CHUNK_FRAMES, 6, s, s), shards=(SHARD_FRAMES, 6, s, s), dtype="uint16", config=full)
-        self.root.create_array("frame_step", shape=(0,), chunks=(STEP_CHUNK,), dtype="int64", config=full)
-        self.root.create_array("readouts", shape=(0, r), chunks=(STEP_CHUNK, r), dtype="float32", fill_value=np.nan, config=full)
-        self.root.create_array("train_loss", shape=(0,), chunks=(STEP_CHUNK,), dtype="float32", fill_value=np.nan, config=full)
-        self.root.create_array("lr", shape=(0,), chunks=(STEP_CHUNK,), dtype="float32", fill_value=np.nan, config=full)
+        self._z = {
+            "frames": self.root.create_array("frames", shape=(0, 6, s, s), chunks=(CHUNK_FRAMES, 6, s, s), shards=(SHARD_FRAMES, 6, s, s), dtype="uint16", config=full),
+            "frame_step": self.root.create_array("frame_step", shape=(0,), chunks=(STEP_CHUNK,), dtype="int64", config=full),
+            "readouts": self.root.create_array("readouts", shape=(0, r), chunks=(STEP_CHUNK, r), dtype="float32", fill_value=np.nan, config=full),
+            "train_loss": self.root.create_array("train_loss", shape=(0,), chunks=(STEP_CHUNK,), dtype="float32", fill_value=np.nan, config=full),
+            "lr": self.root.create_array("lr", shape=(0,), chunks=(STEP_CHUNK,), dtype="float32", fill_value=np.nan, config=full),
+        }
         self.root.attrs.update({
             "tevid_layout": LAYOUT_VERSION,
             "complete": False,
@@ -94,6 +101,7 @@ class RunWriter:
         self._readouts: list[list[float]] = []
         self._loss: list[float] = []
         self._lr: list[float] = []
+        self._frame_arrays: dict[str, np.ndarray] = {}
         self.n_frames = 0
         self.closed = False
 
@@ -130,15 +138,35 @@ class RunWriter:
         if not self._frames:
             return
         frames = bf16_to_bits(torch.stack([f.frame for f in self._frames]))  # (n, 6, S, S) uint16
-        self.root["frames"].append(frames)
+        self._z["frames"].append(frames)
         self.n_frames += len(self._frames)
         self._frames = []
 
     def _write_small_arrays(self) -> None:
-        self.root["frame_step"].append(np.asarray(self._steps, dtype=np.int64))
-        self.root["readouts"].append(np.asarray(self._readouts, dtype=np.float32).reshape(-1, len(READOUT_NAMES)))
-        self.root["train_loss"].append(np.asarray(self._loss, dtype=np.float32))
-        self.root["lr"].append(np.asarray(self._lr, dtype=np.float32))
+        self._z["frame_step"].append(np.asarray(self._steps, dtype=np.int64))
+        self._z["readouts"].append(np.asarray(self._readouts, dtype=np.float32).reshape(-1, len(READOUT_NAMES)))
+        self._z["train_loss"].append(np.asarray(self._loss, dtype=np.float32))
+        self._z["lr"].append(np.asarray(self._lr, dtype=np.float32))
+
+    def set_frame_array(self, name: str, values: Any) -> None:
+        """A public float32 value per frame (NaN = none at that frame), written at `finalize()`, which
+        checks that it has one value per frame. Only model/training-batch quantities belong here:
+        validation metrics and optimizer internals go to `write_privileged`."""
+        if name in RESERVED or not name.isidentifier():
+            raise RunStoreError(f"{self.tmp}: {name!r} cannot name a per-frame array (reserved: {RESERVED})")
+        arr = np.asarray(values, dtype=np.float32)
+        if arr.ndim != 1:
+            raise RunStoreError(f"{self.tmp}: per-frame array {name!r} has shape {arr.shape}, expected (n_frames,)")
+        self._frame_arrays[name] = arr
+
+    def _write_frame_arrays(self) -> None:
+        for name, arr in self._frame_arrays.items():
+            if len(arr) != self.n_frames:
+                raise RunStoreError(f"{self.tmp}: per-frame array {name!r} has {len(arr)} values for {self.n_frames} frames")
+            z = self.root.create_array(name, shape=(0,), chunks=(STEP_CHUNK,), dtype="float32", fill_value=np.nan,
+                                       config={"write_empty_chunks": True})
+            z.append(arr)  # through this object: an all-NaN chunk is written too
+        self.root.attrs["frame_arrays"] = sorted(self._frame_arrays)
 
     def write_privileged(self, name: str, values: Any, attrs: dict | None = None) -> None:
         """Validation metrics, optimizer internals, ...: only for labeling and evaluation."""
@@ -152,6 +180,7 @@ class RunWriter:
         """Flush, record `attrs` (label, onset_step, capture metadata, ...), mark complete, publish."""
         self._flush_frames()
         self._write_small_arrays()
+        self._write_frame_arrays()
         self.root.attrs.update(_jsonable(attrs))
         self.root.attrs["n_frames"] = self.n_frames
         self.root.attrs["complete"] = True  # written last; the rename below is the commit point
@@ -220,7 +249,13 @@ class RunStore:
             raise self._fail(f"holds {t} frames but recorded n_frames={attrs.get('n_frames')}: truncated")
         if root["train_loss"].shape != root["lr"].shape:
             raise self._fail(f"train_loss {root['train_loss'].shape} and lr {root['lr'].shape} differ in length")
-        for key in PUBLIC_ARRAYS:
+        extra = attrs.get("frame_arrays", [])
+        for key in extra:
+            if key in RESERVED or not (self.path / key / "zarr.json").is_file():
+                raise self._fail(f"per-frame array {key!r} (listed in attrs frame_arrays) is missing")
+            if root[key].shape != (t,):
+                raise self._fail(f"per-frame array {key!r} has shape {root[key].shape}, expected ({t},) to match frames")
+        for key in (*PUBLIC_ARRAYS, *extra):
             arr = root[key]
             block = arr.shards or arr.chunks
             expected = -(-arr.shape[0] // block[0]) if arr.shape[0] else 0
@@ -263,6 +298,17 @@ class RunStore:
 
     def lr(self) -> torch.Tensor:
         return torch.from_numpy(self._root["lr"][:])
+
+    @property
+    def frame_array_names(self) -> list[str]:
+        """Names of the optional public per-frame arrays this run has (e.g. `hessian_top`)."""
+        return list(self._root.attrs.get("frame_arrays", []))
+
+    def frame_array(self, name: str) -> torch.Tensor:
+        """`(T,)` float32 optional per-frame array (NaN where not computed)."""
+        if name not in self.frame_array_names:
+            raise self._fail(f"has no per-frame array {name!r} (it has {self.frame_array_names or 'none'})")
+        return torch.from_numpy(self._root[name][:])
 
     @property
     def spec(self) -> dict:

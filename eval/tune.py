@@ -11,6 +11,7 @@ or BOCPD costs only the detector's own arithmetic.
 writes `config.json` (this TuneConfig), `best.json` (best value, params, and the baseline's resolved
 config) and `trials.json` (every trial's params and value). Search spaces: `SPACES`; the names of the
 params are the config fields they set (dots for nested sections: `residuals.span`).
+The TCNs (`tcn_scalar`, `hessian_tcn`: the same space) train on the train split in every trial.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 import optuna
 
 from capture.config import cli_parser, from_dict, load_config, save_config
-from eval.baselines import CONFIGS, TCNConfig, make_baseline, train_tcn
+from eval.baselines import CONFIGS, TCNConfig, make_baseline, require_hessian, train_hessian_tcn, train_tcn
 from eval.metrics import event_auprc
 from eval.replay import SCORE_FROM, Diagnoser, LoadedRun, load_runs, replay_runs
 
@@ -100,12 +101,13 @@ def _tcn_params(trial: optuna.Trial) -> dict:
 
 
 PARAMS = {"cusum": _cusum_params, "bocpd": _bocpd_params, "head_grad": _readout_params, "gwa": _readout_params,
-          "tcn_scalar": _tcn_params}
+          "tcn_scalar": _tcn_params, "hessian_tcn": _tcn_params}
+TRAINED = {"tcn_scalar": train_tcn, "hessian_tcn": train_hessian_tcn}  # trained on the train split in every trial
 
 
 def baseline_config(name: str, params: dict):
     """The baseline's config with `params` (dotted names = nested fields) set over its defaults."""
-    default = TCNConfig() if name == "tcn_scalar" else CONFIGS[name]() if name in CONFIGS else None
+    default = TCNConfig() if name in TRAINED else CONFIGS[name]() if name in CONFIGS else None
     if default is None:
         raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
     data = dataclasses.asdict(default)
@@ -120,13 +122,14 @@ def baseline_config(name: str, params: dict):
 
 
 def space(name: str, train_runs: Sequence[LoadedRun] | None = None) -> Callable[[optuna.Trial], Diagnoser]:
-    """`make_diagnoser(trial)` of a named baseline; the TCN trains on `train_runs` in every trial."""
+    """`make_diagnoser(trial)` of a named baseline; a TCN trains on `train_runs` in every trial."""
     if name not in PARAMS:
         raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
-    if name == "tcn_scalar":
+    if name in TRAINED:
         if not train_runs:
-            raise ValueError("space('tcn_scalar'): the TCN needs train_runs to train in each trial")
-        return lambda trial: train_tcn(list(train_runs), baseline_config(name, _tcn_params(trial)), progress=False)[0]
+            raise ValueError(f"space({name!r}): the TCN needs train_runs to train in each trial")
+        train = TRAINED[name]
+        return lambda trial: train(list(train_runs), baseline_config(name, PARAMS[name](trial)), progress=False)[0]
     return lambda trial: make_baseline(name, baseline_config(name, PARAMS[name](trial)))
 
 
@@ -151,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     save_config(cfg, out)
     val = load_runs(args.corpus, cfg.split, frames=False)
-    train = load_runs(args.corpus, cfg.train_split, frames=False) if cfg.baseline == "tcn_scalar" else None
+    train = load_runs(args.corpus, cfg.train_split, frames=False) if cfg.baseline in TRAINED else None
+    if cfg.baseline == "hessian_tcn":  # fail before any trial, naming the corpus and the config key
+        require_hessian(val, cfg.split)
+        require_hessian(train, cfg.train_split)
     params, study = tune(space(cfg.baseline, train), val, cfg.n_trials, cfg.seed, score_from=cfg.score_from)
     best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
             "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": len(val)}

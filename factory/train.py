@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capture.hessian import HessianTracker
 from capture.lm import lm_loss
 from capture.readouts import READOUT_NAMES
 from capture.recorder import CaptureConfig, attach
@@ -185,6 +186,8 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     store_path.parent.mkdir(parents=True, exist_ok=True)
     writer = RunWriter(store_path, cfg.capture.frame_size, spec=spec.to_dict(), overwrite=overwrite)
     ccfg = CaptureConfig(cadence=cfg.capture.cadence, frame_size=cfg.capture.frame_size, modules=modules)
+    # top Hessian eigenvalue at every hessian_every-th frame, on a hook-free copy made before capture attaches
+    hessian = HessianTracker(model, tc.hessian_every, seed=seed) if tc.hessian_every else None
     lyap_starts = sorted({int(f * tc.steps) for f in np.linspace(0.5, 0.9, tc.lyapunov_windows)}) if tc.lyapunov_windows else []
 
     val_loss, val_acc, val_correct, poison_correct, epoch_step = [], [], [], [], []
@@ -206,7 +209,9 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
                     probe_start = step
                 loss = loss_fn(model(x), y)
                 loss.backward()
-                cap.step(loss, lr=lr)
+                frame = cap.step(loss, lr=lr)
+                if hessian is not None and frame is not None:  # same parameters and batch as the frame
+                    hessian.on_frame(loss_fn, x, y)
                 pert.before_step(step, model, optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -249,11 +254,15 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
             writer.write_privileged("lyapunov_log_alpha", np.asarray([a for _, a in lyap_windows]))
         # the rules' statistics come from validation data: privileged, like the signals behind them
         writer.write_privileged("labeling", np.zeros(0), attrs={"rules": label["rules"]})
+        extra = {}
+        if hessian is not None:  # public: a model quantity on the training batch, no validation data
+            writer.set_frame_array("hessian_top", hessian.series())
+            extra["hessian"] = hessian.metadata()  # its settings and cost (seconds, included in `seconds`)
         writer.finalize(
             label=label["label"], onset_step=label["onset_step"], trigger_step=label["trigger_step"],
             online_label=label["online_label"], status=status,
             perturbation=pert.describe(), capture=cap.metadata(), training=asdict(tc), epoch_steps=tc.eval_every,
-            seconds=round(time.time() - t0, 2), num_classes=data.num_classes, modality=data.modality,
+            seconds=round(time.time() - t0, 2), num_classes=data.num_classes, modality=data.modality, **extra,
         )
     return {
         **spec.to_dict(),

@@ -18,10 +18,14 @@ input, as for TEViD (docs/clips.md: a setting of the job, not a state of the net
 
 Trained with class-weighted cross-entropy on the window targets of TEViD (pretrain.clips.run_targets;
 IGNORE windows excluded). As a Diagnoser: probs = softmax, score = 1 - p(healthy), vacuity None.
+
+What the TCN reads is a `FeatureSet` (default `TELEMETRY`, the features above); the Hessian baseline
+(eval/baselines/hessian_tcn.py) is the same machinery on the top-Hessian-eigenvalue series.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,6 +95,23 @@ def telemetry_features(frame_step, readouts, readout_names, train_loss, relative
     return np.concatenate(feats, axis=1).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FeatureSet:
+    """What a TCN reads per frame. `compute(src, relative) -> (T, F)` float32 takes a `LoadedRun` (training)
+    or a `PastView` (streaming): both have frame_step, readouts, readout_names, train_loss, frame_arrays;
+    row t must depend on frames <= t only. `names(relative)`: the F column names (saved with a checkpoint)."""
+
+    name: str
+    compute: Callable[[object, bool], np.ndarray]
+    names: Callable[[bool], list[str]]
+
+
+TELEMETRY = FeatureSet(
+    "telemetry",
+    lambda src, relative: telemetry_features(src.frame_step, src.readouts, src.readout_names, src.train_loss, relative),
+    feature_names)
+
+
 def last_window(features: np.ndarray, t: int, window: int) -> np.ndarray:
     """(window, F) rows t-window+1 .. t, left-padded with row 0 while t < window - 1."""
     idx = np.clip(np.arange(t - window + 1, t + 1), 0, None)
@@ -134,16 +155,17 @@ class ScalarTCN(nn.Module):
 
 # ---------------------------------------------------------------- training data and training
 
-def run_features(run: LoadedRun, relative: bool = True) -> np.ndarray:
-    return telemetry_features(run.frame_step, run.readouts, run.readout_names, run.train_loss, relative)
+def run_features(run: LoadedRun, relative: bool = True, features: FeatureSet = TELEMETRY) -> np.ndarray:
+    return features.compute(run, relative)
 
 
-def tcn_windows(runs: list[LoadedRun], cfg: TCNConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def tcn_windows(runs: list[LoadedRun], cfg: TCNConfig,
+                features: FeatureSet = TELEMETRY) -> tuple[torch.Tensor, torch.Tensor]:
     """Training windows of labelled frames (t >= window-1, target != IGNORE): X (N, W, F), y (N,)."""
     xs, ys = [], []
     clip = ClipConfig(window=cfg.window, horizon_epochs=cfg.horizon_epochs)
     for run in runs:
-        feats = run_features(run, cfg.relative)
+        feats = run_features(run, cfg.relative, features)
         target, _ = run_targets(run.truth, run.frame_step, clip)
         for t in range(cfg.window - 1, len(run)):
             if int(target[t]) != IGNORE:
@@ -154,35 +176,36 @@ def tcn_windows(runs: list[LoadedRun], cfg: TCNConfig) -> tuple[torch.Tensor, to
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def _fit_normaliser(model: ScalarTCN, runs: list[LoadedRun]) -> None:
-    rows = np.concatenate([run_features(r, model.cfg.relative) for r in runs])
+def _fit_normaliser(model: ScalarTCN, runs: list[LoadedRun], features: FeatureSet) -> None:
+    rows = np.concatenate([run_features(r, model.cfg.relative, features) for r in runs])
     model.feature_mean.copy_(torch.from_numpy(rows.mean(0)))
     model.feature_std.copy_(torch.from_numpy(np.maximum(rows.std(0), 1e-3)))
 
 
 def train_tcn(train_runs: list[LoadedRun], cfg: TCNConfig | None = None, val_runs: list[LoadedRun] | None = None,
-              progress: bool = True) -> tuple["TCNDetector", dict]:
+              progress: bool = True, features: FeatureSet = TELEMETRY,
+              name: str = "tcn_scalar") -> tuple["TCNDetector", dict]:
     """Train on the windows of `train_runs`; returns the detector and history {train_loss, val_loss: per epoch}."""
     cfg = cfg or TCNConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    x, y = tcn_windows(train_runs, cfg)
+    x, y = tcn_windows(train_runs, cfg, features)
     model = ScalarTCN(cfg, x.shape[-1])
-    _fit_normaliser(model, train_runs)
+    _fit_normaliser(model, train_runs, features)
     counts = torch.bincount(y, minlength=len(CLASSES)).float()
     weight = None
     if cfg.class_weighted:
         weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros(()))
-    val = tcn_windows(val_runs, cfg) if val_runs else None
+    val = tcn_windows(val_runs, cfg, features) if val_runs else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = {"train_loss": [], "val_loss": [], "n_train": len(y), "class_counts": counts.tolist()}
-    for _ in tqdm(range(cfg.epochs), desc="train scalar TCN", unit="epoch", file=sys.stderr, disable=not progress, leave=False):
+    for _ in tqdm(range(cfg.epochs), desc=f"train {name}", unit="epoch", file=sys.stderr, disable=not progress, leave=False):
         model.train()
         total = 0.0
         for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size):
             loss = F.cross_entropy(model(x[idx]), y[idx], weight=weight)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"scalar TCN: non-finite training loss {loss.item()}")
+                raise FloatingPointError(f"{name}: non-finite training loss {loss.item()}")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -193,46 +216,50 @@ def train_tcn(train_runs: list[LoadedRun], cfg: TCNConfig | None = None, val_run
             with torch.no_grad():
                 history["val_loss"].append(F.cross_entropy(model(val[0]), val[1], weight=weight).item())
     model.eval()
-    return TCNDetector(model), history
+    return TCNDetector(model, name, features), history
 
 
 class TCNDetector:
-    """The trained scalar TCN as a streaming Diagnoser: probs over CLASSES, score = 1 - p(healthy)."""
+    """A trained TCN as a streaming Diagnoser: probs over CLASSES, score = 1 - p(healthy)."""
 
     kind = "scalar"
     frame_window = 0
 
-    def __init__(self, model: ScalarTCN, name: str = "tcn_scalar"):
-        self.model, self.name, self.cfg = model.eval(), name, model.cfg
+    def __init__(self, model: ScalarTCN, name: str = "tcn_scalar", features: FeatureSet = TELEMETRY):
+        self.model, self.name, self.cfg, self.features = model.eval(), name, model.cfg, features
 
     def reset(self, run_info: dict) -> None:
         pass  # every frame recomputes the features of the (short) past
 
     @torch.no_grad()
     def step(self, view: PastView) -> FrameOutput:
-        feats = telemetry_features(view.frame_step, view.readouts, view.readout_names, view.train_loss, self.cfg.relative)
+        feats = self.features.compute(view, self.cfg.relative)
         x = torch.from_numpy(last_window(feats, view.t, self.cfg.window))[None]  # (1, W, F)
         probs = torch.softmax(self.model(x).float(), dim=-1)[0].numpy().astype(np.float64)
         return FrameOutput(score=float(1.0 - probs[0]), probs=probs)
 
     def save(self, path: str | Path) -> Path:
-        config = {"tcn": asdict(self.cfg), "features": feature_names(self.cfg.relative), "classes": list(CLASSES)}
+        config = {"tcn": asdict(self.cfg), "feature_set": self.features.name,
+                  "features": self.features.names(self.cfg.relative), "classes": list(CLASSES)}
         return save_checkpoint(path, model=self.model, config=config, step=0)
 
     @classmethod
-    def load(cls, path: str | Path, name: str = "tcn_scalar") -> "TCNDetector":
+    def load(cls, path: str | Path, name: str = "tcn_scalar", features: FeatureSet = TELEMETRY) -> "TCNDetector":
         ckpt = load_checkpoint(path)
         if "tcn" not in ckpt.config:
-            raise ValueError(f"{path}: not a scalar-TCN checkpoint (config has no 'tcn' section)")
+            raise ValueError(f"{path}: not a TCN checkpoint (config has no 'tcn' section)")
+        saved = ckpt.config.get("feature_set", TELEMETRY.name)
+        if saved != features.name:
+            raise ValueError(f"{path}: a TCN on {saved!r} features, loaded as one on {features.name!r}")
         cfg = TCNConfig(**ckpt.config["tcn"])
         model = ScalarTCN(cfg, len(ckpt.config["features"]), len(ckpt.config.get("classes", CLASSES)))
         model.load_state_dict(ckpt.weights)
-        return cls(model, name)
+        return cls(model, name, features)
 
 
 def windows_logits(detector: TCNDetector, run: LoadedRun) -> torch.Tensor:
     """(T, K) logits of every frame's window, in one batch (the streaming `step` must agree)."""
-    feats = run_features(run, detector.cfg.relative)
+    feats = run_features(run, detector.cfg.relative, detector.features)
     x = torch.from_numpy(np.stack([last_window(feats, t, detector.cfg.window) for t in range(len(run))]))
     with torch.no_grad():
         return detector.model(x)
