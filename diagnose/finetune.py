@@ -17,6 +17,11 @@ the training windows (sklearn's "balanced"), which works the same for a map-styl
 stream (a sampler cannot reweight a stream) and keeps every clip once per epoch. Windows with target
 IGNORE are dropped from the map-style training set and masked out of the loss on shards.
 
+`data.label_fraction` < 1 fine-tunes on a seeded per-label subset of the training runs (the label-
+efficiency ablation, paper App. C.2 / Fig. 3b: "25% of labels"); the other training runs are not read.
+
+In Python, `finetune(cfg, corpus, out, checkpoint)` does what the command does and returns out/final.
+
 Outputs in --out: config.json (resolved), train.csv (every `log_every` optimizer steps), epochs.csv
 (per epoch: train loss, validation loss / macro F1 / accuracy / mean vacuity, clips/s), last/
 (atomic checkpoint after every epoch, with optimizer and scheduler: a rerun resumes from it), and
@@ -60,6 +65,7 @@ class DataConfig:
     horizon_epochs: float = 2.0  # lead horizon H of the positive zone (DESIGN.md §9)
     num_workers: int = 0
     shuffle_buffer: int = 1000  # shards only
+    label_fraction: float = 1.0  # fraction of the labelled training runs used (per label, seeded by `seed`); zarr only
 
 
 @dataclass
@@ -98,6 +104,10 @@ class FinetuneConfig:
             raise ValueError(f"class_weights must be 'balanced' or 'none', got {self.class_weights!r}")
         if self.precision not in ("auto", "bf16", "no"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'no', got {self.precision!r}")
+        if not 0.0 < self.data.label_fraction <= 1.0:
+            raise ValueError(f"data.label_fraction must be in (0, 1], got {self.data.label_fraction}")
+        if self.data.label_fraction < 1.0 and self.data.source != "zarr":
+            raise ValueError("data.label_fraction < 1 needs data.source=zarr (shards hold every training run)")
 
 
 # ---------------------------------------------------------------- pieces
@@ -139,18 +149,37 @@ class CsvLog:
                 csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
 
 
+def labelled_subset(corpus: Path, split: str, fraction: float, seed: int) -> list[str] | None:
+    """Run ids of a seeded per-label subset of `split`: round(fraction x n) runs of each label (at least 1),
+    in manifest order; None when fraction = 1 (every run). Runs are labelled as wholes, so a fraction of
+    the labels is a fraction of the runs (paper App. C.2, "25% of labels")."""
+    if fraction >= 1.0:
+        return None
+    from pretrain.clips import corpus_runs
+
+    runs = corpus_runs(corpus, split)
+    rng = np.random.default_rng(seed)
+    keep: set[str] = set()
+    for label in sorted({str(r.get("label")) for r in runs}):
+        ids = sorted(r["run_id"] for r in runs if str(r.get("label")) == label)
+        keep.update(rng.choice(ids, size=max(1, round(fraction * len(ids))), replace=False).tolist())
+    return [r["run_id"] for r in runs if r["run_id"] in keep]
+
+
 @dataclass
 class TrainData:
     loader: object
     steps_per_epoch: int
     counts: list  # training windows per class
     clips: int  # training windows per epoch (all processes)
+    runs: list | None = None  # the training runs read when data.label_fraction < 1
 
 
 def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelerator) -> TrainData:
     k = cfg.model.num_classes
     if cfg.data.source == "zarr":
-        ds = CorpusClips(corpus, "train", clip_cfg)
+        subset = labelled_subset(corpus, "train", cfg.data.label_fraction, cfg.seed)
+        ds = CorpusClips(corpus, "train", clip_cfg, runs=subset)
         targets = ds.targets()
         keep = np.flatnonzero(targets != IGNORE)
         if len(keep) == 0:
@@ -159,7 +188,7 @@ def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelera
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, keep.tolist()), batch_size=cfg.batch_size, shuffle=True,
                                              collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=False)
         loader = accelerator.prepare(loader)  # shards batches over processes
-        return TrainData(loader, math.ceil(len(loader) / cfg.grad_accum), counts, len(keep))
+        return TrainData(loader, math.ceil(len(loader) / cfg.grad_accum), counts, len(keep), subset)
     if not cfg.data.shards:
         raise ValueError("data.source=shards needs data.shards=DIR (the output of `python -m pretrain.clips export`)")
     root = Path(cfg.data.shards)
@@ -239,10 +268,11 @@ def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, c
     return {"train_loss": mean_loss, "clips": total_clips, "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = cli_parser(__doc__.splitlines()[0], corpus=True, checkpoint=True).parse_args(argv)
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    corpus, out = Path(args.corpus), Path(args.out)
+def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Fine-tune (resuming from out/last when there), calibrate on validation, save out/final; returns
+    out/final. `checkpoint`: a Dynamics-MAE checkpoint directory for the encoder (None: from scratch).
+    Runs under `accelerate launch` as under plain Python (one process)."""
+    corpus, out = Path(corpus), Path(out)
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -265,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         model = TEViD(model_cfg)
         model.load_state_dict(resumed.weights, strict=True)
     else:
-        model, model_cfg = build_tevid(cfg.model, args.checkpoint)
+        model, model_cfg = build_tevid(cfg.model, checkpoint)
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    if args.checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
-        print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {args.checkpoint} is not used", flush=True)
+    if checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
+        print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
     clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs)
     data = train_data(cfg, corpus, clip_cfg, accelerator)
@@ -299,10 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
         n_params = sum(p.numel() for p in model.parameters())
-        init = "resumed" if resumed is not None else f"MAE {args.checkpoint}" if args.checkpoint and model_cfg.uses_video else "scratch"
+        init = "resumed" if resumed is not None else f"MAE {checkpoint}" if checkpoint and model_cfg.uses_video else "scratch"
+        subset_note = "" if data.runs is None else f" from {len(data.runs)} runs (label_fraction {cfg.data.label_fraction})"
+        if data.runs is not None:
+            (out / "train_runs.json").write_text(json.dumps({"label_fraction": cfg.data.label_fraction, "seed": cfg.seed,
+                                                             "runs": data.runs}, indent=1) + "\n")
         print(f"finetune {cfg.name}: world size {world}, inputs {model_cfg.inputs}, encoder "
               f"{model_cfg.encoder if model_cfg.uses_video else '-'} ({init}), {n_params / 1e6:.2f}M params, "
-              f"{data.clips} training windows/epoch {dict(zip(CLASSES, data.counts))}, {len(val)} val windows, "
+              f"{data.clips} training windows/epoch {dict(zip(CLASSES, data.counts))}{subset_note}, {len(val)} val windows, "
               f"{data.steps_per_epoch} steps/epoch, global batch {cfg.batch_size * world * cfg.grad_accum}", flush=True)
         if resumed is not None:
             print(f"resumed from {last} at step {state['step']} (epoch {state['epoch']})", flush=True)
@@ -343,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"final weights and calibration: {final}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return out / "final"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli_parser(__doc__.splitlines()[0], corpus=True, checkpoint=True).parse_args(argv)
+    finetune(load_config(FinetuneConfig, args.config, args.overrides), args.corpus, args.out, args.checkpoint)
     return 0
 
 

@@ -1,14 +1,20 @@
 """TEViD: the temporal vision diagnostician (DESIGN.md §7; paper Sec. 4.3 and Appendix D).
 
-    frames   (B, T, 6, S, S) -> SpaceTimeEncoder -> tokens (B, T, P, D) -> mean over T and P -> (B, D)
+    frames   (B, T, 6, S, S) -> keep `channels` -> SpaceTimeEncoder -> tokens (B, T, P, D) -> mean over T and P -> (B, D)
     readouts (B, T, 8) raw   -> readout_features (B, T, 16) -> Linear+GELU per frame (B, T, E) -> GRU -> last state (B, E)
     concat (B, D + E) -> LayerNorm -> MLP -> evidence logits f (B, K)
 
 `inputs` selects the branches: "both" (the model), "video" or "readouts" (the fusion ablation is one
-flag; an unused branch is not built). The evidential read-out of `f` is `diagnose.evidential.dirichlet`.
+flag; an unused branch is not built). `channels` selects frame channels for the encoder (the
+activations-only / gradients-only ablation, paper App. C.4, Table 12): the model always takes the
+corpus's 6-channel frames and keeps these channels before the patch embedding, whose `in_chans` is
+their number, so every caller (fine-tuning, calibration, replay, live monitor) passes frames as
+stored. The evidential read-out of `f` is `diagnose.evidential.dirichlet`.
 The encoder starts from a Dynamics-MAE checkpoint (its `encoder.*` weights; the encoder config is
-taken from the checkpoint) or from scratch. A fine-tuned TEViD is saved with `pretrain.checkpoint`
-and its calibration (`calibration.json`) beside it; `load_tevid(dir)` returns both.
+taken from the checkpoint; a channel subset keeps the matching input slices of the patch projection,
+a longer window resamples the temporal position embedding) or from scratch. A fine-tuned TEViD is
+saved with `pretrain.checkpoint` and its calibration (`calibration.json`) beside it; `load_tevid(dir)`
+returns both.
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 
+from capture.frames import CHANNELS
 from diagnose.evidential import dirichlet, tempered_probs
 from pretrain.clips import CLASSES, CLIP_READOUTS, readout_features
 from pretrain.encoder import EncoderConfig, SpaceTimeEncoder, encoder_config
@@ -37,12 +46,20 @@ class TEViDConfig:
     hidden_dim: int = 256  # fusion MLP hidden width
     dropout: float = 0.1  # in the fusion MLP
     num_classes: int = 5  # K: Healthy + 4 known anomaly classes (pretrain.clips.CLASSES)
+    channels: list = field(default_factory=lambda: list(CHANNELS))  # frame channels the encoder reads (capture.frames.CHANNELS)
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
             raise ValueError(f"TEViDConfig.inputs must be one of {INPUTS}, got {self.inputs!r}")
         if self.num_classes < 2:
             raise ValueError(f"TEViDConfig.num_classes must be >= 2, got {self.num_classes}")
+        bad = [c for c in self.channels if c not in CHANNELS]
+        if not self.channels or bad or len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"TEViDConfig.channels must be distinct names of {CHANNELS}, got {self.channels!r}")
+        in_chans = self.encoder_overrides.get("in_chans", len(self.channels))
+        if in_chans != len(self.channels):
+            raise ValueError(f"TEViDConfig: encoder_overrides.in_chans={in_chans} but {len(self.channels)} channels are "
+                             f"selected ({self.channels}); in_chans follows `channels`")
 
     @property
     def uses_video(self) -> bool:
@@ -52,8 +69,13 @@ class TEViDConfig:
     def uses_readouts(self) -> bool:
         return self.inputs in ("both", "readouts")
 
+    @property
+    def channel_index(self) -> list[int]:
+        """Indices of `channels` in the stored frames' channel axis."""
+        return [CHANNELS.index(c) for c in self.channels]
+
     def encoder_cfg(self) -> EncoderConfig:
-        return encoder_config(self.encoder, **self.encoder_overrides)
+        return encoder_config(self.encoder, **{**self.encoder_overrides, "in_chans": len(self.channels)})
 
 
 class ReadoutEncoder(nn.Module):
@@ -81,6 +103,8 @@ class TEViD(nn.Module):
         self.encoder = SpaceTimeEncoder(cfg.encoder_cfg()) if cfg.uses_video else None
         if self.encoder is not None:
             width += self.encoder.cfg.embed_dim
+        all_channels = cfg.channel_index == list(range(len(CHANNELS)))
+        self.channel_index = None if all_channels else cfg.channel_index  # None: the frames as stored
         self.readouts = ReadoutEncoder(cfg.readout_dim) if cfg.uses_readouts else None
         if self.readouts is not None:
             width += cfg.readout_dim
@@ -94,14 +118,25 @@ class TEViD(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} if self.encoder is not None else set()
 
+    def forward_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """The video branch alone: stored frames (B, T, 6, S, S) -> the mean of the encoder's T x P tokens (B, D)."""
+        if self.encoder is None:
+            raise ValueError(f"TEViD(inputs={self.cfg.inputs!r}) has no video encoder")
+        if self.channel_index is not None:
+            if frames.ndim != 5 or frames.shape[2] != len(CHANNELS):
+                raise ValueError(f"TEViD(channels={self.cfg.channels}) takes the stored frames (B, T, {len(CHANNELS)}, S, S) "
+                                 f"and selects its channels itself; got shape {tuple(frames.shape)}")
+            frames = frames[:, :, self.channel_index]  # (B, T, C_sel, S, S)
+        tokens = self.encoder.forward_features(frames)  # (B, T, P, D)
+        return tokens.mean(dim=(1, 2))  # (B, D)
+
     def forward_features(self, frames: torch.Tensor | None, readouts: torch.Tensor | None) -> torch.Tensor:
         """The fused window representation (B, D + E) (or one of the two, per `inputs`)."""
         parts = []
         if self.encoder is not None:
             if frames is None:
                 raise ValueError(f"TEViD(inputs={self.cfg.inputs!r}) needs frames (B, T, 6, S, S)")
-            tokens = self.encoder.forward_features(frames)  # (B, T, P, D)
-            parts.append(tokens.mean(dim=(1, 2)))  # (B, D)
+            parts.append(self.forward_video(frames))  # (B, D)
         if self.readouts is not None:
             if readouts is None:
                 raise ValueError(f"TEViD(inputs={self.cfg.inputs!r}) needs readouts (B, T, {len(CLIP_READOUTS)})")
@@ -134,12 +169,33 @@ class TEViDLoadError(RuntimeError):
     pass
 
 
+def _adapt_mae_weights(weights: dict[str, torch.Tensor], cfg: TEViDConfig) -> dict[str, torch.Tensor]:
+    """The MAE encoder's weights reshaped for TEViD's encoder where the ablations change shapes:
+    a channel subset keeps those input slices of the patch projection (trained on all 6 channels);
+    more frames than the checkpoint's `num_frames` resample the temporal position embedding linearly
+    (as timm's `resample_abs_pos_embed` does for 2-D grids); fewer keep its first frames (what the
+    encoder does for a short clip anyway)."""
+    weights = dict(weights)
+    w = weights.get("patch_embed.proj.weight")  # (D, C, p, p)
+    if w is not None and w.shape[1] == len(CHANNELS) and len(cfg.channels) != len(CHANNELS):
+        weights["patch_embed.proj.weight"] = w[:, cfg.channel_index].clone()
+    pe, t = weights.get("pos_embed_time"), cfg.encoder_cfg().num_frames  # (1, T_mae, 1, D)
+    if pe is not None and pe.shape[1] != t:
+        if t < pe.shape[1]:
+            weights["pos_embed_time"] = pe[:, :t].clone()
+        else:
+            x = F.interpolate(rearrange(pe, "1 t 1 d -> 1 d t"), size=t, mode="linear", align_corners=True)
+            weights["pos_embed_time"] = rearrange(x, "1 d t -> 1 t 1 d").contiguous()
+    return weights
+
+
 def build_tevid(cfg: TEViDConfig, mae_checkpoint: str | Path | None = None) -> tuple[TEViD, TEViDConfig]:
     """A TEViD from scratch, or with its encoder initialised from a Dynamics-MAE checkpoint directory.
 
     With a checkpoint the encoder config comes from the checkpoint (`config["encoder"]`); fields set
-    in `cfg.encoder_overrides` win (e.g. `drop_path`, which changes no weight shape). The returned
-    config holds the resolved encoder fields, so it rebuilds the same model without the checkpoint.
+    in `cfg.encoder_overrides` win (e.g. `drop_path`, or `num_frames` for a longer window), and
+    `in_chans` follows `cfg.channels` (`_adapt_mae_weights`). The returned config holds the resolved
+    encoder fields, so it rebuilds the same model without the checkpoint.
     """
     if mae_checkpoint is None or not cfg.uses_video:
         return TEViD(cfg), cfg
@@ -150,11 +206,12 @@ def build_tevid(cfg: TEViDConfig, mae_checkpoint: str | Path | None = None) -> t
     if not isinstance(enc, dict):
         raise TEViDLoadError(f"{ckpt.path}/config.json has no 'encoder' section: not a Dynamics-MAE checkpoint "
                              f"(config keys: {sorted(ckpt.config)})")
-    cfg = dataclasses.replace(cfg, encoder_overrides={**enc, **cfg.encoder_overrides})
+    cfg = dataclasses.replace(cfg, encoder_overrides={**enc, **cfg.encoder_overrides, "in_chans": len(cfg.channels)})
     model = TEViD(cfg)
     weights = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt.weights.items() if k.startswith(ENCODER_PREFIX)}
     if not weights:
         raise TEViDLoadError(f"{ckpt.path}: no weights start with {ENCODER_PREFIX!r}")
+    weights = _adapt_mae_weights(weights, cfg)
     try:
         model.encoder.load_state_dict(weights, strict=True)
     except RuntimeError as err:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -58,7 +58,9 @@ class PastView:
     t: index of the current frame; frame_step (t+1,) int64; frames (n, 6, S, S) float32, the last
     n = min(t+1, diagnoser.frame_window) frames (all t+1 by default; None when frame_window = 0);
     readouts (t+1, R) float32 raw, columns `readout_names` (the store's names; NaN = missing);
-    train_loss, lr (frame_step[t]+1,) float32: every optimizer step up to and including frame t's.
+    train_loss, lr (frame_step[t]+1,) float32: every optimizer step up to and including frame t's;
+    frame_arrays: the run's optional public per-frame arrays (capture.store), each (t+1,) float32,
+    e.g. `hessian_top` (NaN where not computed).
     """
 
     t: int
@@ -68,6 +70,7 @@ class PastView:
     readout_names: tuple[str, ...]
     train_loss: np.ndarray
     lr: np.ndarray
+    frame_arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -125,7 +128,8 @@ class LoadedRun:
 
     `info`: the public facts given to `reset`. `truth`: label, onset_step, trigger_step (manifest),
     perturbation and epoch_steps (store attrs), attached to the outputs after the replay.
-    frames (T, 6, S, S) bfloat16 or None when loaded without frames.
+    frames (T, 6, S, S) bfloat16 or None when loaded without frames. frame_arrays: optional public
+    per-frame arrays (T,) by name (`RunStore.frame_array`). source: the store's path (for messages).
     """
 
     info: dict
@@ -136,6 +140,8 @@ class LoadedRun:
     train_loss: np.ndarray
     lr: np.ndarray
     frames: torch.Tensor | None = None
+    frame_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -152,7 +158,8 @@ class LoadedRun:
         return dataclasses.replace(
             self, frame_step=self.frame_step[:n_frames].copy(), readouts=self.readouts[:n_frames].copy(),
             train_loss=self.train_loss[:last].copy(), lr=self.lr[:last].copy(),
-            frames=None if self.frames is None else self.frames[:n_frames].clone())
+            frames=None if self.frames is None else self.frames[:n_frames].clone(),
+            frame_arrays={k: v[:n_frames].copy() for k, v in self.frame_arrays.items()})
 
 
 def load_run(corpus: str | Path, record: dict, *, frames: bool = True) -> LoadedRun:
@@ -170,7 +177,8 @@ def load_run(corpus: str | Path, record: dict, *, frames: bool = True) -> Loaded
         raise ValueError(f"run store {store.path}: frame at step {steps[-1]} but train_loss has only {n_steps} steps")
     return LoadedRun(info, truth, steps, store.readouts().numpy().astype(np.float32), tuple(store.readout_names),
                      store.train_loss().numpy().astype(np.float32), store.lr().numpy().astype(np.float32),
-                     store.frames() if frames else None)
+                     store.frames() if frames else None,
+                     {k: store.frame_array(k).numpy().astype(np.float32) for k in store.frame_array_names}, str(store.path))
 
 
 def load_runs(corpus: str | Path, split: str | None, runs: Sequence[str] | None = None, *,
@@ -195,7 +203,8 @@ def iter_views(run: LoadedRun, window: int | None = None) -> Iterator[PastView]:
             frames = run.frames[first:t + 1].to(torch.float32, copy=True)  # its own storage of n frames
         yield PastView(t=t, frame_step=_past(run.frame_step[:t + 1]), frames=frames,
                        readouts=_past(run.readouts[:t + 1]), readout_names=run.readout_names,
-                       train_loss=_past(run.train_loss[:last]), lr=_past(run.lr[:last]))
+                       train_loss=_past(run.train_loss[:last]), lr=_past(run.lr[:last]),
+                       frame_arrays={k: _past(v[:t + 1]) for k, v in run.frame_arrays.items()})
 
 
 def _past(a: np.ndarray) -> np.ndarray:
@@ -279,10 +288,14 @@ class TEViDDiagnoser:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, name: str = "tevid", require_calibration: bool = True) -> "TEViDDiagnoser":
+        """The fine-tuned model of `path` with its calibration, reading the window length it was trained on
+        (the saved config's `data.window`, default 10)."""
         from diagnose.tevid import load_tevid
+        from pretrain.checkpoint import load_checkpoint
 
         model, cal = load_tevid(path, require_calibration=require_calibration)
-        return cls(model, cal, name)
+        window = int((load_checkpoint(path).config.get("data") or {}).get("window", ClipConfig.window))
+        return cls(model, cal, name, window=window)
 
     def reset(self, run_info: dict) -> None:
         pass  # windowed: no state between frames

@@ -1,16 +1,18 @@
 """The evaluation report: every method on the same held-out runs, same protocol (DESIGN.md §8-§9, §11;
-paper Sec. 5, Tables 3 and 5, App. E, H, I).
+paper Sec. 5, Tables 3, 4, 5, 12, 17-19, App. E, H, I).
 
     python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu \
-        [--tuned outputs/tune] [--config FILE] [key=value ...]
+        [--tuned outputs/tune] [--ablations FILE] [--probes FILE] [--config FILE] [key=value ...]
 
 For each method of `ReportConfig.methods`:
 
 1. build it: TEViD from `--checkpoint` (`eval.replay.TEViDDiagnoser`, its calibration); `cusum`, `bocpd`,
    `head_grad`, `gwa` with the tuned params of `--tuned DIR/<name>/best.json` (`python -m eval.tune`) or
-   their defaults; `tcn_scalar`, `r2plus1d`, `video_swin` trained on the train split (the TCN with its
-   tuned params if any; a video baseline loaded from `video_dirs[name]` when given);
-2. replay the validation and test splits frame by frame (`eval.replay.replay_runs`);
+   their defaults; `tcn_scalar`, `hessian_tcn` (opt-in: runs with `hessian_top`), `r2plus1d`, `video_swin`
+   trained on the train split (the TCNs with their tuned params if any; a video baseline loaded from
+   `video_dirs[name]` when given);
+2. replay the test split frame by frame (`eval.replay.replay_runs`), and the validation split for the
+   methods whose operating point is set here;
 3. freeze the operating point on validation: TEViD keeps its calibrated rule (per-class thresholds, tau);
    every other method gets `eval.metrics.threshold_for_far(val, far)` on its score. A validation split
    without Healthy runs has no FAR: the threshold then comes from the Healthy runs of the train split
@@ -18,8 +20,9 @@ For each method of `ReportConfig.methods`:
 4. `eval.metrics.summarize` on test (BCa intervals over runs).
 
 Writes into --out: `config.json` (this ReportConfig), `metrics.json` (one entry per method: summarize's
-figures plus `kind`, `threshold` / `rule`, `threshold_split`), `tables.md` (Table 3 main results,
-Table 5 per held-out factor), `figures/*.png` (eval.figures). JSON has no NaN: undefined figures are null.
+figures plus `kind`, `threshold` / `rule`, `threshold_split`), `tables.md` (`tables_md`: the paper's Tables
+3, 4, 17, 18, 19 from these runs; Tables 5 and 12 from `--ablations`, the Sec. 5.4 probes from `--probes`),
+`figures/*.png` (eval.figures). JSON has no NaN: undefined figures are null.
 """
 from __future__ import annotations
 
@@ -37,19 +40,19 @@ import torch
 from capture.config import cli_parser, from_dict, load_config, save_config
 from eval import figures as FIG
 from eval import metrics as M
+from eval import tables as TAB
 from eval.replay import SCORE_FROM, LoadedRun, TEViDDiagnoser, frame_window, load_runs, replay_runs, unknown_mask, with_alerts
 
-METHODS = ("tevid", "cusum", "bocpd", "head_grad", "gwa", "tcn_scalar", "r2plus1d", "video_swin")
-KINDS = {"tevid": "tevid", "cusum": "scalar", "bocpd": "scalar", "tcn_scalar": "scalar", "head_grad": "readout",
-         "gwa": "readout", "r2plus1d": "video", "video_swin": "video"}
-FACTORS = ("arch", "dataset", "optimizer")
-TABLE3 = (("event_auprc", "AUPRC"), ("median_lead_epochs", "Lead (ep)"), ("far", "FAR"), ("detection_rate", "Det."),
-          ("macro_f1", "Macro-F1"), ("unknown_auroc", "Unk. AUROC"), ("augrc", "AUGRC"), ("cost_per_100_runs", "Cost/100"))
+METHODS = ("tevid", "cusum", "bocpd", "head_grad", "gwa", "tcn_scalar", "hessian_tcn", "r2plus1d", "video_swin")
+KINDS = {"tevid": "tevid", "cusum": "scalar", "bocpd": "scalar", "tcn_scalar": "scalar", "hessian_tcn": "scalar",
+         "head_grad": "readout", "gwa": "readout", "r2plus1d": "video", "video_swin": "video"}
+# not in the default list: hessian_tcn needs runs with `hessian_top` (a corpus made with training.hessian_every > 0)
+OPT_IN = ("hessian_tcn",)
 
 
 @dataclass
 class ReportConfig:
-    methods: list = field(default_factory=lambda: list(METHODS))
+    methods: list = field(default_factory=lambda: [m for m in METHODS if m not in OPT_IN])
     test_split: str = "test"
     val_split: str = "val"
     train_split: str = "train"
@@ -61,10 +64,13 @@ class ReportConfig:
     score_from: int = SCORE_FROM
     tuned: str | None = None  # eval.tune outputs: <tuned>/<method>/best.json (or --tuned)
     tcn: dict = field(default_factory=dict)  # TCNConfig overrides (over tuned params)
+    hessian_tcn: dict = field(default_factory=dict)  # TCNConfig overrides of hessian_tcn (over tuned params)
     r2plus1d: dict = field(default_factory=dict)  # VideoConfig overrides
     video_swin: dict = field(default_factory=dict)
     video_dirs: dict = field(default_factory=dict)  # method -> saved VideoDetector dir (then not trained here)
     tevid_checkpoints: dict = field(default_factory=dict)  # more TEViDs: name -> fine-tuned dir (e.g. tevid_scratch)
+    ablations: str | None = None  # ablations.json of `python -m eval.ablations` (Tables 5, 12; or --ablations)
+    probes: str | None = None  # probes.json of `python -m eval.probes` (Sec. 5.4; or --probes)
     figures: bool = True
     timeline_runs: int = 1  # per-run timelines (anomalous runs first)
     threads: int | None = 1  # torch threads (the CPU is shared)
@@ -100,7 +106,7 @@ def tuned_params(tuned: str | Path | None, name: str) -> dict | None:
 
 def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | None, train_runs, progress: bool):
     """(diagnoser, notes) of one method."""
-    from eval.baselines import TCNConfig, make_baseline, train_tcn
+    from eval.baselines import TCNConfig, make_baseline, train_hessian_tcn, train_tcn
     from eval.tune import baseline_config
 
     params = tuned_params(cfg.tuned, name)
@@ -114,10 +120,11 @@ def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | 
     if name in ("cusum", "bocpd", "head_grad", "gwa"):
         bcfg = baseline_config(name, params) if params else None
         return make_baseline(name, bcfg), notes
-    if name == "tcn_scalar":
+    if name in ("tcn_scalar", "hessian_tcn"):
         base = dataclasses.asdict(baseline_config(name, params) if params else TCNConfig())
-        tcfg = from_dict(TCNConfig, {**base, **cfg.tcn}, "report.tcn")
-        det, hist = train_tcn(train_runs, tcfg, progress=progress)
+        overrides, train = (cfg.tcn, train_tcn) if name == "tcn_scalar" else (cfg.hessian_tcn, train_hessian_tcn)
+        tcfg = from_dict(TCNConfig, {**base, **overrides}, f"report.{'tcn' if name == 'tcn_scalar' else name}")
+        det, hist = train(train_runs, tcfg, progress=progress)
         notes["train"] = {"n_train": hist["n_train"], "final_loss": hist["train_loss"][-1] if hist["train_loss"] else None}
         return det, notes
     from eval.baselines.video import VIDEO_CONFIGS, VideoConfig, VideoDetector, train_video
@@ -145,17 +152,17 @@ def freeze_threshold(val: list[M.RunResult], train_healthy: list[M.RunResult], f
 def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg: ReportConfig, progress: bool):
     """(test results with alerts, summary dict, unknown masks per run or None)."""
     kw = dict(score_from=cfg.score_from, progress=progress)
-    val = replay_runs(runs["val"], diagnoser, **kw)
     test = replay_runs(runs["test"], diagnoser, **kw)
     info: dict = {"kind": KINDS.get(name, "tevid")}
     unknown = None
-    if isinstance(diagnoser, TEViDDiagnoser):
+    if isinstance(diagnoser, TEViDDiagnoser):  # its operating point was calibrated on validation by diagnose.finetune
         rule = diagnoser.calibration.rule()
         test = with_alerts(test, rule=rule)
         unknown = {r.run_id: unknown_mask(r, rule) for r in test}
         info.update(rule={"thresholds": list(rule.thresholds), "tau": rule.tau, "consecutive": rule.consecutive},
                     threshold=None, threshold_split="calibration")
     else:
+        val = replay_runs(runs["val"], diagnoser, **kw)
         train_res = []
         if not any(r.kind == "healthy" for r in val):  # fallback: the Healthy train runs, with frames when needed
             healthy = [r for r in runs["train"] if r.truth.get("label") == "healthy"]
@@ -169,57 +176,17 @@ def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg:
     return test, {**info, **summary}, unknown
 
 
-# ---------------------------------------------------------------- tables
+# ---------------------------------------------------------------- JSON
 
-def _fmt(x, digits=3) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _ci(s: dict, key: str) -> str:
-    v, ci = s.get(key), s.get(f"{key}_ci")
-    if v is None:
-        return "–"
-    if not ci or any(c is None or not math.isfinite(c) for c in ci):
-        return _fmt(v)
-    return f"{_fmt(v)} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]"
-
-
-def table3(metrics: dict) -> str:
-    """Main results (paper Table 3): one row per method, 95% BCa intervals over runs in brackets."""
-    head = "| Method | kind | " + " | ".join(h for _, h in TABLE3) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE3) + 2)]
-    for name, s in metrics.items():
-        lines.append(f"| {name} | {s['kind']} | " + " | ".join(_ci(s, k) for k, _ in TABLE3) + " |")
-    return "\n".join(lines)
-
-
-def table5(results: dict[str, list[M.RunResult]], info: dict[str, dict], horizon_epochs: float) -> str:
-    """Per held-out factor (paper Table 5): event AUPRC / detection rate of each method on the test runs
-    of each architecture, dataset and optimizer."""
-    names = list(results)
-    lines = ["| factor | value | runs | " + " | ".join(f"{n} AUPRC / Det." for n in names) + " |",
-             "|" + "---|" * (len(names) + 3)]
-    for factor in FACTORS:
-        values = sorted({str(info[r.run_id].get(factor)) for r in next(iter(results.values()), [])})
-        for v in values:
-            cells = []
-            for n in names:
-                sub = [r for r in results[n] if str(info[r.run_id].get(factor)) == v]
-                cells.append(f"{_fmt(M.event_auprc(sub, horizon_epochs))} / {_fmt(M.detection_rate(sub), 2)}")
-            n_runs = sum(str(info[r.run_id].get(factor)) == v for r in next(iter(results.values())))
-            lines.append(f"| {factor} | {v} | {n_runs} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
@@ -263,6 +230,48 @@ def write_figures(out: Path, corpus: Path, results: dict, metrics: dict, unknown
 
 # ---------------------------------------------------------------- the report
 
+def _read_json(path: str | Path | None, what: str) -> dict | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"report: {what} file {path} does not exist")
+    return json.loads(Path(path).read_text())
+
+
+def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[LoadedRun], results: dict, metrics: dict,
+              unknown: dict) -> str:
+    """tables.md: the paper's Tables 3, 4, 17, 18-19 from this report's runs; Tables 5 and 12 and the Sec. 5.4
+    probes from `cfg.ablations` / `cfg.probes` when given, else the command that produces them."""
+    info = {r.run_id: r.info for r in test_runs}
+    novel_type = {r.run_id: str((r.truth.get("perturbation") or {}).get("name", "novel")) for r in test_runs}
+    main = next((n for n in results if metrics[n]["kind"] == "tevid"), next(iter(results)))
+    ablations, probes = _read_json(cfg.ablations, "ablations"), _read_json(cfg.probes, "probes")
+    t4 = TAB.table4(results, info, cfg.horizon_epochs, cfg.n_resamples, cfg.seed)
+    parts = [f"# Evaluation report\n\ncorpus `{corpus}`, checkpoint `{checkpoint}`; test split `{cfg.test_split}` "
+             f"({len(test_runs)} runs), thresholds frozen on `{cfg.val_split}` (FAR <= {cfg.far}); "
+             f"{cfg.n_resamples} bootstrap resamples over runs, 95% BCa.\n",
+             "## Table 3: main results\n", TAB.table3(metrics), "",
+             "## Table 4: per held-out factor (event AUPRC / median lead in epochs, 95% BCa over the slice's runs)\n", t4, ""]
+    if ablations is not None:
+        parts += [f"## Table 5: window length (from `{cfg.ablations}`)\n", TAB.table5(ablations), "",
+                  f"## Table 12: ablations (from `{cfg.ablations}`)\n", TAB.table12(ablations), ""]
+    else:
+        parts += ["## Table 5: window length; Table 12: ablations\n",
+                  "Not computed by the report: `python -m eval.ablations --corpus DIR --out DIR --pretrained CKPT` writes "
+                  "ablations.json; pass it with `--ablations FILE`.", ""]
+    parts += [f"## Table 17: novel anomaly types vs predicted outcome ({main}, % of runs)\n",
+              TAB.table17(results[main], unknown.get(main), novel_type), "",
+              "## Table 18: counts per 100 runs at the frozen operating point\n", TAB.table18(results, metrics), "",
+              f"## Table 19: expected cost per 100 runs, (C_FA, C_MD, C_lead) = {tuple(M.COSTS)}\n", TAB.table19(metrics), ""]
+    if probes is not None:
+        parts += [f"## Sec. 5.4: regressibility probes (from `{cfg.probes}`)\n", TAB.probes_table(probes), ""]
+    else:
+        parts += ["## Sec. 5.4: regressibility probes\n",
+                  "Not computed by the report: `python -m eval.probes --corpus DIR --out DIR` writes probes.json; "
+                  "pass it with `--probes FILE`.", ""]
+    return "\n".join(parts) + "\n"
+
+
 def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoint: str | Path | None = None,
                 progress: bool = True) -> dict:
     """Replay, score and write the report directory; returns metrics.json's content."""
@@ -274,6 +283,11 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
     runs = {"test": load_runs(corpus, cfg.test_split, progress=progress),
             "val": load_runs(corpus, cfg.val_split, progress=progress),
             "train": load_runs(corpus, cfg.train_split, frames=False, progress=progress), "corpus": corpus}
+    if "hessian_tcn" in cfg.methods:  # fail before any method runs, naming the corpus and the config key
+        from eval.baselines import require_hessian
+
+        for split in ("train", "val", "test"):
+            require_hessian(runs[split], getattr(cfg, f"{split}_split"))
     info = {r.run_id: r.info for r in runs["test"]}
     results, metrics, unknown = {}, {}, {}
     for name in cfg.all_methods:
@@ -283,16 +297,10 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
         results[name], metrics[name] = test, {**summary, **notes, "seconds": round(time.time() - t, 2)}
         if unk is not None:
             unknown[name] = unk
-        print(f"{name}: event AUPRC {_fmt(summary['event_auprc'])}, FAR {_fmt(summary['far'], 2)}, "
-              f"detection {_fmt(summary['detection_rate'], 2)} ({time.time() - t:.1f} s)", file=sys.stderr)
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n")
-    test_ids = [r.run_id for r in runs["test"]]
-    tables = [f"# Evaluation report\n\ncorpus `{corpus}`, checkpoint `{checkpoint}`; test split `{cfg.test_split}` "
-              f"({len(test_ids)} runs), thresholds frozen on `{cfg.val_split}` (FAR <= {cfg.far}); "
-              f"{cfg.n_resamples} bootstrap resamples over runs, 95% BCa.\n",
-              "## Table 3: main results\n", table3(metrics), "",
-              "## Table 5: per held-out factor (event AUPRC / detection rate)\n", table5(results, info, cfg.horizon_epochs), ""]
-    (out / "tables.md").write_text("\n".join(tables) + "\n")
+        print(f"{name}: event AUPRC {TAB.fmt(summary['event_auprc'])}, FAR {TAB.fmt(summary['far'], 2)}, "
+              f"detection {TAB.fmt(summary['detection_rate'], 2)} ({time.time() - t:.1f} s)", file=sys.stderr)
+    (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1, allow_nan=False) + "\n")
+    (out / "tables.md").write_text(tables_md(corpus, checkpoint, cfg, runs["test"], results, metrics, unknown))
     if cfg.figures:
         write_figures(out, corpus, results, metrics, unknown, runs, cfg)
     print(f"wrote {out / 'metrics.json'}, {out / 'tables.md'} ({time.time() - t0:.1f} s)", file=sys.stderr)
@@ -303,10 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("Evaluation report: TEViD and the baselines on the test split (DESIGN.md §9)",
                         corpus=True, checkpoint=True)
     parser.add_argument("--tuned", default=None, help="directory of `python -m eval.tune` outputs (<tuned>/<method>/best.json)")
+    parser.add_argument("--ablations", default=None, help="ablations.json of `python -m eval.ablations` (Tables 5 and 12)")
+    parser.add_argument("--probes", default=None, help="probes.json of `python -m eval.probes` (Sec. 5.4 probes)")
     args = parser.parse_args(argv)
     cfg = load_config(ReportConfig, args.config, args.overrides)
-    if args.tuned:
-        cfg = dataclasses.replace(cfg, tuned=args.tuned)
+    given = {k: getattr(args, k) for k in ("tuned", "ablations", "probes") if getattr(args, k)}
+    cfg = dataclasses.replace(cfg, **given)
     make_report(args.corpus, args.out, cfg, args.checkpoint)
     print(Path(args.out) / "tables.md")
     print((Path(args.out) / "tables.md").read_text())

@@ -1,0 +1,166 @@
+"""Markdown tables of the evaluation report, shaped like the main paper's (Sec. 5, App. C, H, I).
+
+| function | paper | rows x columns | from |
+|---|---|---|---|
+| `table3` | Table 3 | method x (AUPRC, lead, FAR, detection, macro F1, Unknown AUROC, AUGRC, cost/100), 95% BCa | metrics.json |
+| `table4` | Table 4 | held-out factor value x method (event AUPRC, median lead), 95% BCa over the slice's runs | replayed test runs |
+| `table5` | Table 5 | window W (steps/frame, GFLOPs/clip, AUPRC, lead, FAR) | ablations.json (`eval.ablations`) |
+| `table12` | Table 12 | ablation variant x (macro F1, AUPRC, lead, FAR, detection) | ablations.json (`eval.ablations`) |
+| `table17` | Table 17 | novel perturbation x predicted outcome, % of runs | replayed test runs + the rule's Unknown frames |
+| `table18` | Table 18 | method x (N_FA, N_MD per 100 runs, mean lead) at the frozen operating point | replayed test runs |
+| `table19` | Table 19 | method x expected cost per 100 runs (95% BCa) | metrics.json |
+| `probes_table` | Sec. 5.4 | probe x R^2 | probes.json (`eval.probes`) |
+
+A cell is `value [low, high]` with the 95% bootstrap interval over runs (`eval.metrics.bootstrap_ci`),
+`–` where the figure is undefined (no known-anomaly run, nothing detected, ...).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from eval import metrics as M
+from eval.figures import run_outcome_class
+from pretrain.clips import CLASSES
+
+FACTORS = ("arch", "dataset", "optimizer")
+TABLE3 = (("event_auprc", "AUPRC"), ("median_lead_epochs", "Lead (ep)"), ("far", "FAR"), ("detection_rate", "Det."),
+          ("macro_f1", "Macro-F1"), ("unknown_auroc", "Unk. AUROC"), ("augrc", "AUGRC"), ("cost_per_100_runs", "Cost/100"))
+TABLE12 = (("macro_f1", "Macro F1 (known)"), ("event_auprc", "Event-Time AUPRC"), ("median_lead_epochs", "Med. Lead (ep)"),
+           ("far", "FAR"), ("detection_rate", "Det."))
+OUTCOMES = (*CLASSES, "other", "unknown")  # columns of Table 17 (eval.figures.run_outcome_class)
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def cell(value, ci=None, digits: int = 3) -> str:
+    """`value [low, high]`, or the value alone when the interval is missing or undefined."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if not ci or any(c is None or not math.isfinite(c) for c in ci):
+        return fmt(value, digits)
+    d = min(digits, 2)  # intervals to 2 decimals at most
+    return f"{fmt(value, digits)} [{fmt(ci[0], d)}, {fmt(ci[1], d)}]"
+
+
+def _ci(s: dict, key: str) -> str:
+    return cell(s.get(key), s.get(f"{key}_ci"))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---------------------------------------------------------------- from the report's own runs
+
+def table3(metrics: dict) -> str:
+    """Main results (paper Table 3): one row per method, 95% BCa intervals over runs in brackets."""
+    return _table(["Method", "kind", *(h for _, h in TABLE3)],
+                  [[name, s["kind"], *(_ci(s, k) for k, _ in TABLE3)] for name, s in metrics.items()])
+
+
+def table4(results: dict[str, list[M.RunResult]], info: dict[str, dict], horizon_epochs: float = M.HORIZON_EPOCHS,
+           n_resamples: int = 2000, seed: int = 0) -> str:
+    """Generalization to held-out factors (paper Table 4): for each architecture, dataset and optimizer of
+    the test split, event AUPRC / median lead (epochs) of each method on that slice's runs, each with its
+    95% bootstrap interval over the slice's runs."""
+    names = list(results)
+    first = next(iter(results.values()), [])
+    rows = []
+    auprc = functools.partial(M.event_auprc, horizon_epochs=horizon_epochs)  # keyword partial: the fast weighted bootstrap
+    for factor in FACTORS:
+        for value in sorted({str(info[r.run_id].get(factor)) for r in first}):
+            cells = []
+            for n in names:
+                sub = [r for r in results[n] if str(info[r.run_id].get(factor)) == value]
+                a, lead = M.event_auprc(sub, horizon_epochs), M.median_lead_epochs(sub)
+                a_ci = M.bootstrap_ci(sub, auprc, n_resamples, seed=seed) if math.isfinite(a) else None
+                l_ci = M.bootstrap_ci(sub, M.median_lead_epochs, n_resamples, seed=seed) if math.isfinite(lead) else None
+                cells.append(f"{cell(a, a_ci and [a_ci.low, a_ci.high])} / "
+                             f"{cell(lead, l_ci and [l_ci.low, l_ci.high], 2)}")
+            n_runs = sum(str(info[r.run_id].get(factor)) == value for r in first)
+            rows.append([factor, value, str(n_runs), *cells])
+    return _table(["factor", "value", "runs", *(f"{n} AUPRC / Lead (ep)" for n in names)], rows)
+
+
+def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str]) -> str:
+    """Novel anomaly types (rows) vs predicted outcome (paper Table 17), % of that type's test runs. One
+    outcome per run (`eval.figures.run_outcome_class`, as the confusion figure): Unknown when the rule
+    abstained on at least half of the frames from onset, else the class of the first confirmed alert
+    from onset ("other": a score-only alert), else healthy."""
+    by_type: dict[str, list[str]] = {}
+    for r in results:
+        if r.kind == "novel":
+            by_type.setdefault(novel_type.get(r.run_id, "novel"), []).append(run_outcome_class(r, (unknown or {}).get(r.run_id)))
+    if not by_type:
+        return "(no novel run in the test split)"
+    rows = [[t, str(len(v)), *(f"{100.0 * v.count(o) / len(v):.1f}" for o in OUTCOMES)] for t, v in sorted(by_type.items())]
+    return _table(["True novel anomaly", "runs", *(f"{o} (%)" for o in OUTCOMES)], rows)
+
+
+def table18(results: dict[str, list[M.RunResult]], metrics: dict) -> str:
+    """Raw counts at the frozen operating point (paper Table 18), per 100 Healthy + known-anomaly test runs:
+    false alarms N_FA (as the decision cost counts them), missed detections N_MD; mean lead (epochs) of
+    the detected runs; and the test FAR the frozen threshold gives (the paper's "at 5% FAR")."""
+    rows = []
+    for name, runs in results.items():
+        s = metrics[name]
+        n = s["n_healthy"] + s["n_anomalous"]
+        per = (lambda k: fmt(100.0 * s[k] / n, 1)) if n else (lambda k: "–")
+        leads = M.leads_epochs(runs)
+        rows.append([name, str(n), per("n_false_alarms"), per("n_missed"), fmt(float(leads.mean()), 2) if len(leads) else "–",
+                     fmt(s.get("far"), 3)])
+    return _table(["Model", "runs", "N_FA / 100", "N_MD / 100", "Avg. lead (ep)", "FAR (test)"], rows)
+
+
+def table19(metrics: dict) -> str:
+    """Expected decision cost per 100 runs under (C_FA, C_MD, C_lead) = (1, 10, -0.5) (paper Table 19), 95% BCa."""
+    return _table(["Model", "Expected cost / 100 runs (95% CI)"],
+                  [[name, cell(s.get("cost_per_100_runs"), s.get("cost_per_100_runs_ci"), 1)] for name, s in metrics.items()])
+
+
+# ---------------------------------------------------------------- from eval.ablations / eval.probes outputs
+
+def table12(ablations: dict) -> str:
+    """Ablations (paper Table 12 for activations / gradients, extended to every variant of eval.ablations):
+    one row per variant, test-split figures with 95% BCa intervals."""
+    rows = []
+    for name, v in ablations["variants"].items():
+        m = v["metrics"]
+        rows.append([name, v["label"], v["init"], *(_ci(m, k) for k, _ in TABLE12)])
+    return _table(["Variant", "what differs", "init", *(h for _, h in TABLE12)], rows)
+
+
+def table5(ablations: dict) -> str:
+    """Window length (paper Table 5): the variants that differ from the reference only by the window."""
+    rows = []
+    for name, v in sorted(ablations["variants"].items(), key=lambda kv: kv[1]["window"]):
+        if v["group"] not in ("reference", "window"):
+            continue
+        m = v["metrics"]
+        rows.append([str(v["window"]), fmt(v.get("steps_per_frame"), 0), fmt(v.get("gflops_per_clip"), 3),
+                     _ci(m, "event_auprc"), cell(m.get("median_lead_epochs"), m.get("median_lead_epochs_ci"), 2),
+                     fmt(m.get("far"), 3), name])
+    if not rows:
+        return "(no window variant in the ablations: run `python -m eval.ablations --variants full,window5,window20`)"
+    return _table(["Window W", "Steps/Frame", "GFLOPs/Clip", "Event-Time AUPRC", "Med. Lead (ep)", "FAR (test)", "variant"], rows)
+
+
+def probes_table(probes: dict) -> str:
+    """The two regressibility probes of paper Sec. 5.4 / App. F.2: R^2 on held-out runs, mean +- sd of the
+    per-run R^2 (the paper's statistic), its median (a run whose target barely moves has a huge negative
+    R^2 that dominates the mean), the pooled R^2 over all held-out frames, runs and frames."""
+    rows = []
+    for key, title in (("state_to_loss", "state -> loss (MLP)"), ("loss_to_state", "loss history -> state (TCN)")):
+        p = probes.get(key)
+        if p is None:
+            continue
+        rows.append([title, p["input"], p["target"], f"{fmt(p['r2_per_run_mean'])} ± {fmt(p['r2_per_run_sd'])}",
+                     fmt(p.get("r2_per_run_median")), fmt(p["r2_pooled"]), str(p["n_test_runs"]), str(p["n_test"])])
+    return _table(["Probe", "input", "target", "R² per run (mean ± sd)", "R² per run (median)", "R² pooled", "test runs",
+                   "test frames"], rows)
