@@ -35,14 +35,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
 
 from capture.config import cli_parser, load_config, save_config
 from diagnose.adapters import prune_on_alert
-from diagnose.monitor import watch
+from diagnose.monitor import _jsonable, watch
 from eval.baselines.cusum import cusum
 from eval.baselines.residuals import LossResiduals, ResidualConfig
 from factory.archs import build_arch
@@ -306,18 +305,6 @@ def table(result: dict) -> str:
             lines.append(f"| {name} | {t['number']} | {t['params']['lr']:.3g} | {t['params']['weight_decay']:.2g} | "
                          f"{t['state'].lower()} | {by} | {t['epochs_run']:.2f} | {_fmt(last)} |")
     return "\n".join(lines) + "\n"
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def run(cfg: HPOConfig, out: Path) -> dict:

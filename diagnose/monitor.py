@@ -179,6 +179,9 @@ def _activation_modules(model: nn.Module, limit: int) -> list[tuple[str, nn.Modu
 
 
 def _jsonable(obj):
+    """Strict-JSON form: non-finite floats -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
