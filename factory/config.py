@@ -20,6 +20,10 @@ class TrainingConfig:
     warmup_frac: float = 0.05  # linear warm-up, then cosine to 10% of the base lr
     base_lr: dict[str, float] = field(default_factory=lambda: {"adamw": 2e-3, "sgd": 0.05, "lion": 3e-4, "adafactor": 1e-2})
     weight_decay: dict[str, float] = field(default_factory=lambda: {"adamw": 0.05, "sgd": 5e-4, "lion": 0.5, "adafactor": 0.0})
+    # base_lr times this for "arch/optimizer" (or "arch") keys: the factory's AlexNet has no
+    # normalisation layers and is unstable on its own at SGD's 0.05 (second cpu corpus: losses up to
+    # 1e8 in healthy and task-switch runs, docs/factory.md); 0.01 is the classic AlexNet SGD rate
+    lr_scale: dict[str, float] = field(default_factory=lambda: {"alexnet/sgd": 0.2})
     lm_context: int = 32
     divergence_patience: int = 5  # consecutive non-finite losses before a run stops as diverged
     lyapunov_windows: int = 4  # Lyapunov proxy windows per run (evenly spaced)
@@ -28,6 +32,13 @@ class TrainingConfig:
     # top Hessian eigenvalue (capture.hessian, Lanczos) at every k-th captured frame on the step's training
     # batch, stored as the public per-frame array `hessian_top` (NaN elsewhere); 0 = off
     hessian_every: int = 0
+
+    def lr(self, arch: str, optimizer: str) -> float:
+        """The base learning rate of one run: `base_lr[optimizer]` times `lr_scale` for the run's
+        "arch/optimizer" (else "arch") key."""
+        if optimizer not in self.base_lr:
+            raise ValueError(f"no base_lr for optimizer {optimizer!r}; configured: {sorted(self.base_lr)}")
+        return self.base_lr[optimizer] * self.lr_scale.get(f"{arch}/{optimizer}", self.lr_scale.get(arch, 1.0))
 
 
 @dataclass

@@ -28,6 +28,7 @@ class RunSettings:
     augment: bool = True
     train_subset: int | None = None  # keep only this many training samples (windows for text)
     anneal: bool = True  # warm-up + cosine schedule; False: warm-up, then the base learning rate
+    optimizer: str = ""  # the run's optimizer name (adamw, sgd, lion, adafactor)
 
 
 @dataclass
@@ -74,13 +75,16 @@ class LRScale(Perturbation):
 @dataclass
 class Overfit(Perturbation):
     """No weight decay, no augmentation, a tiny training subset (from the start, or from `onset` when
-    it is > 0), the learning rate times `lr_scale`, and no annealing after the warm-up: in a run of a
-    few hundred steps an annealed model stops moving once it has memorised the subset, and the
-    validation loss plateaus instead of rising. The subsets are small because digits generalises from
-    very few samples: with 96 of them the validation loss of a ResNet kept falling (docs/factory.md)."""
+    it is > 0), the learning rate times `lr_scale` for the optimizers in `lr_scale_optimizers`, and no
+    annealing after the warm-up: in a run of a few hundred steps an annealed model stops moving once it
+    has memorised the subset, and the validation loss plateaus instead of rising. The subsets are small
+    because digits generalises from very few samples: with 96 of them the validation loss of a ResNet
+    kept falling (docs/factory.md). The slowdown is for the fast optimizers (AdamW, SGD); at a fifth
+    of their already small rates Lion and Adafactor did not fit even 32 samples in 300 steps."""
 
     subset: int = 32
     lr_scale: float = 1.0
+    lr_scale_optimizers: tuple[str, ...] = ("adamw", "sgd")
     _keep: torch.Tensor | None = field(default=None, repr=False)
     _seed: int = 0
 
@@ -89,7 +93,8 @@ class Overfit(Perturbation):
 
     def configure(self, s):
         # onset 0: the subset from the start (Batches draws it); later: `pool` narrows to it at the onset
-        return replace(s, lr=s.lr * self.lr_scale, weight_decay=0.0, augment=False,
+        scale = self.lr_scale if s.optimizer in self.lr_scale_optimizers else 1.0
+        return replace(s, lr=s.lr * scale, weight_decay=0.0, augment=False,
                        train_subset=self.subset if self.onset == 0 else None, anneal=False)
 
     def pool(self, step, pool):

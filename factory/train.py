@@ -163,7 +163,8 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     if data.modality not in pert.modalities:
         raise ValueError(f"perturbation {spec.perturbation} does not apply to {data.modality} data ({spec.dataset})")
     pert.bind(data.y_train, data.num_classes, seed)
-    settings = pert.configure(RunSettings(lr=tc.base_lr[spec.optimizer], weight_decay=tc.weight_decay[spec.optimizer]))
+    settings = pert.configure(RunSettings(lr=tc.lr(spec.arch, spec.optimizer), weight_decay=tc.weight_decay[spec.optimizer],
+                                          optimizer=spec.optimizer))
 
     make_model = lambda: build_arch(spec.arch, data.num_classes, tc.image_size)[0]  # noqa: E731
     model, modules = build_arch(spec.arch, data.num_classes, tc.image_size)

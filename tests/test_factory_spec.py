@@ -57,8 +57,25 @@ def test_unknown_perturbation_is_a_clear_error():
 
 
 def test_overfit_removes_regularisation_and_data():
-    s = make_perturbation("overfit", STEPS).configure(RunSettings(lr=0.1, weight_decay=0.05))
+    s = make_perturbation("overfit", STEPS).configure(RunSettings(lr=0.1, weight_decay=0.05, optimizer="adamw"))
     assert s.weight_decay == 0 and not s.augment and s.train_subset == 32 and s.lr == pytest.approx(0.02) and not s.anneal
+
+
+@pytest.mark.parametrize("optimizer,scale", [("adamw", 0.2), ("sgd", 0.2), ("lion", 1.0), ("adafactor", 1.0)])
+def test_overfit_slows_only_the_fast_optimizers(optimizer, scale):
+    s = make_perturbation("overfit", STEPS).configure(RunSettings(lr=0.1, weight_decay=0.05, optimizer=optimizer))
+    assert s.lr == pytest.approx(0.1 * scale) and s.weight_decay == 0 and s.train_subset == 32
+
+
+def test_base_lr_scales_per_arch_and_optimizer():
+    from factory.config import TrainingConfig
+
+    tc = TrainingConfig(base_lr={"sgd": 0.05, "adamw": 1e-3}, lr_scale={"alexnet/sgd": 0.2, "vit": 0.5})
+    assert tc.lr("alexnet", "sgd") == pytest.approx(0.01)  # arch/optimizer key
+    assert tc.lr("alexnet", "adamw") == pytest.approx(1e-3)  # no key: the base rate
+    assert tc.lr("vit", "sgd") == pytest.approx(0.025)  # arch key
+    with pytest.raises(ValueError, match="no base_lr for optimizer 'lion'"):
+        tc.lr("resnet", "lion")
 
 
 def test_overfit_with_an_onset_narrows_the_pool_at_the_onset():
