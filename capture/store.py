@@ -323,3 +323,13 @@ def read_privileged(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {}
     group = root["privileged"]
     return {k: group[k][...] for k in group.array_keys()}
+
+
+def read_labeling(path: str | os.PathLike) -> dict:
+    """Labeling and evaluation only: the rules' results the labeler stored with a complete run
+    (`privileged/labeling` attrs: per rule fired, trigger step and statistics); {} when absent."""
+    store = RunStore(path)
+    root = zarr.open_group(str(store.path), mode="r")
+    if "privileged" not in list(root.group_keys()) or "labeling" not in list(root["privileged"].array_keys()):
+        return {}
+    return dict(root["privileged/labeling"].attrs.get("rules", {}))

@@ -20,7 +20,8 @@ machine). Monitors are attached anew for each block but resume the previous bloc
 symptom histories, TEViD streaks and its last T frames: `Monitor.load_state_dict(state, frames)`), so
 TEViD predicts at every frame, as it does in a long run, rather than waiting T frames after each attach.
 
-`--checkpoint`: default `outputs/finetune/cpu_lr1e-3/final` when it exists, else `tiny` (a small TEViD
+`--checkpoint`: default the shipped model (`diagnose/default_checkpoint`, what `diagnose.watch` loads) when it
+exists, else `tiny` (a small TEViD
 built from scratch and saved to a temporary directory, so the command always runs); `none` leaves the
 TEViD mode out. The output says which. `--profile STEPS` then runs STEPS steps of the last monitor mode
 under cProfile and tabulates where the monitor's and the capture's time goes, per call and per step.
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = ROOT / "outputs" / "finetune" / "cpu_lr1e-3" / "final"
+DEFAULT_CHECKPOINT = ROOT / "diagnose" / "default_checkpoint"  # the shipped model (not TEVID_DEFAULT_CHECKPOINT)
 MODES = ("plain", "capture", "monitor", "monitor + TEViD")
 
 

@@ -100,6 +100,11 @@ class LabelConfig:
     collapse_learned: float = 2.0
     collapse_level: float = 2.0
     collapse_loss_return: float = 0.9
+    # blow-up (instability): the validation loss jumps >= blowup_factor x the previous epoch's while
+    # accuracy falls to <= collapse_level x chance in a model that had reached collapse_learned x chance;
+    # it may recover (factory.labels.blowup: BatchNorm models hit by an LR burst)
+    blowup: bool = True
+    blowup_factor: float = 10.0
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30
     forget_p: float = 0.01

@@ -42,6 +42,13 @@ def _collapse(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult:
                       level=lc.collapse_level, loss_return=lc.collapse_loss_return)
 
 
+def _blowup(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult:
+    if not lc.blowup or len(sig["val_acc"]) == 0:
+        return R.RuleResult(False, None, {"reason": "off" if not lc.blowup else "no validation epochs"})
+    return R.blowup(sig["val_loss"], sig["val_acc"], 1.0 / num_classes, factor=lc.blowup_factor,
+                    learned=lc.collapse_learned, level=lc.collapse_level)
+
+
 def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.RuleResult, R.RuleResult]:
     spikes = _spikes(sig["train_loss"], lc, steps)
     margin = lc.lyapunov_arch_margin.get(arch, lc.lyapunov_margin)
@@ -113,10 +120,13 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
     epoch_step = sig["epoch_step"]
     collapsed = _collapse(sig, lc, num_classes)
     collapse_step = _to_step(collapsed.trigger, epoch_step)
+    blown = _blowup(sig, lc, num_classes)
+    blowup_step = _to_step(blown.trigger, epoch_step)
     step_triggers: dict[str, int | None] = {}
     results: dict[str, R.RuleResult] = {}
-    if spikes.fired or lyap.fired or collapsed.fired:
-        triggers = [t for t, r in ((spikes.trigger, spikes), (lyap.trigger, lyap), (collapse_step, collapsed)) if r.fired and t is not None]
+    if spikes.fired or lyap.fired or collapsed.fired or blown.fired:
+        triggers = [t for t, r in ((spikes.trigger, spikes), (lyap.trigger, lyap), (collapse_step, collapsed), (blowup_step, blown))
+                    if r.fired and t is not None]
         results["instability"] = R.RuleResult(True, min(triggers) if triggers else None, {})
         step_triggers["instability"] = results["instability"].trigger  # both rules report steps
     for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc)),
@@ -132,6 +142,7 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
     rules["instability_spikes"] = {"fired": spikes.fired, "trigger_step": spikes.trigger, "detail": spikes.detail}
     rules["instability_lyapunov"] = {"fired": lyap.fired, "trigger_step": lyap.trigger, "detail": lyap.detail}
     rules["instability_collapse"] = {"fired": collapsed.fired, "trigger_step": collapse_step, "detail": collapsed.detail}
+    rules["instability_blowup"] = {"fired": blown.fired, "trigger_step": blowup_step, "detail": blown.detail}
     rules["healthy_floor"] = {"final_val_acc": final_acc, "floor": floor, "met": healthy_ok}
     return {"label": label, "trigger_step": step_triggers.get(label), "rules": rules}
 

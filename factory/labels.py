@@ -318,6 +318,41 @@ def collapse(
     return RuleResult(True, first, detail)
 
 
+def blowup(
+    val_loss_ep: np.ndarray,
+    val_acc_ep: np.ndarray,
+    chance: float,
+    *,
+    factor: float = 10.0,
+    learned: float = 2.0,
+    level: float = 2.0,
+) -> RuleResult:
+    """Blow-up: a transient divergence, seen where it shows, on held-out data. At some epoch e the
+    validation loss jumps to >= `factor` x the previous epoch's (or turns non-finite) and validation
+    accuracy falls to <= `level` x chance, in a model that had learned (some earlier epoch >= `learned`
+    x chance). It may recover afterwards, which is what `collapse` (which needs the end at chance) and
+    the training-loss spikes miss: with BatchNorm, an LR burst wrecks the running statistics the
+    validation pass uses (loss x 15, accuracy at chance) while the training-mode loss of the next
+    batches rises by a third (docs/factory.md). The jump is from one epoch to the next: a gradual
+    rise, however large (a memorising model's validation loss), never fires. trigger = e.
+    """
+    loss = np.asarray(val_loss_ep, dtype=float)
+    acc = np.asarray(val_acc_ep, dtype=float)
+    if loss.shape != acc.shape or loss.ndim != 1:
+        raise ValueError(f"val loss and accuracy must be 1-D of equal length, got {loss.shape} and {acc.shape}")
+    detail: dict = {"chance": _num(chance), "factor": factor}
+    if len(loss) < 2 or not (0 < chance < 1):
+        return RuleResult(False, None, {**detail, "reason": "too few epochs"})
+    peak = np.fmax.accumulate(np.where(np.isfinite(acc), acc, -np.inf))  # best accuracy up to each epoch
+    for e in range(1, len(loss)):
+        jumped = not np.isfinite(loss[e]) or (np.isfinite(loss[e - 1]) and loss[e] >= factor * loss[e - 1])
+        lost = not np.isfinite(acc[e]) or acc[e] <= level * chance
+        if jumped and lost and peak[e - 1] >= learned * chance:
+            return RuleResult(True, e, {**detail, "epoch": e, "loss_before": _num(loss[e - 1]), "loss": _num(loss[e]),
+                                        "acc_before_peak": _num(peak[e - 1]), "acc": _num(acc[e])})
+    return RuleResult(False, None, detail)
+
+
 # ------------------------------------------------------------------ catastrophic forgetting
 def forgetting(
     primary_acc_ep: np.ndarray,

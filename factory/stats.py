@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import pearsonr
 
-from capture.store import RunStore, read_privileged
+from capture.store import RunStore, read_labeling, read_privileged
 
 KNOWN = ("overfitting", "instability", "forgetting", "concept_bias")
 
@@ -53,6 +53,42 @@ def head_grad_val_acc_r(corpus: Path, record: dict, ema_span: int | None = None)
     return float(pearsonr(x, y).statistic)
 
 
+INSTABILITY_RULES = ("spikes", "lyapunov", "collapse", "blowup")
+
+
+def why(corpus: Path, record: dict) -> str:
+    """The rule behind a run's label, for the disagreement table: which instability rules fired, or
+    whether the floor was missed (underperforming) or nothing fired (healthy)."""
+    rules = read_labeling(corpus / record["store"])
+    if record["label"] == "instability":
+        fired = [name for name in INSTABILITY_RULES if rules.get(f"instability_{name}", {}).get("fired")]
+        return "instability by " + "+".join(fired or ["?"])
+    if record["label"] == "underperforming":
+        floor = rules.get("healthy_floor", {})
+        return f"below the floor (final acc {floor.get('final_val_acc', float('nan')):.2f} < {floor.get('floor', float('nan')):.2f})"
+    if record["label"] == "healthy":
+        return "no rule fired, floor met"
+    return f"{record['label']} rule fired"
+
+
+def disagreements(corpus: Path, runs: list[dict]) -> list[str]:
+    """Known injections whose label differs, grouped by (injected -> label), then by the deciding rule and
+    by split / arch / optimizer / dataset: where each disagreement class comes from."""
+    out = ["", "Disagreements on known injections (injected -> label: count; by rule; by split/arch/optimizer/dataset)"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["label"] != r["injected"]:
+            groups.setdefault((r["injected"], r["label"]), []).append(r)
+    for (inj, lab), rows in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        reasons = Counter(why(corpus, r) for r in rows)
+        where = Counter(f"{r['split']}/{r['arch']}/{r['optimizer']}/{r['dataset']}" for r in rows)
+        presets = Counter(r["perturbation"] for r in rows)
+        out.append(f"- {inj} -> {lab}: {len(rows)}; presets " + ", ".join(f"{k} {v}" for k, v in presets.most_common())
+                   + "; " + ", ".join(f"{k} {v}" for k, v in reasons.most_common())
+                   + "; " + ", ".join(f"{k} {v}" for k, v in where.most_common()))
+    return out
+
+
 def corpus_stats(corpus: Path) -> tuple[str, dict]:
     records = [json.loads(l) for l in (corpus / "manifest.jsonl").read_text().splitlines()]
     ok = [r for r in records if r.get("status") in ("complete", "diverged")]
@@ -72,6 +108,7 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += ["", f"Agreement, known injected perturbations: {100 * agree:.1f}% ({sum(r['label'] == r['injected'] for r in known)}/{len(known)}); "
               + ", ".join(f"{c} {a}/{n}" for c, (a, n) in per_class.items())
               + f"; healthy-injected labeled healthy: {sum(r['label'] == 'healthy' for r in healthy_inj)}/{len(healthy_inj)}"]
+    lines += disagreements(corpus, known)
     merged = lambda l: "overfitting" if l == "concept_bias" else ("healthy" if l == "underperforming" else l)  # noqa: E731
     online = sum(merged(r["label"]) == r["online_label"] for r in ok) / max(1, len(ok))
     lines += [f"Training-only (online-style) vs offline labels, concept bias folded into overfitting and "
@@ -101,7 +138,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
               f"(n = {len(rs)}; seed 000: -0.854 +/- 0.038)"]
     return "\n".join(lines), {"agreement_known": agree, "online_agreement": online, "pearson_r_mean": r_mean,
                               "pearson_r_std": r_std, "pearson_n": len(rs),
-                              "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share}
+                              "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
+                              "disagreements": dict(Counter(f"{r['injected']}->{r['label']}" for r in known if r["label"] != r["injected"]))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,12 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     assert "| split \\ label |" in text and "Agreement, known injected perturbations" in text
     known = [r for r in relabeled if r["injected"] in ("overfitting", "instability", "forgetting", "concept_bias")]
     assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
+    wrong = [r for r in known if r["label"] != r["injected"]]
+    assert sum(numbers["disagreements"].values()) == len(wrong)
+    for key, n in numbers["disagreements"].items():  # each class listed with the rule that decided it
+        inj, lab = key.split("->")
+        line = next(l for l in text.splitlines() if l.startswith(f"- {inj} -> {lab}: {n};"))
+        assert lab != "instability" or "instability by " in line
 
 
 def test_killed_factory_leaves_no_complete_looking_run_and_resumes(tmp_path):

@@ -14,6 +14,7 @@ from factory.labels import (
     PRIORITY,
     RuleResult,
     assign_label,
+    blowup,
     collapse,
     concept_bias,
     forgetting,
@@ -272,6 +273,39 @@ def test_collapse_needs_a_model_that_had_learned_and_a_sustained_end():
     acc[-2] = 0.5  # recovers within the last window
     assert not collapse(acc, loss, 0.1, window=5).fired
     assert not collapse(acc[:4], loss, 0.1, window=5).fired  # too few epochs
+
+
+# ------------------------------------------------------------------ blow-up (transient divergence)
+# a ResNet on mnist1d (10 classes) hit by LR bursts at epoch 8: its validation loss and accuracy (cpu corpus)
+BURST_LOSS = [2.28, 2.28, 2.21, 2.07, 1.88, 1.92, 1.64, 1.45, 17.43, 5.27, 5.55, 1.74, 1.39, 1.32, 1.26, 1.2]
+BURST_ACC = [0.11, 0.14, 0.2, 0.29, 0.29, 0.23, 0.38, 0.46, 0.14, 0.26, 0.11, 0.3, 0.51, 0.55, 0.59, 0.61]
+
+
+def test_blowup_fires_on_a_transient_divergence_that_recovers():
+    res = blowup(BURST_LOSS, BURST_ACC, 0.1)
+    assert res.fired and res.trigger == 8 and res.detail["loss"] == pytest.approx(17.43)
+    assert not collapse(np.array(BURST_ACC), np.full(300, 1.2), 0.1, window=5).fired  # it recovered: no collapse
+    _strict_json(res)
+    nan_loss = list(BURST_LOSS)
+    nan_loss[8] = float("nan")  # a non-finite validation loss is a blow-up too
+    assert blowup(nan_loss, BURST_ACC, 0.1).trigger == 8
+
+
+@pytest.mark.parametrize("loss, acc, why", [
+    # a memorising model (EfficientNet on a 16-sample subset): validation loss x 8 over 3 epochs, never x 10 in one
+    ([1.82, 2.65, 10.77, 14.66, 13.8, 13.7], [0.16, 0.2, 0.24, 0.17, 0.21, 0.27], "gradual rise, however large"),
+    (BURST_LOSS[:8] + [17.43] + BURST_LOSS[9:], BURST_ACC[:8] + [0.41] + BURST_ACC[9:], "accuracy kept: no loss of function"),
+    ([2.3, 2.3, 2.3, 30.0, 2.3], [0.1, 0.11, 0.12, 0.1, 0.12], "never learned (peak < 2x chance)"),
+    ([2.0, 1.5, 1.2, 1.0, 0.9, 0.8], [0.3, 0.5, 0.7, 0.8, 0.85, 0.9], "healthy"),
+])
+def test_blowup_quiet_otherwise(loss, acc, why):
+    assert not blowup(loss, acc, 0.1).fired, why
+
+
+def test_blowup_checks_its_inputs():
+    with pytest.raises(ValueError, match="equal length"):
+        blowup([1.0, 2.0], [0.5], 0.1)
+    assert not blowup([1.0], [0.5], 0.1).fired  # one epoch: nothing to jump from
 
 
 # ------------------------------------------------------------------ Lyapunov proxy
