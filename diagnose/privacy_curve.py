@@ -5,9 +5,10 @@ event-time AUPRC, measured on live jobs with the monitor attached.
 
 Every job is a factory-recipe run (`arch` on `dataset` with `optimizer`, one factory perturbation
 preset, a seed) with `diagnose.watch(model, optimizer, dp=DPConfig(clip, z, dataset_size))` attached
-and nothing else changed in the loop. The same jobs run once without DP (epsilon = inf) and once per
-noise multiplier z: the monitor never touches training, so each job's trajectory is the same at
-every z (paired), and only the released telemetry differs.
+and nothing else changed in the loop. The same jobs run once without DP (epsilon = inf) , once with
+per-sample clipping but no noise (z = 0: epsilon = inf, what clipping alone costs) and once per noise
+multiplier z: the monitor never touches training, so each job's trajectory is the same in every arm
+(paired), and only the released telemetry differs.
 
 Labels are the injections: a job's label is its preset's class with the preset's onset and no
 trigger step (the factory's rules need validation curves this loop does not compute), healthy presets
@@ -15,7 +16,8 @@ are "healthy". q = batch / (the number of training samples the job draws from): 
 from half the classes. Presets that train on a tiny subset (`overfit*`) are refused: with q near 1 a
 job releases its subset almost unsampled, and its epsilon says nothing about a real job.
 
-Writes `<out>/curve.json` (per z: epsilon, delta, releases, AUPRC with its 95% BCa interval over jobs,
+Writes `<out>/jobs.jsonl` (per job: preset, seed, z, q's pool, TEViD's per-frame p(healthy), vacuity and
+label, alerts, privacy), `<out>/curve.json` (per arm: epsilon, delta, releases, AUPRC with its 95% BCa interval over jobs,
 detection and false-alert rates of the confirmed TEViD alerts, Unknown share), `<out>/curve.md` and
 `<out>/curve.png`.
 """
@@ -162,7 +164,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| noise multiplier z | epsilon (delta) | releases | q | event AUPRC [95% CI] | detection | false alerts | Unknown share |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        z = "no DP" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
+        z = r["noise_multiplier"]
+        z = "no DP" if z is None else ("clip only (z = 0)" if z == 0 else f"{z:g}")
         eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3g} ({r['delta']:g})"
         q = "-" if r["sample_rate"] is None else f"{r['sample_rate']:.3g}"
         lines.append(f"| {z} | {eps} | {r['releases']} | {q} | {r['event_auprc']:.3f} [{r['event_auprc_ci'][0]:.3f}, "
@@ -190,6 +193,8 @@ def figure(rows: list[dict], path: Path) -> Path:
     for r in rows:
         if r["noise_multiplier"] is None:
             ax.axhline(r["event_auprc"], color="k", ls="--", lw=1, label=f"no DP ({r['event_auprc']:.3f})")
+        elif r["noise_multiplier"] == 0:
+            ax.axhline(r["event_auprc"], color="tab:gray", ls=":", lw=1, label=f"clip only, z = 0 ({r['event_auprc']:.3f})")
     ax.set_xlabel("epsilon (opacus accountant, per job)")
     ax.set_ylabel("TEViD event-time AUPRC")
     ax.set_ylim(0, 1)
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in cfg.perturbations:
         _injection(name, cfg.steps)  # a clear error before any job runs
     if any(not z > 0 for z in cfg.noise_multipliers):
-        raise ValueError(f"noise_multipliers must be > 0 (the no-DP arm always runs), got {cfg.noise_multipliers}")
+        raise ValueError(f"noise_multipliers must be > 0 (the no-DP and clip-only arms always run), got {cfg.noise_multipliers}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -223,12 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     from factory.train import cached_dataset
 
     data = cached_dataset(cfg.dataset, 32, 3000, 256, None)
-    arms = [None, *cfg.noise_multipliers]
+    arms = [None, 0.0, *cfg.noise_multipliers]
     plan = [(z, p, s) for z in arms for p in cfg.perturbations for s in range(cfg.seeds)]
     jobs: dict = {z: [] for z in arms}
     start = time.time()
-    for z, preset, seed in tqdm(plan, desc="privacy curve jobs", unit="job"):
-        jobs[z].append(run_job(cfg, preset, seed, z, cfg.checkpoint, data))
+    with open(out / "jobs.jsonl", "w") as log:
+        for z, preset, seed in tqdm(plan, desc="privacy curve jobs", unit="job"):
+            job = run_job(cfg, preset, seed, z, cfg.checkpoint, data)
+            jobs[z].append(job)
+            log.write(json.dumps({**{k: v for k, v in job.items() if k != "predictions"},
+                                  "frames": [{k: p[k] for k in ("step", "vacuity", "label")} | {"p_healthy": p["probs"]["healthy"]}
+                                             for p in job["predictions"]]}, default=str) + "\n")
+            log.flush()
     rows = [{"noise_multiplier": z, **summarize(jobs[z], cfg.n_resamples)} for z in arms]
     report = {"config": asdict(cfg), "seconds": round(time.time() - start, 1), "arms": rows}
     (out / "curve.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
