@@ -519,3 +519,20 @@ def test_labeler_collapse_makes_an_lr_blow_up_instability():
     assert off["trigger_step"] == 165  # first epoch at chance (10) ends at step 165
     off = offline_label(sig, pert, "resnet", "digits", 10, LabelConfig(collapse=False), 300)
     assert off["label"] != "instability"
+
+
+def test_labeler_blowup_makes_a_recovered_lr_burst_instability():
+    from factory.config import LabelConfig
+    from factory.labeler import offline_label
+    from factory.perturbations import make_perturbation
+
+    epochs = len(BURST_LOSS)
+    sig = {"train_loss": np.linspace(2.3, 1.2, 15 * epochs), "lyapunov": [], "epoch_step": np.arange(15, 15 * epochs + 1, 15),
+           "val_loss": np.array(BURST_LOSS), "val_acc": np.array(BURST_ACC), "val_correct": np.zeros((epochs, 4), bool),
+           "poison_correct": None, "val_labels": None}
+    pert = make_perturbation("instability_spike", 15 * epochs)
+    off = offline_label(sig, pert, "resnet", "mnist1d", 10, LabelConfig(), 15 * epochs)
+    assert off["label"] == "instability" and off["rules"]["instability_blowup"]["fired"]
+    assert not off["rules"]["instability_collapse"]["fired"] and not off["rules"]["instability_spikes"]["fired"]
+    assert off["trigger_step"] == 135  # epoch 8 ends at step 135
+    assert offline_label(sig, pert, "resnet", "mnist1d", 10, LabelConfig(blowup=False), 15 * epochs)["label"] != "instability"
