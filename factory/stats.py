@@ -64,8 +64,7 @@ def why(corpus: Path, record: dict) -> str:
         fired = [name for name in INSTABILITY_RULES if rules.get(f"instability_{name}", {}).get("fired")]
         return "instability by " + "+".join(fired or ["?"])
     if record["label"] == "underperforming":
-        floor = rules.get("healthy_floor", {})
-        return f"below the floor (final acc {floor.get('final_val_acc', float('nan')):.2f} < {floor.get('floor', float('nan')):.2f})"
+        return "no rule fired, below the floor"
     if record["label"] == "healthy":
         return "no rule fired, floor met"
     return f"{record['label']} rule fired"
