@@ -315,21 +315,22 @@ class RunStore:
         return dict(self._root.attrs.get("spec", {}))
 
 
+def _privileged_group(path: str | os.PathLike) -> zarr.Group | None:
+    """The privileged group of a complete store (read-only), or None when it has none."""
+    root = zarr.open_group(str(RunStore(path).path), mode="r")
+    return root["privileged"] if "privileged" in list(root.group_keys()) else None
+
+
 def read_privileged(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Labeling and evaluation only: the privileged group of a complete store, as numpy arrays."""
-    store = RunStore(path)
-    root = zarr.open_group(str(store.path), mode="r")
-    if "privileged" not in list(root.group_keys()):
-        return {}
-    group = root["privileged"]
-    return {k: group[k][...] for k in group.array_keys()}
+    group = _privileged_group(path)
+    return {} if group is None else {k: group[k][...] for k in group.array_keys()}
 
 
 def read_labeling(path: str | os.PathLike) -> dict:
     """Labeling and evaluation only: the rules' results the labeler stored with a complete run
     (`privileged/labeling` attrs: per rule fired, trigger step and statistics); {} when absent."""
-    store = RunStore(path)
-    root = zarr.open_group(str(store.path), mode="r")
-    if "privileged" not in list(root.group_keys()) or "labeling" not in list(root["privileged"].array_keys()):
+    group = _privileged_group(path)
+    if group is None or "labeling" not in list(group.array_keys()):
         return {}
-    return dict(root["privileged/labeling"].attrs.get("rules", {}))
+    return dict(group["labeling"].attrs.get("rules", {}))

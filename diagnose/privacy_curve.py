@@ -1,7 +1,7 @@
 """The privacy-utility curve of DP telemetry (issue 6, main paper App. J): epsilon against TEViD's
 event-time AUPRC, measured on live jobs with the monitor attached.
 
-    python -m diagnose.privacy_curve --out outputs/privacy_curve [--checkpoint DIR] [key=value ...]
+    python -m diagnose.privacy_curve --out DIR [--checkpoint DIR (default: the shipped model)] [key=value ...]
 
 Every job is a factory-recipe run (`arch` on `dataset` with `optimizer`, one factory perturbation
 preset, a seed) with `diagnose.watch(model, optimizer, dp=DPConfig(clip, z, dataset_size))` attached
@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs
 
-import argparse
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from capture.config import load_config, save_config
+from capture.config import cli_parser, load_config, save_config
 
 
 @dataclass
@@ -81,15 +80,13 @@ def run_job(cfg: PrivacyCurveConfig, preset: str, seed: int, noise_multiplier: f
     from diagnose.privacy import DPConfig
     from factory.archs import build_arch
     from factory.config import TrainingConfig
-    from factory.perturbations import RunSettings
-    from factory.train import Batches, loss_fn, lr_schedule, make_optimizer
+    from factory.train import Batches, loss_fn, make_optimizer, run_settings, step_lr
 
     tc = TrainingConfig(steps=cfg.steps)
     pert = _injection(preset, cfg.steps)
     torch.manual_seed(seed)
     pert.bind(data.y_train, data.num_classes, seed)
-    settings = pert.configure(RunSettings(lr=tc.lr(cfg.arch, cfg.optimizer), weight_decay=tc.weight_decay[cfg.optimizer],
-                                          optimizer=cfg.optimizer))
+    settings = run_settings(pert, tc, cfg.arch, cfg.optimizer)
     model, modules = build_arch(cfg.arch, data.num_classes, data.x_train.shape[-1])
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), settings.lr, settings.weight_decay)
     batches = Batches(data, settings, tc, seed)
@@ -104,7 +101,7 @@ def run_job(cfg: PrivacyCurveConfig, preset: str, seed: int, noise_multiplier: f
     model.train()
     for step in range(cfg.steps):
         x, y = pert.batch(step, *batches.draw(pert.pool(step, batches.pool)))
-        lr = settings.lr * lr_schedule(step, cfg.steps, tc.warmup_frac, settings.anneal) * pert.lr_factor(step)
+        lr = step_lr(settings, tc, pert, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = loss_fn(model(x), y)
@@ -207,12 +204,7 @@ def figure(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/privacy_curve", help="output directory")
-    parser.add_argument("--config", default=None, help="yaml config file (PrivacyCurveConfig)")
-    parser.add_argument("--checkpoint", default=None, help="a TEViD checkpoint dir (default: the shipped model)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. seeds=1)")
-    args = parser.parse_args(argv)
+    args = cli_parser(__doc__.splitlines()[0], checkpoint=True).parse_args(argv)
     cfg = load_config(PrivacyCurveConfig, args.config, args.overrides)
     if args.checkpoint is not None:
         cfg.checkpoint = args.checkpoint

@@ -128,7 +128,7 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
         triggers = [t for t, r in ((spikes.trigger, spikes), (lyap.trigger, lyap), (collapse_step, collapsed), (blowup_step, blown))
                     if r.fired and t is not None]
         results["instability"] = R.RuleResult(True, min(triggers) if triggers else None, {})
-        step_triggers["instability"] = results["instability"].trigger  # both rules report steps
+        step_triggers["instability"] = results["instability"].trigger  # every instability rule reports steps
     for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc)),
                       ("overfitting", _overfitting(sig, lc) if len(epoch_step) else None)):
         if res is not None:

@@ -332,7 +332,7 @@ def blowup(
     accuracy falls to <= `level` x chance, in a model that had learned (some earlier epoch >= `learned`
     x chance). It may recover afterwards, which is what `collapse` (which needs the end at chance) and
     the training-loss spikes miss: with BatchNorm, an LR burst wrecks the running statistics the
-    validation pass uses (loss x 15, accuracy at chance) while an AdamW run's training-mode loss rises
+    validation pass uses (loss x 12-15, accuracy at chance) while an AdamW run's training-mode loss rises
     by 13-31% over that epoch (docs/factory.md). The jump is from one epoch to the next: a gradual rise,
     however large (a memorising model's validation loss), never fires. trigger = e.
     """

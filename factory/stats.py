@@ -70,9 +70,10 @@ def why(corpus: Path, record: dict) -> str:
     return f"{record['label']} rule fired"
 
 
-def disagreements(corpus: Path, runs: list[dict]) -> list[str]:
+def disagreements(corpus: Path, runs: list[dict]) -> tuple[list[str], dict[str, int]]:
     """Known injections whose label differs, grouped by (injected -> label), then by the deciding rule and
-    by split / arch / optimizer / dataset: where each disagreement class comes from."""
+    by split / arch / optimizer / dataset: where each disagreement class comes from. Returns the lines
+    and the count per "injected->label"."""
     out = ["", "Disagreements on known injections (injected -> label: count; by rule; by split/arch/optimizer/dataset)"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
@@ -85,7 +86,7 @@ def disagreements(corpus: Path, runs: list[dict]) -> list[str]:
         out.append(f"- {inj} -> {lab}: {len(rows)}; presets " + ", ".join(f"{k} {v}" for k, v in presets.most_common())
                    + "; " + ", ".join(f"{k} {v}" for k, v in reasons.most_common())
                    + "; " + ", ".join(f"{k} {v}" for k, v in where.most_common()))
-    return out
+    return out, {f"{inj}->{lab}": len(rows) for (inj, lab), rows in groups.items()}
 
 
 def corpus_stats(corpus: Path) -> tuple[str, dict]:
@@ -107,7 +108,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += ["", f"Agreement, known injected perturbations: {100 * agree:.1f}% ({sum(r['label'] == r['injected'] for r in known)}/{len(known)}); "
               + ", ".join(f"{c} {a}/{n}" for c, (a, n) in per_class.items())
               + f"; healthy-injected labeled healthy: {sum(r['label'] == 'healthy' for r in healthy_inj)}/{len(healthy_inj)}"]
-    lines += disagreements(corpus, known)
+    disagreement_lines, disagreement_counts = disagreements(corpus, known)
+    lines += disagreement_lines
     merged = lambda l: "overfitting" if l == "concept_bias" else ("healthy" if l == "underperforming" else l)  # noqa: E731
     online = sum(merged(r["label"]) == r["online_label"] for r in ok) / max(1, len(ok))
     lines += [f"Training-only (online-style) vs offline labels, concept bias folded into overfitting and "
@@ -138,7 +140,7 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     return "\n".join(lines), {"agreement_known": agree, "online_agreement": online, "pearson_r_mean": r_mean,
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
-                              "disagreements": dict(Counter(f"{r['injected']}->{r['label']}" for r in known if r["label"] != r["injected"]))}
+                              "disagreements": disagreement_counts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,17 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd, lion, adafactor")
 
 
+def run_settings(pert: Perturbation, tc: TrainingConfig, arch: str, optimizer: str) -> RunSettings:
+    """The recipe of one run (`tc.lr(arch, optimizer)`, the optimizer's weight decay) as its perturbation
+    configures it."""
+    return pert.configure(RunSettings(lr=tc.lr(arch, optimizer), weight_decay=tc.weight_decay[optimizer], optimizer=optimizer))
+
+
+def step_lr(settings: RunSettings, tc: TrainingConfig, pert: Perturbation, step: int) -> float:
+    """The learning rate of one step: the run's base rate, its schedule and the perturbation's factor."""
+    return settings.lr * lr_schedule(step, tc.steps, tc.warmup_frac, settings.anneal) * pert.lr_factor(step)
+
+
 def lr_schedule(step: int, steps: int, warmup_frac: float, anneal: bool = True) -> float:
     """Linear warm-up, then cosine from 1 to 0.1 (`anneal`) or constant."""
     warm = max(1, int(warmup_frac * steps))
@@ -163,8 +174,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     if data.modality not in pert.modalities:
         raise ValueError(f"perturbation {spec.perturbation} does not apply to {data.modality} data ({spec.dataset})")
     pert.bind(data.y_train, data.num_classes, seed)
-    settings = pert.configure(RunSettings(lr=tc.lr(spec.arch, spec.optimizer), weight_decay=tc.weight_decay[spec.optimizer],
-                                          optimizer=spec.optimizer))
+    settings = run_settings(pert, tc, spec.arch, spec.optimizer)
 
     make_model = lambda: build_arch(spec.arch, data.num_classes, tc.image_size)[0]  # noqa: E731
     model, modules = build_arch(spec.arch, data.num_classes, tc.image_size)
@@ -201,8 +211,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
             for step in range(tc.steps):
                 pool = pert.pool(step, batches.pool)
                 x, y = pert.batch(step, *batches.draw(pool))
-                scheduled = lr_schedule(step, tc.steps, tc.warmup_frac, settings.anneal)
-                lr = settings.lr * scheduled * pert.lr_factor(step)
+                lr = step_lr(settings, tc, pert, step)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 if step in lyap_starts:
