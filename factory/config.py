@@ -60,7 +60,8 @@ class LabelConfig:
     overfit_gap_sigmas: float = 2.0
     # "std" as in the paper; "mad" or "diff" (epoch-to-epoch changes): robust to the first epochs' fast fall
     overfit_gap_scale: str = "diff"
-    overfit_train_significant: bool = False  # train loss: a decreasing direction suffices (paper A.2 wording)
+    # what the overfitting rule asks of the training loss: significant / decreasing / not_rising (factory.labels.overfitting)
+    overfit_train_trend: str = "not_rising"
     spike_z: float = 3.5
     spike_window_frac: float = 0.3  # rolling window for the robust statistics (paper: 1000 steps)
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)

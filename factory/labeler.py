@@ -101,7 +101,7 @@ def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:
     train_ep = epoch_means(sig["train_loss"], sig["epoch_step"])
     window = max(lc.overfit_min_window, round(lc.overfit_window_frac * len(train_ep)))
     return R.overfitting(train_ep, sig["val_loss"], window=window, alpha=lc.overfit_alpha, gap_sigmas=lc.overfit_gap_sigmas,
-                         gap_scale=lc.overfit_gap_scale, train_significant=lc.overfit_train_significant)
+                         gap_scale=lc.overfit_gap_scale, train_trend=lc.overfit_train_trend)
 
 
 def _to_step(trigger: int | None, epoch_step: np.ndarray) -> int | None:

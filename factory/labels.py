@@ -89,13 +89,13 @@ def overfitting(
     gap_sigmas: float = 2.0,
     min_history: int = 3,
     gap_scale: str = "std",
-    train_significant: bool = True,
+    train_trend: str = "significant",
 ) -> RuleResult:
     """Overfitting at the first candidate epoch e0 (with >= `min_history` epochs before it and
     [e0, e0+W-1] inside the run, W = `window`) where all hold:
 
       1. prewhitened MK on L_val over the window: z > 0, BY-adjusted p < alpha;
-      2. prewhitened MK on L_tr over the window: z < 0, BY-adjusted p < alpha;
+      2. prewhitened MK on L_tr over the window: z < 0, BY-adjusted p < alpha (`train_trend`);
       3. Delta(e0+W-1) - median_{e<e0} Delta(e) > gap_sigmas * std_{e<e0} Delta(e),  Delta = L_val - L_tr.
 
     p is the library's two-sided p; a trend in the wrong direction enters the correction as p = 1.
@@ -109,10 +109,14 @@ def overfitting(
     differences, / sqrt(2)), which is blind to the level of the early transient altogether: in a
     run of 20 epochs the history before any e0 is mostly that transient, and both "std" and "mad"
     then exceed the whole rise of an unmistakably overfitting run (factory pilot, docs/factory.md).
-    `train_significant=False` asks of the training loss only a decreasing direction (MK z < 0), as
-    the paper's A.2 words it ("a significant increasing trend and ... a decreasing trend"): once a
-    model has memorised its subset the training loss sits near zero and its fall over a short window
-    is rarely significant.
+    `train_trend` is what condition 2 asks of the training loss: "significant" (as above),
+    "decreasing" (only a decreasing direction, MK z < 0, as the paper's A.2 words it: "a significant
+    increasing trend and ... a decreasing trend") or "not_rising" (no significant increase: not
+    z > 0 with BY-adjusted p < alpha). Once a model has memorised its subset, the training loss sits
+    at ~0 and its "trend" over the window is noise: its fall is rarely significant, and its direction
+    is a coin flip, so "decreasing" missed runs whose validation loss rose six-fold after the
+    memorisation (docs/factory.md). "not_rising" still tells overfitting from a run that degrades on
+    both losses.
 
     Short series: MK sees W-1 residuals, so the smallest attainable p is ~0.027 for W=6, 0.0085 for
     W=7, 0.0027 for W=8, 0.00026 for W=10; after BY over m candidates (factor m * sum_{i<=m} 1/i for
@@ -128,8 +132,10 @@ def overfitting(
         raise ValueError(f"gap_scale must be 'std', 'mad' or 'diff', got {gap_scale!r}")
     if min_history < 2:
         raise ValueError(f"min_history must be >= 2 (the gap test needs a std), got {min_history}")
+    if train_trend not in ("significant", "decreasing", "not_rising"):
+        raise ValueError(f"train_trend must be 'significant', 'decreasing' or 'not_rising', got {train_trend!r}")
     gap = val - train
-    e0s, p_val, z_val, p_tr, z_tr = [], [], [], [], []
+    e0s, p_val, z_val, p_tr, p_tr_up, z_tr = [], [], [], [], [], []
     skipped = 0
     for e0 in range(min_history, len(val) - window + 1):
         v, t = val[e0:e0 + window], train[e0:e0 + window]
@@ -140,6 +146,7 @@ def overfitting(
         e0s.append(e0)
         p_val.append(pv if zv > 0 else 1.0)
         p_tr.append(pt if zt < 0 else 1.0)
+        p_tr_up.append(pt if zt > 0 else 1.0)
         z_val.append(zv)
         z_tr.append(zt)
     detail: dict = {"window": window, "n_candidates": len(e0s), "n_skipped_nonfinite": skipped}
@@ -156,7 +163,12 @@ def overfitting(
         spread = _spread(hist, gap_scale) if enough else math.nan
         threshold.append(gap_sigmas * spread)
         practical.append(bool(enough and excess[-1] > threshold[-1]))
-    train_ok = tr_sig if train_significant else [z < 0 for z in z_tr]
+    if train_trend == "significant":
+        train_ok = list(tr_sig)
+    elif train_trend == "decreasing":
+        train_ok = [z < 0 for z in z_tr]
+    else:
+        train_ok = [not rising for rising in multipletests(p_tr_up, alpha=alpha, method="fdr_by")[0]]
     fired_at = [i for i in range(len(e0s)) if val_sig[i] and train_ok[i] and practical[i]]
     # the decisive candidate: the first that fires, else the one closest to firing on trends
     i = fired_at[0] if fired_at else int(np.argmin(np.maximum(p_val_adj, p_tr_adj)))

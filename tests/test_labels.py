@@ -119,7 +119,7 @@ def test_overfitting_diff_scale_and_train_direction_catch_a_memorised_subset():
     train, val = _memorised()
     paper = overfitting(train, val, window=8)  # std over a history that is mostly the transient
     assert not paper.fired
-    res = overfitting(train, val, window=8, gap_scale="diff", train_significant=False)
+    res = overfitting(train, val, window=8, gap_scale="diff", train_trend="decreasing")
     assert res.fired
     d = res.detail["decisive"]
     hist = (val - train)[: d["e0"]]
@@ -132,9 +132,26 @@ def test_overfitting_diff_scale_and_train_direction_catch_a_memorised_subset():
 def test_overfitting_train_direction_still_required():
     train, val = _memorised()
     rising_train = train + 0.05 * np.arange(len(train))  # training loss gets worse too: not overfitting
-    assert not overfitting(rising_train, val, window=8, gap_scale="diff", train_significant=False).fired
+    assert not overfitting(rising_train, val, window=8, gap_scale="diff", train_trend="decreasing").fired
+    assert not overfitting(rising_train, val, window=8, gap_scale="diff", train_trend="not_rising").fired
     with pytest.raises(ValueError, match="gap_scale"):
         overfitting(train, val, window=8, gap_scale="iqr")
+    with pytest.raises(ValueError, match="train_trend"):
+        overfitting(train, val, window=8, train_trend="falling")
+
+
+def test_overfitting_not_rising_catches_a_flat_memorised_training_loss():
+    """Memorised by epoch 3: the training loss then sits at ~0.02 with noise and a drift too small
+    to be significant, while the validation loss climbs. Its MK direction is noise (here z > 0 at
+    every candidate), so "decreasing" misses the run; "not_rising" asks only that it not rise
+    significantly."""
+    e = np.arange(20)
+    rng = np.random.default_rng(15)
+    train = np.abs(np.where(e < 3, 2.3 - 0.7 * e, 0.02 + 0.001 * (e - 3)) + 0.01 * rng.normal(size=20))
+    val = np.where(e < 3, 2.3 - 0.5 * e, 0.8 + 0.06 * (e - 3)) + 0.01 * rng.normal(size=20)
+    assert not overfitting(train, val, window=8, gap_scale="diff", train_trend="decreasing").fired
+    res = overfitting(train, val, window=8, gap_scale="diff", train_trend="not_rising")
+    assert res.fired and res.detail["decisive"]["z_train"] > 0
 
 # ------------------------------------------------------------------ loss spikes
 def _smooth(steps: int = 3000, seed: int = 0) -> np.ndarray:
