@@ -104,8 +104,10 @@ def tuned_params(tuned: str | Path | None, name: str) -> dict | None:
     return None
 
 
-def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | None, train_runs, progress: bool):
-    """(diagnoser, notes) of one method."""
+def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | None, train_runs, progress: bool,
+                 out: Path | None = None):
+    """(diagnoser, notes) of one method. A video baseline trained here is saved to `out/video/<name>`
+    (when `out` is given), so a later report can load it with `video_dirs` instead of training again."""
     from eval.baselines import TCNConfig, make_baseline, train_hessian_tcn, train_tcn
     from eval.tune import baseline_config
 
@@ -135,6 +137,8 @@ def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | 
     vcfg = from_dict(VideoConfig, {**dataclasses.asdict(VIDEO_CONFIGS[name]()), **getattr(cfg, name)}, f"report.{name}")
     det, hist = train_video(corpus, vcfg, cfg.train_split, progress=progress, name=name)
     notes["train"] = {"n_train": hist["n_train"], "steps": len(hist["loss"]), "final_loss": hist["loss"][-1]}
+    if out is not None:
+        notes["saved_to"] = str(det.save(out / "video" / name))
     return det, notes
 
 
@@ -292,7 +296,7 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
     results, metrics, unknown = {}, {}, {}
     for name in cfg.all_methods:
         t = time.time()
-        diagnoser, notes = build_method(name, cfg, corpus, Path(checkpoint) if checkpoint else None, runs["train"], progress)
+        diagnoser, notes = build_method(name, cfg, corpus, Path(checkpoint) if checkpoint else None, runs["train"], progress, out)
         test, summary, unk = evaluate_method(name, diagnoser, runs, cfg, progress)
         results[name], metrics[name] = test, {**summary, **notes, "seconds": round(time.time() - t, 2)}
         if unk is not None:

@@ -66,6 +66,13 @@ def test_report_command_writes_metrics_tables_figures(smoke_corpus, tevid_checkp
     for stem in ("risk_coverage", "lead_vs_far", "confusion_tevid", "timeline_tevid_", "head_grad_vs_val_acc"):
         assert any(f.startswith(stem) for f in figs), (stem, figs)
     assert all((out / "figures" / f).stat().st_size > 5000 for f in figs)
+    # the video baseline trained here was saved; a second report loads it instead of training again
+    saved = metrics["r2plus1d"]["saved_to"]
+    assert saved == str(out / "video" / "r2plus1d")
+    cfg = ReportConfig(methods=["r2plus1d"], n_resamples=200, figures=False, video_dirs={"r2plus1d": saved})
+    again = make_report(smoke_corpus, tmp_path / "again", cfg, None, progress=False)["r2plus1d"]
+    assert again["loaded_from"] == saved and "train" not in again
+    assert again["far"] == metrics["r2plus1d"]["far"] and again["threshold"] == pytest.approx(metrics["r2plus1d"]["threshold"])
 
 
 def test_report_on_a_split_with_anomalies(smoke_corpus, tevid_checkpoint, tmp_path):
