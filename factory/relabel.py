@@ -16,6 +16,10 @@ validation curves and Lyapunov windows), so labels can be recomputed without tra
     separate several times faster than a ResNet's).
 It writes them to `calibration.json` in the corpus, then relabels every run and rewrites the
 manifest and summary.
+
+`--calibration FILE` applies a calibration made before instead (e.g. the `cpu` corpus's, to label
+`cpu_hessian`, whose runs are a subset of it, with the same floors and margins) and copies it into
+the corpus.
 """
 from __future__ import annotations
 
@@ -89,6 +93,17 @@ def calibrate(runs: list[tuple[Path, dict, dict]], fraction: float = 0.85, quant
             "healthy_windows": sum(len(v) for v in windows.values()), "fraction": fraction, "quantile": quantile}
 
 
+def _read_calibration(path: Path) -> dict:
+    try:
+        cal = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--calibration {path}: cannot read a calibration.json ({e})") from None
+    missing = [k for k in ("floors", "lyapunov_margin", "lyapunov_arch_margin") if k not in cal]
+    if missing:
+        raise SystemExit(f"--calibration {path}: not a factory.relabel calibration (missing {', '.join(missing)})")
+    return cal
+
+
 def relabel_run(path: Path, sig: dict, attrs: dict, lc: LabelConfig) -> dict:
     spec = RunSpec(**{k: attrs["spec"][k] for k in ("split", "arch", "dataset", "optimizer", "perturbation", "seed")})
     pert = make_perturbation(spec.perturbation, attrs["training"]["steps"])
@@ -102,7 +117,9 @@ def relabel_run(path: Path, sig: dict, attrs: dict, lc: LabelConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", required=True)
-    p.add_argument("--calibrate", action="store_true")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--calibrate", action="store_true")
+    how.add_argument("--calibration", default=None, help="apply this calibration.json (of another corpus) instead of calibrating")
     p.add_argument("--config", default=None, help="take the label settings from this factory config (yaml) instead of "
                    "the corpus's saved config.json (which holds those of its generation)")
     p.add_argument("overrides", nargs="*", help="label config overrides, e.g. labels.spike_z=4")
@@ -120,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - missing or failed runs are reported by the manifest
             continue
         runs.append((path, sig, attrs))
-    if args.calibrate:
-        cal = calibrate(runs)
+    if args.calibrate or args.calibration:
+        cal = calibrate(runs) if args.calibrate else _read_calibration(Path(args.calibration))
         cfg.labels.floors.update(cal["floors"])
         cfg.labels.lyapunov_margin = cal["lyapunov_margin"]
         cfg.labels.lyapunov_arch_margin = cal["lyapunov_arch_margin"]
         (corpus / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
-        print(f"calibrated on {cal['reference_runs']} reference runs: Lyapunov margin {cal['lyapunov_margin']}, "
-              f"{len(cal['floors'])} floors -> {corpus / 'calibration.json'}")
+        how = f"calibrated on {cal['reference_runs']} reference runs" if args.calibrate else f"calibration of {args.calibration}"
+        print(f"{how}: Lyapunov margin {cal['lyapunov_margin']}, {len(cal['floors'])} floors -> {corpus / 'calibration.json'}")
     changed = 0
     for path, sig, attrs in tqdm(runs, desc="relabeling", unit="run"):
         changed += relabel_run(path, sig, attrs, cfg.labels)["label"] != attrs.get("label")

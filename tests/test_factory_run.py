@@ -117,6 +117,16 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
         line = next(l for l in text.splitlines() if l.startswith(f"- {inj} -> {lab}: {n};"))
         assert lab != "instability" or "instability by " in line
 
+    # another corpus's calibration applied as it is: floors above any accuracy leave no run healthy
+    strict = {**cal, "floors": {k: 1.01 for k in cal["floors"]}}
+    (tmp_path / "strict.json").write_text(json.dumps(strict))
+    assert relabel_main(["--corpus", str(out), "--calibration", str(tmp_path / "strict.json")]) == 0
+    assert json.loads((out / "calibration.json").read_text()) == strict
+    assert "healthy" not in {r["label"] for r in _manifest(out)}
+    (tmp_path / "bad.json").write_text('{"floors": {}}')
+    with pytest.raises(SystemExit, match="bad.json.*missing lyapunov_margin"):
+        relabel_main(["--corpus", str(out), "--calibration", str(tmp_path / "bad.json")])
+
 
 def test_killed_factory_leaves_no_complete_looking_run_and_resumes(tmp_path):
     out = tmp_path / "smoke"
