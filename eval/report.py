@@ -9,7 +9,7 @@ For each method of `ReportConfig.methods`:
 1. build it: TEViD from `--checkpoint` (`eval.replay.TEViDDiagnoser`, its calibration); `cusum`, `bocpd`,
    `head_grad`, `gwa` with the tuned params of `--tuned DIR/<name>/best.json` (`python -m eval.tune`) or
    their defaults; `tcn_scalar`, `hessian_tcn` (opt-in: runs with `hessian_top`), `r2plus1d`, `video_swin`
-   trained on the train split (the TCNs with their tuned params if any; a video baseline loaded from
+   trained on the train split (with their tuned params if any; a video baseline loaded from
    `video_dirs[name]` when given);
 2. replay the test split frame by frame (`eval.replay.replay_runs`), and the validation split for the
    methods whose operating point is set here;
@@ -134,7 +134,8 @@ def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | 
     if name in cfg.video_dirs:
         notes["loaded_from"] = str(cfg.video_dirs[name])
         return VideoDetector.load(cfg.video_dirs[name], name), notes
-    vcfg = from_dict(VideoConfig, {**dataclasses.asdict(VIDEO_CONFIGS[name]()), **getattr(cfg, name)}, f"report.{name}")
+    base = dataclasses.asdict(baseline_config(name, params) if params else VIDEO_CONFIGS[name]())
+    vcfg = from_dict(VideoConfig, {**base, **getattr(cfg, name)}, f"report.{name}")
     det, hist = train_video(corpus, vcfg, cfg.train_split, progress=progress, name=name)
     notes["train"] = {"n_train": hist["n_train"], "steps": len(hist["loss"]), "final_loss": hist["loss"][-1]}
     if out is not None:

@@ -11,7 +11,10 @@ or BOCPD costs only the detector's own arithmetic.
 writes `config.json` (this TuneConfig), `best.json` (best value, params, and the baseline's resolved
 config) and `trials.json` (every trial's params and value). Search spaces: `SPACES`; the names of the
 params are the config fields they set (dots for nested sections: `residuals.span`).
-The TCNs (`tcn_scalar`, `hessian_tcn`: the same space) train on the train split in every trial.
+The TCNs (`tcn_scalar`, `hessian_tcn`: the same space) train on the train split in every trial; so do
+the video baselines (`r2plus1d`, `video_swin`), whose trials can be given a budget with `video={...}`
+(VideoConfig fields set over every trial's, e.g. `video={max_steps: 100, threads: 1}`): the budget is
+not a tuned param, so a report that wants it passes it again (`r2plus1d={max_steps: 100}`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ import optuna
 
 from capture.config import cli_parser, from_dict, load_config, save_config
 from eval.baselines import CONFIGS, TCNConfig, make_baseline, require_hessian, train_hessian_tcn, train_tcn
+from eval.baselines.video import VIDEO_CONFIGS, VideoConfig, train_video
 from eval.metrics import event_auprc
 from eval.replay import SCORE_FROM, Diagnoser, LoadedRun, load_runs, replay_runs
 
@@ -100,14 +104,31 @@ def _tcn_params(trial: optuna.Trial) -> dict:
             "relative": trial.suggest_categorical("relative", [False, True])}
 
 
+def _video_params(trial: optuna.Trial) -> dict:
+    return {"lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.2, log=True),
+            "epochs": trial.suggest_int("epochs", 1, 5)}
+
+
+def _r2plus1d_params(trial: optuna.Trial) -> dict:
+    return {**_video_params(trial), "width": trial.suggest_categorical("width", [16, 32, 64])}
+
+
+def _video_swin_params(trial: optuna.Trial) -> dict:
+    return {**_video_params(trial), "embed_dim": trial.suggest_categorical("embed_dim", [24, 48])}
+
+
 PARAMS = {"cusum": _cusum_params, "bocpd": _bocpd_params, "head_grad": _readout_params, "gwa": _readout_params,
-          "tcn_scalar": _tcn_params, "hessian_tcn": _tcn_params}
+          "tcn_scalar": _tcn_params, "hessian_tcn": _tcn_params,
+          "r2plus1d": _r2plus1d_params, "video_swin": _video_swin_params}
 TRAINED = {"tcn_scalar": train_tcn, "hessian_tcn": train_hessian_tcn}  # trained on the train split in every trial
+VIDEO = ("r2plus1d", "video_swin")  # trained on the corpus's train split (clips from the stores) in every trial
 
 
 def baseline_config(name: str, params: dict):
     """The baseline's config with `params` (dotted names = nested fields) set over its defaults."""
-    default = TCNConfig() if name in TRAINED else CONFIGS[name]() if name in CONFIGS else None
+    default = (TCNConfig() if name in TRAINED else CONFIGS[name]() if name in CONFIGS
+               else VIDEO_CONFIGS[name]() if name in VIDEO else None)
     if default is None:
         raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
     data = dataclasses.asdict(default)
@@ -121,10 +142,22 @@ def baseline_config(name: str, params: dict):
     return from_dict(type(default), data, f"{name} config")
 
 
-def space(name: str, train_runs: Sequence[LoadedRun] | None = None) -> Callable[[optuna.Trial], Diagnoser]:
-    """`make_diagnoser(trial)` of a named baseline; a TCN trains on `train_runs` in every trial."""
+def space(name: str, train_runs: Sequence[LoadedRun] | None = None, *, corpus: str | Path | None = None,
+          train_split: str = "train", video: dict | None = None) -> Callable[[optuna.Trial], Diagnoser]:
+    """`make_diagnoser(trial)` of a named baseline; a TCN trains on `train_runs` in every trial, a video
+    baseline on the `train_split` clips of `corpus`, with the VideoConfig fields of `video` set over the
+    trial's (its budget: max_steps, threads, batch_size)."""
     if name not in PARAMS:
         raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
+    if name in VIDEO:
+        if corpus is None:
+            raise ValueError(f"space({name!r}): a video baseline needs corpus= to train on in each trial")
+
+        def make_video(trial: optuna.Trial) -> Diagnoser:
+            data = {**dataclasses.asdict(baseline_config(name, PARAMS[name](trial))), **(video or {})}
+            vcfg = from_dict(VideoConfig, data, f"tune.video ({name})")
+            return train_video(corpus, vcfg, train_split, progress=False, name=name)[0]
+        return make_video
     if name in TRAINED:
         if not train_runs:
             raise ValueError(f"space({name!r}): the TCN needs train_runs to train in each trial")
@@ -143,6 +176,7 @@ class TuneConfig:
     split: str = "val"  # tuned on
     train_split: str = "train"  # the TCN's training runs
     score_from: int = SCORE_FROM
+    video: dict = field(default_factory=dict)  # VideoConfig fields over every video trial's (budget: max_steps, threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"baseline={cfg.baseline!r} is not tunable; choose one of {sorted(PARAMS)}")
     out = Path(args.out)
     save_config(cfg, out)
-    val = load_runs(args.corpus, cfg.split, frames=False)
+    val = load_runs(args.corpus, cfg.split, frames=cfg.baseline in VIDEO)  # a video baseline reads the frames
     train = load_runs(args.corpus, cfg.train_split, frames=False) if cfg.baseline in TRAINED else None
     if cfg.baseline == "hessian_tcn":  # fail before any trial, naming the corpus and the config key
         require_hessian(val, cfg.split)
         require_hessian(train, cfg.train_split)
-    params, study = tune(space(cfg.baseline, train), val, cfg.n_trials, cfg.seed, score_from=cfg.score_from)
+    if cfg.video and cfg.baseline not in VIDEO:
+        raise SystemExit(f"video={cfg.video} is for the video baselines {VIDEO}, not baseline={cfg.baseline!r}")
+    make = space(cfg.baseline, train, corpus=args.corpus, train_split=cfg.train_split, video=cfg.video)
+    params, study = tune(make, val, cfg.n_trials, cfg.seed, score_from=cfg.score_from)
     best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
             "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": len(val)}
     (out / "best.json").write_text(json.dumps(best, indent=1) + "\n")

@@ -76,3 +76,31 @@ def test_train_stream_save_load(smoke_corpus, tmp_path, arch):
 def test_config_refuses_unknown_arch():
     with pytest.raises(ValueError, match="arch must be one of"):
         VideoConfig(arch="i3d")
+
+
+def test_tune_a_video_baseline_and_report_it_with_the_tuned_params(smoke_corpus, tmp_path):
+    """eval.tune trains the video baseline in each trial under the `video` budget; the report trains it with
+    the best params (+ its own overrides) and records them."""
+    import json
+
+    from eval.report import main as report_main
+    from eval.tune import main as tune_main
+
+    budget = "video={width: 8, layers: [1, 1, 1, 1], batch_size: 4, max_steps: 2, norm_clips: 8, threads: 1}"
+    tuned = tmp_path / "tuned" / "r2plus1d"
+    assert tune_main(["--corpus", str(smoke_corpus), "--out", str(tuned), "baseline=r2plus1d", "n_trials=2", budget]) == 0
+    best = json.loads((tuned / "best.json").read_text())
+    trials = json.loads((tuned / "trials.json").read_text())
+    assert len(trials) == 2 and {"lr", "weight_decay", "epochs", "width"} == set(best["params"])
+    assert best["config"]["arch"] == "r2plus1d" and best["config"]["lr"] == best["params"]["lr"]
+    with pytest.raises(SystemExit, match="video baselines"):
+        tune_main(["--corpus", str(smoke_corpus), "--out", str(tmp_path / "bad"), "baseline=cusum", budget])
+
+    out = tmp_path / "report"
+    assert report_main(["--corpus", str(smoke_corpus), "--out", str(out), "--tuned", str(tmp_path / "tuned"),
+                        "methods=[r2plus1d]", "r2plus1d={width: 8, layers: [1, 1, 1, 1], batch_size: 4, max_steps: 2, "
+                        "norm_clips: 8, threads: 1}", "n_resamples=100", "figures=false"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["r2plus1d"]["tuned_params"] == best["params"]
+    saved = json.loads((out / "video" / "r2plus1d" / "config.json").read_text())
+    assert saved["video"]["lr"] == best["params"]["lr"] and saved["video"]["width"] == 8  # report override wins
