@@ -129,12 +129,12 @@ def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | 
         det, hist = train(train_runs, tcfg, progress=progress)
         notes["train"] = {"n_train": hist["n_train"], "final_loss": hist["train_loss"][-1] if hist["train_loss"] else None}
         return det, notes
-    from eval.baselines.video import VIDEO_CONFIGS, VideoConfig, VideoDetector, train_video
+    from eval.baselines.video import VideoConfig, VideoDetector, train_video
 
     if name in cfg.video_dirs:
         notes["loaded_from"] = str(cfg.video_dirs[name])
         return VideoDetector.load(cfg.video_dirs[name], name), notes
-    base = dataclasses.asdict(baseline_config(name, params) if params else VIDEO_CONFIGS[name]())
+    base = dataclasses.asdict(baseline_config(name, params or {}))  # the defaults when not tuned
     vcfg = from_dict(VideoConfig, {**base, **getattr(cfg, name)}, f"report.{name}")
     det, hist = train_video(corpus, vcfg, cfg.train_split, progress=progress, name=name)
     notes["train"] = {"n_train": hist["n_train"], "steps": len(hist["loss"]), "final_loss": hist["loss"][-1]}

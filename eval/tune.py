@@ -9,7 +9,7 @@ or BOCPD costs only the detector's own arithmetic.
     python -m eval.tune --corpus outputs/corpus/cpu --out outputs/tune/cusum baseline=cusum [n_trials=25 seed=0]
 
 writes `config.json` (this TuneConfig), `best.json` (best value, params, and the baseline's resolved
-config) and `trials.json` (every trial's params and value). Search spaces: `SPACES`; the names of the
+config) and `trials.json` (every trial's params and value). Search spaces: `PARAMS`; the names of the
 params are the config fields they set (dots for nested sections: `residuals.span`).
 The TCNs (`tcn_scalar`, `hessian_tcn`: the same space) train on the train split in every trial; so do
 the video baselines (`r2plus1d`, `video_swin`), whose trials can be given a budget with `video={...}`
@@ -31,7 +31,7 @@ import optuna
 
 from capture.config import cli_parser, from_dict, load_config, save_config
 from eval.baselines import CONFIGS, TCNConfig, make_baseline, require_hessian, train_hessian_tcn, train_tcn
-from eval.baselines.video import VIDEO_CONFIGS, VideoConfig, train_video
+from eval.baselines.video import VIDEO_CONFIGS, train_video
 from eval.metrics import event_auprc
 from eval.replay import SCORE_FROM, Diagnoser, LoadedRun, load_runs, replay_runs
 
@@ -122,13 +122,12 @@ PARAMS = {"cusum": _cusum_params, "bocpd": _bocpd_params, "head_grad": _readout_
           "tcn_scalar": _tcn_params, "hessian_tcn": _tcn_params,
           "r2plus1d": _r2plus1d_params, "video_swin": _video_swin_params}
 TRAINED = {"tcn_scalar": train_tcn, "hessian_tcn": train_hessian_tcn}  # trained on the train split in every trial
-VIDEO = ("r2plus1d", "video_swin")  # trained on the corpus's train split (clips from the stores) in every trial
 
 
 def baseline_config(name: str, params: dict):
     """The baseline's config with `params` (dotted names = nested fields) set over its defaults."""
     default = (TCNConfig() if name in TRAINED else CONFIGS[name]() if name in CONFIGS
-               else VIDEO_CONFIGS[name]() if name in VIDEO else None)
+               else VIDEO_CONFIGS[name]() if name in VIDEO_CONFIGS else None)
     if default is None:
         raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
     data = dataclasses.asdict(default)
@@ -149,15 +148,11 @@ def space(name: str, train_runs: Sequence[LoadedRun] | None = None, *, corpus: s
     trial's (its budget: max_steps, threads, batch_size)."""
     if name not in PARAMS:
         raise ValueError(f"unknown baseline {name!r}; tunable: {sorted(PARAMS)}")
-    if name in VIDEO:
+    if name in VIDEO_CONFIGS:
         if corpus is None:
             raise ValueError(f"space({name!r}): a video baseline needs corpus= to train on in each trial")
-
-        def make_video(trial: optuna.Trial) -> Diagnoser:
-            data = {**dataclasses.asdict(baseline_config(name, PARAMS[name](trial))), **(video or {})}
-            vcfg = from_dict(VideoConfig, data, f"tune.video ({name})")
-            return train_video(corpus, vcfg, train_split, progress=False, name=name)[0]
-        return make_video
+        return lambda trial: train_video(corpus, baseline_config(name, {**PARAMS[name](trial), **(video or {})}),
+                                         train_split, progress=False, name=name)[0]
     if name in TRAINED:
         if not train_runs:
             raise ValueError(f"space({name!r}): the TCN needs train_runs to train in each trial")
@@ -187,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"baseline={cfg.baseline!r} is not tunable; choose one of {sorted(PARAMS)}")
     out = Path(args.out)
     save_config(cfg, out)
-    val = load_runs(args.corpus, cfg.split, frames=cfg.baseline in VIDEO)  # a video baseline reads the frames
+    val = load_runs(args.corpus, cfg.split, frames=cfg.baseline in VIDEO_CONFIGS)  # a video baseline reads the frames
     train = load_runs(args.corpus, cfg.train_split, frames=False) if cfg.baseline in TRAINED else None
     if cfg.baseline == "hessian_tcn":  # fail before any trial, naming the corpus and the config key
         require_hessian(val, cfg.split)
         require_hessian(train, cfg.train_split)
-    if cfg.video and cfg.baseline not in VIDEO:
-        raise SystemExit(f"video={cfg.video} is for the video baselines {VIDEO}, not baseline={cfg.baseline!r}")
+    if cfg.video and cfg.baseline not in VIDEO_CONFIGS:
+        raise SystemExit(f"video={cfg.video} is for the video baselines {sorted(VIDEO_CONFIGS)}, not baseline={cfg.baseline!r}")
     make = space(cfg.baseline, train, corpus=args.corpus, train_split=cfg.train_split, video=cfg.video)
     params, study = tune(make, val, cfg.n_trials, cfg.seed, score_from=cfg.score_from)
     best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
