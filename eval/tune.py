@@ -9,7 +9,9 @@ or BOCPD costs only the detector's own arithmetic.
     python -m eval.tune --corpus outputs/corpus/cpu --out outputs/tune/cusum baseline=cusum [n_trials=25 seed=0]
 
 writes `config.json` (this TuneConfig), `best.json` (best value, params, and the baseline's resolved
-config) and `trials.json` (every trial's params and value). Search spaces: `PARAMS`; the names of the
+config), `trials.json` (every trial's params, value and state) and `study.journal` (the optuna study:
+rerunning the command resumes it, a killed trial is run again; `n_trials=` may grow). `workers=2` tunes
+the one study in 2 processes at once (each with its own TPE seed, seed + k), e.g. on a 2-core machine. Search spaces: `PARAMS`; the names of the
 params are the config fields they set (dots for nested sections: `residuals.span`).
 The TCNs (`tcn_scalar`, `hessian_tcn`: the same space) train on the train split in every trial; so do
 the video baselines (`r2plus1d`, `video_swin`), whose trials can be given a budget with `video={...}`
@@ -21,13 +23,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
+from tqdm.auto import tqdm
 
 from capture.config import cli_parser, from_dict, load_config, save_config
 from eval.baselines import CONFIGS, TCNConfig, make_baseline, require_hessian, train_hessian_tcn, train_tcn
@@ -38,11 +43,14 @@ from eval.replay import SCORE_FROM, Diagnoser, LoadedRun, load_runs, replay_runs
 
 def tune(make_diagnoser: Callable[[optuna.Trial], Diagnoser], val_runs: Sequence[LoadedRun], n_trials: int = 25,
          seed: int = 0, *, metric: Callable = event_auprc, score_from: int = SCORE_FROM, progress: bool = True,
-         study_name: str | None = None) -> tuple[dict, optuna.Study]:
+         study_name: str | None = None, storage: str | Path | None = None) -> tuple[dict, optuna.Study]:
     """Maximise `metric(replayed val_runs)` over `n_trials` TPE trials; returns (best params, study).
 
-    `make_diagnoser(trial)` builds a diagnoser from `trial.suggest_*` values (see SPACES). A metric that
-    is undefined on the validation runs (NaN: no positive frame) is an error, not a bad trial."""
+    `make_diagnoser(trial)` builds a diagnoser from `trial.suggest_*` values (see PARAMS). A metric that
+    is undefined on the validation runs (NaN: no positive frame) is an error, not a bad trial.
+    `storage`: a journal file holding the study (created, or loaded to resume); `n_trials` is then the
+    study's total, shared by every process that tunes against the same file at once (see `main`'s
+    `workers`): a process starts a trial only while fewer than `n_trials` are complete or running."""
     if not val_runs:
         raise ValueError("tune: no validation runs")
     runs = list(val_runs)
@@ -54,14 +62,42 @@ def tune(make_diagnoser: Callable[[optuna.Trial], Diagnoser], val_runs: Sequence
                              f"(no positive frame from frame {score_from} on?): nothing to tune against")
         return value
 
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), study_name=study_name)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    if storage is None:
+        study, todo, callbacks = optuna.create_study(direction="maximize", sampler=sampler, study_name=study_name), n_trials, []
+    else:
+        study = optuna.create_study(direction="maximize", sampler=sampler, study_name=study_name or STUDY,
+                                    storage=journal(storage), load_if_exists=True)
+        todo = n_trials - len(study.get_trials(deepcopy=False, states=COUNTED))
+        callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)]
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study.optimize(objective, n_trials=n_trials, show_progress_bar=progress)
+        if todo > 0:
+            study.optimize(objective, n_trials=todo, callbacks=callbacks, show_progress_bar=progress)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return dict(study.best_params), study
+
+
+STUDY = "tune"  # the study's name in a journal file
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)  # toward n_trials of a shared study
+
+
+def journal(path: str | Path) -> optuna.storages.JournalStorage:
+    """The optuna storage in the journal file `path` (safe for several processes at once)."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def fail_stale_trials(path: str | Path, study_name: str = STUDY) -> int:
+    """Mark the RUNNING trials of the journal `path` FAILED (a killed process left them; call it before any
+    process tunes against the file) so that a resumed study runs them again; returns how many."""
+    storage = journal(path)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
 
 
 # ---------------------------------------------------------------- search spaces
@@ -172,6 +208,50 @@ class TuneConfig:
     train_split: str = "train"  # the TCN's training runs
     score_from: int = SCORE_FROM
     video: dict = field(default_factory=dict)  # VideoConfig fields over every video trial's (budget: max_steps, threads)
+    workers: int = 1  # processes tuning the one study at once (each loads the runs; worker k samples with seed + k)
+
+
+RESUMABLE = ("n_trials", "workers")  # what a resumed study may change; any other field must match the saved config
+
+
+def _load(corpus: str | Path, cfg: TuneConfig, progress: bool = True):
+    """The validation runs (with frames for a video baseline) and the TCNs' training runs, checked."""
+    val = load_runs(corpus, cfg.split, frames=cfg.baseline in VIDEO_CONFIGS, progress=progress)
+    train = load_runs(corpus, cfg.train_split, frames=False, progress=progress) if cfg.baseline in TRAINED else None
+    if cfg.baseline == "hessian_tcn":  # fail before any trial, naming the corpus and the config key
+        require_hessian(val, cfg.split)
+        require_hessian(train, cfg.train_split)
+    return val, train
+
+
+def _work(corpus: str | Path, cfg: TuneConfig, study_file: Path, worker: int = 0, runs=None) -> optuna.Study:
+    """One process's share of the study in `study_file` (the whole of it when workers=1)."""
+    val, train = runs or _load(corpus, cfg, progress=False)
+    make = space(cfg.baseline, train, corpus=corpus, train_split=cfg.train_split, video=cfg.video)
+    return tune(make, val, cfg.n_trials, cfg.seed + worker, score_from=cfg.score_from, storage=study_file,
+                progress=cfg.workers == 1)[1]
+
+
+def _run_workers(corpus: str | Path, cfg: TuneConfig, study_file: Path) -> None:
+    """`cfg.workers` processes on the one study; a bar counts its complete trials until all have exited."""
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has started torch's threads
+    procs = [ctx.Process(target=_work, args=(str(corpus), cfg, study_file, k), name=f"tune-worker-{k}")
+             for k in range(cfg.workers)]
+    for p in procs:
+        p.start()
+    storage = journal(study_file)
+    complete = lambda: len(optuna.load_study(study_name=STUDY, storage=storage).get_trials(  # noqa: E731
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    with tqdm(total=cfg.n_trials, initial=complete(), desc=f"{cfg.workers} workers", unit="trial") as bar:
+        while any(p.is_alive() for p in procs):
+            time.sleep(2)
+            if (done := complete()) > bar.n:
+                bar.update(done - bar.n)
+        bar.update(max(0, complete() - bar.n))
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode != 0]
+    if failed:
+        raise SystemExit(f"eval.tune: {', '.join(failed)} failed (its error is printed above); the complete trials "
+                         f"stay in {study_file}: rerun the same command to resume")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,25 +260,40 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TuneConfig, args.config, args.overrides)
     if cfg.baseline not in PARAMS:
         raise SystemExit(f"baseline={cfg.baseline!r} is not tunable; choose one of {sorted(PARAMS)}")
-    out = Path(args.out)
-    save_config(cfg, out)
-    val = load_runs(args.corpus, cfg.split, frames=cfg.baseline in VIDEO_CONFIGS)  # a video baseline reads the frames
-    train = load_runs(args.corpus, cfg.train_split, frames=False) if cfg.baseline in TRAINED else None
-    if cfg.baseline == "hessian_tcn":  # fail before any trial, naming the corpus and the config key
-        require_hessian(val, cfg.split)
-        require_hessian(train, cfg.train_split)
     if cfg.video and cfg.baseline not in VIDEO_CONFIGS:
         raise SystemExit(f"video={cfg.video} is for the video baselines {sorted(VIDEO_CONFIGS)}, not baseline={cfg.baseline!r}")
-    make = space(cfg.baseline, train, corpus=args.corpus, train_split=cfg.train_split, video=cfg.video)
-    params, study = tune(make, val, cfg.n_trials, cfg.seed, score_from=cfg.score_from)
+    if cfg.workers < 1:
+        raise SystemExit(f"workers={cfg.workers}: need at least 1")
+    out = Path(args.out)
+    study_file = out / "study.journal"
+    if study_file.exists():  # resume: the same study, maybe more trials or workers
+        saved = json.loads((out / "config.json").read_text())
+        changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
+        if changed:
+            raise SystemExit(f"{out} holds a study with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
+                             f"use another --out, or delete {out} to start over")
+        stale = fail_stale_trials(study_file)
+        print(f"resuming the study in {study_file}" + (f" ({stale} trial(s) left running by a killed process: "
+                                                       f"marked failed, run again)" if stale else ""))
+    save_config(cfg, out)
+    optuna.create_study(direction="maximize", study_name=STUDY, storage=journal(study_file), load_if_exists=True)
+    runs = _load(args.corpus, cfg)  # loaded (and checked) here even with workers, to fail before any is started
+    n_val = len(runs[0])
+    if cfg.workers == 1:
+        _work(args.corpus, cfg, study_file, runs=runs)
+    else:
+        del runs  # each worker loads its own
+        _run_workers(args.corpus, cfg, study_file)
+    study = optuna.load_study(study_name=STUDY, storage=journal(study_file))
+    params = dict(study.best_params)
     best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
-            "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": len(val)}
+            "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": n_val}
     (out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
     trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name} for t in study.trials]
     (out / "trials.json").write_text(json.dumps(trials, indent=1, default=float) + "\n")
     values = np.array([t["value"] for t in trials if t["value"] is not None])
-    print(f"{cfg.baseline}: best event-time AUPRC {study.best_value:.4f} on {len(val)} {cfg.split} runs "
-          f"({len(values)} trials, median {np.median(values):.4f}); params {params}")
+    print(f"{cfg.baseline}: best event-time AUPRC {study.best_value:.4f} on {n_val} {cfg.split} runs "
+          f"({len(values)} complete trials, median {np.median(values):.4f}); params {params}")
     print(f"wrote {out / 'best.json'}")
     return 0
 

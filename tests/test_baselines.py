@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from scipy.special import gammaln
@@ -13,7 +14,7 @@ from eval.baselines import (BOCPD, BocpdConfig, CusumConfig, LossResiduals, Resi
 from eval.baselines.tcn import windows_logits
 from eval.metrics import alert_frames, event_auprc
 from eval.replay import LoadedRun, load_runs, replay_runs, run_outputs
-from eval.tune import baseline_config, main as tune_main, space, tune
+from eval.tune import STUDY, baseline_config, journal, main as tune_main, space, tune
 
 
 @pytest.fixture(autouse=True)
@@ -200,3 +201,26 @@ def test_tune_on_the_smoke_corpus(smoke_corpus, tmp_path):
     best = json.loads((tmp_path / "t" / "best.json").read_text())
     assert best["baseline"] == "tcn_scalar" and best["config"]["channels"] in (16, 32, 64)
     assert len(json.loads((tmp_path / "t" / "trials.json").read_text())) == 2
+
+
+def test_tune_shares_one_study_across_workers_and_resumes(smoke_corpus, tmp_path):
+    """workers=2: two real processes on one journal file, n_trials in total; rerunning resumes the study,
+    runs again the trial a killed process left RUNNING, and refuses a study of other settings."""
+    out = tmp_path / "t"
+    base = ["--corpus", str(smoke_corpus), "--out", str(out), "baseline=cusum"]
+    assert tune_main([*base, "n_trials=6", "workers=2"]) == 0
+    trials = json.loads((out / "trials.json").read_text())
+    assert len(trials) == 6 and {t["state"] for t in trials} == {"COMPLETE"}
+    first = [t["params"] for t in trials]
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == 6  # the workers sample with different seeds
+    best = json.loads((out / "best.json").read_text())
+    assert best["event_auprc"] == max(t["value"] for t in trials)
+    # a killed process: a trial asked for and never told
+    study = optuna.load_study(study_name=STUDY, storage=journal(out / "study.journal"))
+    study.ask()
+    assert tune_main([*base, "n_trials=8"]) == 0
+    trials = json.loads((out / "trials.json").read_text())
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 6 + ["FAIL"] + ["COMPLETE"] * 2
+    assert [t["params"] for t in trials[:6]] == first  # the old trials are kept, not rerun
+    with pytest.raises(SystemExit, match="seed=0"):
+        tune_main([*base, "n_trials=8", "seed=3"])
