@@ -69,6 +69,7 @@ class ReportConfig:
     video_swin: dict = field(default_factory=dict)
     video_dirs: dict = field(default_factory=dict)  # method -> saved VideoDetector dir (then not trained here)
     tevid_checkpoints: dict = field(default_factory=dict)  # more TEViDs: name -> fine-tuned dir (e.g. tevid_scratch)
+    video_checkpoints: dict = field(default_factory=dict)  # more video rows: name -> saved VideoDetector dir (e.g. r2plus1d_defaults)
     ablations: str | None = None  # ablations.json of `python -m eval.ablations` (Tables 5, 12; or --ablations)
     probes: str | None = None  # probes.json of `python -m eval.probes` (Sec. 5.4; or --probes)
     figures: bool = True
@@ -79,15 +80,22 @@ class ReportConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"ReportConfig.methods: unknown {unknown}; choose from {list(METHODS)}")
-        clash = [m for m in self.tevid_checkpoints if m in METHODS]
-        if clash:
-            raise ValueError(f"ReportConfig.tevid_checkpoints: names {clash} are taken by methods; use e.g. tevid_scratch")
-        if not self.methods and not self.tevid_checkpoints:
-            raise ValueError("ReportConfig: no method to evaluate (methods and tevid_checkpoints are empty)")
+        for key, example in (("tevid_checkpoints", "tevid_scratch"), ("video_checkpoints", "r2plus1d_defaults")):
+            clash = [m for m in getattr(self, key) if m in METHODS]
+            if clash:
+                raise ValueError(f"ReportConfig.{key}: names {clash} are taken by methods; use e.g. {example}")
+        both = sorted(set(self.tevid_checkpoints) & set(self.video_checkpoints))
+        if both:
+            raise ValueError(f"ReportConfig: {both} named in both tevid_checkpoints and video_checkpoints")
+        if not self.all_methods:
+            raise ValueError("ReportConfig: no method to evaluate (methods, tevid_checkpoints and video_checkpoints are empty)")
 
     @property
     def all_methods(self) -> list[str]:
-        return list(self.methods) + list(self.tevid_checkpoints)
+        return list(self.methods) + list(self.tevid_checkpoints) + list(self.video_checkpoints)
+
+    def kind(self, name: str) -> str:
+        return "video" if name in self.video_checkpoints else KINDS.get(name, "tevid")
 
 
 # ---------------------------------------------------------------- building the methods
@@ -131,9 +139,10 @@ def build_method(name: str, cfg: ReportConfig, corpus: Path, checkpoint: Path | 
         return det, notes
     from eval.baselines.video import VideoConfig, VideoDetector, train_video
 
-    if name in cfg.video_dirs:
-        notes["loaded_from"] = str(cfg.video_dirs[name])
-        return VideoDetector.load(cfg.video_dirs[name], name), notes
+    saved = cfg.video_dirs.get(name) or cfg.video_checkpoints.get(name)
+    if saved:
+        notes["loaded_from"] = str(saved)
+        return VideoDetector.load(saved, name), notes
     base = dataclasses.asdict(baseline_config(name, params or {}))  # the defaults when not tuned
     vcfg = from_dict(VideoConfig, {**base, **getattr(cfg, name)}, f"report.{name}")
     det, hist = train_video(corpus, vcfg, cfg.train_split, progress=progress, name=name)
@@ -158,7 +167,7 @@ def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg:
     """(test results with alerts, summary dict, unknown masks per run or None)."""
     kw = dict(score_from=cfg.score_from, progress=progress)
     test = replay_runs(runs["test"], diagnoser, **kw)
-    info: dict = {"kind": KINDS.get(name, "tevid")}
+    info: dict = {"kind": cfg.kind(name)}
     unknown = None
     if isinstance(diagnoser, TEViDDiagnoser):  # its operating point was calibrated on validation by diagnose.finetune
         rule = diagnoser.calibration.rule()

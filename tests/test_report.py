@@ -69,10 +69,14 @@ def test_report_command_writes_metrics_tables_figures(smoke_corpus, tevid_checkp
     # the video baseline trained here was saved; a second report loads it instead of training again
     saved = metrics["r2plus1d"]["saved_to"]
     assert saved == str(out / "video" / "r2plus1d")
-    cfg = ReportConfig(methods=["r2plus1d"], n_resamples=200, figures=False, video_dirs={"r2plus1d": saved})
-    again = make_report(smoke_corpus, tmp_path / "again", cfg, None, progress=False)["r2plus1d"]
+    cfg = ReportConfig(methods=["r2plus1d"], n_resamples=200, figures=False, video_dirs={"r2plus1d": saved},
+                       video_checkpoints={"r2plus1d_saved": saved})
+    both = make_report(smoke_corpus, tmp_path / "again", cfg, None, progress=False)
+    again, extra = both["r2plus1d"], both["r2plus1d_saved"]
     assert again["loaded_from"] == saved and "train" not in again
     assert again["far"] == metrics["r2plus1d"]["far"] and again["threshold"] == pytest.approx(metrics["r2plus1d"]["threshold"])
+    assert extra["kind"] == "video" and extra["loaded_from"] == saved  # a second row of the same saved model
+    assert extra["event_auprc"] == pytest.approx(again["event_auprc"]) and extra["threshold"] == pytest.approx(again["threshold"])
 
 
 def test_report_on_a_split_with_anomalies(smoke_corpus, tevid_checkpoint, tmp_path):
@@ -96,6 +100,10 @@ def test_unknown_method_is_refused():
         ReportConfig(methods=["tevid", "lstm"])
     with pytest.raises(ValueError, match="taken by methods"):
         ReportConfig(tevid_checkpoints={"cusum": "x"})
+    with pytest.raises(ValueError, match="video_checkpoints: names \\['r2plus1d'\\] are taken"):
+        ReportConfig(video_checkpoints={"r2plus1d": "x"})
+    with pytest.raises(ValueError, match="in both"):
+        ReportConfig(tevid_checkpoints={"a": "x"}, video_checkpoints={"a": "y"})
 
 
 def _run(run_id, label, novel=False, alerts=(), onset=None, n=6):
