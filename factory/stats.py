@@ -13,12 +13,14 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import pearsonr
+from statsmodels.stats.proportion import proportion_confint
 
 from capture.store import RunStore, read_labeling, read_privileged
 
@@ -102,10 +104,13 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     injected = sorted({r["injected"] for r in ok})
     lines += table(injected, labels, Counter((r["injected"], r["label"]) for r in ok), "injected \\ label")
     known = [r for r in ok if r["injected"] in KNOWN]
-    agree = sum(r["label"] == r["injected"] for r in known) / max(1, len(known))
+    n_agree = sum(r["label"] == r["injected"] for r in known)
+    agree = n_agree / max(1, len(known))
+    agree_ci = [float(x) for x in proportion_confint(n_agree, len(known), 0.05, method="wilson")] if known else [math.nan] * 2
     per_class = {c: (sum(r["label"] == c for r in ok if r["injected"] == c), sum(r["injected"] == c for r in ok)) for c in KNOWN}
     healthy_inj = [r for r in ok if r["injected"] == "healthy"]
-    lines += ["", f"Agreement, known injected perturbations: {100 * agree:.1f}% ({sum(r['label'] == r['injected'] for r in known)}/{len(known)}); "
+    lines += ["", f"Agreement, known injected perturbations: {100 * agree:.1f}% ({n_agree}/{len(known)}; 95% Wilson interval "
+              f"{100 * agree_ci[0]:.1f}-{100 * agree_ci[1]:.1f}%); "
               + ", ".join(f"{c} {a}/{n}" for c, (a, n) in per_class.items())
               + f"; healthy-injected labeled healthy: {sum(r['label'] == 'healthy' for r in healthy_inj)}/{len(healthy_inj)}"]
     disagreement_lines, disagreement_counts = disagreements(corpus, known)
@@ -137,7 +142,7 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += ["", f"Within-run Pearson r, head-gradient norm vs validation accuracy, healthy classification runs: "
               f"{r_mean:.3f} +/- {r_std:.3f} raw, {r5_mean:.3f} +/- {r5_std:.3f} with an EMA of span 5 over frames "
               f"(n = {len(rs)}; seed 000: -0.854 +/- 0.038)"]
-    return "\n".join(lines), {"agreement_known": agree, "online_agreement": online, "pearson_r_mean": r_mean,
+    return "\n".join(lines), {"agreement_known": agree, "agreement_known_ci": agree_ci, "online_agreement": online, "pearson_r_mean": r_mean,
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
                               "disagreements": disagreement_counts}

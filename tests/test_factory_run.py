@@ -110,6 +110,8 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     assert "| split \\ label |" in text and "Agreement, known injected perturbations" in text
     known = [r for r in relabeled if r["injected"] in ("overfitting", "instability", "forgetting", "concept_bias")]
     assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
+    lo, hi = numbers["agreement_known_ci"]  # Wilson interval of the proportion, as statsmodels computes it
+    assert 0 <= lo <= numbers["agreement_known"] <= hi <= 1 and hi - lo > 0
     wrong = [r for r in known if r["label"] != r["injected"]]
     assert sum(numbers["disagreements"].values()) == len(wrong)
     for key, n in numbers["disagreements"].items():  # each class listed with the rule that decided it
