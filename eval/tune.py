@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     study_file = out / "study.journal"
     if study_file.exists():  # resume: the same study, maybe more trials or workers
-        saved = json.loads((out / "config.json").read_text())
+        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
         changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v)
         if changed:
             raise SystemExit(f"{out} holds a study with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
