@@ -9,7 +9,7 @@ or BOCPD costs only the detector's own arithmetic.
     python -m eval.tune --corpus outputs/corpus/cpu --out outputs/tune/cusum baseline=cusum [n_trials=25 seed=0]
 
 writes `config.json` (this TuneConfig), `best.json` (best value, params, and the baseline's resolved
-config), `trials.json` (every trial's params, value and state) and `study.journal` (the optuna study:
+config), `trials.json` (every trial's params, value, state and seconds) and `study.journal` (the optuna study:
 rerunning the command resumes it, a killed trial is run again; `n_trials=` may grow). `workers=2` tunes
 the one study in 2 processes at once (each with its own TPE seed, seed + k), e.g. on a 2-core machine. Search spaces: `PARAMS`; the names of the
 params are the config fields they set (dots for nested sections: `residuals.span`).
@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     optuna.create_study(direction="maximize", study_name=STUDY, storage=journal(study_file), load_if_exists=True)
     runs = _load(args.corpus, cfg)  # loaded (and checked) here even with workers, to fail before any is started
     n_val = len(runs[0])
-    if cfg.workers == 1:
+    counted = len(optuna.load_study(study_name=STUDY, storage=journal(study_file)).get_trials(deepcopy=False, states=COUNTED))
+    if counted >= cfg.n_trials:
+        print(f"the study has its {cfg.n_trials} trials already: writing its results")
+    elif cfg.workers == 1:
         _work(args.corpus, cfg, study_file, runs=runs)
     else:
         del runs  # each worker loads its own
@@ -289,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
             "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": n_val}
     (out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
-    trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name} for t in study.trials]
+    trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name,
+               "seconds": (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None}
+              for t in study.trials]
     (out / "trials.json").write_text(json.dumps(trials, indent=1, default=float) + "\n")
     values = np.array([t["value"] for t in trials if t["value"] is not None])
+    seconds = sum(t["seconds"] or 0 for t in trials)
     print(f"{cfg.baseline}: best event-time AUPRC {study.best_value:.4f} on {n_val} {cfg.split} runs "
-          f"({len(values)} complete trials, median {np.median(values):.4f}); params {params}")
+          f"({len(values)} complete trials, median {np.median(values):.4f}, {seconds / 60:.1f} process-minutes); params {params}")
     print(f"wrote {out / 'best.json'}")
     return 0
 

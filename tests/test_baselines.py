@@ -210,7 +210,7 @@ def test_tune_shares_one_study_across_workers_and_resumes(smoke_corpus, tmp_path
     base = ["--corpus", str(smoke_corpus), "--out", str(out), "baseline=cusum"]
     assert tune_main([*base, "n_trials=6", "workers=2"]) == 0
     trials = json.loads((out / "trials.json").read_text())
-    assert len(trials) == 6 and {t["state"] for t in trials} == {"COMPLETE"}
+    assert len(trials) == 6 and {t["state"] for t in trials} == {"COMPLETE"} and all(t["seconds"] > 0 for t in trials)
     first = [t["params"] for t in trials]
     assert len({json.dumps(p, sort_keys=True) for p in first}) == 6  # the workers sample with different seeds
     best = json.loads((out / "best.json").read_text())
