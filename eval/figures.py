@@ -81,12 +81,12 @@ def pareto_figure(methods: dict[str, list[M.RunResult]], frozen: dict[str, dict]
     frozen operating point (far, median_lead_epochs) drawn as a star."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, (name, runs) in enumerate(methods.items()):
-        c = f"C{i % 10}"
+        c, ls = f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]  # past 10 methods the colours repeat: the line style differs
         curve = M.operating_curve(runs, score_thresholds(runs))
         ok = np.isfinite(curve["far"]) & np.isfinite(curve["median_lead_epochs"])
         f, lead = pareto_front(curve["far"][ok], curve["median_lead_epochs"][ok])
         ax.plot(curve["far"][ok], curve["median_lead_epochs"][ok], "o", ms=2, color=c, alpha=0.35)
-        ax.plot(f, lead, "-", drawstyle="steps-post", color=c, label=name, lw=1.5)
+        ax.plot(f, lead, ls, drawstyle="steps-post", color=c, label=name, lw=1.5)
         s = frozen.get(name) or {}
         if s.get("far") is not None and s.get("median_lead_epochs") is not None and np.isfinite(s["median_lead_epochs"]):
             ax.plot([s["far"]], [s["median_lead_epochs"]], "*", ms=11, color=c, mec="k")
