@@ -63,13 +63,11 @@ def tune(make_diagnoser: Callable[[optuna.Trial], Diagnoser], val_runs: Sequence
         return value
 
     sampler = optuna.samplers.TPESampler(seed=seed)
-    if storage is None:
-        study, todo, callbacks = optuna.create_study(direction="maximize", sampler=sampler, study_name=study_name), n_trials, []
-    else:
-        study = optuna.create_study(direction="maximize", sampler=sampler, study_name=study_name or STUDY,
-                                    storage=journal(storage), load_if_exists=True)
-        todo = n_trials - len(study.get_trials(deepcopy=False, states=COUNTED))
-        callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)]
+    shared = storage is not None
+    study = optuna.create_study(direction="maximize", sampler=sampler, study_name=study_name or (STUDY if shared else None),
+                                storage=journal(storage) if shared else None, load_if_exists=shared)
+    todo = remaining(study, n_trials)
+    callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)] if shared else []
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -89,14 +87,20 @@ def journal(path: str | Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def fail_stale_trials(path: str | Path, study_name: str = STUDY) -> int:
-    """Mark the RUNNING trials of the journal `path` FAILED (a killed process left them; call it before any
-    process tunes against the file) so that a resumed study runs them again; returns how many."""
-    storage = journal(path)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+def remaining(study: optuna.Study, n_trials: int) -> int:
+    """How many trials `study` still needs to reach `n_trials` (complete and running ones count)."""
+    return n_trials - len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def fail_stale_trials(storage: optuna.storages.BaseStorage, study_name: str = STUDY) -> int:
+    """Mark the RUNNING trials of the study FAILED (a killed process left them; call it before any process
+    tunes against the storage) so that a resumed study runs them again; returns how many."""
+    study_id = storage.get_study_id_from_name(study_name)
+    stale = optuna.load_study(study_name=study_name, storage=storage).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in stale:
-        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
     return len(stale)
 
 
@@ -232,16 +236,15 @@ def _work(corpus: str | Path, cfg: TuneConfig, study_file: Path, worker: int = 0
                 progress=cfg.workers == 1)[1]
 
 
-def _run_workers(corpus: str | Path, cfg: TuneConfig, study_file: Path) -> None:
-    """`cfg.workers` processes on the one study; a bar counts its complete trials until all have exited."""
+def _run_workers(corpus: str | Path, cfg: TuneConfig, study_file: Path, study: optuna.Study) -> None:
+    """`cfg.workers` processes on the one study (`study`: the parent's handle on its file); a bar counts its
+    complete trials until all have exited."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that has started torch's threads
     procs = [ctx.Process(target=_work, args=(str(corpus), cfg, study_file, k), name=f"tune-worker-{k}")
              for k in range(cfg.workers)]
     for p in procs:
         p.start()
-    storage = journal(study_file)
-    complete = lambda: len(optuna.load_study(study_name=STUDY, storage=storage).get_trials(  # noqa: E731
-        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    complete = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
     with tqdm(total=cfg.n_trials, initial=complete(), desc=f"{cfg.workers} workers", unit="trial") as bar:
         while any(p.is_alive() for p in procs):
             time.sleep(2)
@@ -272,22 +275,21 @@ def main(argv: list[str] | None = None) -> int:
         if changed:
             raise SystemExit(f"{out} holds a study with other settings ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
                              f"use another --out, or delete {out} to start over")
-        stale = fail_stale_trials(study_file)
+        stale = fail_stale_trials(journal(study_file))
         print(f"resuming the study in {study_file}" + (f" ({stale} trial(s) left running by a killed process: "
                                                        f"marked failed, run again)" if stale else ""))
     save_config(cfg, out)
-    optuna.create_study(direction="maximize", study_name=STUDY, storage=journal(study_file), load_if_exists=True)
+    # the parent's handle on the study file: every read syncs with what the workers wrote
+    study = optuna.create_study(direction="maximize", study_name=STUDY, storage=journal(study_file), load_if_exists=True)
     runs = _load(args.corpus, cfg)  # loaded (and checked) here even with workers, to fail before any is started
     n_val = len(runs[0])
-    counted = len(optuna.load_study(study_name=STUDY, storage=journal(study_file)).get_trials(deepcopy=False, states=COUNTED))
-    if counted >= cfg.n_trials:
+    if remaining(study, cfg.n_trials) <= 0:
         print(f"the study has its {cfg.n_trials} trials already: writing its results")
     elif cfg.workers == 1:
         _work(args.corpus, cfg, study_file, runs=runs)
     else:
         del runs  # each worker loads its own
-        _run_workers(args.corpus, cfg, study_file)
-    study = optuna.load_study(study_name=STUDY, storage=journal(study_file))
+        _run_workers(args.corpus, cfg, study_file, study)
     params = dict(study.best_params)
     best = {"baseline": cfg.baseline, "event_auprc": study.best_value, "params": params,
             "config": dataclasses.asdict(baseline_config(cfg.baseline, params)), "n_val_runs": n_val}
