@@ -2,9 +2,13 @@
 
 
 def __getattr__(name: str):
-    """`diagnose.watch` / `diagnose.Monitor` / `diagnose.Alert` without importing torch at package import."""
+    """`diagnose.watch` / `Monitor` / `Alert` and the sinks (`diagnose.sinks`) without importing torch at package import."""
     if name in ("watch", "Monitor", "Alert"):
         from diagnose import monitor
 
         return getattr(monitor, name)
+    if name in ("MonitorCallback", "TensorBoardSink", "WandbSink", "SinkConfig"):
+        from diagnose import sinks
+
+        return getattr(sinks, name)
     raise AttributeError(f"module 'diagnose' has no attribute {name!r}")

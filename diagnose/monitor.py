@@ -712,7 +712,8 @@ class Monitor:
 
     def remove(self) -> None:
         """Run the checks of the steps since the last frame, then remove every hook (idempotent). Under DP,
-        print and log the privacy spent ("DP telemetry: epsilon=... delta=... after N releases")."""
+        print and log the privacy spent ("DP telemetry: epsilon=... delta=... after N releases"). Last,
+        `close()` every callback that has one (the sinks of `diagnose.sinks` flush there), once."""
         if not self._off and self.capture is not None:
             self._guard("flush at remove", self._flush)
         self._detach()
@@ -725,6 +726,21 @@ class Monitor:
                     (self.log_dir / "privacy.json").write_text(json.dumps(info, indent=1) + "\n")
                 except OSError as err:
                     logger.warning("could not write %s: %s", self.log_dir / "privacy.json", err)
+        self._close_callbacks()
+
+    def _close_callbacks(self) -> None:
+        """`close()` of each callback, once per monitor; a failure is logged, the others still close."""
+        if getattr(self, "_callbacks_closed", False):
+            return
+        self._callbacks_closed = True
+        for cb in self.callbacks:
+            close = getattr(cb, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as err:  # noqa: BLE001 - training is over; closing the rest matters more
+                    logger.warning("callback %s: close() at remove() failed: %s: %s", type(cb).__name__,
+                                   type(err).__name__, err)
 
     @property
     def privacy(self) -> dict | None:
