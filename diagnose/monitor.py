@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 
 from capture.recorder import CaptureConfig, Frame, _first_tensor, attach
-from diagnose.symptoms import (SYMPTOM_NAMES, Alert, DeadUnits, GradStats, LayerStats, Observation,
-                               SaturatedActivations, Symptom, SymptomTracker)
+from diagnose.symptoms import (SYMPTOM_NAMES, TEVID_REMEDIES, Alert, DeadUnits, GradStats, LayerStats, Observation,
+                               SaturatedActivations, Symptom, SymptomTracker, advise, overfitting_remedy, place)
 
 # the shipped model, used by checkpoint=None; TEVID_DEFAULT_CHECKPOINT points it elsewhere (tests of the
 # rules-only monitor point it at nothing)
@@ -469,7 +469,8 @@ class Monitor:
                 stats = sat.float().mean().reshape(1)
             else:
                 x = out.detach().float().abs()  # a new tensor: cleaned in place
-                stats = x.nan_to_num_(nan=0.0, posinf=0.0).amax().reshape(1)
+                bad = (~torch.isfinite(x)).sum()  # where a nan_inf alert points: the first hook point with some
+                stats = torch.stack([x.nan_to_num_(nan=0.0, posinf=0.0).amax(), bad.float()])
         self._layer_pending[(kind, name)] = stats
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -537,18 +538,46 @@ class Monitor:
         return out
 
     def _grad_tensor(self) -> torch.Tensor | None:
-        """(norm, mean |g|, first weight norm, last weight norm) on the gradients' device, no sync."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
-                 if p.grad is not None and not p.grad.is_sparse]
-        if not grads:
+        """(norm, mean |g|, first weight norm, last weight norm, i_largest, i_smallest, i_nonfinite) on the
+        gradients' device, no sync. The i_ are positions in this step's list of parameters with a gradient
+        (kept in `_grad_params()` under the step, named at the frame by `_grad_stats`): the largest
+        gradient norm (non-finite counts as largest), the smallest among the weights, the last non-finite (-1: none)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]
+                  if p.grad is not None and not p.grad.is_sparse]
+        if not params:
             return None
+        grads = [p.grad for p in params]
         dev = grads[0].device
         with torch.no_grad():
-            l2 = torch.stack([n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)])
+            norms = [n.to(dev) for n in torch._foreach_norm(grads, 2, dtype=torch.float32)]
+            l2 = torch.stack(norms)  # (P,)
             l1 = torch.stack([n.to(dev) for n in torch._foreach_norm(grads, 1, dtype=torch.float32)])
             weights = [i for i, g in enumerate(grads) if g.ndim >= 2] or [0, len(grads) - 1]
             numel = sum(g.numel() for g in grads)
-            return torch.stack([torch.linalg.vector_norm(l2), l1.sum() / numel, l2[weights[0]], l2[weights[-1]]])
+            bad = ~torch.isfinite(l2)
+            last_bad = torch.where(bad.any(), len(grads) - 1 - bad.flip(0).int().argmax(), -1)
+            self._grad_params()[self.step_count] = params
+            return torch.stack([torch.linalg.vector_norm(l2), l1.sum() / numel, l2[weights[0]], l2[weights[-1]],
+                                l2.argmax().float(), torch.stack([norms[i] for i in weights]).argmin().float(),
+                                last_bad.float()])
+
+    def _grad_params(self) -> dict[int, list]:
+        """step -> the parameters whose gradient norms `_grad_tensor` stacked at that step (until the frame)."""
+        if not hasattr(self, "_pending_grad_params"):
+            self._pending_grad_params: dict[int, list] = {}
+        return self._pending_grad_params
+
+    def _grad_stats(self, v: list[float], params: list | None) -> GradStats:
+        """`GradStats` from a synced `_grad_tensor` row, its parameter positions mapped to parameter names."""
+        if not params:
+            return GradStats(*v[:4])
+        weights = [i for i, p in enumerate(params) if p.ndim >= 2] or [0, len(params) - 1]  # as `_grad_tensor`
+        at = {"largest": int(v[4]), "smallest": weights[int(v[5])], "first": weights[0], "nonfinite": int(v[6])}
+        at = {k: params[i] for k, i in at.items() if 0 <= i < len(params)}
+        names = getattr(self, "_param_names", {})
+        if any(id(p) not in names for p in at.values()):  # first frame, or parameters added since
+            names = self._param_names = {id(p): n for n, p in self.model.named_parameters()}
+        return GradStats(*v[:4], **{k: names.get(id(p)) for k, p in at.items()})
 
     def _on_step(self) -> None:
         s, armed = self.step_count, self._armed
@@ -609,7 +638,7 @@ class Monitor:
             elif kind == "bounded":
                 out[n], i = LayerStats(kind, saturated_fraction=flat[i]), i + 1
             else:
-                out[n], i = LayerStats(kind, max_abs=flat[i]), i + 1
+                out[n], i = LayerStats(kind, max_abs=flat[i], nonfinite=flat[i + 1]), i + 2
         return out
 
     def _run_symptoms(self, losses: list[tuple[int, float | None]], frame: Frame | None,
@@ -619,8 +648,10 @@ class Monitor:
         if self._pending_grads:
             dev = self._pending_grads[0][1].device
             values = torch.stack([g.to(dev) for _, g in self._pending_grads]).tolist()  # one sync
-            grads = {s: GradStats(*v) for (s, _), v in zip(self._pending_grads, values)}
+            params = self._grad_params()
+            grads = {s: self._grad_stats(v, params.pop(s, None)) for (s, _), v in zip(self._pending_grads, values)}
             self._pending_grads = []
+            params.clear()
         alerts = []
         for st, loss in losses:
             at_frame = frame is not None and st == frame.step
@@ -658,16 +689,52 @@ class Monitor:
         label = "unknown" if d.unknown else cal.classes[d.label]
         self.predictions.append({"step": frame.step, "probs": dict(zip(cal.classes, probs)), "vacuity": u,
                                  "label": label, "reason": d.reason.value})
-        alerts = [Alert(cal.classes[c], frame.step, "tevid", probs[c],
-                        f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} for "
-                        f"{cal.consecutive} frames in a row, vacuity {u:.2f})", {"vacuity": u, "probs": probs})
-                  for c in d.new_alerts]
+        found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} "
+                  f"for {cal.consecutive} frames in a row, vacuity {u:.2f})") for c in d.new_alerts]
         self._unknown_streak = self._unknown_streak + 1 if d.reason == Reason.VACUITY else 0
         if self._unknown_streak == cal.consecutive:
-            alerts.append(Alert("unknown", frame.step, "tevid", None,
-                                f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} frames in a row)",
-                                {"vacuity": u, "probs": probs}))
+            found.append(("unknown", None, f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} "
+                                           f"frames in a row)"))
+        if not found:
+            return []
+        where, change = self._moved_channel(frames[0])
+        alerts = []
+        for name, p, message in found:
+            remedy = self._tevid_remedy(name)
+            alerts.append(Alert(name, frame.step, "tevid", p, advise(message, where, remedy),
+                                {"vacuity": u, "probs": probs, "channel_change": change}, where, remedy))
         return alerts
+
+    def _moved_channel(self, window: torch.Tensor) -> tuple[str | None, dict[str, float]]:
+        """Where a TEViD alert points: the channel (act / grad x early / mid / late) whose map moved most over
+        the window, as "<hook point module> (activations|gradients)", and every channel's move. Move = RMS
+        over pixels of (mean map of the last half of the window - mean map of the first half); the maps are
+        robust z-scores per channel (`capture.RobustNormalizer`), so the channels are on one scale."""
+        from capture.frames import CHANNELS
+
+        x = window.float()  # (T, 6, S, S)
+        h = max(1, x.shape[0] // 2)
+        move = (x[-h:].mean(0) - x[:h].mean(0)).square().mean(dim=(1, 2)).sqrt()  # (6,)
+        change = dict(zip(CHANNELS, move.tolist()))
+        c = int(move.argmax())
+        if not move[c] > 0:
+            return None, change  # nothing moved (or no maps): no place to name
+        kind, position = CHANNELS[c].split("_")
+        point = next((p for p in self.capture.points if p.position == position), None)
+        name = point.name if point is not None else position
+        return place(name, "activations" if kind == "act" else "gradients"), change
+
+    def _tevid_remedy(self, name: str) -> str | None:
+        """The first remedy of a TEViD alert; for overfitting it names the step head-gradient selection
+        (`diagnose.selection.select_checkpoint` over this run's frames so far, score_w) picks."""
+        if name != "overfitting":
+            return TEVID_REMEDIES.get(name)
+        from diagnose.selection import select_checkpoint
+
+        steps = [r["step"] for r in self.readouts]
+        scores = [r.get("score_w", math.nan) for r in self.readouts]
+        known = any(math.isfinite(v) for v in scores)
+        return overfitting_remedy(select_checkpoint(steps, scores, tail_frac=1.0) if known else None)
 
     def _emit(self, alert: Alert) -> None:
         self.alerts.append(alert)

@@ -27,6 +27,11 @@ References and their defaults (checked against the sources where stated):
   vanishing gradient mean |g| < 1e-7; dead layer when >= 0.7 of its outputs are <= 0; saturated when
   more than 0.5 of a tanh/sigmoid layer's inputs are beyond +-5; numerical errors: NaN / inf.
 Where the rules here differ from those, the class docstring says how and why.
+
+Every alert says where and what to try first (issue 17): `Alert.where` names the module, parameter or
+hook point it concerns, with "(activations)" or "(gradients)" when it knows which (or "loss"), and
+`Alert.remedy` is a one-line first remedy: a rule's `Symptom.remedy`, TEViD's `TEVID_REMEDIES`. Both are
+appended to the message too (`advise`), so a log line alone says what to do.
 """
 from __future__ import annotations
 
@@ -49,11 +54,47 @@ class Alert:
     step: int  # optimizer step the evidence belongs to (0-based, real optimizer steps only)
     source: str  # "tevid" | "rule"
     probability: float | None  # TEViD class probability; None for rules and for "unknown"
-    message: str
+    message: str  # what was seen, then "; where: ...; try first: ..." when those are known (`advise`)
     details: dict = field(default_factory=dict, compare=False)
+    where: str | None = None  # "<module / parameter / hook point> (activations|gradients)", "loss", or None
+    remedy: str | None = None  # a one-line first remedy
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def place(name: str, kind: str | None = None) -> str:
+    """An `Alert.where`: a module / parameter name, with the kind of tensor ("activations" / "gradients")."""
+    return f"{name} ({kind})" if kind else name
+
+
+def place_name(where: str) -> str:
+    """The module / parameter name of an `Alert.where` built by `place` (inverse of `place`)."""
+    return where.rsplit(" (", 1)[0] if where.endswith(")") else where
+
+
+def advise(message: str, where: str | None, remedy: str | None) -> str:
+    """The alert message with its place and first remedy appended (what a log line shows)."""
+    return "; ".join([message] + ([f"where: {where}"] if where else []) + ([f"try first: {remedy}"] if remedy else []))
+
+
+def overfitting_remedy(stop_step: int | None = None) -> str:
+    """TEViD's overfitting remedy; `stop_step`: the step head-gradient selection picks so far, when known."""
+    at = f"step {stop_step}" if stop_step is not None else "the step"
+    return (f"regularise more (weight decay, dropout, data augmentation, more data), or stop at {at} where the "
+            f"smoothed head-gradient score was lowest (diagnose.selection.select_checkpoint)")
+
+
+# First remedies of TEViD's class alerts and "unknown" (the rules carry theirs as `Symptom.remedy`).
+TEVID_REMEDIES = {
+    "overfitting": overfitting_remedy(),
+    "instability": "lower the learning rate, add LR warmup, or clip the gradient norm",
+    "forgetting": "replay / mix in data of the earlier task(s), or lower the learning rate on the new task",
+    "concept_bias": "check the inputs for label-leaking features or shortcuts (a saliency map or an ablation "
+                    "of input regions / features)",
+    "unknown": "not enough evidence for a diagnosis: look at the rule symptoms and the readouts "
+               "(monitor.readouts) around this step",
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +105,11 @@ class GradStats:
     mean_abs: float  # mean |g| over all gradient elements
     first_norm: float  # L2 norm of the gradient of the first weight (ndim >= 2), in parameter order
     last_norm: float  # ... and of the last one (usually the classifier head)
+    largest: str | None = None  # the parameter with the largest gradient norm (a non-finite norm is largest)
+    smallest: str | None = None  # the weight (ndim >= 2) with the smallest gradient norm
+    first: str | None = None  # the first weight (whose norm is `first_norm`)
+    nonfinite: str | None = None  # the last parameter, in parameter order, with a non-finite gradient: backward
+    # runs from the loss toward the input, so that is where the gradients first went bad
 
 
 @dataclass(frozen=True)
@@ -75,6 +121,7 @@ class LayerStats:
     zero_fraction: float = math.nan  # fraction of outputs exactly 0 (relu)
     saturated_fraction: float = math.nan  # fraction of inputs in the saturated range (bounded)
     max_abs: float = math.nan  # largest finite |activation| (block)
+    nonfinite: float = math.nan  # non-finite activations (block)
 
 
 @dataclass(frozen=True)
@@ -131,6 +178,7 @@ class Symptom:
     history, `keep_first` values kept from the start (a fixed reference such as the starting loss)."""
 
     name: ClassVar[str]
+    remedy: ClassVar[str | None] = None  # the one-line first remedy its alerts carry
     every: int = 1
     consecutive: int = 1
     window: int = 0
@@ -152,8 +200,9 @@ class Symptom:
     def scheduled(self, step: int) -> bool:
         return step % self.every == 0
 
-    def alert(self, step: int, message: str, **details) -> Alert:
-        return Alert(self.name, step, "rule", None, message, details)
+    def alert(self, step: int, message: str, where: str | None = None, **details) -> Alert:
+        """The alert, with `where` and this symptom's remedy in its fields and appended to `message`."""
+        return Alert(self.name, step, "rule", None, advise(message, where, self.remedy), details, where, self.remedy)
 
 
 @dataclass(frozen=True)
@@ -164,10 +213,14 @@ class NonFinite(Symptom):
     DeepDiagnosis numerical errors."""
 
     name: ClassVar[str] = "nan_inf"
+    remedy: ClassVar[str] = ("lower the learning rate or clip the gradient norm, and look for log(0) / division by "
+                             "zero / bad inputs at that step (under fp16: a GradScaler, or bf16)")
     every: int = 1
     consecutive: int = 1
 
     def value(self, obs):
+        """({source: non-finite?}, where): where = the first hook point (forward order) with non-finite
+        activations, else "loss" if the loss is, else the parameter where the gradients went bad."""
         parts = {}
         if obs.loss is not None:
             parts["loss"] = not math.isfinite(obs.loss)
@@ -175,12 +228,29 @@ class NonFinite(Symptom):
             parts["gradients"] = not (math.isfinite(obs.grads.norm) and math.isfinite(obs.grads.mean_abs))
         if obs.nonfinite is not None and not math.isnan(obs.nonfinite):
             parts["captured tensors"] = obs.nonfinite > 0
-        return parts or None
+        if not parts:
+            return None
+        counted = {k: s.nonfinite for k, s in (obs.layers or {}).items() if s.kind == "block" and _finite(s.nonfinite)}
+        act = next((k for k, n in counted.items() if n > 0), None)  # layers are in forward (hook call) order
+        if act is not None:
+            where = place(act, "activations")
+        elif parts.get("loss"):
+            where = "loss"
+        elif parts.get("gradients") and obs.grads.nonfinite:
+            where = place(obs.grads.nonfinite, "gradients")
+        elif parts.get("gradients"):
+            where = "gradients"
+        elif counted:  # the capture counted them, but no hook point's activations had any
+            where = "captured gradients or logits"
+        else:  # no per-hook-point counts (e.g. under DP telemetry)
+            where = "captured tensors"
+        return parts, where
 
     def check(self, step, value, history, first=()):
-        bad = [k for k, v in value.items() if v]
+        parts, where = value
+        bad = [k for k, v in parts.items() if v]
         if bad:
-            return self.alert(step, f"non-finite values in {', '.join(bad)} at step {step}", sources=bad)
+            return self.alert(step, f"non-finite values in {', '.join(bad)} at step {step}", where, sources=bad)
         return None
 
 
@@ -197,6 +267,7 @@ class ExplodingGradients(Symptom):
     """
 
     name: ClassVar[str] = "exploding_gradients"
+    remedy: ClassVar[str] = "lower the learning rate, or clip the gradient norm (torch.nn.utils.clip_grad_norm_)"
     z: float = 3.5
     factor: float = 10.0
     abs_max: float = 1e5
@@ -206,23 +277,24 @@ class ExplodingGradients(Symptom):
     consecutive: int = 1
 
     def value(self, obs):
-        return obs.grads.norm if obs.grads is not None else None
+        return obs.grads
 
-    def remember(self, value):
-        return math.log10(value) if _finite(value) and value > 0 else None
+    def remember(self, value: GradStats):
+        return math.log10(value.norm) if _finite(value.norm) and value.norm > 0 else None
 
-    def check(self, step, value, history, first=()):
-        if not _finite(value):
+    def check(self, step, value: GradStats, history, first=()):
+        norm, where = value.norm, (place(value.largest, "gradients") if value.largest else "gradients")
+        if not _finite(norm):
             return None  # nan_inf reports it
-        if value >= self.abs_max:
-            return self.alert(step, f"gradient norm {value:.3g} >= {self.abs_max:.3g} at step {step}", norm=value)
-        if len(history) < self.warmup or value <= 0:
+        if norm >= self.abs_max:
+            return self.alert(step, f"gradient norm {norm:.3g} >= {self.abs_max:.3g} at step {step}", where, norm=norm)
+        if len(history) < self.warmup or norm <= 0:
             return None
-        z, med, _ = _robust_z(math.log10(value), history)
-        if z >= self.z and value >= self.factor * 10**med:
-            return self.alert(step, f"gradient norm {value:.3g} at step {step} is {value / 10**med:.1f}x the "
+        z, med, _ = _robust_z(math.log10(norm), history)
+        if z >= self.z and norm >= self.factor * 10**med:
+            return self.alert(step, f"gradient norm {norm:.3g} at step {step} is {norm / 10**med:.1f}x the "
                               f"median {10**med:.3g} of the last {len(history)} checks (robust z {z:.1f} in log10)",
-                              norm=value, median=10**med, z=z)
+                              where, norm=norm, median=10**med, z=z)
         return None
 
 
@@ -235,6 +307,8 @@ class VanishingGradients(Symptom):
     other layer exactly zero gradient at step 0, by design."""
 
     name: ClassVar[str] = "vanishing_gradients"
+    remedy: ClassVar[str] = ("add normalisation layers or residual connections, use a non-saturating activation and "
+                             "He / Kaiming initialisation, or raise the learning rate")
     threshold: float = 1e-7
     ratio: float = 1e-3
     first_max: float = 1e-4
@@ -249,12 +323,14 @@ class VanishingGradients(Symptom):
         if step < self.min_step or not (_finite(value.mean_abs) and _finite(value.first_norm) and _finite(value.last_norm)):
             return None
         if value.mean_abs < self.threshold:
+            where = place(value.smallest, "gradients") if value.smallest else "gradients"
             return self.alert(step, f"mean |gradient| {value.mean_abs:.3g} < {self.threshold:.3g} at step {step}",
-                              mean_abs=value.mean_abs)
+                              where, mean_abs=value.mean_abs)
         if value.last_norm > 0 and value.first_norm / value.last_norm < self.ratio and value.first_norm < self.first_max:
+            where = place(value.first, "gradients") if value.first else "first layer (gradients)"
             return self.alert(step, f"first-layer gradient norm {value.first_norm:.3g} is {value.first_norm / value.last_norm:.2g} "
                               f"of the last layer's at step {step} (AUTOTRAINER: < {self.ratio:g} and < {self.first_max:g})",
-                              first_norm=value.first_norm, last_norm=value.last_norm)
+                              where, first_norm=value.first_norm, last_norm=value.last_norm)
         return None
 
 
@@ -269,6 +345,8 @@ class DeadUnits(Symptom):
     `inactivity`: see `diagnose.monitor`)."""
 
     name: ClassVar[str] = "dead_units"
+    remedy: ClassVar[str] = ("lower the learning rate, or use LeakyReLU / GELU or a normalisation layer before this "
+                             "ReLU (and check its initialisation)")
     threshold_layer: float = 0.5
     inactivity: float = 0.01
     every: int = 1
@@ -284,7 +362,8 @@ class DeadUnits(Symptom):
         layer, frac = max(value.items(), key=lambda kv: kv[1])
         if frac > self.threshold_layer:
             return self.alert(step, f"{frac:.0%} of the units of {layer} are dead at step {step} "
-                              f"(> {self.threshold_layer:.0%})", layer=layer, dead_fraction=frac)
+                              f"(> {self.threshold_layer:.0%})", place(layer, "activations"), layer=layer,
+                              dead_fraction=frac)
         return None
 
 
@@ -300,6 +379,8 @@ class SaturatedActivations(Symptom):
     """
 
     name: ClassVar[str] = "saturated_activations"
+    remedy: ClassVar[str] = ("normalise the inputs of this module (BatchNorm / LayerNorm) or lower the learning rate; "
+                             "prefer a non-saturating activation")
     threshold_layer: float = 0.5
     bound: float = 5.0  # read by the monitor when it measures tanh / sigmoid inputs
     max_abs: float = 1e4
@@ -319,12 +400,13 @@ class SaturatedActivations(Symptom):
             layer, frac = max(sat.items(), key=lambda kv: kv[1])
             if frac > self.threshold_layer:
                 return self.alert(step, f"{frac:.0%} of the inputs of {layer} are saturated at step {step} "
-                                  f"(> {self.threshold_layer:.0%})", layer=layer, saturated_fraction=frac)
+                                  f"(> {self.threshold_layer:.0%})", place(layer, "activations"), layer=layer,
+                                  saturated_fraction=frac)
         if mags:
             layer, big = max(mags.items(), key=lambda kv: kv[1])
             if big >= self.max_abs:
                 return self.alert(step, f"activation magnitude {big:.3g} at {layer} at step {step} (>= {self.max_abs:.3g})",
-                                  layer=layer, max_abs=big)
+                                  place(layer, "activations"), layer=layer, max_abs=big)
         return None
 
 
@@ -340,6 +422,8 @@ class LossNotDecreasing(Symptom):
     """
 
     name: ClassVar[str] = "loss_not_decreasing"
+    remedy: ClassVar[str] = ("retune the learning rate (try 3-10x higher and lower) and its schedule, and check that "
+                             "the labels match the inputs")
     patience: int = 1000
     min_delta: float = 0.01
     span: int = 50
@@ -372,7 +456,7 @@ class LossNotDecreasing(Symptom):
         if recent > before - self.min_delta * abs(before):
             return self.alert(step, f"smoothed loss has not improved by {self.min_delta:.0%} over {self.patience} steps "
                               f"(best {recent:.4g} in the last {self.patience}, {before:.4g} before)",
-                              recent_best=recent, best_before=before)
+                              "loss", recent_best=recent, best_before=before)
         return None
 
 
@@ -388,6 +472,8 @@ class LossSpike(Symptom):
     rule (zeta 0.03, eta 0.2) looks at oscillation of accuracy instead."""
 
     name: ClassVar[str] = "loss_spike"
+    remedy: ClassVar[str] = ("lower the learning rate or add warmup, clip the gradient norm, and check the batch of "
+                             "that step for bad samples")
     z: float = 3.5
     window: int = 50
     warmup: int = 20
@@ -410,7 +496,7 @@ class LossSpike(Symptom):
         if z >= self.z and value - med >= self.min_rise * abs(start):
             return self.alert(step, f"loss {value:.4g} at step {step} is a spike: robust z {z:.1f} over the median "
                               f"{med:.4g} of the last {len(history)} steps (starting loss {start:.4g})",
-                              loss=value, median=med, z=z)
+                              "loss", loss=value, median=med, z=z)
         return None
 
 

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from diagnose.symptoms import (SYMPTOM_NAMES, DeadUnits, ExplodingGradients, GradStats, LayerStats, LossNotDecreasing,
+from diagnose.symptoms import (SYMPTOM_NAMES, Alert, DeadUnits, ExplodingGradients, GradStats, LayerStats, LossNotDecreasing,
                                LossSpike, NonFinite, Observation, SaturatedActivations, SymptomTracker,
-                               VanishingGradients, _robust_z, default_symptoms)
+                               VanishingGradients, _robust_z, advise, default_symptoms, place, place_name)
 
 NAN = float("nan")
 
@@ -165,3 +165,85 @@ def test_tracker_state_round_trip_and_defaults():
     assert again.state_dict() == state and len(state["loss_spike"]["history"]) == 25
     assert tracker.config()[0] == {"name": "nan_inf", "every": 1, "consecutive": 1}
     assert all(s.every >= 1 for s in default_symptoms())
+
+
+# ---------------------------------------------------------------- where and what to try first (issue 17)
+
+def _scripted_alerts():
+    """One scripted alert of every symptom (and both branches of the two-branch ones): (alert, expected where)."""
+    rng = np.random.default_rng(0)
+    g = lambda norm, mean_abs=1e-3, first=1.0, last=1.0: GradStats(  # noqa: E731
+        norm, mean_abs, first, last, largest="layer3.conv.weight", smallest="layer1.conv.weight",
+        first="stem.weight", nonfinite="layer2.conv.weight")
+    cases = [
+        (NonFinite(), [Observation(0, loss=NAN, grads=g(NAN), nonfinite=5.0, layers={
+            "act1": LayerStats("relu", dead_fraction=0.0), "layer1": LayerStats("block", max_abs=1.0, nonfinite=0.0),
+            "layer2": LayerStats("block", max_abs=1.0, nonfinite=3.0), "layer3": LayerStats("block", nonfinite=9.0)})],
+         "layer2 (activations)"),  # the first hook point, in forward order, with non-finite activations
+        (NonFinite(), [Observation(0, loss=NAN, grads=g(NAN))], "loss"),
+        (NonFinite(), [Observation(0, loss=1.0, grads=g(NAN))], "layer2.conv.weight (gradients)"),
+        (NonFinite(), [Observation(0, loss=1.0, nonfinite=4.0, layers={"layer1": LayerStats("block", nonfinite=0.0)})],
+         "captured gradients or logits"),
+        (NonFinite(), [Observation(0, loss=1.0, nonfinite=4.0)], "captured tensors"),  # no per-point counts
+        (ExplodingGradients(), [Observation(i, grads=g(n)) for i, n in enumerate([1.0] * 6 + [100.0])],
+         "layer3.conv.weight (gradients)"),
+        (VanishingGradients(), [Observation(3, grads=g(1.0, mean_abs=1e-9))], "layer1.conv.weight (gradients)"),
+        (VanishingGradients(), [Observation(3, grads=g(1.0, first=1e-6))], "stem.weight (gradients)"),
+        (DeadUnits(), [Observation(0, layers={"layer1.relu": LayerStats("relu", dead_fraction=0.9)})],
+         "layer1.relu (activations)"),
+        (SaturatedActivations(), [Observation(0, layers={"gate": LayerStats("bounded", saturated_fraction=0.9)})],
+         "gate (activations)"),
+        (SaturatedActivations(), [Observation(0, layers={"layer3": LayerStats("block", max_abs=1e5)})],
+         "layer3 (activations)"),
+        (LossNotDecreasing(patience=10, span=2, every=1), losses([1.0] * 30), "loss"),
+        (LossSpike(), losses(list(1.0 + 0.01 * rng.standard_normal(30)) + [2.0]), "loss"),
+    ]
+    out = []
+    for symptom, observations, where in cases:
+        tracker = SymptomTracker([symptom])
+        alerts = [a for obs in observations for a in tracker.update(obs)]
+        assert alerts, (symptom, where)
+        out.append((alerts[0], where))
+    return out
+
+
+def test_every_symptom_says_where_and_what_to_try_first():
+    got = _scripted_alerts()
+    assert {a.name for a, _ in got} == set(SYMPTOM_NAMES)
+    for a, where in got:
+        assert a.where == where, (a.name, a.where)
+        assert a.remedy and a.remedy == type(next(s for s in default_symptoms() if s.name == a.name)).remedy
+        assert a.message.endswith(f"; where: {where}; try first: {a.remedy}"), a.message
+    remedies = {a.name: a.remedy for a, _ in got}
+    assert len(set(remedies.values())) == len(remedies)  # one remedy per symptom, not one text for all
+    assert "clip the gradient norm" in remedies["exploding_gradients"] and "learning rate" in remedies["exploding_gradients"]
+
+
+def test_where_falls_back_when_names_are_unknown():
+    """GradStats without parameter names (a tracker fed by hand): the alert still says "gradients"."""
+    (a,) = SymptomTracker([ExplodingGradients()]).update(Observation(0, grads=GradStats(2e5, 1.0, 1.0, 1.0)))
+    assert a.where == "gradients" and a.remedy
+    (b,) = SymptomTracker([NonFinite()]).update(Observation(0, grads=GradStats(NAN, 1.0, 1.0, 1.0)))
+    assert b.where == "gradients"
+
+
+def test_alert_round_trip_with_where_and_remedy():
+    (a, _), *_ = _scripted_alerts()
+    assert Alert(**a.to_dict()) == a and {"where", "remedy"} <= set(a.to_dict())
+    old = {k: v for k, v in a.to_dict().items() if k not in ("where", "remedy")}  # an alert saved before issue 17
+    assert Alert(**old).where is None and Alert(**old).remedy is None
+    assert place_name(place("layer1.0.conv1", "gradients")) == "layer1.0.conv1" and place_name("loss") == "loss"
+    assert advise("m", None, None) == "m"
+
+
+def test_a_symptom_without_a_remedy_keeps_its_message():
+    """A user's own symptom class that defines no remedy: fields None, message unchanged."""
+    class Always(LossSpike):
+        name = "always"
+        remedy = None
+
+        def check(self, step, value, history, first=()):
+            return self.alert(step, "seen")
+
+    (a,) = SymptomTracker([Always()]).update(Observation(0, loss=1.0))
+    assert (a.message, a.where, a.remedy) == ("seen", None, None)
