@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-LAYOUTS = ("bchw", "bhwc", "bnd", "bd")
+LAYOUTS = ("bchw", "bhwc", "bnd", "tbd", "bcl", "bd")
 CHANNELS = ("act_early", "act_mid", "act_late", "grad_early", "grad_mid", "grad_late")
 
 
@@ -26,12 +26,17 @@ def to_grid(x: torch.Tensor, layout: str, prefix_tokens: int = 0) -> torch.Tenso
     """Bring a captured tensor to `(B, C, H, W)`.
 
     `bnd` token outputs drop `prefix_tokens` (CLS / register tokens) and are padded with zeros
-    to the next square number of tokens; `bd` vectors become a 1-channel square grid.
+    to the next square number of tokens; `tbd` (sequence-first RNN / transformer outputs) and `bcl`
+    (1-D convolutions) are brought to `bnd` first; `bd` vectors become a 1-channel square grid.
     """
     if layout == "bchw":
         return x
     if layout == "bhwc":
         return rearrange(x, "b h w c -> b c h w")
+    if layout == "tbd":
+        x, layout = rearrange(x, "t b d -> b t d"), "bnd"
+    if layout == "bcl":
+        x, layout = rearrange(x, "b c l -> b l c"), "bnd"
     if layout == "bd":
         x = x.unsqueeze(-1)  # (B, D, 1): D tokens of one channel
         layout = "bnd"

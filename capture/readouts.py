@@ -26,6 +26,7 @@ READOUT_NAMES = (
     "nonfinite",  # non-finite elements in the captured activations/gradients (+ logits)
 )
 HEAD_READOUTS = ("head_grad_norm", "score_w", "score_z", "gwa")
+SOFTMAX_READOUTS = ("confidence", "entropy", "margin")  # meaningful only when the loss reads the logits through a softmax
 EPS = 1e-12
 GWA_BETA = 1.2
 GWA_MIN_DENOMINATOR = 0.1
@@ -85,6 +86,21 @@ def gwa_aggregate(
     m4 = (centred**4).mean()
     excess = torch.where(m2 > 1e-24, m4 / (m2 * m2).clamp_min(1e-48) - 3.0, torch.zeros_like(m2))
     return (mean / (excess + beta).clamp_min(min_denominator)).float()
+
+
+def softmax_gradient(grad_logits: torch.Tensor, logits: torch.Tensor, rtol: float = 1e-3) -> torch.Tensor:
+    """Whether dL/dlogits `(..., C)` is that of a loss that reads the logits through a softmax, as a 0-d
+    bool tensor (no sync). Softmax is unchanged by adding a constant to every logit, so such a loss
+    (cross-entropy, with label smoothing or ignored rows too) has gradient rows that sum to 0; MSE, BCE
+    and any single-logit head do not. Rows whose softmax is nearly one-hot (max p >= 0.999) are not
+    judged: their gradient is as small as its rounding error. A non-finite gradient is not judged either."""
+    rtol = max(rtol, 4 * torch.finfo(grad_logits.dtype).eps)  # bf16 / fp16 gradients round each entry
+    g = _flat(grad_logits.detach().float())
+    if g.shape[-1] < 2:
+        return torch.zeros((), dtype=torch.bool, device=g.device)
+    judged = torch.softmax(_flat(logits.detach().float()), dim=-1).amax(dim=-1) < 0.999  # (N,)
+    zero_sum = g.sum(dim=-1).abs() <= rtol * g.abs().sum(dim=-1) + 1e-30  # (N,)
+    return ~torch.isfinite(g).all() | (zero_sum | ~judged).all()
 
 
 def output_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:

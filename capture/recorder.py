@@ -25,21 +25,24 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 
 from capture.frames import CHANNELS, Projection, RobustNormalizer, resize_map, tensor_to_map
-from capture.hookpoints import HookPoint, find_head, find_hook_points
+from capture.hookpoints import HookPoint, find_head, find_hook_points, resolve_layout
 from capture.readouts import (
     HEAD_READOUTS,
     READOUT_NAMES,
+    SOFTMAX_READOUTS,
     gwa_aggregate,
     gwa_alignments,
     head_gradient_scores,
     output_stats,
+    softmax_gradient,
 )
 
 
@@ -107,11 +110,20 @@ class FrameBuffer:
 
 
 def _first_tensor(x):
+    """The main tensor of a module's output: itself, the first element of a tuple / list (an RNN's
+    `(output, h_n)`, a Hugging Face layer's `(hidden_states, ...)`, a PackedSequence's data), or the
+    first tensor value of a mapping or dataclass (a Hugging Face `ModelOutput`), else None."""
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
-    return None
+    if isinstance(x, (tuple, list)):
+        return x[0] if x and isinstance(x[0], torch.Tensor) else None
+    if isinstance(x, Mapping):
+        values = x.values()
+    elif is_dataclass(x) and not isinstance(x, type):
+        values = (getattr(x, f.name, None) for f in fields(x))
+    else:
+        return None
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
 class Capture:
@@ -130,10 +142,12 @@ class Capture:
         if release is not None and config.gwa_window != "step":
             raise ValueError("capture with release= (DP telemetry) needs gwa_window='step': GWA over all samples "
                              "since the last frame would draw one release from `cadence` batches")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"capture attaches to a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
         self.config = config
         self.release = release
-        self.points: list[HookPoint] = find_hook_points(model, config.modules, config.layouts)
         self.head = head if head is not None else find_head(model)
+        self.points: list[HookPoint] = find_hook_points(model, config.modules, config.layouts, head=self.head)
         self.optimizer = optimizer
         self.projection = projection or Projection.mean(config.groups)
         if self.projection.groups != config.groups:
@@ -193,10 +207,9 @@ class Capture:
                 if t is None or not t.requires_grad:
                     return  # eval / no_grad forward: nothing to pair with a gradient
                 self._seen_block[i] = True
-                layout = {4: point.layout, 3: "bnd", 2: "bd"}.get(t.ndim)
+                layout = resolve_layout(point.layout, t.ndim)
                 if layout is None:
                     raise ValueError(f"output of rank {t.ndim} (shape {tuple(t.shape)}); expected 2, 3 or 4")
-                layout = "bchw" if layout == "auto" else layout
                 self._maps[i], bad = tensor_to_map(t, layout, self.config.frame_size, self.projection, point.prefix_tokens,
                                                    per_sample=self.release is not None)
                 self._bad.append(bad)
@@ -249,6 +262,7 @@ class Capture:
                 self._alignments.append(gwa_alignments(zf, g, w))
                 if capture_step:
                     self._head.update(head_gradient_scores(zf, g, w))
+                    self._head["softmax_loss"] = softmax_gradient(grad, logits)
             except Exception as err:  # noqa: BLE001
                 self._fault("head gradient hook", err)
 
@@ -305,6 +319,11 @@ class Capture:
 
         losses = torch.stack([l.float().cpu() for l in self._losses]).tolist()  # the one sync per frame
         readouts = {k: float(v) for k, v in self._head.items()}
+        if readouts.pop("softmax_loss", 1.0) < 0.5:  # MSE, BCE, a 1-logit head: softmax statistics would mislead
+            readouts = {k: v for k, v in readouts.items() if k not in SOFTMAX_READOUTS}
+            self._warn_once("not_softmax", f"the loss on the head's output is not a softmax loss (dL/dlogits rows do "
+                            f"not sum to 0: MSE, BCE, a single logit, ...): readouts {list(SOFTMAX_READOUTS)} are "
+                            f"marked missing; the head-gradient readouts hold for any loss")
         if self._alignments:
             readouts["gwa"] = float(gwa_aggregate(torch.cat([a.cpu() for a in self._alignments])))
         readouts["loss"] = losses[-1]

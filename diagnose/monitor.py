@@ -159,7 +159,13 @@ def recover_loss(logits: torch.Tensor, grad: torch.Tensor, tol: float = 0.02,
         err = ((p - n[:, None, None] * g) - onehot).abs().amax(dim=2)  # (K, N)
         ok = ~(informative & ~(err <= tol)).any(1) & active.any(1) & (torch.isfinite(n) | ~informative.any(1))
         loss = -(logp.gather(2, y).squeeze(2) * active).sum(1) / active.sum(1).clamp_min(1)  # (K,)
-        ok = ok & ~bad_grad & ~bad_logits
+        # a softmax loss has gradient rows summing to 0 (see capture.readouts.softmax_gradient): MSE, BCE
+        # and single-logit heads do not, and their "loss" read as cross-entropy would be silently wrong
+        # (rows with a nearly one-hot softmax are not judged: their gradient is as small as its rounding error)
+        rtol = max(1e-3, 4 * torch.finfo(grad.dtype).eps)
+        zero_sum = g.sum(2).abs() <= rtol * g.abs().sum(2) + 1e-30  # (K, N)
+        softmax = (zero_sum | ~(p.amax(2) < 0.999)).all(1) & (g.shape[-1] >= 2)  # (K,)
+        ok = ok & ~bad_grad & ~bad_logits & softmax
         loss, known = torch.where(ok, loss, torch.full_like(loss, float("nan"))), ok | bad_logits
         return (loss, known) if batched else (loss[0], known[0])
 
@@ -239,6 +245,7 @@ class Monitor:
         self._step_losses: list[tuple[int, object, object]] = []  # (step, loss, known) since the last frame;
         # loss None = recovered from the head at the next frame; known: bool or a 0-d bool tensor
         self._unknown_streak = 0
+        self._loss_warned = False  # the one warning that the loss cannot be recovered from the head
         self._decision = None
         self.stop_on = frozenset(stop_on or ())
         self._check_stop_on()
@@ -284,7 +291,8 @@ class Monitor:
                 from diagnose.tevid import load_tevid
             except ImportError:  # where the brief placed it
                 from diagnose.calibrate import load_tevid  # type: ignore[attr-defined,no-redef]
-            model, cal = load_tevid(path)
+            with torch.random.fork_rng(devices=[]):  # building TEViD must not move the user's seeded RNG stream
+                model, cal = load_tevid(path)
         except Exception as err:
             if not default:
                 raise
@@ -535,6 +543,12 @@ class Monitor:
             elif isinstance(loss, torch.Tensor):
                 loss = next(synced)
             out.append((s, loss if known else None))
+        if any(loss is None for _, loss in out) and not self._loss_warned and self.config.loss_from_head:
+            self._loss_warned = True
+            logger.warning("the training loss is not recoverable from the head's gradient (not a mean softmax "
+                           "cross-entropy on %s's output: MSE, BCE, label smoothing, extra terms, no head, or non-finite gradients): "
+                           "loss readouts and loss symptoms are missing; call monitor.observe(loss=loss) each step "
+                           "to give it", type(self.model).__name__)
         return out
 
     def _grad_tensor(self) -> torch.Tensor | None:

@@ -87,13 +87,19 @@ def test_named_modules_and_patterns():
 
 
 def test_no_hook_points_error_names_the_model_and_the_fix():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(HookPointError, match=r"torch\.nn\.modules\.container\.Sequential.*modules=\["):
-        capture.attach(model)
+    frozen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).requires_grad_(False)
+    with pytest.raises(HookPointError, match=r"torch\.nn\.modules\.container\.Sequential has no parameter that requires grad"):
+        capture.attach(frozen)
+    backbone = IMAGE_FAMILIES["resnet"]().requires_grad_(False)
+    backbone.get_classifier().requires_grad_(True)  # a frozen backbone: only the head trains
+    with pytest.raises(HookPointError, match=r"timm\.models\.resnet\.ResNet.*frozen backbone.*modules=\["):
+        capture.attach(backbone)
     with pytest.raises(HookPointError, match="matches 0 module"):
-        find_hook_points(model, modules=["nothing.*"])
+        find_hook_points(frozen, modules=["nothing.*"])
     with pytest.raises(HookPointError, match="no module of Sequential matches"):
-        find_hook_points(model, modules=["0", "1", "nope"])
+        find_hook_points(frozen, modules=["0", "1", "nope"])
+    with pytest.raises(HookPointError, match="expected a torch.nn.Module"):
+        find_hook_points(lambda x: x)
 
 
 def test_removal_detaches_every_hook():

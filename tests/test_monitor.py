@@ -326,8 +326,9 @@ def test_configuration_errors_raise():
         watch(model, opt, modules=MODULES, cadense=3)
     with pytest.raises(ValueError, match="unknown alert name"):
         watch(model, opt, modules=MODULES, stop_on=["exploding_gradient"])
-    with pytest.raises(HookPointError, match="no hook points"):
-        watch(model, opt)
+    frozen = TinyNet().requires_grad_(False)
+    with pytest.raises(HookPointError, match="TinyNet has no parameter that requires grad"):
+        watch(frozen, torch.optim.SGD(TinyNet().parameters(), lr=0.05))
     with pytest.raises(ValueError, match="other_ranks"):
         watch(model, opt, modules=MODULES, other_ranks="all")
     assert hooks_of(model, opt) == (0, 0)
