@@ -32,7 +32,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
-from capture.frames import CHANNELS, Projection, RobustNormalizer, resize_map, tensor_to_map
+from capture.checks import check_choice, check_int, check_names
+from capture.frames import CHANNELS, LAYOUTS, Projection, RobustNormalizer, resize_map, tensor_to_map
 from capture.hookpoints import HookPoint, find_head, find_hook_points, resolve_layout
 from capture.readouts import (
     HEAD_READOUTS,
@@ -57,12 +58,16 @@ class CaptureConfig:
     layouts: list[str] | None = None  # their output layouts ("bchw", "bhwc", "bnd"), when not inferable
 
     def __post_init__(self):
-        if self.cadence < 1:
-            raise ValueError(f"cadence must be >= 1, got {self.cadence}")
-        if self.frame_size < 2:
-            raise ValueError(f"frame_size must be >= 2, got {self.frame_size}")
-        if self.gwa_window not in ("frame", "step"):
-            raise ValueError(f"gwa_window must be 'frame' or 'step', got {self.gwa_window!r}")
+        check_int("cadence", self.cadence, 1)
+        check_int("frame_size", self.frame_size, 2)
+        check_int("groups", self.groups, 1)
+        check_int("norm_warmup", self.norm_warmup, 1)
+        check_choice("gwa_window", self.gwa_window, ("frame", "step"))
+        check_names("modules", self.modules)
+        check_names("layouts", self.layouts)
+        if self.layouts is not None:
+            for lay in self.layouts:
+                check_choice("layouts[...]", lay, (*LAYOUTS, "auto"))
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Frame:
     step: int
     frame: torch.Tensor  # (6, S, S) bfloat16, on the CPU
     readouts: dict[str, float]
+    complete: bool = True  # all six maps came from forward / backward pairs of this step (else zeros stand in)
 
 
 @dataclass
@@ -181,9 +187,17 @@ class Capture:
     # ---------------------------------------------------------------- hooks (user's forward/backward)
     def _reset_step(self) -> None:
         self._maps: list[torch.Tensor | None] = [None] * 6
-        self._bad: list[torch.Tensor] = []
-        self._seen_block = [False] * 3
-        self._head_seen = False
+        self._bad: dict[str, torch.Tensor] = {}  # non-finite counts per captured tensor ("act0", "grad3", "logits")
+        self._reset_pairs()
+
+    def _reset_pairs(self) -> None:
+        """A point's activation map is that of its latest forward until a gradient of that very forward
+        arrives (the pair is then fixed for the step): a validation forward with grad between training
+        steps, or an extra forward, never pairs its activations with another forward's gradient."""
+        self._paired = [False] * 3  # a gradient arrived for the point's latest forward
+        self._generation = [0] * 3  # forwards seen per point this step
+        self._head_paired = False
+        self._head_generation = 0
         self._head: dict[str, torch.Tensor] = {}
         self._per_sample: dict[str, torch.Tensor] = {}  # release only: z, grad_logits, logits, weight
 
@@ -200,59 +214,66 @@ class Capture:
         point = self.points[i]
 
         def hook(module, args, output):
-            if not self._armed or self._seen_block[i]:
+            if not self._armed or self._paired[i]:
                 return  # the whole cost between capture steps
             try:
                 t = _first_tensor(output)
                 if t is None or not t.requires_grad:
                     return  # eval / no_grad forward: nothing to pair with a gradient
-                self._seen_block[i] = True
                 layout = resolve_layout(point.layout, t.ndim)
                 if layout is None:
                     raise ValueError(f"output of rank {t.ndim} (shape {tuple(t.shape)}); expected 2, 3 or 4")
-                self._maps[i], bad = tensor_to_map(t, layout, self.config.frame_size, self.projection, point.prefix_tokens,
-                                                   per_sample=self.release is not None)
-                self._bad.append(bad)
-                t.register_hook(self._grad_hook(i + 3, layout, point.prefix_tokens))
+                self._generation[i] += 1
+                self._maps[i], self._bad[f"act{i}"] = tensor_to_map(
+                    t, layout, self.config.frame_size, self.projection, point.prefix_tokens,
+                    per_sample=self.release is not None)
+                self._maps[i + 3] = None  # a gradient of an earlier forward does not pair with these activations
+                self._bad.pop(f"grad{i}", None)
+                t.register_hook(self._grad_hook(i, layout, point.prefix_tokens, self._generation[i]))
             except Exception as err:  # noqa: BLE001 - never break the user's forward
                 self._fault(f"forward hook {point.name}", err)
 
         return hook
 
-    def _grad_hook(self, channel: int, layout: str, prefix: int):
+    def _grad_hook(self, i: int, layout: str, prefix: int, generation: int):
         def hook(grad):
+            if self._paired[i] or generation != self._generation[i] or not self._armed:
+                return  # another forward's gradient, or one arriving after the step
             try:
-                self._maps[channel], bad = tensor_to_map(grad, layout, self.config.frame_size, self.projection, prefix,
-                                                         per_sample=self.release is not None)
-                self._bad.append(bad)
+                self._paired[i] = True
+                self._maps[i + 3], self._bad[f"grad{i}"] = tensor_to_map(
+                    grad, layout, self.config.frame_size, self.projection, prefix, per_sample=self.release is not None)
             except Exception as err:  # noqa: BLE001 - never break the user's backward
-                self._fault(f"gradient hook {CHANNELS[channel]}", err)
+                self._fault(f"gradient hook {CHANNELS[i + 3]}", err)
 
         return hook
 
     def _head_hook(self, module, args, output):
         capture_step = self._armed
-        if (not capture_step and self.config.gwa_window == "step") or self._head_seen:
+        if (not capture_step and self.config.gwa_window == "step") or self._head_paired:
             return
         try:
             logits = _first_tensor(output)
             z = _first_tensor(args)
             if logits is None or z is None or not logits.requires_grad:
                 return
-            self._head_seen = True
+            self._head_generation += 1
             z = z.detach()
             if capture_step and self.release is not None:
                 self._per_sample.update(z=z, logits=logits.detach())
-                self._bad.append((~torch.isfinite(logits.detach())).flatten(1).sum(1))
+                self._bad["logits"] = (~torch.isfinite(logits.detach())).flatten(1).sum(1)
             elif capture_step:
                 self._head.update(output_stats(logits))
-                self._bad.append((~torch.isfinite(logits.detach())).sum())
-            logits.register_hook(self._head_grad_hook(z, logits.detach(), capture_step))
+                self._bad["logits"] = (~torch.isfinite(logits.detach())).sum()
+            logits.register_hook(self._head_grad_hook(z, logits.detach(), capture_step, self._head_generation))
         except Exception as err:  # noqa: BLE001
             self._fault("head forward hook", err)
 
-    def _head_grad_hook(self, z: torch.Tensor, logits: torch.Tensor, capture_step: bool):
+    def _head_grad_hook(self, z: torch.Tensor, logits: torch.Tensor, capture_step: bool, generation: int):
         def hook(grad):
+            if self._head_paired or generation != self._head_generation:
+                return  # another forward's gradient (see _reset_pairs)
+            self._head_paired = True
             try:
                 if self.release is not None:  # per-sample terms go to the release at the frame
                     self._per_sample.update(grad_logits=grad.detach(), weight=self.head.weight.detach().clone())
@@ -269,12 +290,11 @@ class Capture:
         return hook
 
     def _output_hook(self, module, args, output):
-        if not self._armed or self._head_seen:
+        if not self._armed:
             return
         try:
             logits = _first_tensor(output)
-            if logits is not None and logits.is_floating_point() and logits.ndim >= 2:
-                self._head_seen = True
+            if logits is not None and logits.is_floating_point() and logits.ndim >= 2 and logits.requires_grad:
                 if self.release is not None:
                     self._per_sample["logits"] = logits.detach()
                 else:
@@ -300,9 +320,9 @@ class Capture:
         finally:
             self.step_count += 1
             self._armed = self.step_count % self.config.cadence == 0
-            self._head_seen = False
+            self._head_paired, self._head_generation = False, 0
             if self._armed:
-                self._seen_block = [False] * 3
+                self._reset_pairs()
         return frame
 
     def _finish_frame(self) -> Frame:
@@ -313,7 +333,7 @@ class Capture:
             self._warn_once("absent_maps", f"no capture for {absent} at step {self.step_count} "
                             "(no forward/backward with grad through those modules?): zero maps used")
         if self.release is not None:
-            return self._finish_released_frame(zeros)
+            return self._finish_released_frame(zeros, complete=not absent)
         maps = torch.stack([zeros if m is None else m.float().cpu() for m in self._maps])  # (6, S, S)
         frame = self.normalizer(maps).to(torch.bfloat16)
 
@@ -328,14 +348,15 @@ class Capture:
             readouts["gwa"] = float(gwa_aggregate(torch.cat([a.cpu() for a in self._alignments])))
         readouts["loss"] = losses[-1]
         readouts["lr"] = self._lrs[-1]
-        readouts["nonfinite"] = float(sum(int(b) for b in self._bad))
+        readouts["nonfinite"] = float(sum(int(b) for b in self._bad.values()))
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
-        out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES})
+        out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
+                    complete=not absent)
         return self._emit(out, losses)
 
-    def _finish_released_frame(self, zeros: torch.Tensor) -> Frame:
+    def _finish_released_frame(self, zeros: torch.Tensor, complete: bool = True) -> Frame:
         """The frame from `release(per-sample terms)`: maps and readouts as released, nothing else."""
-        bad = [b for b in self._bad if b.ndim == 1]
+        bad = [b for b in self._bad.values() if b.ndim == 1]
         nonfinite = torch.stack([b.to(bad[0].device) for b in bad]).sum(0) if bad and len({b.shape for b in bad}) == 1 else None
         maps, readouts = self.release(PerSample(maps=list(self._maps), nonfinite=nonfinite, **self._per_sample))
         frame = self.normalizer(torch.stack([zeros if m is None else resize_map(m.float(), self.config.frame_size).cpu()
@@ -343,7 +364,8 @@ class Capture:
         readouts = {k: float(v) for k, v in readouts.items()}
         readouts["lr"] = self._lrs[-1]
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
-        out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES})
+        out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
+                    complete=complete)
         return self._emit(out, [math.nan] * len(self._lrs))  # per-step losses are not released
 
     def _emit(self, out: Frame, losses: list[float]) -> Frame:

@@ -3,7 +3,11 @@
 
 def __getattr__(name: str):
     """`diagnose.watch` / `Monitor` / `Alert` and the sinks (`diagnose.sinks`) without importing torch at package import."""
-    if name in ("watch", "Monitor", "Alert"):
+    if name == "watch":
+        from diagnose.api import watch
+
+        return watch
+    if name in ("Monitor", "Alert"):
         from diagnose import monitor
 
         return getattr(monitor, name)

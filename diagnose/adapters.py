@@ -22,7 +22,8 @@ import math
 
 import torch.nn as nn
 
-from diagnose.monitor import Monitor, watch
+from diagnose.monitor import Monitor
+from diagnose.api import watch
 from diagnose.symptoms import Alert
 
 # ---------------------------------------------------------------- accelerate (a dependency of the project)

@@ -9,6 +9,8 @@ At each new frame TEViD gives class probabilities `p (K,)` (class 0 = Healthy) a
   (strictly) and is reset to 0 if not.
 - the alert for c fires at the frame where its streak reaches `consecutive` (3). It stays active, and
   is not fired again, while the streak continues; after a break, a new full streak fires it again.
+- Unknown frames by vacuity have a streak of their own: at the frame where `consecutive` of them in a
+  row are reached, `Decision.unknown_alert` is set (once per streak). Any other frame resets it.
 
 A pure function over an immutable state, like Lightning's `EarlyStopping._evaluate_stopping_criteria`:
 the live monitor and the replay used by evaluation and calibration share `decide`.
@@ -35,6 +37,7 @@ class DecisionState:
 
     streaks: tuple[int, ...] = ()
     frames: int = 0
+    unknown_streak: int = 0  # Unknown-by-vacuity frames in a row
 
     @classmethod
     def start(cls, num_classes: int) -> "DecisionState":
@@ -48,6 +51,7 @@ class Decision:
     new_alerts: tuple[int, ...] = ()  # classes whose alert fires at this frame
     active: tuple[int, ...] = ()  # classes whose streak is >= consecutive (includes new_alerts)
     frame: int = 0  # 0-based index of the frame in the stream
+    unknown_alert: bool = False  # the Unknown streak reached `consecutive` at this frame
 
     @property
     def unknown(self) -> bool:
@@ -76,7 +80,9 @@ def decide(
     if not (all(math.isfinite(p) for p in probs) and math.isfinite(float(vacuity))):
         return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.NONFINITE, frame=frame)
     if float(vacuity) > tau:
-        return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.VACUITY, frame=frame)
+        unknown = state.unknown_streak + 1
+        return (DecisionState((0,) * (k - 1), frame + 1, unknown),
+                Decision(UNKNOWN, Reason.VACUITY, frame=frame, unknown_alert=unknown == consecutive))
     new = tuple(s + 1 if p > t else 0 for s, p, t in zip(streaks, probs[1:], thresholds))
     active = tuple(c + 1 for c, s in enumerate(new) if s >= consecutive)
     fired = tuple(c + 1 for c, s in enumerate(new) if s == consecutive)

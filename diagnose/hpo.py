@@ -37,15 +37,17 @@ from pathlib import Path
 
 import optuna
 import torch
-import torch.nn.functional as F
 
 from capture.config import cli_parser, load_config, save_config
 from diagnose.adapters import prune_on_alert
-from diagnose.monitor import _jsonable, watch
+from diagnose.callbacks import jsonable as _jsonable
+from diagnose.api import watch
 from eval.baselines.cusum import cusum
 from eval.baselines.residuals import LossResiduals, ResidualConfig
-from factory.archs import build_arch
-from factory.train import cached_dataset, evaluate, lr_schedule, make_optimizer
+from factory.config import TrainingConfig
+from factory.job import build_job, cached_dataset, evaluate
+from factory.loop import JobCallback, MonitorLoss, StepLoop
+from factory.perturbations import Perturbation, RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CHECKPOINT = ROOT / "outputs" / "finetune" / "cpu_lr1e-3" / "final"  # used when --checkpoint is not given
@@ -64,7 +66,7 @@ class HPOConfig:
     image_size: int = 32
     max_train: int = 3000
     max_val: int = 500
-    optimizer: str = "sgd"  # factory.train.make_optimizer name (sgd: Nesterov momentum 0.9)
+    optimizer: str = "sgd"  # factory.job.make_optimizer name (sgd: Nesterov momentum 0.9)
     lr_min: float = 1e-2  # learning rate, log-uniform; SGD on this task collapses to chance above ~1
     lr_max: float = 5.0
     wd_min: float = 1e-6  # weight decay, log-uniform
@@ -151,54 +153,83 @@ class _DetectorPruned(optuna.TrialPruned):
     pass
 
 
+class PruneOnAlert(JobCallback):
+    """hyperband+tevid: after each step, a confirmed monitor alert named in `names` prunes the trial
+    (`diagnose.adapters.prune_on_alert`; the alert is kept as the trial's `pruned_on`)."""
+
+    def __init__(self, trial: optuna.Trial, monitor, names: list[str]):
+        self.trial, self.monitor, self.names = trial, monitor, names
+
+    def on_step_end(self, loop: StepLoop) -> None:
+        try:
+            prune_on_alert(self.trial, self.monitor, loop.steps_done, names=self.names)
+        except optuna.TrialPruned as err:
+            self.trial.set_user_attr("pruned_on", self.trial.user_attrs["tevid_alerts"][0])
+            raise _DetectorPruned(str(err)) from None
+
+
+class PruneOnCusum(JobCallback):
+    """hyperband+cusum: each step's loss goes to the `CusumAlarm`; its alarm prunes the trial."""
+
+    def __init__(self, alarm: CusumAlarm):
+        self.alarm = alarm
+
+    def on_step_end(self, loop: StepLoop) -> None:
+        if self.alarm.update(loop.loss.item()):
+            raise _DetectorPruned(f"CUSUM alarm at step {loop.step}: frame score > {self.alarm.threshold} "
+                                  f"for {self.alarm.consecutive} frames")
+
+
+class HyperbandEpochs(JobCallback):
+    """After every `epoch_steps` steps: the validation accuracy, reported to the trial (resource = epochs
+    trained); Hyperband may prune there (`pruned_by` "hyperband")."""
+
+    def __init__(self, trial: optuna.Trial, data, epoch_steps: int):
+        self.trial, self.data, self.epoch_steps = trial, data, epoch_steps
+        self.accs: list[float] = []
+
+    def on_step_end(self, loop: StepLoop) -> None:
+        if loop.steps_done % self.epoch_steps:
+            return
+        epoch = loop.steps_done // self.epoch_steps
+        self.accs.append(evaluate(loop.job.model, self.data.x_val, self.data.y_val)[1])
+        self.trial.report(self.accs[-1], epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_by", "hyperband")
+            raise optuna.TrialPruned(f"Hyperband at epoch {epoch}")
+
+
 def run_trial(trial: optuna.Trial, arm: str, cfg: HPOConfig, checkpoint: str | None, data) -> float:
     """Train one configuration; returns the last epoch's validation accuracy or raises TrialPruned.
     User attrs: pruned_by ("hyperband" | "monitor" | "cusum") and pruned_on (the monitor alert that
     pruned: name, source, step), steps, epochs_run, val_acc (per epoch),
     seconds; with the monitor: alerts (every alert, pruning or not) and tevid_labels (TEViD's label per
-    window: how many of each); with CUSUM: cusum_max (the highest frame score)."""
+    window: how many of each); with CUSUM: cusum_max (the highest frame score).
+
+    The trial is a factory job (`factory.job.build_job`, run by `factory.loop`): no perturbation, no
+    augmentation, warm-up then cosine over the full budget; seeded by (seed, trial number), so trial k
+    starts from the same weights and draws the same batches in every arm."""
     lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
     wd = trial.suggest_float("weight_decay", cfg.wd_min, cfg.wd_max, log=True)
-    torch.manual_seed(cfg.seed * 100_003 + trial.number)  # same init and batches for trial k in every arm
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + trial.number)
-    model, modules = build_arch(cfg.arch, data.num_classes, cfg.image_size)
-    opt = make_optimizer(cfg.optimizer, model.parameters(), lr, wd)
-    total = cfg.epochs * cfg.epoch_steps
+    training = TrainingConfig(steps=cfg.epochs * cfg.epoch_steps, batch_size=cfg.batch_size, warmup_frac=cfg.warmup_frac,
+                              image_size=cfg.image_size)
+    job = build_job(cfg.arch, data, cfg.optimizer, Perturbation(), training, cfg.seed * 100_003 + trial.number,
+                    RunSettings(lr=lr, weight_decay=wd, augment=False))
     monitor = alarm = None
+    callbacks: list[JobCallback] = []
     if arm == "hyperband+tevid":
-        monitor = watch(model, opt, checkpoint if checkpoint is not None else False, cadence=cfg.cadence,
-                        **({"modules": modules} if modules else {}))
+        monitor = watch(job.model, job.optimizer, checkpoint if checkpoint is not None else False, cadence=cfg.cadence,
+                        **({"modules": job.modules} if job.modules else {}))
+        callbacks += [MonitorLoss(monitor), PruneOnAlert(trial, monitor, cfg.prune_on)]
     elif arm == "hyperband+cusum":
         alarm = CusumAlarm(cfg.cusum_threshold, cfg.cusum_k, cfg.cadence, cfg.consecutive)
-    step, accs, start = 0, [], time.perf_counter()
+        callbacks.append(PruneOnCusum(alarm))
+    epochs = HyperbandEpochs(trial, data, cfg.epoch_steps)
+    loop = StepLoop(job, [*callbacks, epochs])
+    start = time.perf_counter()
     try:
-        for epoch in range(cfg.epochs):
-            for _ in range(cfg.epoch_steps):
-                for group in opt.param_groups:
-                    group["lr"] = lr * lr_schedule(step, total, cfg.warmup_frac)
-                idx = torch.randint(0, len(data.x_train), (cfg.batch_size,), generator=gen)
-                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-                if monitor is not None:
-                    monitor.observe(loss=loss)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                if monitor is not None:
-                    try:
-                        prune_on_alert(trial, monitor, step, names=cfg.prune_on)
-                    except optuna.TrialPruned as err:
-                        trial.set_user_attr("pruned_on", trial.user_attrs["tevid_alerts"][0])
-                        raise _DetectorPruned(str(err)) from None
-                if alarm is not None and alarm.update(loss.item()):
-                    raise _DetectorPruned(f"CUSUM alarm at step {step - 1}: frame score > {cfg.cusum_threshold} "
-                                          f"for {cfg.consecutive} frames")
-            accs.append(evaluate(model, data.x_val, data.y_val)[1])
-            trial.report(accs[-1], epoch + 1)  # resource = epochs trained
-            if trial.should_prune():
-                trial.set_user_attr("pruned_by", "hyperband")
-                raise optuna.TrialPruned(f"Hyperband at epoch {epoch + 1}")
-        return accs[-1]
+        loop.run()
+        return epochs.accs[-1]
     except _DetectorPruned:
         trial.set_user_attr("pruned_by", "monitor" if monitor is not None else "cusum")
         raise
@@ -211,9 +242,9 @@ def run_trial(trial: optuna.Trial, arm: str, cfg: HPOConfig, checkpoint: str | N
             trial.set_user_attr("tevid_labels", {k: labels.count(k) for k in sorted(set(labels))})
         if alarm is not None:
             trial.set_user_attr("cusum_max", max(alarm.scores, default=0.0))
-        trial.set_user_attr("steps", step)
-        trial.set_user_attr("epochs_run", step / cfg.epoch_steps)
-        trial.set_user_attr("val_acc", accs)
+        trial.set_user_attr("steps", loop.steps_done)
+        trial.set_user_attr("epochs_run", loop.steps_done / cfg.epoch_steps)
+        trial.set_user_attr("val_acc", epochs.accs)
         trial.set_user_attr("seconds", time.perf_counter() - start)
 
 

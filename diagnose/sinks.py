@@ -31,6 +31,7 @@ from einops import repeat
 
 from capture.frames import CHANNELS
 from capture.recorder import Frame
+from diagnose.callbacks import MonitorCallback
 from diagnose.symptoms import Alert
 
 logger = logging.getLogger("tevid")
@@ -90,24 +91,9 @@ def alert_text(alert: Alert) -> str:
 
 
 def _rank() -> int:
-    from diagnose.monitor import _dist_info
+    from diagnose.wrappers import dist_info as _dist_info
 
     return _dist_info()[0]
-
-
-class MonitorCallback:
-    """Base class of monitor callbacks (a Lightning `Callback` in shape): override what you need.
-    The monitor calls `on_frame` at every frame (rank 0, and ranks with `other_ranks="capture"`),
-    `on_alert` at every alert, and `close` once at `monitor.remove()`."""
-
-    def on_alert(self, alert: Alert) -> None:
-        """An alert (`diagnose.symptoms.Alert`), as it is raised."""
-
-    def on_frame(self, frame: Frame) -> None:
-        """A frame (`capture.Frame`: `.step`, `.frame` (6, S, S) bf16 on the CPU, `.readouts` {name: float, NaN if unknown})."""
-
-    def close(self) -> None:
-        """Flush and release what the callback holds (called by `monitor.remove()`)."""
 
 
 class _GuardedSink(MonitorCallback):

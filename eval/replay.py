@@ -278,13 +278,20 @@ def replay(corpus: str | Path, split: str | None, diagnoser: Diagnoser, runs: Se
 # ---------------------------------------------------------------- TEViD as a diagnoser
 
 class TEViDDiagnoser:
-    """A fine-tuned TEViD (diagnose.tevid) in the replay: at frame t it reads the window of the last T
-    frames and their CLIP_READOUTS (the clip of pretrain.clips ending at t; before frame T-1, frame 0
-    repeated on the left), and gives probs (tempered by the calibration), vacuity and 1 - p(healthy)."""
+    """A fine-tuned TEViD (diagnose.tevid) in the replay, through the live monitor's own stream
+    (`diagnose.stream.TEViDStream`): at frame t it reads the window of the last T frames and their
+    CLIP_READOUTS, and gives probs (tempered by the calibration), vacuity and 1 - p(healthy). Unlike the live
+    monitor, frames before T-1 get an output too (`pad_start`: frame 0 repeated on the left); the scored
+    frames start at T-1 (`score_from`), where both read the same full window."""
 
     def __init__(self, model, calibration=None, name: str = "tevid", kind: Kind = "tevid", window: int = ClipConfig.window):
+        from diagnose.stream import TEViDStream
+
         self.model, self.calibration, self.name, self.kind, self.window = model.eval(), calibration, name, kind, window
-        self.frame_window = window if model.cfg.uses_video else 0
+        self.stream = TEViDStream(self.model, None, window, pad_start=True)  # the rule runs later, at a frozen point
+        self.stream.temperature = calibration.temperature if calibration is not None else 1.0
+        self.frame_window = 1 if self.stream.uses_video else 0  # the stream keeps its own window: the newest frame only
+        self._last = -1
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, name: str = "tevid", require_calibration: bool = True) -> "TEViDDiagnoser":
@@ -298,24 +305,23 @@ class TEViDDiagnoser:
         return cls(model, cal, name, window=window)
 
     def reset(self, run_info: dict) -> None:
-        pass  # windowed: no state between frames
+        self.stream.reset()
+        self._last = -1
 
     @torch.no_grad()
     def step(self, view: PastView) -> FrameOutput:
-        idx = np.clip(np.arange(view.t - self.window + 1, view.t + 1), 0, None)  # frame indices of the window
         missing = [k for k in CLIP_READOUTS if k not in view.readout_names]
         if missing:
             raise ValueError(f"{self.name}: readouts {missing} missing from run (it has {view.readout_names})")
+        if view.t != self._last + 1:
+            raise ValueError(f"{self.name}: frames must be replayed in order (got frame {view.t} after {self._last})")
+        self._last = view.t
         cols = [view.readout_names.index(k) for k in CLIP_READOUTS]
-        readouts = torch.from_numpy(view.readouts[np.ix_(idx, cols)].astype(np.float32))[None]  # (1, T, 8)
-        frames = None
-        if self.frame_window:
-            first = view.t + 1 - len(view.frames)  # view.frames holds frames first .. t
-            frames = view.frames[torch.from_numpy(idx - first)][None]  # (1, T, 6, S, S)
-        temperature = self.calibration.temperature if self.calibration is not None else 1.0
-        out = self.model.predict(frames, readouts, temperature=temperature)
-        probs = out["probs"][0].double().numpy()
-        return FrameOutput(score=float(1.0 - probs[0]), probs=probs, vacuity=float(out["vacuity"][0]))
+        readouts = torch.from_numpy(view.readouts[view.t, cols].astype(np.float32))  # (8,)
+        frame = view.frames[-1] if self.stream.uses_video else None  # (6, S, S); view.frames holds frames .. t
+        pred = self.stream.push(view.t, frame, readouts)
+        probs = np.asarray(pred.probs, dtype=np.float64)
+        return FrameOutput(score=float(1.0 - probs[0]), probs=probs, vacuity=float(pred.vacuity))
 
 
 # ---------------------------------------------------------------- decisions and confirmed alerts

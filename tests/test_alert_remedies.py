@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import diagnose
+from diagnose.tevid_alerts import moved_channel, tevid_remedy
 from capture import CHANNELS
 from diagnose.symptoms import TEVID_REMEDIES, ExplodingGradients, place_name
 
@@ -101,7 +102,7 @@ def test_nan_inf_names_the_first_hook_point_with_non_finite_activations():
 
 
 def test_gradient_statistics_name_the_largest_smallest_and_non_finite_parameters():
-    """`_grad_tensor` keeps positions on the device, `_grad_stats` names them at the frame; parameters
+    """`GradStatsReader.tensor` keeps positions on the device, `.stats` names them at the frame; parameters
     without a gradient shift the positions and must not shift the names."""
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -113,14 +114,15 @@ def test_gradient_statistics_name_the_largest_smallest_and_non_finite_parameters
     model.blocks[4].weight.grad.zero_()  # smallest among the weights
     model.blocks[2].bias.grad[0] = float("nan")
     model.blocks[4].bias.grad[0] = float("inf")  # the last non-finite in parameter order
-    v = monitor._grad_tensor()
+    grads = monitor.evidence.grads
+    v = grads.tensor(monitor.step_count)
     assert v.shape == (7,)
-    stats = monitor._grad_stats(v.tolist(), monitor._grad_params().pop(monitor.step_count))
+    stats = grads.stats(v.tolist(), grads.params_at(monitor.step_count))
     assert (stats.largest, stats.smallest, stats.first, stats.nonfinite) == (
         "blocks.2.bias", "blocks.4.weight", "blocks.0.weight", "blocks.4.bias")  # NaN counts as largest (torch.argmax)
     model.blocks[2].bias.grad.fill_(1e-2)
     model.blocks[4].bias.grad.fill_(1e-2)
-    stats = monitor._grad_stats(monitor._grad_tensor().tolist(), monitor._grad_params().pop(monitor.step_count))
+    stats = grads.stats(grads.tensor(monitor.step_count).tolist(), grads.params_at(monitor.step_count))
     assert (stats.largest, stats.nonfinite) == ("blocks.2.weight", None) and math.isfinite(stats.norm)
     monitor.remove()
 
@@ -193,12 +195,12 @@ def test_moved_channel_on_a_scripted_window():
     window = torch.randn(1, 6, 8, 8).repeat(6, 1, 1, 1)  # (T, 6, S, S)
     window[3:, CHANNELS.index("grad_mid")] += 2.0
     window[3:, CHANNELS.index("act_early")] += 1.0
-    where, change = monitor._moved_channel(window.to(torch.bfloat16))
+    where, change = moved_channel(window.to(torch.bfloat16), monitor.capture.points)
     assert where == "blocks.2 (gradients)"
     assert change["grad_mid"] == pytest.approx(2.0, rel=1e-2) and change["act_early"] == pytest.approx(1.0, rel=1e-2)
-    assert monitor._moved_channel(window[:1].repeat(6, 1, 1, 1))[0] is None
+    assert moved_channel(window[:1].repeat(6, 1, 1, 1), monitor.capture.points)[0] is None
     # overfitting's remedy without any finite head-gradient score: no step to name
-    assert monitor._tevid_remedy("overfitting") == TEVID_REMEDIES["overfitting"]
-    monitor.readouts = [{"step": s, "score_w": v} for s, v in [(0, 5.0), (10, 1.0), (20, 0.9), (30, 4.0), (40, 6.0)]]
-    assert "stop at step 20 where" in monitor._tevid_remedy("overfitting")
+    assert tevid_remedy("overfitting", monitor.readouts) == TEVID_REMEDIES["overfitting"]
+    readouts = [{"step": s, "score_w": v} for s, v in [(0, 5.0), (10, 1.0), (20, 0.9), (30, 4.0), (40, 6.0)]]
+    assert "stop at step 20 where" in tevid_remedy("overfitting", readouts)
     monitor.remove()

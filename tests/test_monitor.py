@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import diagnose
 from capture import HookPointError
 import diagnose.monitor
-from diagnose.monitor import Monitor, loss_from_logits_grad, recover_loss, watch
+from diagnose.api import watch
+from diagnose.monitor import Monitor, loss_from_logits_grad, recover_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("no_default_model")  # these tests are of the monitor without a shipped model
@@ -336,16 +337,18 @@ def test_configuration_errors_raise():
 
 # ---------------------------------------------------------------- faults never reach the training job
 
-@pytest.mark.parametrize("method, where", [
-    ("_run_symptoms", "optimizer step hook"),  # at a frame, inside optimizer.step()
-    ("_layer_stats", "activation hook"),  # inside the forward
-    ("_head_grad", "head gradient hook"),  # inside the backward
+@pytest.mark.parametrize("owner, method, where", [
+    ("monitor", "_run_symptoms", "optimizer step hook"),  # at a frame, inside optimizer.step()
+    ("layers", "_record", "activation hook"),  # inside the forward
+    ("monitor", "_head_grad", "head gradient hook"),  # inside the backward
 ])
-def test_injected_fault_switches_the_monitor_off(monkeypatch, caplog, method, where):
+def test_injected_fault_switches_the_monitor_off(monkeypatch, caplog, owner, method, where):
+    from diagnose.layer_stats import LayerStatsHooks
+
     def boom(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(Monitor, method, boom)
+    monkeypatch.setattr(Monitor if owner == "monitor" else LayerStatsHooks, method, boom)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = watch(model, opt, cadence=3, modules=MODULES)
@@ -404,12 +407,10 @@ def test_unwritable_log_dir(tmp_path, caplog, how):
         log_dir = tmp_path / "file" / "log"  # can never be created
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with caplog.at_level(logging.WARNING, logger="tevid"):
-        monitor = watch(model, opt, cadence=3, modules=MODULES, log_dir=log_dir)
-        true = train(model, opt, 6)
-    assert len(true) == 6 and not monitor.active and "log directory" in monitor.disabled_reason
-    assert hooks_of(model, opt) == (0, 0)
-    assert sum("switched itself off" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(OSError, match=r"watch\(log_dir=...\): cannot create the log directory"):
+        watch(model, opt, cadence=3, modules=MODULES, log_dir=log_dir)  # refused at the call, before training
+    assert hooks_of(model, opt) == (0, 0)  # all or nothing: what was attached is removed again
+    assert len(train(model, opt, 6)) == 6
 
 
 # ---------------------------------------------------------------- adapters

@@ -12,7 +12,7 @@ from opacus.accountants import RDPAccountant
 
 import capture
 from capture.readouts import READOUT_NAMES
-from diagnose.monitor import watch
+from diagnose.api import watch
 from diagnose.privacy import (DPConfig, DPTelemetry, OuterTerms, per_sample_head_gradients, privatize,
                               privatize_parts)
 from test_monitor import MODULES, TinyNet, data

@@ -1,0 +1,134 @@
+"""The TEViD stream: the last T frames -> TEViD -> the calibrated decision rule, one frame at a time.
+
+One code path for the live monitor and the evaluation's replay (`eval.replay.TEViDDiagnoser`), so the
+benchmark exercises the live code:
+
+    stream = TEViDStream(model, calibration, window=10)
+    for frame in frames:                  # capture.Frame, or (step, (6, S, S) frame, readouts dict)
+        pred = stream.push(frame.step, frame.frame, frame.readouts)
+        if pred is not None: pred.probs, pred.vacuity, pred.decision.new_alerts, pred.decision.unknown_alert
+
+Windows are causal. Live (`pad_start=False`) the first T-1 frames get no prediction; the replay scores
+every frame (`pad_start=True`: frame 0 repeated on the left until T frames exist). That is the only
+difference between the two.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diagnose.decision import Decision, DecisionState, decide
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step: int
+    probs: list[float]  # (K,) tempered by the calibration
+    vacuity: float
+    decision: Decision | None  # None when the stream has no calibration (probabilities only)
+    label: str  # a class name, or "unknown"
+
+
+def _readout_names() -> tuple[str, ...]:
+    from pretrain.clips import CLIP_READOUTS
+
+    return CLIP_READOUTS
+
+
+class TEViDStream:
+    """Ring buffer of the last `window` frames, TEViD's prediction on it, and `decide` with its state."""
+
+    def __init__(self, model, calibration=None, window: int = 10, device="cpu", pad_start: bool = False):
+        if window < 1:
+            raise ValueError(f"TEViDStream: window must be >= 1, got {window}")
+        self.model, self.calibration, self.window, self.device, self.pad_start = model, calibration, window, device, pad_start
+        self.uses_video = bool(getattr(getattr(model, "cfg", None), "uses_video", True))
+        self.readout_names = _readout_names()
+        self.ring: deque[tuple[int, torch.Tensor | None, torch.Tensor]] = deque(maxlen=window)
+        self.state = DecisionState.start(len(calibration.classes)) if calibration is not None else None
+        self.frame_size: int | None = None  # the encoder's frame side, when known (`open_stream`)
+        self.temperature = 1.0  # used when there is no calibration (the replay tempers, the rule runs later)
+
+    def reset(self) -> None:
+        self.ring.clear()
+        if self.calibration is not None:
+            self.state = DecisionState.start(len(self.calibration.classes))
+
+    def readout_vector(self, readouts: dict) -> torch.Tensor:
+        """(8,) float32 in the model's readout order; a missing readout is NaN (the model masks it)."""
+        return torch.tensor([float(readouts.get(k, math.nan)) for k in self.readout_names], dtype=torch.float32)
+
+    def add(self, step: int, frame: torch.Tensor | None, readouts) -> None:
+        """Put a frame in the ring without predicting (restoring a previous monitor's last frames)."""
+        vec = readouts if isinstance(readouts, torch.Tensor) else self.readout_vector(readouts)
+        self.ring.append((step, frame if self.uses_video else None, vec))
+
+    def window_frames(self) -> torch.Tensor | None:
+        """(T, 6, S, S) frames of the current window (left-padded by repeating the first), or None."""
+        entries = self._entries()
+        if not entries or entries[0][1] is None:
+            return None
+        return torch.stack([f for _, f, _ in entries])
+
+    def _entries(self):
+        entries = list(self.ring)
+        if self.pad_start and entries and len(entries) < self.window:
+            entries = [entries[0]] * (self.window - len(entries)) + entries
+        return entries
+
+    def push(self, step: int, frame: torch.Tensor | None, readouts) -> Prediction | None:
+        """Add one frame; the prediction for the window ending at it (None until T frames, live)."""
+        self.add(step, frame, readouts)
+        entries = self._entries()
+        if len(entries) < self.window:
+            return None  # windows are causal and unpadded live: the first T-1 frames get no prediction
+        frames = torch.stack([f for _, f, _ in entries])[None] if self.uses_video else None  # (1, T, 6, S, S)
+        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw
+        temperature = self.calibration.temperature if self.calibration is not None else self.temperature
+        dev = torch.device(self.device)
+        with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=False):
+            out = self.model.predict(None if frames is None else frames.to(dev), vecs.to(dev), temperature=temperature)
+        probs = out["probs"][0].double().tolist()
+        u = float(out["vacuity"][0])
+        if self.calibration is None:
+            return Prediction(step, probs, u, None, "")
+        cal = self.calibration
+        self.state, d = decide(self.state, probs, u, cal.thresholds, cal.tau, cal.consecutive)
+        return Prediction(step, probs, u, d, "unknown" if d.unknown else cal.classes[d.label])
+
+    def state_dict(self) -> dict | None:
+        s = self.state
+        return None if s is None else {"streaks": list(s.streaks), "frames": s.frames, "unknown_streak": s.unknown_streak}
+
+    def load_state_dict(self, state: dict | None, unknown_streak: int | None = None) -> None:
+        if state and self.state is not None:
+            self.state = DecisionState(tuple(state["streaks"]), int(state["frames"]),
+                                       int(state.get("unknown_streak", unknown_streak or 0)))
+
+
+def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", window: int = 10) -> TEViDStream:
+    """The live stream of a fine-tuned TEViD directory (`diagnose.tevid.load_tevid`): its window length from
+    the saved data config (default `window`), on `device` (a device, or a callable giving one). The stream's
+    `frame_size` is the encoder's; a different explicit `frame_size` is refused."""
+    from diagnose.tevid import load_tevid
+
+    path = Path(path)
+    model, cal = load_tevid(path)
+    enc = getattr(model, "encoder", None)
+    size = frame_size
+    if enc is not None:
+        if frame_size not in (None, enc.cfg.img_size):
+            raise ValueError(f"frame_size={frame_size} but the TEViD checkpoint {path} reads "
+                             f"{enc.cfg.img_size}x{enc.cfg.img_size} frames: leave frame_size unset or match it")
+        size = enc.cfg.img_size
+    config = json.loads((path / "config.json").read_text())
+    window = int((config.get("data") or {}).get("window", window))
+    device = device() if callable(device) else device
+    stream = TEViDStream(model.to(device).eval().requires_grad_(False), cal, window, device)
+    stream.frame_size = size
+    return stream
