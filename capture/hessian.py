@@ -28,7 +28,6 @@ math kernel of `scaled_dot_product_attention` (the fused CPU kernel has no doubl
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -196,11 +195,11 @@ def cost_table(corpus: str | Path, without: str | Path | None = None) -> str:
     """Markdown table of the measurement's cost per run of a corpus made with hessian_every > 0, from the
     stores' `hessian` attrs: CPU factor = run CPU / (run CPU - Hessian CPU); with `without` (the same
     specs generated with hessian_every = 0) also the wall-clock ratio of the same run with and without."""
+    from capture.corpus import corpus_runs
     from capture.store import RunStore
 
     def records(d):
-        lines = (Path(d) / "manifest.jsonl").read_text().splitlines()
-        return {r["run_id"]: r for r in map(json.loads, lines) if r.get("store")}
+        return {r["run_id"]: r for r in corpus_runs(d)}
 
     runs, base = records(corpus), records(without) if without else {}
     rows = ["| run | frames measured | products | Hessian CPU s | run CPU s | CPU factor | wall s | wall s without "

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE = -1  # same value as pretrain.clips.IGNORE (kept here so the loss does not import the data path)
+from capture.schema import IGNORE
+
 
 
 @dataclass(frozen=True)

@@ -294,16 +294,13 @@ class SelectionConfig:
 def load_runs(corpus: str | Path, labels=("healthy", "overfitting"), skip_archs=("lm", "lm_base")) -> list[RunReadouts]:
     """The corpus's finished classification runs with one of `labels`, with their validation accuracy
     (privileged: read for evaluation only)."""
+    from capture.corpus import corpus_runs
     from capture.store import RunStore, read_privileged
 
     corpus = Path(corpus)
-    manifest = corpus / "manifest.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} does not exist: the corpus is not finished (or not a corpus)")
     runs = []
-    for line in manifest.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("status") not in ("complete", "diverged") or rec.get("label") not in labels or rec.get("arch") in skip_archs:
+    for rec in corpus_runs(corpus):
+        if rec.get("label") not in labels or rec.get("arch") in skip_archs:
             continue
         path = corpus / rec["store"]
         store, priv = RunStore(path), read_privileged(path)

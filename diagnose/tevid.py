@@ -29,8 +29,8 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 
 from capture.frames import CHANNELS
+from capture.schema import CLASSES, CLIP_READOUTS
 from diagnose.evidential import dirichlet, tempered_probs
-from pretrain.clips import CLASSES, CLIP_READOUTS, readout_features
 from pretrain.encoder import EncoderConfig, SpaceTimeEncoder, encoder_config
 
 INPUTS = ("both", "video", "readouts")
@@ -45,7 +45,7 @@ class TEViDConfig:
     readout_dim: int = 64  # E: per-frame readout embedding and GRU state
     hidden_dim: int = 256  # fusion MLP hidden width
     dropout: float = 0.1  # in the fusion MLP
-    num_classes: int = 5  # K: Healthy + 4 known anomaly classes (pretrain.clips.CLASSES)
+    num_classes: int = 5  # K: Healthy + 4 known anomaly classes (capture.schema.CLASSES)
     channels: list = field(default_factory=lambda: list(CHANNELS))  # frame channels the encoder reads (capture.frames.CHANNELS)
 
     def __post_init__(self):
@@ -78,12 +78,20 @@ class TEViDConfig:
         return encoder_config(self.encoder, **{**self.encoder_overrides, "in_chans": len(self.channels)})
 
 
+def readout_features(readouts: torch.Tensor) -> torch.Tensor:
+    """`(..., 8)` raw CLIP_READOUTS -> `(..., 16)` model-ready: signed log1p of each value (non-finite -> 0),
+    then 8 missing flags (1.0 where the raw value was not finite). Readouts span 1e-3 .. 1e12 across runs."""
+    finite = torch.isfinite(readouts)
+    x = torch.where(finite, readouts, torch.zeros_like(readouts)).float()
+    return torch.cat([x.sign() * x.abs().log1p(), (~finite).float()], dim=-1)
+
+
 class ReadoutEncoder(nn.Module):
     """The window's scalar readouts -> one vector: per-frame embedding, then a 1-layer GRU over T."""
 
     def __init__(self, dim: int):
         super().__init__()
-        n_features = 2 * len(CLIP_READOUTS)  # signed log1p values + missing flags (pretrain.clips.readout_features)
+        n_features = 2 * len(CLIP_READOUTS)  # signed log1p values + missing flags (readout_features)
         self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.GELU())
         self.gru = nn.GRU(dim, dim, batch_first=True)
 

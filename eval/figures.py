@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from capture.schema import CLASSES  # noqa: E402
 from eval import metrics as M  # noqa: E402
-from pretrain.clips import CLASSES  # noqa: E402
 
 TRUE_ROWS = (*CLASSES, "novel")
 PRED_COLS = (*CLASSES, "other", "unknown")

@@ -35,9 +35,10 @@ import scipy.stats
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from tqdm import tqdm
 
-from pretrain.clips import CLASSES, IGNORE, ClipConfig, window_targets
+from capture.schema import CLASSES, IGNORE
+from capture.schema import KNOWN_CLASSES as KNOWN
+from pretrain.clips import ClipConfig, window_targets
 
-KNOWN = CLASSES[1:]  # the known anomaly classes
 HORIZON_EPOCHS = ClipConfig.horizon_epochs
 COSTS = (1.0, 10.0, -0.5)  # (C_FA, C_MD, C_lead), paper App. I
 _OTHER = len(CLASSES)  # index of an alert class that is not a known class (e.g. "anomaly" of a score-only method)

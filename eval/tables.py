@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
+from capture.schema import CLASSES
 from eval import metrics as M
 from eval.figures import run_outcome_class
-from pretrain.clips import CLASSES
 
 FACTORS = ("arch", "dataset", "optimizer")
 TABLE3 = (("event_auprc", "AUPRC"), ("median_lead_epochs", "Lead (ep)"), ("far", "FAR"), ("detection_rate", "Det."),

@@ -14,8 +14,6 @@ from factory import labels as R
 from factory.config import LabelConfig
 from factory.perturbations import Perturbation, TaskSwitch
 
-CLASSES = ("instability", "forgetting", "concept_bias", "overfitting")
-
 
 def epoch_means(values: np.ndarray, epoch_step: np.ndarray) -> np.ndarray:
     """Mean of a per-step series over each epoch (steps epoch_step[e-1] .. epoch_step[e]-1)."""

@@ -37,7 +37,7 @@ from statsmodels.tools.sm_exceptions import (
     PerfectSeparationWarning,
 )
 
-PRIORITY = ("instability", "forgetting", "concept_bias", "overfitting")  # paper A.1
+from capture.schema import LABEL_PRIORITY as PRIORITY  # paper A.1
 IQR_TO_SIGMA = 1.349  # IQR of a standard normal: sigma = IQR / 1.349
 MCNEMAR_EXACT_BELOW = 25  # discordant pairs b + c below this: exact binomial McNemar
 MAX_LOGIT_COEF = 10.0  # |coefficient| above this (odds ratio > 2e4) means separation, not an estimate

@@ -22,9 +22,9 @@ import numpy as np
 from scipy.stats import pearsonr
 from statsmodels.stats.proportion import proportion_confint
 
+from capture.corpus import is_usable, read_manifest
+from capture.schema import KNOWN_CLASSES as KNOWN
 from capture.store import RunStore, read_labeling, read_privileged
-
-KNOWN = ("overfitting", "instability", "forgetting", "concept_bias")
 
 
 def table(rows: list[str], cols: list[str], count: dict[tuple[str, str], int], title: str) -> list[str]:
@@ -92,8 +92,8 @@ def disagreements(corpus: Path, runs: list[dict]) -> tuple[list[str], dict[str, 
 
 
 def corpus_stats(corpus: Path) -> tuple[str, dict]:
-    records = [json.loads(l) for l in (corpus / "manifest.jsonl").read_text().splitlines()]
-    ok = [r for r in records if r.get("status") in ("complete", "diverged")]
+    records = read_manifest(corpus)
+    ok = [r for r in records if is_usable(r)]
     labels = sorted({r["label"] for r in ok})
     lines = [f"Corpus {corpus}: {len(records)} runs in the manifest, {len(ok)} labeled, "
              f"{sum(r.get('status') == 'failed' for r in records)} failed, {sum(r.get('status') == 'diverged' for r in ok)} diverged.", ""]

@@ -29,12 +29,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from capture.corpus import corpus_runs
+from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
-
-CLASSES = ("healthy", "overfitting", "instability", "forgetting", "concept_bias")  # target index; K = 5
-IGNORE = -1
-CLIP_READOUTS = ("head_grad_norm", "score_w", "score_z", "gwa", "confidence", "entropy", "margin", "loss")
-UNSCORED_LABELS = (None, "underperforming")  # IGNORE at every frame
 
 
 @dataclass
@@ -42,14 +39,6 @@ class ClipConfig:
     window: int = 10  # T frames; the window ending at frame t holds frames t-9..t (causal)
     stride: int = 1  # windows end every `stride` frames
     horizon_epochs: float = 2.0  # H of DESIGN.md §9, in epochs (store attr epoch_steps = steps per epoch)
-
-
-def readout_features(readouts: torch.Tensor) -> torch.Tensor:
-    """`(..., 8)` raw CLIP_READOUTS -> `(..., 16)` model-ready: signed log1p of each value (non-finite -> 0),
-    then 8 missing flags (1.0 where the raw value was not finite). Readouts span 1e-3 .. 1e12 across runs."""
-    finite = torch.isfinite(readouts)
-    x = torch.where(finite, readouts, torch.zeros_like(readouts)).float()
-    return torch.cat([x.sign() * x.abs().log1p(), (~finite).float()], dim=-1)
 
 
 def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, novel, cfg=ClipConfig()):
@@ -92,27 +81,6 @@ def run_targets(attrs: dict, frame_step, cfg=ClipConfig()):
     if onset is None and novel:
         onset = pert.get("onset", 0)
     return window_targets(frame_step, attrs.get("label"), onset, attrs.get("trigger_step"), attrs.get("epoch_steps"), novel, cfg)
-
-
-def corpus_runs(corpus, split: str | None = None, runs: list[str] | None = None) -> list[dict]:
-    """Manifest records of the usable runs (status complete or diverged) of `split` (None: all)."""
-    manifest = Path(corpus) / "manifest.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: {corpus} is not a corpus written by factory.generate")
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    usable = [r for r in records if r.get("status") != "failed" and r.get("store")]
-    if split is not None:
-        present = sorted({r["split"] for r in usable})
-        if split not in present:
-            raise ValueError(f"split {split!r} has no usable runs in {manifest}; splits present: {present}")
-        usable = [r for r in usable if r["split"] == split]
-    if runs is not None:
-        by_id = {r["run_id"]: r for r in usable}
-        missing = [r for r in runs if r not in by_id]
-        if missing:
-            raise ValueError(f"run(s) {missing} are not usable runs of split {split!r} in {manifest}")
-        usable = [by_id[r] for r in runs]
-    return usable
 
 
 @dataclass

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from capture.store import RunStore
+from diagnose.tevid import readout_features
 from pretrain.clips import (CLASSES, CLIP_READOUTS, IGNORE, ClipConfig, CorpusClips, clip_loader, collate, export_shards,
-                            main, readout_features, run_targets, window_targets)
+                            main, run_targets, window_targets)
 
 from conftest import copy_without_privileged
 

@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
+from capture.schema import CLASSES, CLIP_READOUTS, IGNORE
+from diagnose.tevid import readout_features
 from eval.replay import FrameOutput, LoadedRun, PastView
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.clips import CLASSES, CLIP_READOUTS, IGNORE, ClipConfig, readout_features, run_targets
+from pretrain.clips import ClipConfig, run_targets
 
 LOSS_FEATURES = ("loss_mean", "loss_max", "loss_nonfinite")
 
