@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from capture.checks import check_choice, check_int, check_names
 from capture.frames import CHANNELS, LAYOUTS, Projection, RobustNormalizer, resize_map, tensor_to_map
+from capture.hooks import forward_hook
 from capture.hookpoints import HookPoint, find_head, find_hook_points, resolve_layout
 from capture.readouts import (
     HEAD_READOUTS,
@@ -178,11 +179,11 @@ class Capture:
             self._warn_once("no_head", f"no linear classifier head found on {type(model).__name__}: "
                             f"readouts {list(HEAD_READOUTS)} are marked missing (pass head=... to attach)")
         for i, p in enumerate(self.points):
-            self._handles.append(p.module.register_forward_hook(self._block_hook(i)))
+            self._handles.append(forward_hook(p.module, self._block_hook(i)))
         if self.head is not None:
-            self._handles.append(self.head.register_forward_hook(self._head_hook))
+            self._handles.append(forward_hook(self.head, self._head_hook))
         else:  # output statistics from the model's own output, when it is a tensor of logits
-            self._handles.append(model.register_forward_hook(self._output_hook))
+            self._handles.append(forward_hook(model, self._output_hook))
 
     # ---------------------------------------------------------------- hooks (user's forward/backward)
     def _reset_step(self) -> None:

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from capture.checks import check_bool, check_choice, check_int
+from capture.hooks import forward_hook, forward_pre_hook, step_post_hook
 from capture.recorder import CaptureConfig, Frame, _first_tensor, attach
 from diagnose.callbacks import CallbackList, JsonlSink, jsonable
 from diagnose.evidence import ReleasedEvidence, StepEvidence
@@ -121,12 +122,10 @@ class Monitor:
         self.tevid = self.calibration = self.checkpoint = None
         self.window = WINDOW
         self._off = self.role == "off"
-        self._in_opt_hook = False
         self._dp_reported = False
         self._handles: list = []
         self._opt_handles: list = []
         self.layers: LayerStatsHooks | None = None  # activation statistics for the rules, at capture steps only
-        self._janitor = None
         self._armed = True  # step 0 is a capture step
         self._incomplete_warned = False
         self._check_stop_on()
@@ -158,7 +157,7 @@ class Monitor:
 
     # ---------------------------------------------------------------- setup
     def _check_stop_on(self) -> None:
-        from pretrain.clips import CLASSES
+        from capture.schema import CLASSES
 
         valid = set(SYMPTOM_NAMES) | {s.name for s in self.tracker.symptoms} | set(CLASSES) | {"unknown"}
         unknown = sorted(set(self.stop_on) - valid)
@@ -186,13 +185,13 @@ class Monitor:
 
     def _register_hooks(self) -> None:
         if self.optimizer is not None:
-            self._opt_handles.append(self.optimizer.register_step_post_hook(self._post_step))
+            self._opt_handles.append(step_post_hook(self.optimizer, self._post_step))
         if self.role != "diagnose" or self.evidence.private:
             return  # under DP the monitor reads only the released frames: no per-step loss, no layer statistics
         head = self.capture.head
         if head is not None and self.config.loss_from_head:
-            self._handles.append(self.model.register_forward_pre_hook(self._count_forward))
-            self._handles.append(head.register_forward_hook(self._head_forward))
+            self._handles.append(forward_pre_hook(self.model, self._count_forward))
+            self._handles.append(forward_hook(head, self._head_forward))
         modules = activation_modules(self.model, self.config.max_activation_modules)
         modules += [(p.name, p.module, "block") for p in self.capture.points]
         inactivity = next((s for s in self.tracker.symptoms if isinstance(s, DeadUnits)), DeadUnits()).inactivity
@@ -244,24 +243,9 @@ class Monitor:
         self._handles.clear()
         if self.layers is not None:
             self.layers.arm(False)
-        if self._in_opt_hook and self._opt_handles:
-            # torch iterates the optimizer's hook dict while calling it: removing our handle now would
-            # break that loop inside the user's optimizer.step(); the next forward removes it instead
-            if self._janitor is None:
-                self._janitor = self.model.register_forward_pre_hook(self._janitor_hook)
-        else:
-            self._remove_optimizer_hooks()
-
-    def _janitor_hook(self, module, args) -> None:
-        self._remove_optimizer_hooks()
-
-    def _remove_optimizer_hooks(self) -> None:
-        for h in self._opt_handles:
+        for h in self._opt_handles:  # safe inside the optimizer's own step (capture.hooks)
             h.remove()
         self._opt_handles.clear()
-        if self._janitor is not None:
-            self._janitor.remove()
-            self._janitor = None
 
     # ---------------------------------------------------------------- hooks (the user's forward / backward / step)
     def _count_forward(self, module, args) -> None:
@@ -282,13 +266,8 @@ class Monitor:
         self.evidence.losses.head_grad(self.step_count, forward, logits, grad)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
-        if self._off:
-            return
-        self._in_opt_hook = True
-        try:
+        if not self._off:
             self._guard("optimizer step hook", self._on_step)
-        finally:
-            self._in_opt_hook = False
 
     # ---------------------------------------------------------------- the monitor's own work
     def observe(self, loss=None) -> None:

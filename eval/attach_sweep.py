@@ -284,11 +284,15 @@ class Result:
 
 
 def count_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Every hook a module or the optimizer holds (forward, pre-forward, backward, state-dict hooks)."""
+    """Every hook a module or the optimizer holds (forward, pre-forward, backward, state-dict hooks), and those
+    `capture.hooks` keeps for them outside the objects."""
     names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
              "_state_dict_hooks", "_load_state_dict_pre_hooks")
-    n = sum(len(getattr(m, a, {}) or {}) for m in model.modules() for a in names)
-    return n + sum(len(getattr(optimizer, a, {}) or {}) for a in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"))
+    from capture import hooks
+
+    n = sum(len(getattr(m, a, {}) or {}) + hooks.active(m) for m in model.modules() for a in names)
+    return n + hooks.active(optimizer) + sum(len(getattr(optimizer, a, {}) or {})
+                                             for a in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"))
 
 
 def _train(case: Case, watch_it: bool, seed: int = 0):

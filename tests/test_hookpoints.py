@@ -103,9 +103,11 @@ def test_no_hook_points_error_names_the_model_and_the_fix():
 
 
 def test_removal_detaches_every_hook():
+    from capture import hooks
+
     model = IMAGE_FAMILIES["resnet"]()
-    before = sum(len(m._forward_hooks) for m in model.modules())
     cap = capture.attach(model, cadence=1)
-    assert sum(len(m._forward_hooks) for m in model.modules()) == before + 4
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # the model itself carries no hook
+    assert sum(hooks.active(m) for m in model.modules()) == 4  # 3 points + the head, kept by capture.hooks
     cap.remove()
-    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+    assert sum(hooks.active(m) for m in model.modules()) == 0 and hooks.active() == 0

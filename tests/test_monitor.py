@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import diagnose
+from capture import hooks
 from capture import HookPointError
 import diagnose.monitor
 from diagnose.api import watch
@@ -73,8 +74,9 @@ def train(model, opt, steps, *, batch=16, size=8, accum=1, before=None, scale=No
 
 
 def hooks_of(model, opt):
-    mods = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    return mods, len(opt._optimizer_step_post_hooks) + len(opt._optimizer_step_pre_hooks)
+    """Hooks on the model's modules and on the optimizer: torch's own and those of capture.hooks."""
+    mods = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + hooks.active(m) for m in model.modules())
+    return mods, len(opt._optimizer_step_post_hooks) + len(opt._optimizer_step_pre_hooks) + hooks.active(opt)
 
 
 @pytest.fixture(autouse=True)
