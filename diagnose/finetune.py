@@ -33,7 +33,6 @@ import os
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
-import csv
 import dataclasses
 import json
 import math
@@ -53,7 +52,7 @@ from diagnose.evidential import evidential_loss, kl_anneal
 from diagnose.tevid import TEViD, TEViDConfig, build_tevid, tevid_config_from
 from pretrain.checkpoint import checkpoint_exists, load_checkpoint, restore_training_state, save_checkpoint, unwrap
 from pretrain.clips import CLASSES, IGNORE, ClipConfig, CorpusClips, clip_loader, collate
-from pretrain.train import lr_factor
+from pretrain.engine import CsvLog, train_one_epoch as train_epoch, warmup_cosine
 
 
 @dataclass
@@ -119,34 +118,6 @@ def balanced_weights(counts: list[int]) -> torch.Tensor:
     w = torch.zeros_like(c)
     w[present] = c.sum() / (present.sum() * c[present])
     return w.float()
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier of optimizer step `step` (0-based): pretraining's schedule (`pretrain.train.lr_factor`),
-    linear warm-up over `warmup` steps, then half-cosine down to `min_ratio` at `total`."""
-    return lr_factor(step, total, warmup, min_ratio)
-
-
-class CsvLog:
-    """Append-only CSV; on resume the rows past the resumed step (written after the last checkpoint) are dropped."""
-
-    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None, enabled: bool = True):
-        self.path, self.fields, self.enabled = path, fields, enabled
-        if not enabled:
-            return
-        rows = []
-        if resume_step is not None and path.exists():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
 
 
 def labelled_subset(corpus: Path, split: str, fraction: float, seed: int) -> list[str] | None:
@@ -231,41 +202,39 @@ def val_loss(records: list[dict]) -> float:
 
 def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, cfg: FinetuneConfig, state: dict,
                     class_w: torch.Tensor | None, log: CsvLog) -> dict:
-    """One pass over the training clips; returns mean loss (over processes), clips and seconds."""
-    model.train()
-    losses, clips, start = [], 0, time.time()
+    """One pass over the training clips through the project's training engine (`pretrain.engine`);
+    returns mean loss (over processes), clips and seconds."""
+    clips, start = 0, time.time()
     bar = tqdm(total=data.steps_per_epoch, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", unit="step",
                disable=not accelerator.is_main_process, leave=False, file=sys.stderr)
-    for batch in data.loader:
-        lam = kl_anneal(state["step"] / data.steps_per_epoch, cfg.kl_anneal_epochs)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                logits = model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device))
-            loss = evidential_loss(logits.float(), batch["target"].to(accelerator.device), lam, class_w)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite fine-tuning loss {loss.item()} at step {state['step']} "
-                                         f"(epoch {state['epoch']}, runs {sorted(set(batch['run_id']))})")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        clips += len(batch["run_id"])
-        if accelerator.sync_gradients:
-            scheduler.step()
-            state["step"] += 1
-            bar.update()
-            if state["step"] % cfg.log_every == 0:
-                mean = accelerator.reduce(torch.stack(losses[-cfg.grad_accum:]).mean(), "mean").item()
-                log.write({"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0],
-                           "kl_weight": lam, "loss": mean})
-                bar.set_postfix(loss=f"{mean:.4f}")
+
+    def kl_weight() -> float:  # lambda of the KL term at the current optimizer step
+        return kl_anneal(state["step"] / data.steps_per_epoch, cfg.kl_anneal_epochs)
+
+    def forward(model, batch):
+        return model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device))
+
+    def criterion(logits, batch):
+        return evidential_loss(logits.float(), batch["target"].to(accelerator.device), kl_weight(), class_w)
+
+    def step_done(step: int, losses: list[torch.Tensor], batches: list) -> None:
+        nonlocal clips
+        lam = kl_weight()  # of the step just taken (its micro-batches all used it)
+        state["step"] = step
+        clips += sum(len(b["run_id"]) for b in batches)
+        bar.update()
+        if step % cfg.log_every == 0:
+            mean = torch.cat(losses).mean().item()
+            log.write({"step": step, "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0], "kl_weight": lam, "loss": mean})
+            bar.set_postfix(loss=f"{mean:.4f}")
+
+    result = train_epoch(model, data.loader, optimizer, forward, criterion, accelerator=accelerator, scheduler=scheduler,
+                         clip_grad=cfg.optim.clip_grad, step=state["step"], on_step=step_done, what="fine-tuning",
+                         hint=lambda batch: f"epoch {state['epoch']}, runs {sorted(set(batch['run_id']))}")
     bar.close()
     seconds = time.time() - start
-    mean_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item() if losses else float("nan")
     total_clips = int(accelerator.reduce(torch.tensor(clips, device=accelerator.device), "sum").item())
-    return {"train_loss": mean_loss, "clips": total_clips, "seconds": seconds}
+    return {"train_loss": result.mean_loss, "clips": total_clips, "seconds": seconds}
 
 
 def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
@@ -317,7 +286,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
                                   lr=o.lr, betas=tuple(o.betas))
     total = cfg.epochs * data.steps_per_epoch
     warmup = min(round(o.warmup_epochs * data.steps_per_epoch), max(0, total - 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, o.min_lr / o.lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup, o.min_lr / o.lr))
     state = {"step": 0, "epoch": 0}
     if resumed is not None:
         state["step"] = restore_training_state(last, optimizer, scheduler)

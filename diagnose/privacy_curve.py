@@ -78,38 +78,22 @@ def run_job(cfg: PrivacyCurveConfig, preset: str, seed: int, noise_multiplier: f
     alerts, privacy report and injection."""
     import diagnose
     from diagnose.privacy import DPConfig
-    from factory.archs import build_arch
     from factory.config import TrainingConfig
-    from factory.train import Batches, loss_fn, make_optimizer, run_settings, step_lr
+    from factory.job import build_job
+    from factory.loop import MonitorLoss, run_job
 
-    tc = TrainingConfig(steps=cfg.steps)
+    tc = TrainingConfig(steps=cfg.steps, image_size=data.x_train.shape[-1])
     pert = _injection(preset, cfg.steps)
-    torch.manual_seed(seed)
-    pert.bind(data.y_train, data.num_classes, seed)
-    settings = run_settings(pert, tc, cfg.arch, cfg.optimizer)
-    model, modules = build_arch(cfg.arch, data.num_classes, data.x_train.shape[-1])
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), settings.lr, settings.weight_decay)
-    batches = Batches(data, settings, tc, seed)
-    pool_size = min(len(pert.pool(s, batches.pool)) for s in (0, pert.onset, cfg.steps - 1))
+    job = build_job(cfg.arch, data, cfg.optimizer, pert, tc, seed)  # the factory's recipe for this preset
+    pool_size = min(len(pert.pool(s, job.batches.pool)) for s in (0, pert.onset, cfg.steps - 1))
     dp = None if noise_multiplier is None else DPConfig(clip=cfg.clip, noise_multiplier=noise_multiplier, delta=cfg.delta,
                                                         dataset_size=pool_size, mechanism=cfg.mechanism, seed=seed)
-    options = {"modules": modules} if modules else {}
-    monitor = diagnose.watch(model, optimizer, checkpoint=checkpoint, cadence=cfg.cadence, dp=dp, **options)
+    options = {"modules": job.modules} if job.modules else {}
+    monitor = diagnose.watch(job.model, job.optimizer, checkpoint=checkpoint, cadence=cfg.cadence, dp=dp, **options)
     if monitor.tevid is None:
         monitor.remove()
         raise RuntimeError("no TEViD model: pass --checkpoint DIR (the curve measures TEViD's utility)")
-    model.train()
-    for step in range(cfg.steps):
-        x, y = pert.batch(step, *batches.draw(pert.pool(step, batches.pool)))
-        lr = step_lr(settings, tc, pert, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        monitor.observe(loss=loss)
-        pert.before_step(step, model, optimizer)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    run_job(job, [MonitorLoss(monitor)])  # the monitor's loss after backward, as a user's loop hands it over
     result = {"preset": preset, "seed": seed, "noise_multiplier": noise_multiplier, "injected": pert.injected,
               "onset": pert.onset if pert.kind == "known" else None, "pool_size": pool_size,
               "predictions": list(monitor.predictions), "alerts": [a.to_dict() for a in monitor.alerts],
@@ -217,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, out)
     torch.set_num_threads(cfg.threads)
     logging.getLogger("tevid").setLevel(logging.ERROR)
-    from factory.train import cached_dataset
+    from factory.job import cached_dataset
 
     data = cached_dataset(cfg.dataset, 32, 3000, 256, None)
     arms = [None, 0.0, *cfg.noise_multipliers]

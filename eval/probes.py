@@ -55,6 +55,7 @@ from eval.replay import LoadedRun, load_run
 from eval.report import jsonable
 from eval.tables import probes_table
 from pretrain.clips import ClipConfig, corpus_runs
+from pretrain.engine import train_one_epoch
 
 
 @dataclass
@@ -242,15 +243,10 @@ def fit_history_to_state(h_train: np.ndarray, y_train: np.ndarray, cfg: ProbeCon
     x, y = prep(h_train), torch.from_numpy((y_train - ym) / ys).float()
     model = HistoryTCN(x.shape[1], y.shape[1], cfg.tcn_channels, cfg.tcn_kernel, tuple(cfg.tcn_dilations))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.tcn_lr, weight_decay=1e-4)
-    for _ in range(cfg.tcn_epochs):
-        model.train()
-        for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size):
-            loss = F.mse_loss(model(x[idx]), y[idx])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss->state probe: non-finite training loss {loss.item()}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(cfg.tcn_epochs):  # the project's training engine (pretrain.engine)
+        batches = ((x[idx], y[idx]) for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size))
+        train_one_epoch(model, batches, opt, lambda m, batch: m(batch[0]), lambda out, batch: F.mse_loss(out, batch[1]),
+                        what="loss->state probe training")
     model.eval()
 
     @torch.no_grad()

@@ -1,12 +1,16 @@
 """One factory run: train a perturbed job with capture on, evaluate it (privileged), label it, and
 publish its run store. The capture path is the one a live job uses (`capture.attach`).
 
-`run_one(spec, cfg, corpus_dir)` returns the run's manifest record. A run that diverges is data:
-it stops after `divergence_patience` non-finite losses and is stored and labeled like any other.
+`run_one(spec, cfg, corpus_dir)` returns the run's manifest record. The job is built once from the
+spec (`factory.job.job_from_spec`) and run by the one step loop (`factory.loop.run_job`) with the
+factory's hooks, in this order: `CaptureFrames` (frames into the run store, the top Hessian
+eigenvalue), `LyapunovWindows` (the finite-horizon Lyapunov proxy), `DivergenceStop`, `Validation`
+(privileged evaluation per "epoch") and `Labelling` (the run's label from all of that, at the end).
+A run that diverges is data: it stops after `divergence_patience` non-finite losses and is stored and
+labeled like any other.
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import asdict
@@ -14,112 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from capture.hessian import HessianTracker
-from capture.lm import lm_loss
 from capture.readouts import READOUT_NAMES
-from capture.recorder import CaptureConfig, attach
+from capture.recorder import Capture, CaptureConfig, attach
 from capture.store import RunWriter
-from factory.archs import build_arch
-from factory.config import FactoryConfig, TrainingConfig
-from factory.datasets import TaskData, load_dataset
+from factory.config import FactoryConfig, LabelConfig, TrainingConfig
+from factory.datasets import TaskData
+# the job's ingredients, importable from here as before factory.job existed
+from factory.job import (Batches, cached_dataset, evaluate, job_from_spec, loss_fn, lr_schedule,  # noqa: F401
+                         make_optimizer, run_settings, step_lr)
 from factory.labeler import label_run
-from factory.perturbations import Perturbation, RunSettings, make_perturbation, watermark
+from factory.loop import JobCallback, StepLoop, run_job
+from factory.perturbations import Perturbation, watermark
 from factory.spec import RunSpec
-
-
-# ------------------------------------------------------------------ ingredients
-@functools.lru_cache(maxsize=8)
-def cached_dataset(name: str, image_size: int, max_train: int, max_val: int, root: str | None) -> TaskData:
-    return load_dataset(name, image_size=image_size, seed=0, root=root, max_train=max_train, max_val=max_val)
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":  # foreach: one fused kernel per op over all tensors (torch picks per-tensor on CPU)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, foreach=True)
-    if name == "lion":
-        from timm.optim import Lion
-
-        return Lion(params, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd, lion, adafactor")
-
-
-def run_settings(pert: Perturbation, tc: TrainingConfig, arch: str, optimizer: str) -> RunSettings:
-    """The recipe of one run (`tc.lr(arch, optimizer)`, the optimizer's weight decay) as its perturbation
-    configures it."""
-    return pert.configure(RunSettings(lr=tc.lr(arch, optimizer), weight_decay=tc.weight_decay[optimizer], optimizer=optimizer))
-
-
-def step_lr(settings: RunSettings, tc: TrainingConfig, pert: Perturbation, step: int) -> float:
-    """The learning rate of one step: the run's base rate, its schedule and the perturbation's factor."""
-    return settings.lr * lr_schedule(step, tc.steps, tc.warmup_frac, settings.anneal) * pert.lr_factor(step)
-
-
-def lr_schedule(step: int, steps: int, warmup_frac: float, anneal: bool = True) -> float:
-    """Linear warm-up, then cosine from 1 to 0.1 (`anneal`) or constant."""
-    warm = max(1, int(warmup_frac * steps))
-    if step < warm:
-        return (step + 1) / warm
-    if not anneal:
-        return 1.0
-    t = (step - warm) / max(1, steps - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-
-class Batches:
-    """Draws training batches for one run: images with light augmentation (a random shift of up to
-    2 pixels; no mirror flip: digits and 1-D signals are not mirror-symmetric, and the flip kept the
-    small ViTs near chance within a run), or text windows."""
-
-    def __init__(self, data: TaskData, settings: RunSettings, tc: TrainingConfig, seed: int):
-        self.data, self.tc, self.augment = data, tc, settings.augment
-        self.gen = torch.Generator().manual_seed(seed)
-        self.text = data.modality == "text"
-        n = len(data.x_train) - tc.lm_context - 1 if self.text else len(data.x_train)
-        pool = torch.arange(n)
-        if settings.train_subset is not None:
-            pool = pool[torch.randperm(n, generator=self.gen)[: settings.train_subset]]
-        self.pool = pool
-
-    def draw(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = pool[torch.randint(0, len(pool), (self.tc.batch_size,), generator=self.gen)]
-        if self.text:
-            offsets = torch.arange(self.tc.lm_context)
-            stream = self.data.x_train
-            return stream[idx[:, None] + offsets], stream[idx[:, None] + offsets + 1]
-        x, y = self.data.x_train[idx], self.data.y_train[idx]
-        if self.augment:
-            dx, dy = torch.randint(-2, 3, (2,), generator=self.gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        return x, y
-
-
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return lm_loss(out, y) if out.ndim == 3 else F.cross_entropy(out, y)
-
-
-@torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and per-sample correctness (text: token accuracy per window)."""
-    model.eval()
-    losses, correct = [], []
-    for i in range(0, len(x), batch):
-        out = model(x[i:i + batch])
-        yy = y[i:i + batch]
-        if out.ndim == 3:  # text: per window, mean token loss and token accuracy
-            losses.append(F.cross_entropy(out.flatten(0, 1), yy.flatten(), reduction="none").view(yy.shape).mean(1))
-            correct.append((out.argmax(-1) == yy).float().mean(1))
-        else:
-            losses.append(F.cross_entropy(out, yy, reduction="none"))
-            correct.append(out.argmax(-1) == yy)
-    model.train()
-    correct_all = torch.cat(correct)
-    return float(torch.cat(losses).mean()), float(correct_all.float().mean()), correct_all.numpy()
 
 
 class LyapunovProbe:
@@ -163,97 +75,117 @@ class LyapunovProbe:
                     c.copy_(p + d * (self.eps / dist))
 
 
-# ------------------------------------------------------------------ one run
-def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = False) -> dict:
-    tc = cfg.training
-    t0 = time.time()
-    seed = int(spec.run_id.rsplit("-", 1)[1][:8], 16)  # stable per spec
-    torch.manual_seed(seed)
-    data = cached_dataset(spec.dataset, tc.image_size, tc.max_train, tc.max_val, cfg.data_root.get(spec.dataset))
-    pert = make_perturbation(spec.perturbation, tc.steps)
-    if data.modality not in pert.modalities:
-        raise ValueError(f"perturbation {spec.perturbation} does not apply to {data.modality} data ({spec.dataset})")
-    pert.bind(data.y_train, data.num_classes, seed)
-    settings = run_settings(pert, tc, spec.arch, spec.optimizer)
+# ------------------------------------------------------------------ the factory's hooks
+class CaptureFrames(JobCallback):
+    """Capture on the job's model and optimizer (`capture.attach`, the live path) into the run store,
+    once per step after backward; with `hessian_every` > 0 also the top Hessian eigenvalue at every
+    `hessian_every`-th frame, on a hook-free copy made before capture attaches (same parameters and
+    batch as the frame)."""
 
-    make_model = lambda: build_arch(spec.arch, data.num_classes, tc.image_size)[0]  # noqa: E731
-    model, modules = build_arch(spec.arch, data.num_classes, tc.image_size)
-    make_opt = lambda params: make_optimizer(spec.optimizer, params, settings.lr, settings.weight_decay)  # noqa: E731
-    optimizer = make_opt(model.parameters())
-    batches = Batches(data, settings, tc, seed)
+    def __init__(self, config: CaptureConfig, sink: RunWriter, hessian_every: int = 0):
+        self.config, self.sink, self.hessian_every = config, sink, hessian_every
+        self.capture: Capture | None = None
+        self.hessian: HessianTracker | None = None
 
-    # Validation sets (privileged): clean, poisoned (watermark of the true class), text windows.
-    if data.modality == "text":
-        n_win = min(tc.max_val, (len(data.x_val) - 1) // tc.lm_context)
-        starts = torch.arange(n_win) * tc.lm_context
-        offs = torch.arange(tc.lm_context)
-        x_val, y_val = data.x_val[starts[:, None] + offs], data.x_val[starts[:, None] + offs + 1]
-        x_poison = None
-    else:
-        x_val, y_val = data.x_val, data.y_val
-        x_poison = watermark(x_val, y_val, data.num_classes)
+    def on_train_start(self, loop: StepLoop) -> None:
+        job = loop.job
+        if self.hessian_every:
+            self.hessian = HessianTracker(job.model, self.hessian_every, seed=job.seed)
+        self.capture = attach(job.model, self.config, optimizer=job.optimizer, sink=self.sink)
 
-    store_path = corpus / "runs" / f"{spec.run_id}.zarr"
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = RunWriter(store_path, cfg.capture.frame_size, spec=spec.to_dict(), overwrite=overwrite)
-    ccfg = CaptureConfig(cadence=cfg.capture.cadence, frame_size=cfg.capture.frame_size, modules=modules)
-    # top Hessian eigenvalue at every hessian_every-th frame, on a hook-free copy made before capture attaches
-    hessian = HessianTracker(model, tc.hessian_every, seed=seed) if tc.hessian_every else None
-    lyap_starts = sorted({int(f * tc.steps) for f in np.linspace(0.5, 0.9, tc.lyapunov_windows)}) if tc.lyapunov_windows else []
+    def on_after_backward(self, loop: StepLoop) -> None:
+        frame = self.capture.step(loop.loss, lr=loop.lr)
+        if self.hessian is not None and frame is not None:
+            self.hessian.on_frame(loss_fn, loop.x, loop.y)
 
-    val_loss, val_acc, val_correct, poison_correct, epoch_step = [], [], [], [], []
-    lyap_windows: list[tuple[int, list[float]]] = []
-    probe: LyapunovProbe | None = None
-    nonfinite_run, status, steps_done = 0, "complete", 0
-    with writer:  # any exception below removes the temporary store
-        with attach(model, ccfg, optimizer=optimizer, sink=writer) as cap:
-            model.train()
-            for step in range(tc.steps):
-                pool = pert.pool(step, batches.pool)
-                x, y = pert.batch(step, *batches.draw(pool))
-                lr = step_lr(settings, tc, pert, step)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                if step in lyap_starts:
-                    probe = LyapunovProbe(make_model, make_opt, model, optimizer, tc.lyapunov_eps, seed + step)
-                    probe_start = step
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                frame = cap.step(loss, lr=lr)
-                if hessian is not None and frame is not None:  # same parameters and batch as the frame
-                    hessian.on_frame(loss_fn, x, y)
-                pert.before_step(step, model, optimizer)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                steps_done = step + 1
-                if probe is not None:
-                    probe.step(x, y, lr, pert, step)
-                    if len(probe.log_alpha) == tc.lyapunov_horizon:
-                        lyap_windows.append((probe_start, probe.log_alpha))
-                        probe = None
-                nonfinite_run = 0 if math.isfinite(loss.item()) else nonfinite_run + 1
-                if (step + 1) % tc.eval_every == 0 or nonfinite_run >= tc.divergence_patience:
-                    vl, va, vc = evaluate(model, x_val, y_val)
-                    val_loss.append(vl), val_acc.append(va), val_correct.append(vc), epoch_step.append(step + 1)
-                    if x_poison is not None:
-                        poison_correct.append(evaluate(model, x_poison, y_val)[2])
-                if nonfinite_run >= tc.divergence_patience:
-                    status = "diverged"
-                    break
+    def on_train_end(self, loop: StepLoop) -> None:
+        self._close()
 
+    def on_exception(self, loop: StepLoop, error: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.capture is not None:  # hand the last steps' losses to the store, remove the hooks
+            self.capture.__exit__(None, None, None)
+
+
+class LyapunovWindows(JobCallback):
+    """`LyapunovProbe` windows of `horizon` steps starting at the steps in `starts`: the probe forks at
+    the start of its first step (before the update), then follows the job step by step."""
+
+    def __init__(self, starts: list[int], horizon: int, eps: float):
+        self.starts, self.horizon, self.eps = set(starts), horizon, eps
+        self.windows: list[tuple[int, list[float]]] = []  # (start step, log growth factor per step)
+        self._probe: LyapunovProbe | None = None
+        self._start = 0
+
+    def on_step_start(self, loop: StepLoop) -> None:
+        if loop.step in self.starts:
+            job = loop.job
+            self._probe = LyapunovProbe(job.make_model, job.make_optimizer, job.model, job.optimizer, self.eps, job.seed + loop.step)
+            self._start = loop.step
+
+    def on_step_end(self, loop: StepLoop) -> None:
+        if self._probe is not None:
+            self._probe.step(loop.x, loop.y, loop.lr, loop.job.perturbation, loop.step)
+            if len(self._probe.log_alpha) == self.horizon:
+                self.windows.append((self._start, self._probe.log_alpha))
+                self._probe = None
+
+
+class DivergenceStop(JobCallback):
+    """Stops the job after `patience` non-finite losses in a row (`diverged`)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.nonfinite_run, self.diverged = patience, 0, False
+
+    def on_step_end(self, loop: StepLoop) -> None:
+        self.nonfinite_run = 0 if math.isfinite(loop.loss.item()) else self.nonfinite_run + 1
+        if self.nonfinite_run >= self.patience:
+            self.diverged = loop.should_stop = True
+
+
+class Validation(JobCallback):
+    """Privileged evaluation after every `every`-th step (one "epoch") and at the step that stops the
+    job: validation loss, accuracy and per-sample correctness, and the correctness on the poisoned
+    set `x_poison` (images stamped with their class's watermark; None for text)."""
+
+    def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, x_poison: torch.Tensor | None, every: int):
+        self.x_val, self.y_val, self.x_poison, self.every = x_val, y_val, x_poison, every
+        self.val_loss, self.val_acc, self.val_correct, self.poison_correct, self.epoch_step = [], [], [], [], []
+
+    def on_step_end(self, loop: StepLoop) -> None:
+        if (loop.step + 1) % self.every == 0 or loop.should_stop:
+            vl, va, vc = evaluate(loop.job.model, self.x_val, self.y_val)
+            self.val_loss.append(vl), self.val_acc.append(va), self.val_correct.append(vc), self.epoch_step.append(loop.step + 1)
+            if self.x_poison is not None:
+                self.poison_correct.append(evaluate(loop.job.model, self.x_poison, self.y_val)[2])
+
+
+class Labelling(JobCallback):
+    """At the end of the job: its label from the store's public series and the privileged signals
+    (`factory.labeler.label_run`), and those signals written to the store's privileged group."""
+
+    def __init__(self, writer: RunWriter, spec: RunSpec, labels: LabelConfig, validation: Validation, lyapunov: LyapunovWindows):
+        self.writer, self.spec, self.labels, self.validation, self.lyapunov = writer, spec, labels, validation, lyapunov
+        self.result: dict | None = None
+
+    def on_train_end(self, loop: StepLoop) -> None:
+        writer, val, data = self.writer, self.validation, loop.job.data
+        lyap_windows = self.lyapunov.windows
         signals = {
             "train_loss": writer.train_loss,
             "frame_step": writer.frame_steps,
             "gwa": writer.frame_readouts[:, READOUT_NAMES.index("gwa")],
-            "epoch_step": np.asarray(epoch_step),
-            "val_loss": np.asarray(val_loss),
-            "val_acc": np.asarray(val_acc),
-            "val_correct": np.asarray(val_correct),
-            "poison_correct": np.asarray(poison_correct, dtype=bool) if poison_correct else None,
-            "val_labels": y_val.numpy() if data.modality == "image" else None,
+            "epoch_step": np.asarray(val.epoch_step),
+            "val_loss": np.asarray(val.val_loss),
+            "val_acc": np.asarray(val.val_acc),
+            "val_correct": np.asarray(val.val_correct),
+            "poison_correct": np.asarray(val.poison_correct, dtype=bool) if val.poison_correct else None,
+            "val_labels": val.y_val.numpy() if data.modality == "image" else None,
             "lyapunov": lyap_windows,
         }
-        label = label_run(signals, spec, pert, data, cfg.labels, steps_done)
+        self.result = label_run(signals, self.spec, loop.job.perturbation, data, self.labels, loop.steps_done)
         for key in ("epoch_step", "val_loss", "val_acc", "val_correct"):
             writer.write_privileged(key, signals[key])
         if signals["poison_correct"] is not None:
@@ -263,15 +195,51 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
             writer.write_privileged("lyapunov_start", np.asarray([s for s, _ in lyap_windows]))
             writer.write_privileged("lyapunov_log_alpha", np.asarray([a for _, a in lyap_windows]))
         # the rules' statistics come from validation data: privileged, like the signals behind them
-        writer.write_privileged("labeling", np.zeros(0), attrs={"rules": label["rules"]})
+        writer.write_privileged("labeling", np.zeros(0), attrs={"rules": self.result["rules"]})
+
+
+def validation_sets(data: TaskData, tc: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_val, y_val, x_poison) of a run (privileged): the clean validation set and the poisoned one
+    (the watermark of the true class; None for text), or for text non-overlapping windows of the
+    validation stream, at most `max_val`."""
+    if data.modality == "text":
+        n_win = min(tc.max_val, (len(data.x_val) - 1) // tc.lm_context)
+        starts = torch.arange(n_win) * tc.lm_context
+        offs = torch.arange(tc.lm_context)
+        return data.x_val[starts[:, None] + offs], data.x_val[starts[:, None] + offs + 1], None
+    return data.x_val, data.y_val, watermark(data.x_val, data.y_val, data.num_classes)
+
+
+# ------------------------------------------------------------------ one run
+def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = False) -> dict:
+    tc = cfg.training
+    t0 = time.time()
+    job = job_from_spec(spec, cfg)
+    data, pert = job.data, job.perturbation
+    x_val, y_val, x_poison = validation_sets(data, tc)
+
+    store_path = corpus / "runs" / f"{spec.run_id}.zarr"
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = RunWriter(store_path, cfg.capture.frame_size, spec=spec.to_dict(), overwrite=overwrite)
+    ccfg = CaptureConfig(cadence=cfg.capture.cadence, frame_size=cfg.capture.frame_size, modules=job.modules)
+    lyap_starts = sorted({int(f * tc.steps) for f in np.linspace(0.5, 0.9, tc.lyapunov_windows)}) if tc.lyapunov_windows else []
+    capture = CaptureFrames(ccfg, writer, tc.hessian_every)
+    lyapunov = LyapunovWindows(lyap_starts, tc.lyapunov_horizon, tc.lyapunov_eps)
+    divergence = DivergenceStop(tc.divergence_patience)
+    validation = Validation(x_val, y_val, x_poison, tc.eval_every)
+    labelling = Labelling(writer, spec, cfg.labels, validation, lyapunov)
+    with writer:  # any exception below removes the temporary store
+        loop = run_job(job, [capture, lyapunov, divergence, validation, labelling])
+        status = "diverged" if divergence.diverged else "complete"
+        label = labelling.result
         extra = {}
-        if hessian is not None:  # public: a model quantity on the training batch, no validation data
-            writer.set_frame_array("hessian_top", hessian.series())
-            extra["hessian"] = hessian.metadata()  # its settings and cost (seconds, included in `seconds`)
+        if capture.hessian is not None:  # public: a model quantity on the training batch, no validation data
+            writer.set_frame_array("hessian_top", capture.hessian.series())
+            extra["hessian"] = capture.hessian.metadata()  # its settings and cost (seconds, included in `seconds`)
         writer.finalize(
             label=label["label"], onset_step=label["onset_step"], trigger_step=label["trigger_step"],
             online_label=label["online_label"], status=status,
-            perturbation=pert.describe(), capture=cap.metadata(), training=asdict(tc), epoch_steps=tc.eval_every,
+            perturbation=pert.describe(), capture=capture.capture.metadata(), training=asdict(tc), epoch_steps=tc.eval_every,
             seconds=round(time.time() - t0, 2), num_classes=data.num_classes, modality=data.modality, **extra,
         )
     return {
@@ -282,7 +250,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
         "online_label": label["online_label"],
         "injected": pert.injected,
         "status": status,
-        "steps": steps_done,
+        "steps": loop.steps_done,
         "n_frames": writer.n_frames,
         "seconds": round(time.time() - t0, 2),
         "store": str(store_path.relative_to(corpus)),

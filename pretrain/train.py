@@ -21,10 +21,8 @@ import os
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
 
-import csv
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from tqdm import tqdm
 
 from capture.config import ConfigError, cli_parser, load_config, save_config
 from pretrain.checkpoint import checkpoint_exists, load_checkpoint, restore_training_state, save_checkpoint
+from pretrain.engine import CsvLog, NonFiniteLossError, train_one_epoch as train_epoch, warmup_cosine
 from pretrain.encoder import ENCODER_VARIANTS, EncoderConfig, encoder_config
 from pretrain.mae import DynamicsMAE
 
@@ -124,10 +123,6 @@ class PretrainConfig:
     threads: int | None = None  # torch threads per process; None: CPU cores / local processes
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
 # ------------------------------------------------------------------ pieces
 
 def mixed_precision(precision: str) -> str:
@@ -141,13 +136,7 @@ def mixed_precision(precision: str) -> str:
     return precision
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Learning rate of optimizer step `step` (0-based) over the peak: linear warm-up to 1 over `warmup`
-    steps, then half-cosine down to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+lr_factor = warmup_cosine  # the project's one schedule (pretrain.engine); the name pretraining's callers know
 
 
 def build_model(cfg: PretrainConfig) -> DynamicsMAE:
@@ -215,7 +204,7 @@ def make_optimizer(cfg: OptimConfig, model: DynamicsMAE, lr: float, total: int, 
     groups = param_groups_weight_decay(model, cfg.weight_decay, model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     min_ratio = cfg.min_lr / lr if lr > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, min_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup, min_ratio))
     return optimizer, scheduler
 
 
@@ -231,24 +220,17 @@ def resume(last: Path, model: DynamicsMAE, optimizer, scheduler) -> int:
 
 
 class RunLog:
-    """log.csv (+ TensorBoard when available) on the main process; on resume, rows after the resumed
-    step (written after the last checkpoint of a killed run) are dropped."""
+    """log.csv (`pretrain.engine.CsvLog`: appended to on resume, rows after the resumed step dropped)
+    and TensorBoard events when available, on the main process."""
 
     FIELDS = ("step", "epoch", "loss", "lr", "clips_per_s", "elapsed_s")
 
     def __init__(self, out: Path, start_step: int, enabled: bool):
         self.enabled, self.path = enabled, out / "log.csv"
         self.tb = None
+        self.csv = CsvLog(self.path, self.FIELDS, start_step if start_step > 0 else None, enabled)
         if not enabled:
             return
-        rows = []
-        if start_step > 0 and self.path.exists():
-            with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, self.FIELDS)
-            w.writeheader()
-            w.writerows(rows)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -259,8 +241,7 @@ class RunLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(row)
+        self.csv.write(row)
         if self.tb is not None:
             for key in ("loss", "lr", "clips_per_s"):
                 self.tb.add_scalar(f"pretrain/{key}", row[key], row["step"])
@@ -274,39 +255,24 @@ class RunLog:
 
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator, *, step: int, max_steps: int, clip_grad: float | None,
                     mask_generator: torch.Generator | None = None, on_step: Callable[[int, float, int], None] | None = None) -> int:
-    """One pass over `loader` (or until optimizer step `max_steps`); returns the optimizer step reached.
+    """One pass over `loader` (or until optimizer step `max_steps`) through the project's training engine
+    (`pretrain.engine.train_one_epoch`); returns the optimizer step reached.
 
-    Every micro-batch's loss is gathered from all processes before backward, so a non-finite loss
-    raises `NonFiniteLossError` on every process at once (none is left waiting in an all-reduce).
-    `on_step(step, mean loss over the optimizer step, clips in it over all processes)` runs after each
-    optimizer step."""
-    model.train()
-    losses, clips = [], 0
-    for batch in loader:
+    A non-finite loss raises `NonFiniteLossError` on every process at once. `on_step(step, mean loss over
+    the optimizer step, clips in it over all processes)` runs after each optimizer step."""
+
+    def forward(model, batch):
         frames = batch["frames"].to(accelerator.device, non_blocking=True)  # (B, T, C, S, S) bf16
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                loss = model(frames, generator=mask_generator).loss
-            gathered = accelerator.gather(loss.detach().float().reshape(1))  # (processes,)
-            if not torch.isfinite(gathered).all():
-                raise NonFiniteLossError(f"non-finite Dynamics-MAE loss {gathered.tolist()} (one per process) at optimizer "
-                                         f"step {step + 1}: lower optim.lr / set optim.clip_grad, or check the clips")
-            accelerator.backward(loss)
-            if clip_grad and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(gathered.mean().item())
-        clips += frames.shape[0] * accelerator.num_processes
-        if accelerator.sync_gradients:
-            scheduler.step()  # stepped here, not by accelerate: the schedule counts optimizer steps
-            step += 1
-            if on_step is not None:
-                on_step(step, float(np.mean(losses)), clips)
-            losses, clips = [], 0
-            if step >= max_steps:
-                break
-    return step
+        return model(frames, generator=mask_generator).loss
+
+    def step_done(step: int, losses: list[torch.Tensor], batches: list) -> None:
+        if on_step is not None:
+            clips = sum(b["frames"].shape[0] for b in batches) * accelerator.num_processes
+            on_step(step, float(np.mean([g.mean().item() for g in losses])), clips)
+
+    return train_epoch(model, loader, optimizer, forward, accelerator=accelerator, scheduler=scheduler, clip_grad=clip_grad,
+                       step=step, max_steps=max_steps, on_step=step_done, what="Dynamics-MAE",
+                       hint="lower optim.lr / set optim.clip_grad, or check the clips").step
 
 
 # ------------------------------------------------------------------ script

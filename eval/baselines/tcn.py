@@ -41,6 +41,7 @@ from diagnose.tevid import readout_features
 from eval.replay import FrameOutput, LoadedRun, PastView
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.clips import ClipConfig, run_targets
+from pretrain.engine import train_one_epoch
 
 LOSS_FEATURES = ("loss_mean", "loss_max", "loss_nonfinite")
 
@@ -201,17 +202,18 @@ def train_tcn(train_runs: list[LoadedRun], cfg: TCNConfig | None = None, val_run
     val = tcn_windows(val_runs, cfg, features) if val_runs else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = {"train_loss": [], "val_loss": [], "n_train": len(y), "class_counts": counts.tolist()}
+    total = 0.0
+
+    def step_done(step: int, losses: list[torch.Tensor], batches: list) -> None:
+        nonlocal total
+        total += losses[0].item() * len(batches[0][1])
+
     for _ in tqdm(range(cfg.epochs), desc=f"train {name}", unit="epoch", file=sys.stderr, disable=not progress, leave=False):
-        model.train()
         total = 0.0
-        for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size):
-            loss = F.cross_entropy(model(x[idx]), y[idx], weight=weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name}: non-finite training loss {loss.item()}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+        batches = ((x[idx], y[idx]) for idx in torch.randperm(len(y), generator=gen).split(cfg.batch_size))
+        train_one_epoch(model, batches, opt, lambda m, batch: m(batch[0]),  # the project's training engine (pretrain.engine)
+                        lambda logits, batch: F.cross_entropy(logits, batch[1], weight=weight), on_step=step_done,
+                        what=f"{name} training")
         history["train_loss"].append(total / len(y))
         if val is not None:
             model.eval()

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from eval.replay import FrameOutput, PastView
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.clips import CLASSES, IGNORE, ClipConfig, CorpusClips, collate
+from pretrain.engine import train_one_epoch
 
 ARCHS = ("r2plus1d", "video_swin")
 IN_CHANS = 6
@@ -195,22 +196,20 @@ def train_video(corpus: str | Path, cfg: VideoConfig | None = None, split: str =
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     history = {"loss": [], "n_train": int(len(idx)), "class_counts": counts.tolist()}
     bar = tqdm(total=total, desc=f"train {name or cfg.arch}", unit="step", file=sys.stderr, disable=not progress, leave=False)
-    model.train()
-    step = 0
-    while step < total:
+
+    def epoch():  # one shuffled pass over the labelled windows, collated lazily
         for chunk in torch.from_numpy(idx)[torch.randperm(len(idx), generator=gen)].split(cfg.batch_size):
-            if step >= total:
-                break
-            batch = collate([ds[int(i)] for i in chunk])
-            loss = F.cross_entropy(model(batch["frames"]), batch["target"], weight=weight, ignore_index=IGNORE)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{name or cfg.arch}: non-finite training loss {loss.item()} at step {step}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            history["loss"].append(loss.item())
-            step += 1
-            bar.update()
+            yield collate([ds[int(i)] for i in chunk])
+
+    def step_done(step: int, losses: list[torch.Tensor], batches: list) -> None:
+        history["loss"].append(losses[0].item())
+        bar.update()
+
+    step = 0
+    while step < total:  # the project's training engine (pretrain.engine), one process, no accumulation
+        step = train_one_epoch(model, epoch(), opt, lambda m, batch: m(batch["frames"]),
+                               lambda logits, batch: F.cross_entropy(logits, batch["target"], weight=weight, ignore_index=IGNORE),
+                               step=step, max_steps=total, on_step=step_done, what=f"{name or cfg.arch} training").step
     bar.close()
     return VideoDetector(model.eval(), name or cfg.arch), history
 

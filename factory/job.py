@@ -1,0 +1,197 @@
+"""A training job, built once: model, optimizer, batches, perturbation, learning-rate schedule and
+settings, from a run spec (`job_from_spec`) or from the same ingredients named directly (`build_job`).
+
+    job = job_from_spec(spec, cfg)                 # a factory run
+    loop = run_job(job, [callbacks ...])           # factory.loop: the one step loop
+
+The factory's runs (`factory.train.run_one`), the HPO trials and the privacy-curve jobs are built here
+and run by `factory.loop.run_job`, so they draw batches, schedule the learning rate and bend the step
+with their perturbation in the same order. The ingredients (`make_optimizer`, `Batches`,
+`lr_schedule`, `evaluate`, ...) are also used on their own by experiments that train a factory model
+in their own loop.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from capture.lm import lm_loss
+from factory.archs import build_arch
+from factory.config import TrainingConfig
+from factory.datasets import TaskData, load_dataset
+from factory.perturbations import Perturbation, RunSettings, make_perturbation
+from pretrain.engine import warmup_cosine
+
+if TYPE_CHECKING:
+    from factory.config import FactoryConfig
+    from factory.spec import RunSpec
+
+__all__ = ["Batches", "Job", "build_job", "cached_dataset", "evaluate", "job_from_spec", "loss_fn", "lr_schedule",
+           "make_optimizer", "run_seed", "run_settings", "step_lr"]
+
+
+# ------------------------------------------------------------------ ingredients
+@functools.lru_cache(maxsize=8)
+def cached_dataset(name: str, image_size: int, max_train: int, max_val: int, root: str | None) -> TaskData:
+    return load_dataset(name, image_size=image_size, seed=0, root=root, max_train=max_train, max_val=max_val)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":  # foreach: one fused kernel per op over all tensors (torch picks per-tensor on CPU)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, foreach=True)
+    if name == "lion":
+        from timm.optim import Lion
+
+        return Lion(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd, lion, adafactor")
+
+
+def run_settings(pert: Perturbation, tc: TrainingConfig, arch: str, optimizer: str) -> RunSettings:
+    """The recipe of one run (`tc.lr(arch, optimizer)`, the optimizer's weight decay) as its perturbation
+    configures it."""
+    return pert.configure(RunSettings(lr=tc.lr(arch, optimizer), weight_decay=tc.weight_decay[optimizer], optimizer=optimizer))
+
+
+def lr_schedule(step: int, steps: int, warmup_frac: float, anneal: bool = True) -> float:
+    """The factory's schedule (`pretrain.engine.warmup_cosine`): linear warm-up over `warmup_frac` of the
+    steps (at least one), then cosine from 1 to 0.1 (`anneal`) or constant."""
+    return warmup_cosine(step, steps, max(1, int(warmup_frac * steps)), 0.1 if anneal else 1.0)
+
+
+def step_lr(settings: RunSettings, tc: TrainingConfig, pert: Perturbation, step: int) -> float:
+    """The learning rate of one step: the run's base rate, its schedule and the perturbation's factor."""
+    return settings.lr * lr_schedule(step, tc.steps, tc.warmup_frac, settings.anneal) * pert.lr_factor(step)
+
+
+class Batches:
+    """Draws training batches for one run: images with light augmentation (a random shift of up to
+    2 pixels; no mirror flip: digits and 1-D signals are not mirror-symmetric, and the flip kept the
+    small ViTs near chance within a run), or text windows."""
+
+    def __init__(self, data: TaskData, settings: RunSettings, tc: TrainingConfig, seed: int):
+        self.data, self.tc, self.augment = data, tc, settings.augment
+        self.gen = torch.Generator().manual_seed(seed)
+        self.text = data.modality == "text"
+        n = len(data.x_train) - tc.lm_context - 1 if self.text else len(data.x_train)
+        pool = torch.arange(n)
+        if settings.train_subset is not None:
+            pool = pool[torch.randperm(n, generator=self.gen)[: settings.train_subset]]
+        self.pool = pool
+
+    def draw(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = pool[torch.randint(0, len(pool), (self.tc.batch_size,), generator=self.gen)]
+        if self.text:
+            offsets = torch.arange(self.tc.lm_context)
+            stream = self.data.x_train
+            return stream[idx[:, None] + offsets], stream[idx[:, None] + offsets + 1]
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        if self.augment:
+            dx, dy = torch.randint(-2, 3, (2,), generator=self.gen).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        return x, y
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return lm_loss(out, y) if out.ndim == 3 else F.cross_entropy(out, y)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and per-sample correctness (text: token accuracy per window)."""
+    model.eval()
+    losses, correct = [], []
+    for i in range(0, len(x), batch):
+        out = model(x[i:i + batch])
+        yy = y[i:i + batch]
+        if out.ndim == 3:  # text: per window, mean token loss and token accuracy
+            losses.append(F.cross_entropy(out.flatten(0, 1), yy.flatten(), reduction="none").view(yy.shape).mean(1))
+            correct.append((out.argmax(-1) == yy).float().mean(1))
+        else:
+            losses.append(F.cross_entropy(out, yy, reduction="none"))
+            correct.append(out.argmax(-1) == yy)
+    model.train()
+    correct_all = torch.cat(correct)
+    return float(torch.cat(losses).mean()), float(correct_all.float().mean()), correct_all.numpy()
+
+
+# ------------------------------------------------------------------ the job
+@dataclass
+class Job:
+    """Everything the step loop (`factory.loop.run_job`) runs: built once by `build_job`."""
+
+    arch: str
+    optimizer_name: str
+    data: TaskData
+    training: TrainingConfig  # steps, batch size, warm-up (the other fields matter to the factory only)
+    perturbation: Perturbation
+    settings: RunSettings  # the recipe as the perturbation configured it
+    seed: int
+    model: nn.Module
+    modules: list[str] | None  # capture hook points (`build_arch`'s second item; None: capture finds them)
+    optimizer: torch.optim.Optimizer
+    batches: Batches
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of `step`: drawn from the perturbation's pool, then bent by it."""
+        pool = self.perturbation.pool(step, self.batches.pool)
+        return self.perturbation.batch(step, *self.batches.draw(pool))
+
+    def lr(self, step: int) -> float:
+        """The learning rate of `step` (`step_lr`)."""
+        return step_lr(self.settings, self.training, self.perturbation, step)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out, y)
+
+    def make_model(self) -> nn.Module:
+        """A fresh model of the job's architecture (draws its initial weights from torch's global RNG)."""
+        return build_arch(self.arch, self.data.num_classes, self.training.image_size)[0]
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """An optimizer of the job's kind at its base rate and weight decay."""
+        return make_optimizer(self.optimizer_name, params, self.settings.lr, self.settings.weight_decay)
+
+
+def build_job(arch: str, data: TaskData, optimizer: str, perturbation: Perturbation, training: TrainingConfig, seed: int,
+              settings: RunSettings | None = None) -> Job:
+    """Build a job: seed torch's global RNG with `seed`, tell the perturbation about the data, configure
+    the recipe through it, then model, optimizer and batch sampler (in this order: the model's initial
+    weights are the first draws after the seed). `settings`: the recipe before the perturbation
+    configures it (None: the factory's, `training.lr(arch, optimizer)` and its weight decay)."""
+    if data.modality not in perturbation.modalities:
+        raise ValueError(f"perturbation {perturbation.name} does not apply to {data.modality} data ({data.name})")
+    torch.manual_seed(seed)
+    perturbation.bind(data.y_train, data.num_classes, seed)
+    if settings is None:
+        settings = run_settings(perturbation, training, arch, optimizer)
+    else:
+        settings = perturbation.configure(replace(settings, optimizer=settings.optimizer or optimizer))
+    model, modules = build_arch(arch, data.num_classes, training.image_size)
+    opt = make_optimizer(optimizer, model.parameters(), settings.lr, settings.weight_decay)
+    batches = Batches(data, settings, training, seed)
+    return Job(arch, optimizer, data, training, perturbation, settings, seed, model, modules, opt, batches)
+
+
+def run_seed(spec: RunSpec) -> int:
+    """The seed of a factory run: stable per spec (from its run id)."""
+    return int(spec.run_id.rsplit("-", 1)[1][:8], 16)
+
+
+def job_from_spec(spec: RunSpec, cfg: FactoryConfig) -> Job:
+    """The job of one factory run: its dataset, its perturbation preset and the corpus's training recipe."""
+    tc = cfg.training
+    data = cached_dataset(spec.dataset, tc.image_size, tc.max_train, tc.max_val, cfg.data_root.get(spec.dataset))
+    pert = make_perturbation(spec.perturbation, tc.steps)
+    if data.modality not in pert.modalities:
+        raise ValueError(f"perturbation {spec.perturbation} does not apply to {data.modality} data ({spec.dataset})")
+    return build_job(spec.arch, data, spec.optimizer, pert, tc, run_seed(spec))
