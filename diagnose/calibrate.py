@@ -17,7 +17,7 @@ Fitted once on validation, then frozen and saved as `calibration.json` beside th
    (fraction of Healthy runs with any confirmed alert, DESIGN.md §9) is <= `far_target` (5%); then
    clipped to [`min_threshold`, 1]. Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
 
-    python -m diagnose.calibrate --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu --out outputs/finetune/cpu/final
+`python -m diagnose.recalibrate` runs this on a checkpoint (`diagnose.finetune` does at the end of training).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def load_calibration(directory: str | Path) -> Calibration:
     path = Path(directory) / CALIBRATION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: calibrate the checkpoint first "
-                                f"(python -m diagnose.calibrate --checkpoint {directory} --corpus CORPUS --out {directory})")
+                                f"(python -m diagnose.recalibrate --checkpoint {directory} --corpus CORPUS --out {directory})")
     data = json.loads(path.read_text())
     try:
         cal = Calibration(**data)
@@ -132,11 +132,11 @@ class RunStream:
 def predict_records(model, dataset, indices=None, batch_size: int = 64, device: torch.device | str = "cpu") -> list[dict]:
     """Run `model.predict` over `dataset[i]` for i in `indices` (all by default); one dict per window:
     run_id, label, end_frame, target, novel, alpha and logits (lists of K floats)."""
-    from pretrain.clips import collate
-
     indices = range(len(dataset)) if indices is None else indices
     subset = torch.utils.data.Subset(dataset, list(indices))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    # torch's default collate stacks tensors, makes ints/bools tensors and keeps strings as lists, as
+    # pretrain.clips.collate does, without importing the data path into this library module
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
     was_training = model.training
     model.eval()
     records = []
@@ -295,32 +295,3 @@ def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> d
     out["val_detection"] = {c: f"{detected[c]}/{anomalous[c]}" for c in sorted(anomalous)}
     return out
 
-
-# ---------------------------------------------------------------- CLI: (re)calibrate a checkpoint
-
-def main(argv: list[str] | None = None) -> int:
-    from capture.config import cli_parser, from_dict, load_config
-    from diagnose.tevid import load_tevid
-    from pretrain.checkpoint import load_checkpoint
-    from pretrain.clips import CLASSES, ClipConfig, CorpusClips
-
-    p = cli_parser("Calibrate a fine-tuned TEViD on a corpus's validation split", corpus=True, checkpoint=True)
-    args = p.parse_args(argv)
-    if args.checkpoint is None:
-        p.error("--checkpoint DIR (a fine-tuning output, e.g. out/final) is required")
-    cfg = load_config(CalibrationConfig, args.config, args.overrides)
-    model, _ = load_tevid(args.checkpoint, require_calibration=False)
-    saved = load_checkpoint(args.checkpoint).config.get("data", {})
-    clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
-    val = CorpusClips(args.corpus, "val", clip_cfg)
-    records = predict_records(model, val, batch_size=64)
-    cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
-    path = save_calibration(cal, args.out)
-    print(json.dumps({**window_metrics(records), "temperature": cal.temperature, "tau": cal.tau,
-                      "thresholds": cal.thresholds, **cal.report}, indent=1))
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -35,7 +35,7 @@ class Prediction:
 
 
 def _readout_names() -> tuple[str, ...]:
-    from pretrain.clips import CLIP_READOUTS
+    from capture.schema import CLIP_READOUTS
 
     return CLIP_READOUTS
 

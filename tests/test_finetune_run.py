@@ -113,7 +113,7 @@ def test_checkpoint_and_calibration_round_trip_bit_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     (path / "calibration.json").unlink()
-    with pytest.raises(FileNotFoundError, match="diagnose.calibrate"):
+    with pytest.raises(FileNotFoundError, match="diagnose.recalibrate"):
         load_tevid(path)
     _, default = load_tevid(path, require_calibration=False)
     assert default.report == {"calibrated": False} and default.tau == 0.35

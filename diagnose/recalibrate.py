@@ -1,0 +1,47 @@
+"""(Re)calibrate a fine-tuned TEViD on a corpus's validation split: predict every validation window,
+fit temperature, vacuity threshold and alert thresholds (`diagnose.calibrate.calibrate`) and write
+`calibration.json` (docs/tevid.md, "Calibration").
+
+    python -m diagnose.recalibrate --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
+        --out outputs/finetune/cpu/final [--config FILE] [key=value ...]
+
+`diagnose.finetune` calibrates at the end of training already; this command redoes it, e.g. with other
+`CalibrationConfig` settings. It reads the corpus (`pretrain.clips`), so it is a pipeline stage, kept
+apart from `diagnose.calibrate`, which the live monitor loads (docs/architecture.md, "Import rule").
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from capture.config import cli_parser, from_dict, load_config
+from capture.schema import CLASSES
+from diagnose.calibrate import CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records, window_metrics
+from diagnose.tevid import load_tevid
+from pretrain.checkpoint import load_checkpoint
+from pretrain.clips import ClipConfig, CorpusClips
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli_parser("Calibrate a fine-tuned TEViD on a corpus's validation split", corpus=True, checkpoint=True)
+    args = p.parse_args(argv)
+    if args.checkpoint is None:
+        p.error("--checkpoint DIR (a fine-tuning output, e.g. out/final) is required")
+    cfg = load_config(CalibrationConfig, args.config, args.overrides)
+    model, _ = load_tevid(args.checkpoint, require_calibration=False)
+    saved = load_checkpoint(args.checkpoint).config.get("data", {})
+    clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
+    val = CorpusClips(args.corpus, "val", clip_cfg)
+    records = predict_records(model, val, batch_size=64)
+    cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
+    path = save_calibration(cal, args.out)
+    print(json.dumps({**window_metrics(records), "temperature": cal.temperature, "tau": cal.tau,
+                      "thresholds": cal.thresholds, **cal.report}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on CPUs that advertise AMX they cannot run
+    sys.exit(main())
