@@ -16,9 +16,19 @@ so a killed run never leaves a store that looks complete. `RunStore` refuses, na
 and the problem, anything incomplete, of another layout version, or of the wrong shape/dtype.
 zarr 3.1 has no bfloat16 data type, so frames are stored as their uint16 bit patterns; this is
 lossless and readable with plain numpy: `(u16.astype(np.uint32) << 16).view(np.float32)`.
+
+Integrity: `finalize()` records the size and sha256 of every file of every array in attrs `digests`
+(privileged arrays without their zarr.json, whose attributes the relabeler updates). `RunStore`
+checks the public arrays' files against them when it opens a store, `read_privileged` the privileged
+ones, and `verify_store` both (the factory's resume check). zarr's own crc32c codec would only check
+chunks it decodes: a shard truncated to 0 bytes or a missing chunk reads back as fill values without
+an error, so digests of whole files are kept instead. Stores written before digests existed open with
+the structural checks only. Every read error (zstd, JSON, unicode, a truncated file) comes back as a
+`RunStoreError` naming the store and the array.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +50,8 @@ CHUNK_FRAMES = 16  # frames per compressed chunk inside a shard (1-frame chunks 
 STEP_CHUNK = 4096
 PUBLIC_ARRAYS = ("frames", "frame_step", "readouts", "train_loss", "lr")
 RESERVED = (*PUBLIC_ARRAYS, "privileged")
+PRIVILEGED = "privileged"
+DIGEST = "sha256"  # of every stored file, recorded at finalize (module docstring)
 
 
 class RunStoreError(ValueError):
@@ -52,6 +64,24 @@ def bf16_to_bits(x: torch.Tensor) -> np.ndarray:
 
 def bits_to_bf16(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.new(DIGEST)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _array_files(store: Path, key: str) -> dict[str, Path]:
+    """{path relative to the array's directory: path} of the files of array `key` that digests cover:
+    all of them, except a privileged array's zarr.json (the relabeler rewrites its attributes)."""
+    base = store / key
+    files = {p.relative_to(base).as_posix(): p for p in base.rglob("*") if p.is_file()} if base.is_dir() else {}
+    if key.startswith(f"{PRIVILEGED}/"):
+        files.pop("zarr.json", None)
+    return files
 
 
 def _jsonable(x: Any) -> Any:
@@ -176,12 +206,24 @@ class RunWriter:
         if attrs:
             group[name].attrs.update(_jsonable(attrs))
 
+    def _digests(self) -> dict:
+        """{"algorithm", "arrays": {array: {file: [bytes, hex digest]}}} of every array written."""
+        keys = [*PUBLIC_ARRAYS, *sorted(self._frame_arrays)]
+        priv = self.tmp / PRIVILEGED
+        if priv.is_dir():
+            keys += [f"{PRIVILEGED}/{d.name}" for d in sorted(priv.iterdir()) if d.is_dir()]
+        return {"algorithm": DIGEST, "arrays": {
+            key: {rel: [f.stat().st_size, _file_digest(f)] for rel, f in sorted(_array_files(self.tmp, key).items())}
+            for key in keys}}
+
     def finalize(self, **attrs: Any) -> Path:
-        """Flush, record `attrs` (label, onset_step, capture metadata, ...), mark complete, publish."""
+        """Flush, record `attrs` (label, onset_step, capture metadata, ...) and the digest of every
+        array file, mark complete, publish."""
         self._flush_frames()
         self._write_small_arrays()
         self._write_frame_arrays()
         self.root.attrs.update(_jsonable(attrs))
+        self.root.attrs["digests"] = self._digests()  # every array is written: no array file changes after this
         self.root.attrs["n_frames"] = self.n_frames
         self.root.attrs["complete"] = True  # written last; the rename below is the commit point
         if self.path.exists() and self.overwrite:
@@ -204,14 +246,33 @@ class RunWriter:
 
 class RunStore:
     """Read a complete run store; arrays come back as torch tensors. Privileged data is not reachable
-    from here (see `read_privileged`)."""
+    from here (see `read_privileged`).
+
+    Opening checks the layout, shapes and chunk files, then every public array file against the
+    digests recorded at finalize; any failure, and any later read error, is a `RunStoreError` naming
+    the store and the array. `verified` is False for a store written before digests existed."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._root = self._open_checked()
+        try:
+            self._root = self._open_checked()
+        except RunStoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever zarr, json or the OS raise on a damaged store
+            raise self._fail(f"cannot be read ({type(err).__name__}: {err}): damaged") from err
 
     def _fail(self, problem: str) -> RunStoreError:
         return RunStoreError(f"run store {self.path}: {problem}")
+
+    def _array(self, root: zarr.Group, key: str) -> zarr.Array:
+        """Array `key`'s metadata, with a damaged zarr.json named."""
+        try:
+            arr = root[key]
+        except Exception as err:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, KeyError, ...
+            raise self._fail(f"array {key!r}: metadata {key}/zarr.json cannot be read ({type(err).__name__}: {err})") from err
+        if not isinstance(arr, zarr.Array):
+            raise self._fail(f"{key!r} is a {type(arr).__name__}, not an array")
+        return arr
 
     def _open_checked(self) -> zarr.Group:
         if ".tmp-" in self.path.name:
@@ -222,9 +283,9 @@ class RunStore:
             raise self._fail("has no zarr.json: not a zarr v3 store, or truncated")
         try:
             root = zarr.open_group(str(self.path), mode="r")
+            attrs = dict(root.attrs)
         except Exception as err:  # noqa: BLE001
-            raise self._fail(f"cannot be opened by zarr ({type(err).__name__}: {err})") from err
-        attrs = dict(root.attrs)
+            raise self._fail(f"zarr.json cannot be read by zarr ({type(err).__name__}: {err})") from err
         if attrs.get("tevid_layout") != LAYOUT_VERSION:
             raise self._fail(f"layout version {attrs.get('tevid_layout')!r}, this reader expects {LAYOUT_VERSION}")
         if attrs.get("complete") is not True:
@@ -234,7 +295,7 @@ class RunStore:
         for key in PUBLIC_ARRAYS:  # by path: listing the group's members would open privileged/zarr.json
             if not (self.path / key / "zarr.json").is_file():
                 raise self._fail(f"array {key!r} is missing")
-        frames, steps, readouts = root["frames"], root["frame_step"], root["readouts"]
+        frames, steps, readouts = (self._array(root, k) for k in ("frames", "frame_step", "readouts"))
         if frames.ndim != 4 or frames.shape[1] != 6 or frames.shape[2] != frames.shape[3]:
             raise self._fail(f"frames have shape {frames.shape}, expected (T, 6, S, S)")
         if frames.dtype != np.uint16:
@@ -247,13 +308,19 @@ class RunStore:
             raise self._fail(f"readouts have shape {readouts.shape}, expected ({t}, {n_readouts})")
         if attrs.get("n_frames") != t:
             raise self._fail(f"holds {t} frames but recorded n_frames={attrs.get('n_frames')}: truncated")
-        if root["train_loss"].shape != root["lr"].shape:
-            raise self._fail(f"train_loss {root['train_loss'].shape} and lr {root['lr'].shape} differ in length")
+        loss, lr = self._array(root, "train_loss"), self._array(root, "lr")
+        if loss.shape != lr.shape:
+            raise self._fail(f"train_loss {loss.shape} and lr {lr.shape} differ in length")
         extra = attrs.get("frame_arrays", [])
+        if not isinstance(extra, list) or not all(isinstance(k, str) for k in extra):
+            raise self._fail(f"attrs frame_arrays must be a list of array names, got {extra!r}")
         for key in extra:
-            if key in RESERVED or not (self.path / key / "zarr.json").is_file():
+            if key in RESERVED or not key.isidentifier():  # "privileged/val_acc" is not an identifier
+                raise self._fail(f"attrs frame_arrays lists {key!r}, which cannot name a public per-frame array "
+                                 f"(privileged data and {PUBLIC_ARRAYS} are never served as one)")
+            if not (self.path / key / "zarr.json").is_file():
                 raise self._fail(f"per-frame array {key!r} (listed in attrs frame_arrays) is missing")
-            if root[key].shape != (t,):
+            if self._array(root, key).shape != (t,):
                 raise self._fail(f"per-frame array {key!r} has shape {root[key].shape}, expected ({t},) to match frames")
         for key in (*PUBLIC_ARRAYS, *extra):
             arr = root[key]
@@ -262,7 +329,62 @@ class RunStore:
             found = sum(1 for f in (self.path / key / "c").rglob("*") if f.is_file()) if expected else 0
             if found != expected:
                 raise self._fail(f"array {key!r} has {found} of its {expected} chunk files: truncated or damaged")
+        self._digests = self._recorded_digests(attrs)
+        if self._digests is not None:
+            self._verify((*PUBLIC_ARRAYS, *extra))
         return root
+
+    # -------------------------------------------------------------- digests
+    def _recorded_digests(self, attrs: dict) -> dict | None:
+        """attrs `digests` as {array: {file: (bytes, digest)}}; None for a store written before them."""
+        if "digests" not in attrs:
+            return None
+        rec = attrs["digests"]
+        try:
+            if rec["algorithm"] != DIGEST:
+                raise ValueError(f"algorithm {rec['algorithm']!r}, this reader checks {DIGEST!r}")
+            return {str(key): {str(rel): (int(size), str(digest)) for rel, (size, digest) in files.items()}
+                    for key, files in rec["arrays"].items()}
+        except Exception as err:  # noqa: BLE001 - any malformed structure
+            raise self._fail(f"attrs digests are malformed ({type(err).__name__}: {err}): damaged") from err
+
+    @property
+    def verified(self) -> bool:
+        """Whether this store's files were checked against digests recorded at finalize."""
+        return self._digests is not None
+
+    def _verify(self, keys) -> None:
+        """Every file of arrays `keys` has the size and digest recorded at finalize; no file is missing or added."""
+        assert self._digests is not None
+        for key in keys:
+            if key not in self._digests:
+                raise self._fail(f"array {key!r} has no digest recorded at finalize: damaged or altered")
+            want, have = self._digests[key], _array_files(self.path, key)
+            missing, added = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            if missing:
+                raise self._fail(f"array {key!r}: file(s) {missing} written at finalize are missing: truncated or damaged")
+            if added:
+                raise self._fail(f"array {key!r}: file(s) {added} were not written at finalize: altered")
+            for rel, (size, digest) in sorted(want.items()):
+                found = have[rel].stat().st_size
+                if found != size:
+                    raise self._fail(f"array {key!r}: {key}/{rel} has {found} bytes, {size} were written: truncated or damaged")
+                if _file_digest(have[rel]) != digest:
+                    raise self._fail(f"array {key!r}: {key}/{rel} does not match its {DIGEST} digest recorded at finalize: damaged")
+
+    def _privileged_keys(self) -> list[str]:
+        """Names (`privileged/<name>`) of the privileged arrays, from the digests or the directory."""
+        if self._digests is not None:
+            return [k for k in self._digests if k.startswith(f"{PRIVILEGED}/")]
+        base = self.path / PRIVILEGED
+        return [f"{PRIVILEGED}/{d.name}" for d in sorted(base.iterdir()) if d.is_dir()] if base.is_dir() else []
+
+    # -------------------------------------------------------------- reading
+    def _read(self, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        try:
+            return self._root[key][start:stop]
+        except Exception as err:  # noqa: BLE001 - zstd, crc32c, truncated or missing chunk files
+            raise self._fail(f"array {key!r} could not be read ({type(err).__name__}: {err}): damaged") from err
 
     @property
     def attrs(self) -> dict:
@@ -281,23 +403,20 @@ class RunStore:
 
     def frames(self, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """`(T, 6, S, S)` bfloat16."""
-        try:
-            return bits_to_bf16(self._root["frames"][start:stop])
-        except Exception as err:  # noqa: BLE001 - a missing/corrupt chunk file
-            raise self._fail(f"frames could not be read ({type(err).__name__}: {err})") from err
+        return bits_to_bf16(self._read("frames", start, stop))
 
     def frame_step(self) -> torch.Tensor:
-        return torch.from_numpy(self._root["frame_step"][:])
+        return torch.from_numpy(self._read("frame_step"))
 
     def readouts(self) -> torch.Tensor:
         """`(T, R)` float32 in the order of `readout_names`."""
-        return torch.from_numpy(self._root["readouts"][:])
+        return torch.from_numpy(self._read("readouts"))
 
     def train_loss(self) -> torch.Tensor:
-        return torch.from_numpy(self._root["train_loss"][:])
+        return torch.from_numpy(self._read("train_loss"))
 
     def lr(self) -> torch.Tensor:
-        return torch.from_numpy(self._root["lr"][:])
+        return torch.from_numpy(self._read("lr"))
 
     @property
     def frame_array_names(self) -> list[str]:
@@ -308,29 +427,71 @@ class RunStore:
         """`(T,)` float32 optional per-frame array (NaN where not computed)."""
         if name not in self.frame_array_names:
             raise self._fail(f"has no per-frame array {name!r} (it has {self.frame_array_names or 'none'})")
-        return torch.from_numpy(self._root[name][:])
+        return torch.from_numpy(self._read(name))
 
     @property
     def spec(self) -> dict:
         return dict(self._root.attrs.get("spec", {}))
 
 
-def _privileged_group(path: str | os.PathLike) -> zarr.Group | None:
-    """The privileged group of a complete store (read-only), or None when it has none."""
-    root = zarr.open_group(str(RunStore(path).path), mode="r")
-    return root["privileged"] if "privileged" in list(root.group_keys()) else None
+def _privileged_group(path: str | os.PathLike) -> tuple[RunStore, zarr.Group | None]:
+    """A complete store and its privileged group (read-only; None when it has none), whose files are
+    checked against the digests recorded at finalize."""
+    store = RunStore(path)
+    if not (store.path / PRIVILEGED / "zarr.json").is_file():
+        if store.verified and store._privileged_keys():
+            raise store._fail(f"group {PRIVILEGED!r} is missing but was written at finalize")
+        return store, None
+    if store.verified:
+        store._verify(store._privileged_keys())
+    try:
+        root = zarr.open_group(str(store.path), mode="r")
+        return store, root[PRIVILEGED]
+    except Exception as err:  # noqa: BLE001
+        raise store._fail(f"group {PRIVILEGED!r} cannot be opened ({type(err).__name__}: {err}): damaged") from err
+
+
+def _read_privileged_array(store: RunStore, group: zarr.Group, name: str) -> np.ndarray:
+    try:
+        return group[name][...]
+    except Exception as err:  # noqa: BLE001
+        raise store._fail(f"array '{PRIVILEGED}/{name}' could not be read ({type(err).__name__}: {err}): damaged") from err
 
 
 def read_privileged(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Labeling and evaluation only: the privileged group of a complete store, as numpy arrays."""
-    group = _privileged_group(path)
-    return {} if group is None else {k: group[k][...] for k in group.array_keys()}
+    store, group = _privileged_group(path)
+    if group is None:
+        return {}
+    try:
+        names = list(group.array_keys())
+    except Exception as err:  # noqa: BLE001
+        raise store._fail(f"group {PRIVILEGED!r} cannot be listed ({type(err).__name__}: {err}): damaged") from err
+    return {k: _read_privileged_array(store, group, k) for k in names}
 
 
 def read_labeling(path: str | os.PathLike) -> dict:
     """Labeling and evaluation only: the rules' results the labeler stored with a complete run
     (`privileged/labeling` attrs: per rule fired, trigger step and statistics); {} when absent."""
-    group = _privileged_group(path)
-    if group is None or "labeling" not in list(group.array_keys()):
+    store, group = _privileged_group(path)
+    if group is None or not (store.path / PRIVILEGED / "labeling" / "zarr.json").is_file():
         return {}
-    return dict(group["labeling"].attrs.get("rules", {}))
+    try:
+        return dict(group["labeling"].attrs.get("rules", {}))
+    except Exception as err:  # noqa: BLE001
+        raise store._fail(f"array '{PRIVILEGED}/labeling' metadata cannot be read ({type(err).__name__}: {err}): damaged") from err
+
+
+def verify_store(path: str | os.PathLike) -> RunStore:
+    """The full check of a finished run (the factory's resume test): the public arrays as `RunStore`
+    opens them, then the privileged ones. A store written before digests existed is decoded in full
+    instead and refused if any chunk file is empty. Raises `RunStoreError` naming the store and array."""
+    store = RunStore(path)
+    read_privileged(path)  # checks the privileged files' digests and decodes them
+    if not store.verified:
+        for key in (*PUBLIC_ARRAYS, *store.frame_array_names):
+            store._read(key)
+        for f in store.path.rglob("*"):
+            if f.is_file() and f.stat().st_size == 0:
+                raise store._fail(f"file {f.relative_to(store.path)} is empty: truncated")
+    return store

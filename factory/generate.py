@@ -8,9 +8,10 @@ Two real CPU processes (plain `--cpu` starts one):
         --mixed_precision no --dynamo_backend no factory/generate.py --config ... --out ...
 
 Runs are split deterministically over processes (spec i goes to process i mod world size).
-Resumable: a run whose store is complete is skipped; a killed run leaves only a `.tmp-*`
-directory, removed when that run starts again. The manifest is rebuilt from the complete stores,
-so it never lists a run twice.
+Resumable: a run whose store is complete and whose files match the digests recorded when it was
+written (`capture.store.verify_store`) is skipped; a damaged one is redone, with a line naming the
+store and the damage; a killed run leaves only a `.tmp-*` directory, removed when that run starts
+again. The manifest is rebuilt from the complete stores, so it never lists a run twice.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from capture.config import cli_parser, load_config, save_config
-from capture.store import RunStore, RunStoreError
+from capture.store import RunStore, RunStoreError, verify_store
 from factory.archs import TEXT_ARCHS
 from factory.config import FactoryConfig
 from factory.datasets import TEXT_DATASETS
@@ -60,12 +61,20 @@ def store_path(corpus: Path, spec: RunSpec) -> Path:
     return corpus / "runs" / f"{spec.run_id}.zarr"
 
 
-def is_complete(path: Path) -> bool:
+def store_problem(path: Path) -> str | None:
+    """None when `path` holds a complete run whose every array file matches its recorded digest; else
+    what is wrong, naming the store (missing, unfinished, truncated, damaged, ...)."""
     try:
-        RunStore(path)
-        return True
-    except RunStoreError:
-        return False
+        verify_store(path)
+        return None
+    except RunStoreError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - an OS error on a damaged store must not stop the resume
+        return f"run store {path}: cannot be checked ({type(err).__name__}: {err})"
+
+
+def is_complete(path: Path) -> bool:
+    return store_problem(path) is None
 
 
 def run_spec(spec: RunSpec, cfg: FactoryConfig, corpus: Path) -> dict:
@@ -146,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     mine = [s for i, s in enumerate(specs) if i % world == rank]
-    todo = [s for s in mine if not is_complete(store_path(corpus, s))]
+    todo = []
+    for spec in mine:
+        path = store_path(corpus, spec)
+        problem = store_problem(path)
+        if problem is not None:
+            todo.append(spec)
+            if path.exists():  # finished once, damaged since: run_spec removes it and runs it again
+                print(f"[rank {rank}/{world}] redoing {spec.run_id}: {problem}", flush=True)
     start, done, failed = time.time(), 0, 0
     bar = tqdm(todo, desc=f"[{rank}/{world}] runs", position=rank, unit="run", disable=not sys.stderr.isatty() and rank > 0)
     for spec in bar:
