@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from capture.config import FieldError, at_least, positive, within
 from factory.spec import SplitConfig
 
 
@@ -33,6 +34,17 @@ class TrainingConfig:
     # batch, stored as the public per-frame array `hessian_top` (NaN elsewhere); 0 = off
     hessian_every: int = 0
 
+    def __post_init__(self):
+        at_least(self, 1, "steps", "batch_size", "eval_every", "image_size", "max_train", "max_val", "lm_context",
+                 "divergence_patience", "lyapunov_horizon")
+        at_least(self, 0, "lyapunov_windows", "hessian_every")
+        within(self, 0.0, 1.0, "warmup_frac")
+        positive(self, "lyapunov_eps")
+        for name, low in (("base_lr", "> 0"), ("weight_decay", ">= 0"), ("lr_scale", "> 0")):
+            for key, v in getattr(self, name).items():
+                if not (v > 0 if low == "> 0" else v >= 0):
+                    raise FieldError(f"{name}.{key}", f"must be {low}, got {v!r}")
+
     def lr(self, arch: str, optimizer: str) -> float:
         """The base learning rate of one run: `base_lr[optimizer]` times `lr_scale` for the run's
         "arch/optimizer" (else "arch") key."""
@@ -45,6 +57,9 @@ class TrainingConfig:
 class CaptureSettings:
     cadence: int = 10
     frame_size: int = 32
+
+    def __post_init__(self):
+        at_least(self, 1, "cadence", "frame_size")
 
 
 @dataclass
@@ -113,6 +128,13 @@ class LabelConfig:
     floors: dict[str, float] = field(default_factory=dict)  # "arch/dataset" or "dataset" -> min final val accuracy
     default_floor: float = 0.0
 
+    def __post_init__(self):
+        within(self, 0.0, 1.0, "overfit_window_frac", "overfit_alpha", "spike_window_frac", "spike_span_frac",
+               "spike_min_history_frac", "lyapunov_confidence", "forget_window_frac", "forget_drop", "forget_p",
+               "bias_p", "default_floor")
+        at_least(self, 1, "overfit_min_window", "spike_count", "lyapunov_bootstrap", "lyapunov_min_windows")
+        at_least(self, 0, "spike_merge_gap")
+
 
 @dataclass
 class FactoryConfig:
@@ -125,6 +147,9 @@ class FactoryConfig:
     test: SplitConfig = field(default_factory=SplitConfig)
     data_root: dict[str, str] = field(default_factory=dict)  # dataset -> local path (real datasets)
     subsample: int = 1  # keep every k-th run of the plan (throughput measurements on a spread-out sample)
+
+    def __post_init__(self):
+        at_least(self, 1, "subsample")
 
     @property
     def splits(self) -> dict[str, SplitConfig]:
