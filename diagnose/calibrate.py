@@ -53,14 +53,40 @@ class CalibrationConfig:
 
 @dataclass
 class Calibration:
-    """The frozen operating point of a fine-tuned TEViD."""
+    """The frozen operating point of a fine-tuned TEViD. Checked on construction: K distinct class
+    names, K-1 thresholds in [0, 1], a finite temperature > 0, tau in [0, 1] (vacuity is in (0, 1]),
+    consecutive an integer >= 1. `load_calibration` also requires every field but `report` in the file."""
 
-    classes: list
-    thresholds: list  # K-1 floats, for classes[1:]
+    classes: list[str]
+    thresholds: list[float]  # K-1 floats, for classes[1:]
     temperature: float = 1.0
     tau: float = 0.35
     consecutive: int = 3
-    report: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict, metadata={"optional": True})  # descriptive only
+
+    def __post_init__(self):
+        from capture.config import FieldError
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if (not isinstance(self.classes, (list, tuple)) or len(self.classes) < 2
+                or not all(isinstance(c, str) for c in self.classes) or len(set(self.classes)) != len(self.classes)):
+            raise FieldError("classes", f"must be >= 2 distinct class names, got {self.classes!r}")
+        if not isinstance(self.thresholds, (list, tuple)) or len(self.thresholds) != len(self.classes) - 1:
+            raise FieldError("thresholds", f"must be {len(self.classes) - 1} numbers (one per anomaly class of "
+                                           f"{list(self.classes)}), got {self.thresholds!r}")
+        for i, t in enumerate(self.thresholds):
+            if not (number(t) and 0 <= t <= 1):
+                raise FieldError(f"thresholds[{i}]", f"must be a number in [0, 1], got {t!r}")
+        if not (number(self.temperature) and self.temperature > 0):
+            raise FieldError("temperature", f"must be a finite number > 0, got {self.temperature!r}")
+        if not (number(self.tau) and 0 <= self.tau <= 1):
+            raise FieldError("tau", f"must be a number in [0, 1] (a vacuity), got {self.tau!r}")
+        if not (isinstance(self.consecutive, int) and not isinstance(self.consecutive, bool) and self.consecutive >= 1):
+            raise FieldError("consecutive", f"must be an integer >= 1, got {self.consecutive!r}")
+        if not isinstance(self.report, dict):
+            raise FieldError("report", f"must be a mapping, got {type(self.report).__name__}")
 
     @classmethod
     def default(cls, num_classes: int, classes) -> "Calibration":
@@ -96,18 +122,20 @@ def _finite(obj):
 
 
 def load_calibration(directory: str | Path) -> Calibration:
+    """`calibration.json` of `directory`, checked (`Calibration`) with every field but `report` required;
+    a `capture.config.ConfigError` (a ValueError) names the file and the field."""
     path = Path(directory) / CALIBRATION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: calibrate the checkpoint first "
                                 f"(python -m diagnose.recalibrate --checkpoint {directory} --corpus CORPUS --out {directory})")
-    data = json.loads(path.read_text())
+    from capture.config import ConfigError, from_dict
+
     try:
-        cal = Calibration(**data)
-    except TypeError as err:
-        raise ValueError(f"{path}: not a calibration file ({err})") from err
-    if len(cal.thresholds) != len(cal.classes) - 1:
-        raise ValueError(f"{path}: {len(cal.thresholds)} thresholds for {len(cal.classes)} classes (need one per anomaly class)")
-    return cal
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a calibration file: not valid JSON ({err})") from None
+    # every field that changes a decision must be in the file: none is filled with a default
+    return from_dict(Calibration, data, str(path), require_all=True)
 
 
 # ---------------------------------------------------------------- predictions of the validation runs

@@ -19,6 +19,8 @@ returns both.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,15 +239,80 @@ def tevid_config_from(config: dict, where: str = "checkpoint") -> TEViDConfig:
     return from_dict(TEViDConfig, config["model"], f"{where}:model")
 
 
+MANIFEST_FILE = "MANIFEST.json"  # written by eval.ship beside a shipped model
+MANIFEST_REQUIRED = ("model.safetensors", "config.json", "calibration.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_manifest(path: str | Path) -> bool:
+    """When directory `path` holds a MANIFEST.json (a shipped model, `eval.ship`), every file it lists
+    must have the recorded size and sha256, and the weights, config and calibration must be among them;
+    else `TEViDLoadError` naming the file. Returns whether there was a manifest to check."""
+    path = Path(path)
+    manifest = path / MANIFEST_FILE
+    if not manifest.exists():
+        return False
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        items = [(str(name), int(rec["bytes"]), str(rec["sha256"])) for name, rec in files.items()]
+    except Exception as err:  # noqa: BLE001 - JSON, unicode, missing keys, wrong types
+        raise TEViDLoadError(f"{manifest}: unreadable ({type(err).__name__}: {err}); the shipped model cannot be "
+                             "verified, so it is not loaded") from None
+    unlisted = sorted(set(MANIFEST_REQUIRED) - {name for name, _, _ in items})
+    if unlisted:
+        raise TEViDLoadError(f"{manifest}: does not list {unlisted}; the shipped model cannot be verified")
+    for name, size, digest in items:
+        f = path / name
+        if Path(name).name != name:
+            raise TEViDLoadError(f"{manifest}: lists {name!r}, not a file of {path}")
+        if not f.is_file():
+            raise TEViDLoadError(f"{f}: listed in {manifest} but missing")
+        if f.stat().st_size != size:
+            raise TEViDLoadError(f"{f}: {f.stat().st_size} bytes where {manifest} records {size}: damaged or changed "
+                                 "after shipping; not loaded")
+        actual = _sha256(f)
+        if actual != digest:
+            raise TEViDLoadError(f"{f}: sha256 {actual} does not match {manifest} ({digest}): damaged or changed "
+                                 "after shipping; not loaded")
+    return True
+
+
+def _check_window(config: dict, cfg: TEViDConfig, where: str) -> None:
+    """The saved `data.window` (frames per window the model was fine-tuned and calibrated on, and that
+    the monitor feeds it) is an integer the encoder can take: 1..num_frames."""
+    data = config.get("data", {})
+    if not isinstance(data, dict):
+        raise TEViDLoadError(f"{where}: data must be a mapping, got {type(data).__name__}")
+    if "window" not in data:
+        return  # the monitor's default window (10) then applies, checked against the encoder when it runs
+    window = data["window"]
+    high = cfg.encoder_cfg().num_frames if cfg.uses_video else None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or (high is not None and window > high):
+        raise TEViDLoadError(f"{where}: data.window must be an integer in [1, {high or 'any'}] "
+                             f"(the encoder's num_frames), got {window!r}")
+
+
 def load_tevid(path: str | Path, require_calibration: bool = True):
-    """(model in eval mode, Calibration) from a fine-tuning output dir (`out/final`). Weights load
-    strictly from safetensors; `calibration.json` must be there unless `require_calibration=False`
-    (then an uncalibrated default: temperature 1, tau 0.35, thresholds 0.9)."""
+    """(model in eval mode, Calibration) from a fine-tuning output dir (`out/final`). A shipped model's
+    files are first checked against its MANIFEST.json (`verify_manifest`). Weights load strictly from
+    safetensors; the config's model section and `data.window` are checked; `calibration.json` must be
+    there and complete (`diagnose.calibrate.load_calibration`), for as many classes as the model has,
+    unless `require_calibration=False` (then an uncalibrated default: temperature 1, tau 0.35,
+    thresholds 0.9)."""
     from diagnose.calibrate import Calibration, load_calibration
     from pretrain.checkpoint import load_checkpoint
 
+    verify_manifest(path)
     ckpt = load_checkpoint(path)
-    cfg = tevid_config_from(ckpt.config, str(ckpt.path))
+    cfg = tevid_config_from(ckpt.config, str(ckpt.path / "config.json"))
+    _check_window(ckpt.config, cfg, str(ckpt.path / "config.json"))
     model = TEViD(cfg)
     try:
         model.load_state_dict(ckpt.weights, strict=True)
@@ -255,6 +322,9 @@ def load_tevid(path: str | Path, require_calibration: bool = True):
     cal_file = Path(path) / "calibration.json"
     if cal_file.exists() or require_calibration:
         cal = load_calibration(path)
+        if len(cal.classes) != cfg.num_classes:
+            raise TEViDLoadError(f"{cal_file}: {len(cal.classes)} classes {cal.classes} for a model of "
+                                 f"{cfg.num_classes} (config.json model.num_classes)")
     else:
         cal = Calibration.default(cfg.num_classes, CLASSES[: cfg.num_classes])
     return model, cal

@@ -234,6 +234,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = _checked_dir(path)
     state = _state(path)
     config = _read_json(path / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"corrupt checkpoint file {path / CONFIG_FILE}: a JSON object expected, got {type(config).__name__}")
     weights = _read_tensors(path / MODEL_FILE)
     return Checkpoint(weights=weights, config=config, step=state["step"], extra=state.get("extra") or {}, path=path)
 
