@@ -8,7 +8,8 @@ Greydanus (2020, "Scaling down deep learning", Sec. 2) re-implemented and vector
 signal drawn as a curve on an S x S canvas; procedural `shapes` and `textures` whose class count
 and noise are parameters; `pydoc_chars`, a character-level corpus from the documentation text that
 ships with Python. Real datasets load from a local `root` in their standard on-disk formats:
-`cifar10`, `cifar100` (python pickle batches), `svhn` (`*_32x32.mat`), `tiny_imagenet` (JPEG tree),
+`cifar10`, `cifar100` (python pickle batches, read by a restricted unpickler that resolves only
+numpy's array reconstructors: a crafted file is refused, never run), `svhn` (`*_32x32.mat`), `tiny_imagenet` (JPEG tree),
 `wikitext2` (`wiki.*.raw`); their val split is their test split.
 
 Every image dataset comes out as 3-channel `image_size` x `image_size` float32 images (grayscale
@@ -461,9 +462,134 @@ def find_root(name: str, root: str | None, files: list[str], subdir: str) -> Pat
                             f"in root or in root/{subdir})")
 
 
+def _numpy_global(name: str):
+    """numpy's pickle helper `name` (numpy 2 keeps them in numpy._core, numpy 1 in numpy.core)."""
+    import importlib
+
+    for module in ("numpy._core.multiarray", "numpy._core.numeric", "numpy.core.multiarray", "numpy.core.numeric"):
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {name}")
+
+
+class _NdarrayType:
+    """What the global `numpy.ndarray` resolves to in a CIFAR batch: a marker only `_safe_reconstruct`
+    accepts (the real class, called by a crafted REDUCE, could build arrays of any dtype)."""
+
+
+def _plain_dtype(spec, *args) -> np.dtype:
+    """np.dtype of a type string ('u1', b'<i8', ...) only: no structured or object dtypes."""
+    if not isinstance(spec, (str, bytes)):
+        raise pickle.UnpicklingError(f"dtype {spec!r} is not a plain type string: not allowed in a CIFAR batch")
+    dtype = np.dtype(spec.decode("latin-1") if isinstance(spec, bytes) else spec, *args)
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"dtype {dtype} is not a plain numeric/bytes dtype: not allowed in a CIFAR batch")
+    return dtype
+
+
+def _safe_reconstruct(subtype, shape, dtype):
+    if subtype is not _NdarrayType:
+        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not allowed in a CIFAR batch")
+    return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(dtype))
+
+
+def _checked(dtype) -> np.dtype:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.names is not None:
+        raise pickle.UnpicklingError(f"dtype {dtype!r} is not allowed in a CIFAR batch")
+    return dtype
+
+
+def _safe_scalar(dtype, *data):
+    return _numpy_global("scalar")(_checked(dtype), *data)
+
+
+def _safe_frombuffer(buf, dtype, shape, order):
+    return _numpy_global("_frombuffer")(buf, _checked(dtype), shape, order)
+
+
+def _safe_encode(text, encoding="utf-8"):
+    """`_codecs.encode`, which Python 3's protocol-2 pickles use for bytes: text to latin-1 bytes only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for latin-1 text in a CIFAR batch")
+    return text.encode(encoding)
+
+
+# every global a CIFAR python batch may name (numpy 1 and 2 spellings), mapped to a checked stand-in
+_CIFAR_GLOBALS = {
+    **{(m, "_reconstruct"): _safe_reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "scalar"): _safe_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(m, "_frombuffer"): _safe_frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): _NdarrayType,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _safe_encode,
+}
+
+
+class _BatchUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its BUILD step can be checked too
+    """Reads a CIFAR python batch (a dict of bytes keys to numpy arrays, lists, bytes and numbers) and
+    nothing else. The only globals it resolves are numpy's array, dtype and scalar reconstructors,
+    checked: plain dtypes only, no ndarray subclasses. Any other global (os.system, builtins.eval, a
+    class whose __reduce__ runs code) is refused before it can be called. BUILD (`__setstate__`) is
+    allowed on arrays and dtypes only, and a dtype's state may not add fields or flags: numpy would
+    otherwise take a state marking plain bytes as object pointers."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module: str, name: str):
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        return allowed
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in a CIFAR batch")
+
+    def load_build(self):
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[2:5] != (None, None, None)
+                    or state[7] != inst.flags or (len(state) == 9 and state[8] is not None)):
+                raise pickle.UnpicklingError(f"dtype state {state!r} is not allowed in a CIFAR batch")
+        elif isinstance(inst, np.ndarray):
+            if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[4], (bytes, bytearray)):
+                raise pickle.UnpicklingError("array state is not (version, shape, dtype, fortran, raw bytes)")
+            _checked(state[2])
+        else:
+            raise pickle.UnpicklingError(f"setting the state of a {type(inst).__name__} is not allowed in a CIFAR batch")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """One CIFAR python batch through `_BatchUnpickler`; a ValueError naming the file for anything that is
+    not one (a crafted pickle is refused, never run)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, OverflowError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a CIFAR python batch ({type(err).__name__}: {err})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, expected a dict)")
+    return batch
+
+
+def _batch_arrays(path: Path, batch: dict, label_key: bytes, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3, 32, 32) uint8 images and (N,) int64 labels of one batch, checked."""
+    data, labels = batch.get(b"data"), batch.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: b'data' must be an (N, 3072) uint8 array, got "
+                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        y = None
+    if y is None or y.shape != (len(data),) or (len(y) and (y.min() < 0 or y.max() >= classes)):
+        raise ValueError(f"{path}: {label_key!r} must be {len(data)} labels in [0, {classes})")
+    return data.reshape(-1, 3, 32, 32), y
 
 
 def _cifar(name: str, req: Request, train_files: list[str], test_file: str, label_key: bytes, classes: int,
@@ -471,9 +597,9 @@ def _cifar(name: str, req: Request, train_files: list[str], test_file: str, labe
     folder = find_root(name, req.root, train_files + [test_file], subdir)
 
     def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = [_unpickle(folder / f) for f in files]
-        x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        parts = [_batch_arrays(folder / f, _unpickle(folder / f), label_key, classes) for f in files]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
         return torch.from_numpy(x), torch.from_numpy(y)
 
     (xt, yt), (xv, yv) = read(train_files), read([test_file])
