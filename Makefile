@@ -35,7 +35,7 @@ reproduce: setup
 	$(LAUNCH2) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu \
 		--checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu
-	$(VENV)/bin/python -m diagnose.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
+	$(VENV)/bin/python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
 		--report outputs/report/cpu/metrics.json
 
 clean:

@@ -1,15 +1,17 @@
-"""Hyperband with and without detectors (diagnose/hpo.py; paper App. M): three real optuna studies at tiny
+"""Hyperband with and without detectors (eval/hpo.py; paper App. M): three real optuna studies at tiny
 settings, a forced-unstable first trial pruned by each detector and recorded as such, the output files."""
 import json
 
 import optuna
 import pytest
 
-from diagnose.hpo import ARMS, CusumAlarm, HPOConfig, main, resolve_checkpoint
+from diagnose.monitor import DEFAULT_CHECKPOINT
+from eval.baselines.cusum import CusumConfig
+from eval.hpo import ARMS, CusumAlarm, HPOConfig, main, resolve_checkpoint
 
 
 def test_cusum_alarm_confirms_after_consecutive_frames():
-    alarm = CusumAlarm(threshold=18.0, k=0.5, cadence=2, consecutive=3)
+    alarm = CusumAlarm(threshold=18.0, cfg=CusumConfig(k=0.5), cadence=2, consecutive=3)
     fired = [alarm.update(2.0 - 0.01 * s) for s in range(20)]  # a smoothly decreasing loss: no alarm
     assert not any(fired)
     fired = [alarm.update(float("nan")) for _ in range(10)]  # each non-finite loss adds z_clip - k = 9.5
@@ -27,6 +29,23 @@ def test_config_errors_name_the_field():
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_checkpoint("/nonexistent/tevid")
     assert resolve_checkpoint("none") is None
+
+
+def test_defaults_are_the_shipped_model_and_the_benchmark_cusum():
+    """No developer-local path or uncommitted report: the monitor loads the shipped model, CUSUM runs at
+    the operating point of the committed benchmark report."""
+    import json
+    from pathlib import Path
+
+    expected = str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None
+    assert resolve_checkpoint(HPOConfig().checkpoint) == expected
+    bench = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmark" / "metrics.json").read_text())["cusum"]
+    cfg = HPOConfig()
+    assert cfg.cusum_threshold == bench["threshold"] and bench["threshold_split"] == "val"
+    tuned = {**{k: v for k, v in bench["tuned_params"].items() if "." not in k},
+             "residuals": {k.split(".")[1]: v for k, v in bench["tuned_params"].items() if "." in k}}
+    assert {k: getattr(cfg.cusum, k) for k in tuned if k != "residuals"} == {k: v for k, v in tuned.items() if k != "residuals"}
+    assert {k: getattr(cfg.cusum.residuals, k) for k in tuned["residuals"]} == tuned["residuals"]
 
 
 def test_three_studies_and_detector_pruning(tmp_path, capsys, one_thread):
@@ -74,7 +93,7 @@ def always_unstable_tevid(tmp_path):
     from diagnose.calibrate import Calibration, save_calibration
     from diagnose.tevid import TEViD, TEViDConfig
     from pretrain.checkpoint import save_checkpoint
-    from pretrain.clips import CLASSES
+    from capture.schema import CLASSES
 
     torch.manual_seed(0)
     cfg = TEViDConfig(encoder="tiny", encoder_overrides={"depth": 1}, readout_dim=8, hidden_dim=16)
@@ -85,7 +104,7 @@ def always_unstable_tevid(tmp_path):
 
 
 def test_tevid_alert_prunes_with_a_checkpoint(tmp_path, always_unstable_tevid, one_thread):
-    from diagnose.hpo import run
+    from eval.hpo import run
 
     cfg = HPOConfig(trials=1, epochs=2, epoch_steps=6, cadence=1, max_train=128, max_val=32,
                     checkpoint=str(always_unstable_tevid), arms=["hyperband+tevid"])

@@ -83,7 +83,7 @@ def test_a_failing_hook_reaches_every_callback_and_the_caller(digits):
 
 
 def test_an_hpo_trial_trains_as_its_own_loop_did(digits):
-    """diagnose.hpo's trial loop before the engine (no perturbation, no augmentation, uniform batches,
+    """eval.hpo's trial loop before the engine (no perturbation, no augmentation, uniform batches,
     warm-up + cosine over the budget): the same weights, bit for bit."""
     seed, lr, wd = 7, 0.3, 1e-4
     torch.manual_seed(seed)
@@ -107,7 +107,7 @@ def test_an_hpo_trial_trains_as_its_own_loop_did(digits):
 
 @pytest.mark.parametrize("preset", ["instability_spike", "grad_clip", "forgetting"])
 def test_a_privacy_curve_job_trains_as_its_own_loop_did(digits, preset):
-    """diagnose.privacy_curve's job loop before the engine (the factory recipe, the preset's pool, batch,
+    """eval.privacy_curve's job loop before the engine (the factory recipe, the preset's pool, batch,
     learning-rate factor and before_step): the same weights, bit for bit."""
     seed = 11
     pert = make_perturbation(preset, TC.steps)

@@ -1,11 +1,11 @@
-"""The privacy-utility curve (`python -m diagnose.privacy_curve`) at tiny scale: real jobs under the
+"""The privacy-utility curve (`python -m eval.privacy_curve`) at tiny scale: real jobs under the
 monitor with the shipped TEViD, a no-DP arm and a DP arm; epsilon is opacus's over the releases made."""
 import json
 import math
 
 import pytest
 
-from diagnose.privacy_curve import main
+from eval.privacy_curve import main
 from test_monitor_dp import direct_epsilon
 
 TINY = ["steps=60", "cadence=5", "seeds=1", "perturbations=[healthy,instability_spike]", "noise_multipliers=[2.0]",

@@ -7,7 +7,7 @@ import torch
 
 from diagnose.calibrate import Calibration, save_calibration
 from diagnose.monitor import DEFAULT_CHECKPOINT
-from diagnose.ship import FILES, ship
+from eval.ship import FILES, ship
 from diagnose.tevid import TEViD, TEViDConfig, load_tevid
 from pretrain.checkpoint import save_checkpoint
 from pretrain.clips import CLASSES
@@ -40,7 +40,7 @@ def test_ship_copies_checks_and_writes_a_manifest(tmp_path, smoke_corpus):
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="no default model shipped in this checkout")
 def test_the_shipped_default_model_loads_and_matches_its_manifest():
-    from diagnose.ship import _sha256
+    from eval.ship import _sha256
 
     man = json.loads((DEFAULT_CHECKPOINT / "MANIFEST.json").read_text())
     for name, info in man["files"].items():

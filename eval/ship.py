@@ -1,7 +1,7 @@
 """Ship a fine-tuned TEViD checkpoint as the default model (`diagnose/default_checkpoint/`), with a
 manifest that says which corpus config, which commit and which commands made it.
 
-    python -m diagnose.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
+    python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
         [--report outputs/report/cpu/metrics.json] [--out diagnose/default_checkpoint]
 
 Copies the weights (`model.safetensors`), `config.json`, `state.json` and `calibration.json` (no pickle),
@@ -26,6 +26,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from capture.corpus import corpus_runs
 from diagnose.monitor import DEFAULT_CHECKPOINT
 
 FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
@@ -36,7 +37,7 @@ PIPELINE = (
     "python -m pretrain.clips export --corpus outputs/corpus/cpu --out outputs/shards/cpu --overwrite",
     "accelerate launch (2 CPU processes) pretrain/train.py --config configs/pretrain/cpu.yaml --corpus outputs/shards/cpu --out outputs/pretrain/cpu",
     "accelerate launch (2 CPU processes) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu --checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu",
-    "python -m diagnose.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu --report outputs/report/cpu/metrics.json",
+    "python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu --report outputs/report/cpu/metrics.json",
 )
 HEADLINE = ("event_auprc", "event_auprc_ci", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc")
 
@@ -61,8 +62,7 @@ def manifest(checkpoint: Path, corpus: Path, report: Path | None, out: Path) -> 
     cfg = json.loads((corpus / "config.json").read_text()) if (corpus / "config.json").exists() else None
     labels: dict[str, Counter] = {}
     if (corpus / "manifest.jsonl").exists():
-        for line in (corpus / "manifest.jsonl").read_text().splitlines():
-            rec = json.loads(line)
+        for rec in corpus_runs(corpus):  # the usable runs: the ones the model could train and calibrate on
             labels.setdefault(rec["split"], Counter())[rec["label"]] += 1
     headline = None
     if report is not None:

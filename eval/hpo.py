@@ -17,12 +17,13 @@ the validation accuracy after each epoch and returns the last one. Trial k is se
 the first `n_startup` (random) trials train identically in all arms until a pruner stops them; after
 them TPE sees different histories and the arms' suggestions part.
 
-    python -m diagnose.hpo --out outputs/hpo/cpu [--trials 20] [--epochs 8] [--checkpoint DIR|none] [--seed 0] [key=value ...]
+    python -m eval.hpo --out outputs/hpo/cpu [--trials 20] [--epochs 8] [--checkpoint DIR|none] [--seed 0] [key=value ...]
 
 writes config.json (this HPOConfig, resolved), hpo.json (per arm: summary and every trial) and hpo.md
-(the table, which is also printed). Without --checkpoint the fine-tuned cpu model
-`outputs/finetune/cpu_lr1e-3/final` is used when it exists; `none` (or no model) runs the monitor
-with rule symptoms only, and the output says which.
+(the table, which is also printed). Without --checkpoint the monitor loads the shipped model
+(`diagnose/default_checkpoint/`, with its calibration); `none` (or no shipped model) runs it with rule
+symptoms only, and the output says which. The CUSUM arm's default operating point is the benchmark's
+tuned CUSUM (docs/benchmark/metrics.json, "cusum": `tuned_params` and its FAR <= 5% `threshold`).
 """
 from __future__ import annotations
 
@@ -39,20 +40,27 @@ import optuna
 import torch
 
 from capture.config import cli_parser, load_config, save_config
+from capture.schema import KNOWN_CLASSES
 from diagnose.adapters import prune_on_alert
-from diagnose.callbacks import jsonable as _jsonable
 from diagnose.api import watch
-from eval.baselines.cusum import cusum
-from eval.baselines.residuals import LossResiduals, ResidualConfig
+from diagnose.callbacks import jsonable as _jsonable
+from diagnose.monitor import DEFAULT_CHECKPOINT
+from eval.baselines.cusum import CusumConfig, cusum
+from eval.baselines.residuals import LossResiduals, ResidualConfig, aggregate
 from factory.config import TrainingConfig
 from factory.job import build_job, cached_dataset, evaluate
 from factory.loop import JobCallback, MonitorLoss, StepLoop
 from factory.perturbations import Perturbation, RunSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU_CHECKPOINT = ROOT / "outputs" / "finetune" / "cpu_lr1e-3" / "final"  # used when --checkpoint is not given
 ARMS = ("hyperband", "hyperband+tevid", "hyperband+cusum")
 STUDY_NAME = "tevid-hpo"  # one name for every arm: same Hyperband bracket for the same trial number
+
+
+def benchmark_cusum() -> CusumConfig:
+    """The CUSUM of the benchmark report (docs/benchmark/metrics.json, "cusum"."tuned_params": 25 optuna
+    trials on the cpu corpus's validation split, `python -m eval.tune`; docs/benchmark/README.md)."""
+    return CusumConfig(k=0.35756352466042973, two_sided=True, aggregate="max", reset_at_h=False,
+                       residuals=ResidualConfig(span=80.50845643882911, scale_span=16.333216017949866))
 
 
 @dataclass
@@ -78,12 +86,12 @@ class HPOConfig:
     seed: int = 0
     threads: int = 1
     cadence: int = 10  # frames every n steps, for the monitor and CUSUM (the cpu corpus TEViD read: 10)
-    checkpoint: str = "auto"  # TEViD directory | "auto" (CPU_CHECKPOINT if present) | "none" (rule symptoms only)
+    checkpoint: str = "auto"  # TEViD directory | "auto" (the shipped model, if present) | "none" (rule symptoms only)
     prune_on: list[str] = field(default_factory=lambda: ["instability", "nan_inf", "exploding_gradients"])
-    # FAR <= 5% threshold that `python -m eval.report` set on the cpu corpus's validation split for the
-    # default CusumConfig (outputs/report/cpu_prelim/metrics.json, cusum.threshold = 18.28)
-    cusum_threshold: float = 18.28
-    cusum_k: float = 0.5
+    # the benchmark CUSUM's FAR <= 5% threshold on the cpu corpus's validation split, set by
+    # `python -m eval.report` (docs/benchmark/metrics.json, "cusum"."threshold")
+    cusum_threshold: float = 54.512767079482934
+    cusum: CusumConfig = field(default_factory=benchmark_cusum)
     consecutive: int = 3  # frames in a row above the CUSUM threshold (the alert rule of DESIGN.md §8)
     enqueue_lr: list[float] = field(default_factory=list)  # learning rates of the first trials (others sampled)
     arms: list[str] = field(default_factory=lambda: list(ARMS))
@@ -101,9 +109,8 @@ class HPOConfig:
             raise ValueError(f"need 0 < lr_min < lr_max and 0 < wd_min < wd_max, got lr [{self.lr_min}, {self.lr_max}], "
                              f"wd [{self.wd_min}, {self.wd_max}]")
         from diagnose.symptoms import SYMPTOM_NAMES
-        from pretrain.clips import CLASSES
 
-        valid = set(SYMPTOM_NAMES) | set(CLASSES[1:]) | {"unknown"}
+        valid = set(SYMPTOM_NAMES) | set(KNOWN_CLASSES) | {"unknown"}
         if set(self.prune_on) - valid:
             raise ValueError(f"prune_on: unknown alert name(s) {sorted(set(self.prune_on) - valid)}; valid: {sorted(valid)}")
         bad = [lr for lr in self.enqueue_lr if not self.lr_min <= lr <= self.lr_max]
@@ -114,7 +121,7 @@ class HPOConfig:
 def resolve_checkpoint(value: str | None) -> str | None:
     """The TEViD directory the monitor loads, or None for rule symptoms only."""
     if value in (None, "auto"):
-        return str(CPU_CHECKPOINT) if (CPU_CHECKPOINT / "config.json").is_file() else None
+        return str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None
     if value == "none":
         return None
     if not (Path(value) / "config.json").is_file():
@@ -124,26 +131,29 @@ def resolve_checkpoint(value: str | None) -> str | None:
 
 
 class CusumAlarm:
-    """CUSUM of the standardised training-loss residuals, streamed step by step, alarmed like the replay
-    scores it: the frame score (frames at steps 0, cadence, 2 cadence, ...) is the max of the statistic
-    over the steps since the previous frame, and the alarm fires when it exceeds `threshold` for
-    `consecutive` frames in a row (eval.metrics.alert_frames)."""
+    """CUSUM of the standardised training-loss residuals (`cfg`, as `eval.baselines.cusum.CusumDetector`
+    scores a run), streamed step by step and alarmed like the replay scores it: the frame score (frames at
+    steps 0, cadence, 2 cadence, ...) aggregates the statistic over the steps since the previous frame
+    (`cfg.aggregate`), and the alarm fires when it exceeds `threshold` for `consecutive` frames in a row
+    (eval.metrics.alert_frames)."""
 
-    def __init__(self, threshold: float, k: float = 0.5, cadence: int = 10, consecutive: int = 3,
-                 residuals: ResidualConfig | None = None):
-        self.threshold, self.k, self.cadence, self.consecutive = threshold, k, cadence, consecutive
-        self.residuals = LossResiduals(residuals)
+    def __init__(self, threshold: float, cfg: CusumConfig | None = None, cadence: int = 10, consecutive: int = 3):
+        self.cfg = cfg = cfg or CusumConfig()
+        self.threshold, self.cadence, self.consecutive = threshold, cadence, consecutive
+        self.residuals = LossResiduals(cfg.residuals)
         self.state, self.pending, self.streak, self.steps = (0.0, 0.0), [], 0, 0
         self.scores: list[float] = []
 
     def update(self, loss: float) -> bool:
         """Add one optimizer step's loss; True at the frame where the alarm is confirmed."""
-        stat, self.state = cusum([self.residuals.update_one(loss)], self.k, state=self.state)
+        c = self.cfg
+        stat, self.state = cusum([self.residuals.update_one(loss)], c.k, c.two_sided, c.h if c.reset_at_h else None,
+                                 state=self.state)
         self.pending.append(float(stat[0]))
         step, self.steps = self.steps, self.steps + 1
         if step % self.cadence:
             return False
-        score, self.pending = max(self.pending), []
+        score, self.pending = aggregate(self.pending, 0.0, c.aggregate), []
         self.scores.append(score)
         self.streak = self.streak + 1 if score > self.threshold else 0
         return self.streak == self.consecutive
@@ -222,7 +232,7 @@ def run_trial(trial: optuna.Trial, arm: str, cfg: HPOConfig, checkpoint: str | N
                         **({"modules": job.modules} if job.modules else {}))
         callbacks += [MonitorLoss(monitor), PruneOnAlert(trial, monitor, cfg.prune_on)]
     elif arm == "hyperband+cusum":
-        alarm = CusumAlarm(cfg.cusum_threshold, cfg.cusum_k, cfg.cadence, cfg.consecutive)
+        alarm = CusumAlarm(cfg.cusum_threshold, cfg.cusum, cfg.cadence, cfg.consecutive)
         callbacks.append(PruneOnCusum(alarm))
     epochs = HyperbandEpochs(trial, data, cfg.epoch_steps)
     loop = StepLoop(job, [*callbacks, epochs])
@@ -305,7 +315,8 @@ def table(result: dict) -> str:
              f"(batch {cfg['batch_size']}); Hyperband(min {cfg['min_resource']}, max {cfg['epochs']}, eta {cfg['reduction_factor']}); "
              f"TPE seed {cfg['seed']}.", "",
              f"Monitor: {result['monitor_mode']}; prunes on {', '.join(cfg['prune_on'])}. "
-             f"CUSUM: k {cfg['cusum_k']:g}, threshold {cfg['cusum_threshold']:g} for {cfg['consecutive']} frames "
+             f"CUSUM: k {cfg['cusum']['k']:.3g}{' two-sided' if cfg['cusum']['two_sided'] else ''}, threshold "
+             f"{cfg['cusum_threshold']:.4g} for {cfg['consecutive']} frames "
              f"(a frame every {cfg['cadence']} steps).", "",
              "| arm | trials | complete | pruned by Hyperband | pruned by detector | epochs / trial (mean ± sd) | "
              "epochs total | best val acc (complete) | best val acc (any epoch) | wall s | CPU s |",
@@ -350,7 +361,7 @@ def run(cfg: HPOConfig, out: Path) -> dict:
         raise ValueError(f"dataset {cfg.dataset!r} is {data.modality}: the HPO task needs an image dataset")
     mode = (f"TEViD ({checkpoint}) + rule symptoms" if checkpoint else
             "rule symptoms only (no TEViD checkpoint" + (": --checkpoint none)" if cfg.checkpoint == "none" else
-                                                        f": {CPU_CHECKPOINT} not found)"))
+                                                        f": {DEFAULT_CHECKPOINT} not found)"))
     result = {"config": asdict(cfg), "checkpoint": checkpoint, "monitor_mode": mode, "study_name": STUDY_NAME,
               "optuna": optuna.__version__, "arms": {}}
     verbosity, tevid_level = optuna.logging.get_verbosity(), logging.getLogger("tevid").level

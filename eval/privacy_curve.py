@@ -1,7 +1,7 @@
 """The privacy-utility curve of DP telemetry (issue 6, main paper App. J): epsilon against TEViD's
 event-time AUPRC, measured on live jobs with the monitor attached.
 
-    python -m diagnose.privacy_curve --out DIR [--checkpoint DIR (default: the shipped model)] [key=value ...]
+    python -m eval.privacy_curve --out DIR [--checkpoint DIR (default: the shipped model)] [key=value ...]
 
 Every job is a factory-recipe run (`arch` on `dataset` with `optimizer`, one factory perturbation
 preset, a seed) with `diagnose.watch(model, optimizer, dp=DPConfig(clip, z, dataset_size))` attached

@@ -1,8 +1,8 @@
 """TEViD speed on this machine: single-window latency and fine-tuning throughput (docs/models.md, TEViD).
 
-    python -m diagnose.bench                       # latency of tiny and cpu at batch 1, 2 threads;
+    python -m eval.bench                           # latency of tiny and cpu at batch 1, 2 threads;
                                                    # training clips/s of cpu with 1 and 2 processes
-    python -m diagnose.bench --processes 1 --train-steps 5
+    python -m eval.bench --processes 1 --train-steps 5
 
 Latency: `TEViD.predict` (inputs both) on one random window (T = 10 frames of 6 x S x S bf16 and
 its readouts), after warm-up; median and 90th percentile of wall time over `--repeats`, and the
@@ -96,7 +96,7 @@ def launch_two(variant: str, batch: int, steps: int) -> dict:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "diagnose" / "bench.py"),
+           "--module", "eval.bench",
            "--worker", "--variant", variant, "--batch-size", str(batch), "--train-steps", str(steps)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
