@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from capture.hooks import forward_hook
 from capture.frames import count_nonfinite
 from capture.recorder import _first_tensor
 from diagnose.symptoms import GradStats, LayerStats
@@ -151,7 +152,7 @@ class LayerStatsHooks:
 
     def arm(self, on: bool) -> None:
         if on and not self._handles:
-            self._handles = [m.register_forward_hook(self._hook(name, kind)) for name, m, kind in self.modules]
+            self._handles = [forward_hook(m, self._hook(name, kind)) for name, m, kind in self.modules]
         elif not on and self._handles:
             for h in self._handles:
                 h.remove()
