@@ -120,7 +120,7 @@ def test_checkpoint_and_calibration_round_trip_bit_exact(tmp_path):
 
 
 def test_schedule_and_class_weights():
-    assert [round(warmup_cosine(s, 2, 10), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert [round(warmup_cosine(s, 10, 2), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]  # total 10, warm-up 2
     w = balanced_weights([6, 0, 2, 0, 4])
     torch.testing.assert_close(w, torch.tensor([12 / 18, 0, 12 / 6, 0, 12 / 12]))
     with pytest.raises(ValueError, match="data.source"):
