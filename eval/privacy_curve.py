@@ -80,7 +80,7 @@ def run_job(cfg: PrivacyCurveConfig, preset: str, seed: int, noise_multiplier: f
     from diagnose.privacy import DPConfig
     from factory.config import TrainingConfig
     from factory.job import build_job
-    from factory.loop import MonitorLoss, run_job
+    from factory.loop import MonitorLoss, StepLoop
 
     tc = TrainingConfig(steps=cfg.steps, image_size=data.x_train.shape[-1])
     pert = _injection(preset, cfg.steps)
@@ -93,7 +93,7 @@ def run_job(cfg: PrivacyCurveConfig, preset: str, seed: int, noise_multiplier: f
     if monitor.tevid is None:
         monitor.remove()
         raise RuntimeError("no TEViD model: pass --checkpoint DIR (the curve measures TEViD's utility)")
-    run_job(job, [MonitorLoss(monitor)])  # the monitor's loss after backward, as a user's loop hands it over
+    StepLoop(job, [MonitorLoss(monitor)]).run()  # the monitor's loss after backward, as a user's loop hands it over
     result = {"preset": preset, "seed": seed, "noise_multiplier": noise_multiplier, "injected": pert.injected,
               "onset": pert.onset if pert.kind == "known" else None, "pool_size": pool_size,
               "predictions": list(monitor.predictions), "alerts": [a.to_dict() for a in monitor.alerts],
