@@ -4,32 +4,33 @@ timeline figure written at the end.
 
     python -m diagnose.demo [--out outputs/demo] [--config FILE] [key=value ...]
 
-Each job is the factory's small ResNet on scikit-learn's digits (nothing to download), AdamW at the
-factory's recipe; the perturbed job multiplies the learning rate by `spike_factor` for one step,
-`spike_bursts` times from `spike_onset` (the factory's `LRSpike`). `diagnose.watch` attaches to
-model and optimizer with nothing else changed in the loop (the loss is handed over with
-`monitor.observe`, as a user would). The monitor uses the shipped default TEViD model
-(`diagnose/default_checkpoint/`) when it exists, else rule symptoms only; `checkpoint=DIR` picks
-another. Writes `<out>/timeline.png`, `<out>/<job>/alerts.jsonl` (the monitor's log) and
+Written as a user would write it, with the public API only (`diagnose.watch`): its own small model
+(a timm ResNet with one BasicBlock per stage, widths 16-128), scikit-learn's digits (nothing to
+download; upsampled to 32 x 32, three channels, standardised), AdamW with a linear warm-up then a
+cosine from 1 to 0.1 of the learning rate, all in its own loop. The perturbed job multiplies the
+learning rate by `spike_factor` for one step, `spike_bursts` times, `spike_gap` steps apart, from
+`spike_onset`. The loss is handed over with `monitor.observe`. The monitor uses the shipped default
+TEViD model (`diagnose/default_checkpoint/`) when it exists, else rule symptoms only; `checkpoint=DIR`
+picks another. Writes `<out>/timeline.png`, `<out>/<job>/alerts.jsonl` (the monitor's log) and
 `<out>/summary.json`.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs
-
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import diagnose
 from capture.config import load_config, save_config
 
 
@@ -37,45 +38,87 @@ from capture.config import load_config, save_config
 class DemoConfig:
     steps: int = 300
     batch_size: int = 32
-    cadence: int = 10  # one frame every `cadence` optimizer steps (the factory's cadence)
-    arch: str = "resnet"
-    dataset: str = "digits"
+    cadence: int = 10  # one frame every `cadence` optimizer steps (the cadence the shipped model was trained on)
     lr: float = 2e-3
     weight_decay: float = 0.05
+    warmup_frac: float = 0.05  # linear warm-up over this fraction of the steps, then cosine to 0.1 x lr
     spike_onset: int = 120
     spike_factor: float = 50.0
     spike_bursts: int = 4
-    spike_gap: int = 12
+    spike_gap: int = 12  # steps between two one-step spikes
     seed: int = 0
     checkpoint: str | None = None  # None: the shipped default model if present; "none": rules only
     threads: int = 1
 
 
-def _job(name: str, cfg: DemoConfig, data, out: Path, checkpoint) -> dict:
-    import diagnose
-    from factory.archs import build_arch
-    from factory.perturbations import LRSpike
-    from factory.train import lr_schedule
+@dataclass
+class Digits:
+    """scikit-learn's 8 x 8 digits as 3 x 32 x 32 images: 80% train / 20% validation, stratified."""
 
+    x_train: torch.Tensor  # (N, 3, 32, 32) float32, standardised with the train split's channel mean / std
+    y_train: torch.Tensor  # (N,) int64
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    num_classes: int = 10
+
+
+def load_digits(seed: int = 0, size: int = 32) -> Digits:
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = torch.from_numpy(d.images.astype("float32") / 16.0)[:, None]  # (N, 1, 8, 8), pixel values 0..16
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    y = torch.from_numpy(d.target.astype("int64"))
+    it, iv = train_test_split(range(len(y)), test_size=0.2, stratify=d.target, random_state=seed)
+    std, mean = torch.std_mean(x[it], dim=(0, 2, 3), keepdim=True)
+
+    def standardise(images: torch.Tensor) -> torch.Tensor:
+        return ((images - mean) / std).contiguous()
+
+    return Digits(standardise(x[it]), y[it], standardise(x[iv]), y[iv])
+
+
+def small_resnet(num_classes: int) -> nn.Module:
+    """A ResNet with one BasicBlock per stage, widths 16-128 (a training step at batch 32 on 32 x 32
+    inputs takes tens of milliseconds on a CPU)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, channels=(16, 32, 64, 128), stem_width=16)
+
+
+def lr_factor(step: int, steps: int, warmup_frac: float) -> float:
+    """Linear warm-up, then a cosine from 1 to 0.1."""
+    warm = max(1, int(warmup_frac * steps))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def spike(step: int, cfg: DemoConfig) -> bool:
+    """Whether `step` is one of the perturbed job's one-step learning-rate spikes."""
+    k, offset = divmod(step - cfg.spike_onset, cfg.spike_gap + 1)
+    return step >= cfg.spike_onset and k < cfg.spike_bursts and offset == 0
+
+
+def _job(name: str, cfg: DemoConfig, data: Digits, out: Path, checkpoint) -> dict:
     torch.manual_seed(cfg.seed)
-    model, modules = build_arch(cfg.arch, data.num_classes, data.x_train.shape[-1])
+    model = small_resnet(data.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    spike = LRSpike(onset=cfg.spike_onset, factor=cfg.spike_factor, length=1, bursts=cfg.spike_bursts, gap=cfg.spike_gap)
 
     def announce(alert) -> None:
         prob = "" if alert.probability is None else f" p={alert.probability:.2f}"
         print(f"  [{name}] step {alert.step:4d}  ALERT {alert.name} ({alert.source}{prob}): {alert.message}", flush=True)
 
-    options = {"modules": modules} if modules else {}
-    monitor = diagnose.watch(model, opt, checkpoint=checkpoint, cadence=cfg.cadence, callbacks=[announce],
-                             log_dir=out / name, **options)
+    monitor = diagnose.watch(model, opt, checkpoint=checkpoint, cadence=cfg.cadence, callbacks=[announce], log_dir=out / name)
     gen = torch.Generator().manual_seed(cfg.seed)
     losses, lrs = [], []
     start = time.perf_counter()
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(0, len(data.x_train), (cfg.batch_size,), generator=gen)
-        lr = cfg.lr * lr_schedule(step, cfg.steps, 0.05) * (spike.lr_factor(step) if name == "lr_spike" else 1.0)
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_frac) * (cfg.spike_factor if name == "lr_spike" and spike(step, cfg) else 1.0)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
@@ -90,6 +133,7 @@ def _job(name: str, cfg: DemoConfig, data, out: Path, checkpoint) -> dict:
     with torch.no_grad():
         acc = float((model(data.x_val).argmax(1) == data.y_val).float().mean())
     result = {"job": name, "final_val_acc": acc, "seconds": seconds, "tevid": monitor.tevid is not None,
+              "monitor": f"TEViD from {monitor.checkpoint}" if monitor.tevid is not None else "rule symptoms only",
               "alerts": [a.to_dict() for a in monitor.alerts], "predictions": list(monitor.predictions),
               "frames": [{"step": f.step, "frame": f.frame.float()} for f in monitor.frames],
               "loss": losses, "lr": lrs, "disabled_reason": monitor.disabled_reason}
@@ -147,6 +191,7 @@ def timeline(results: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # entry point: bf16 matmuls on CPUs that advertise AMX they cannot run
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo", help="output directory (default outputs/demo)")
     parser.add_argument("--config", default=None, help="yaml config file (DemoConfig)")
@@ -161,15 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, out)
     torch.set_num_threads(cfg.threads)
     logging.getLogger("tevid").setLevel(logging.ERROR)  # alerts are printed by the demo's own callback
-    from diagnose.monitor import DEFAULT_CHECKPOINT
-    from factory.train import cached_dataset
-
     checkpoint = False if cfg.checkpoint == "none" else cfg.checkpoint
-    which = ("rule symptoms only" if checkpoint is False or (checkpoint is None and not DEFAULT_CHECKPOINT.exists())
-             else f"TEViD from {checkpoint or DEFAULT_CHECKPOINT}")
-    data = cached_dataset(cfg.dataset, 32, 3000, 256, None)
-    print(f"TEViD demo: {cfg.arch} on {cfg.dataset}, {cfg.steps} steps per job, a frame every {cfg.cadence} steps; "
-          f"monitor: {which}", flush=True)
+    data = load_digits(cfg.seed)
+    print(f"TEViD demo: a small ResNet on scikit-learn's digits, {cfg.steps} steps per job, a frame every "
+          f"{cfg.cadence} steps", flush=True)
     results = []
     for name in ("healthy", "lr_spike"):
         extra = (f" (learning rate x{cfg.spike_factor:g} for one step, {cfg.spike_bursts} times from step "
@@ -177,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"job {name}{extra}:", flush=True)
         res = _job(name, cfg, data, out, checkpoint)
         first = {a["source"]: a["step"] for a in reversed(res["alerts"])}
-        print(f"  [{name}] done in {res['seconds']:.1f} s: final val acc {res['final_val_acc']:.2f}, "
+        print(f"  [{name}] done in {res['seconds']:.1f} s ({res['monitor']}): final val acc {res['final_val_acc']:.2f}, "
               f"{len(res['alerts'])} alert(s)" + (f", first TEViD alert at step {first['tevid']}" if "tevid" in first else ""),
               flush=True)
         results.append(res)
     fig = timeline(results, out / "timeline.png")
-    summary = {"config": asdict(cfg), "monitor": which,
+    summary = {"config": asdict(cfg), "monitor": results[0]["monitor"],
                "jobs": [{k: r[k] for k in ("job", "final_val_acc", "seconds", "tevid", "alerts", "disabled_reason")} for r in results]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(f"timeline: {fig}\nsummary: {out / 'summary.json'}", flush=True)
