@@ -3,15 +3,12 @@
 A small timm ResNet trains on scikit-learn's digits (built in: nothing to download) with capture
 on, writes one run store, and prints what was captured.
 
-    python -m capture.demo [--config configs/capture/demo.yaml] [--out outputs/demo] [key=value ...]
+    python -m capture.demo [--config FILE (default: configs/capture/demo.yaml)] [--out outputs/demo] [key=value ...]
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs
-
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import configs
 from capture.config import cli_parser, load_config, save_config
 from capture.recorder import CaptureConfig, attach
 from capture.store import RunStore, RunWriter
@@ -101,7 +99,8 @@ def describe(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli_parser(__doc__.splitlines()[0], default_config="configs/capture/demo.yaml").parse_args(argv)
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
+    args = cli_parser(__doc__.splitlines()[0], default_config=str(configs.path("capture/demo"))).parse_args(argv)
     cfg = load_config(DemoConfig, args.config, args.overrides)
     out = Path(args.out or "outputs/demo")
     save_config(cfg, out)

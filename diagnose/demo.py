@@ -191,7 +191,7 @@ def timeline(results: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # entry point: bf16 matmuls on CPUs that advertise AMX they cannot run
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo", help="output directory (default outputs/demo)")
     parser.add_argument("--config", default=None, help="yaml config file (DemoConfig)")

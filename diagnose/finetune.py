@@ -29,13 +29,10 @@ final/ (weights + calibration.json, loaded by `diagnose.tevid.load_tevid`).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -350,6 +347,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     args = cli_parser(__doc__.splitlines()[0], corpus=True, checkpoint=True).parse_args(argv)
     finetune(load_config(FinetuneConfig, args.config, args.overrides), args.corpus, args.out, args.checkpoint)
     return 0

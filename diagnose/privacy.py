@@ -22,13 +22,10 @@ readouts, the non-finite count) comes from ONE joint release of the capture batc
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -430,6 +427,7 @@ def paper_numbers(noise_multiplier: float = PAPER["noise_multiplier"], sample_ra
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description="opacus accountants' epsilon for the sampled Gaussian mechanism")
     p.add_argument("--noise-multiplier", type=float, default=PAPER["noise_multiplier"])
     p.add_argument("--sample-rate", type=float, default=PAPER["sample_rate"])

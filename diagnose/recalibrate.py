@@ -24,6 +24,7 @@ from pretrain.clips import ClipConfig, CorpusClips
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = cli_parser("Calibrate a fine-tuned TEViD on a corpus's validation split", corpus=True, checkpoint=True)
     args = p.parse_args(argv)
     if args.checkpoint is None:
@@ -43,5 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on CPUs that advertise AMX they cannot run
     sys.exit(main())

@@ -22,13 +22,10 @@ measures the gap to the oracle on the corpus's healthy and overfitting classific
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -413,6 +410,7 @@ def format_report(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     from capture.config import load_config
 
     p = argparse.ArgumentParser(description="Label-free selection: gap to the oracle checkpoint on a corpus")

@@ -34,12 +34,9 @@ finished variants).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -222,6 +219,7 @@ def run_ablations(corpus: str | Path, out: str | Path, cfg: AblationConfig, prog
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description="TEViD ablations: fine-tune each variant, score it on the test split "
                                             "(paper Tables 5 and 12)")
     p.add_argument("--corpus", required=True, help="corpus directory (train / val / test splits)")

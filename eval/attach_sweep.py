@@ -17,13 +17,10 @@ runs a sample of the same cases through `check`.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
 import json
 import logging
+import os
 import time
 import traceback
 import warnings
@@ -352,6 +349,7 @@ def _fresh(case: Case):
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/attach_sweep")
     p.add_argument("--library", choices=("torchvision", "huggingface", "plain"), default=None)

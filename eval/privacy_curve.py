@@ -23,13 +23,10 @@ detection and false-alert rates of the confirmed TEViD alerts, Unknown share), `
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs
-
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,6 +185,7 @@ def figure(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     args = cli_parser(__doc__.splitlines()[0], checkpoint=True).parse_args(argv)
     cfg = load_config(PrivacyCurveConfig, args.config, args.overrides)
     if args.checkpoint is not None:

@@ -28,13 +28,10 @@ FILE` puts the same table in the report). Reads runs only through capture.store.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -304,6 +301,7 @@ def run_probes(corpus: str | Path, out: str | Path, cfg: ProbeConfig, checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     parser = cli_parser("Regressibility probes of paper Sec. 5.4: state -> loss (MLP) and loss history -> state (TCN)",
                         corpus=True, checkpoint=True)
     args = parser.parse_args(argv)

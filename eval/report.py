@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -322,6 +323,7 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     parser = cli_parser("Evaluation report: TEViD and the baselines on the test split (DESIGN.md §9)",
                         corpus=True, checkpoint=True)
     parser.add_argument("--tuned", default=None, help="directory of `python -m eval.tune` outputs (<tuned>/<method>/best.json)")

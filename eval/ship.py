@@ -12,14 +12,11 @@ test-split headline figures when a report's metrics.json is given.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -104,6 +101,7 @@ def ship(checkpoint: str | Path, corpus: str | Path, out: str | Path = DEFAULT_C
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a calibrated fine-tuning output dir (out/final)")
     p.add_argument("--corpus", required=True, help="the corpus it was trained on")

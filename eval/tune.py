@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -258,6 +259,7 @@ def _run_workers(corpus: str | Path, cfg: TuneConfig, study_file: Path, study: o
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     parser = cli_parser("Tune a baseline's hyper-parameters on validation (optuna TPE, event-time AUPRC)", corpus=True)
     args = parser.parse_args(argv)
     cfg = load_config(TuneConfig, args.config, args.overrides)

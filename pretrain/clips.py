@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import re
 import sys
@@ -314,6 +315,7 @@ def clip_loader(shards, batch_size: int, *, shuffle: int = 1000, num_workers: in
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description="Clips of a corpus as webdataset shards (docs/clips.md)")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write out/<split>/clips-%%06d.tar and out/index.json")

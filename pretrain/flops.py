@@ -12,23 +12,18 @@ visible 10% of the patches + decoder on all of them) with the decoder of configs
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
+import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import configs
 from capture.config import load_config
 from pretrain.encoder import ENCODER_VARIANTS, SpaceTimeEncoder, encoder_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -46,7 +41,7 @@ def encoder_flops(variant: str, frames: int | None = None) -> dict:
         clip = torch.zeros(1, t, cfg.in_chans, cfg.img_size, cfg.img_size)
         flops = count_flops(encoder, clip)
         mae_flops = None
-        config = CONFIGS / f"{variant}.yaml"
+        config = configs.ROOT / "pretrain" / f"{variant}.yaml"  # the variant's Dynamics-MAE config, if one ships
         if config.is_file():
             from pretrain.train import PretrainConfig, build_model
 
@@ -91,6 +86,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(ENCODER_VARIANTS), choices=list(ENCODER_VARIANTS))
     p.add_argument("--latency", action="store_true", help="also time batch-1 forwards of tiny and cpu")

@@ -17,12 +17,9 @@ log.csv (and TensorBoard events when `torch.utils.tensorboard` imports), last/ (
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -278,6 +275,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, *, step: i
 # ------------------------------------------------------------------ script
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     args = cli_parser(__doc__.splitlines()[0], corpus=True).parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if cfg.model.variant not in ENCODER_VARIANTS:
