@@ -29,7 +29,6 @@ LIBRARY_MODULES = ("pretrain", "pretrain.checkpoint", "pretrain.encoder", "pretr
 NOT_LIBRARY = {
     "diagnose.finetune": "the fine-tuning stage: reads a corpus through pretrain.clips",
     "diagnose.recalibrate": "calibrates a checkpoint on a corpus's validation windows (pretrain.clips)",
-    "diagnose.overhead": "an experiment (factory jobs); it belongs with the other experiments in eval/",
 }
 
 

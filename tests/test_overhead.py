@@ -1,4 +1,4 @@
-"""The overhead command (diagnose/overhead.py) at tiny settings: output structure, that every mode really ran
+"""The overhead command (eval/overhead.py) at tiny settings: output structure, that every mode really ran
 (frames in the capture modes, TEViD predictions in the TEViD mode, Cockpit's tracked steps, wandb's logged
 rows), that a missing peer is left out with a message, and that the cuts made for the overhead compute
 what they replaced. No timing assertions."""
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diagnose.overhead import (COCKPIT, MODES, TEVID, WANDB, OverheadConfig, _Cockpit, _Job, available_modes, main,
+from eval.overhead import (COCKPIT, MODES, TEVID, WANDB, OverheadConfig, _Cockpit, _Job, available_modes, main,
                                run)
 
 

@@ -54,7 +54,7 @@ def _sets_environment(node: ast.AST) -> bool:
 
 
 # modules known to break the rule, each with why (remove the entry with the fix)
-PENDING = {"diagnose/overhead.py": "an experiment on its way to eval/ (issue 18), its environment line with it"}
+PENDING = {}
 
 
 def test_environment_variables_are_set_only_in_entry_points():

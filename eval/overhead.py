@@ -1,7 +1,7 @@
 """Monitor overhead (issue 6 "Overhead", issue 17 part 6): step time of a training job with the live monitor,
 and with the tools people use instead, against the plain loop, side by side in one process.
 
-    python -m diagnose.overhead --out outputs/overhead [--cadence 50 ...] [--rounds 7] [--steps 100] \
+    python -m eval.overhead --out outputs/overhead [--cadence 50 ...] [--rounds 7] [--steps 100] \
         [--modes capture monitor tevid cockpit wandb] [--arch resnet|cnn] \
         [--checkpoint DIR|tiny|none] [--profile STEPS]
 
@@ -52,12 +52,9 @@ capture's time goes, per call and per step. Writes overhead.json and overhead.md
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-
 import argparse
 import contextlib
+import os
 import copy
 import importlib.metadata
 import json
@@ -554,16 +551,16 @@ PROFILED = {  # what the table names -> (file suffix, function) in the cProfile 
     "monitor: frame (symptoms, TEViD, logging)": ("diagnose/monitor.py", "_on_frame"),
     "monitor: TEViD window + decision": ("diagnose/monitor.py", "_run_tevid"),
     "monitor: rule symptoms": ("diagnose/symptoms.py", "update"),
-    "monitor: batched loss recovery": ("diagnose/monitor.py", "_sync_heads"),
-    "monitor: layer statistics hooks": ("diagnose/monitor.py", "_layer_stats"),
-    "monitor: gradient statistics": ("diagnose/monitor.py", "_grad_tensor"),
+    "monitor: batched loss recovery": ("diagnose/loss_recovery.py", "_sync_heads"),
+    "monitor: layer statistics hooks": ("diagnose/layer_stats.py", "layer_stats"),
+    "monitor: gradient statistics": ("diagnose/layer_stats.py", "tensor"),
     "monitor: head forward hook": ("diagnose/monitor.py", "_head_forward"),
     "monitor: head gradient hook": ("diagnose/monitor.py", "_head_grad"),
     "capture: step": ("capture/recorder.py", "step"),
     "capture: frame assembly": ("capture/recorder.py", "_finish_frame"),
     "capture: activation/gradient maps": ("capture/frames.py", "tensor_to_map"),
     "capture: head hook (GWA per step)": ("capture/recorder.py", "_head_hook"),
-    "training step (forward, backward, optimizer)": ("diagnose/overhead.py", "step"),
+    "training step (forward, backward, optimizer)": ("eval/overhead.py", "step"),
 }
 
 
@@ -677,6 +674,7 @@ def _versions(modes: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; oneDNN reads it lazily
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     defaults = OverheadConfig()
