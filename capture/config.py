@@ -1,4 +1,4 @@
-"""Config loading shared by every stage's script (DESIGN.md §11).
+"""Config loading shared by every stage's script (docs/architecture.md §11).
 
 One dataclass per stage; a yaml file sets its values, the dataclass defaults fill the rest;
 `key=value` overrides address nested fields with dots (`model.depth=2`); the resolved config is

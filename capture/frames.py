@@ -1,6 +1,6 @@
 """Internal-state frames: captured tensors -> one `6 x S x S` bfloat16 frame.
 
-Implements DESIGN.md §3 (and the main paper's Appendix B.3):
+Implements docs/architecture.md §3 (and the main paper's Appendix B.3):
 
     any layout  --to_grid-->  (B, C, H, W)                non-finite values replaced and counted
                 --channel-group RMS-->  (B, G, H, W)

@@ -1,5 +1,5 @@
 """Top Hessian eigenvalue of the training loss on one batch, by Lanczos on Hessian-vector products
-(the "sharpness" series of the Hessian baseline: DESIGN.md §9, issue 5; paper Sec. 5.1 "Baselines").
+(the "sharpness" series of the Hessian baseline: docs/architecture.md §9, issue 5; paper Sec. 5.1 "Baselines").
 
     lambda_max = max eig of H = d^2 L(theta; x, y) / d theta^2,   theta = the trainable parameters
 

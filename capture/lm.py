@@ -1,8 +1,8 @@
 """A small plain-torch causal Transformer language model (character level).
 
 It lives in `capture` because capture must find its hook points and head without importing
-the factory (DESIGN.md §2). Pre-norm blocks; the attention output `attn` is the main path before
-the residual add, which is where capture hooks (DESIGN.md §3).
+the factory (docs/architecture.md §2). Pre-norm blocks; the attention output `attn` is the main path before
+the residual add, which is where capture hooks (docs/architecture.md §3).
 """
 from __future__ import annotations
 

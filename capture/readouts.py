@@ -1,6 +1,6 @@
 """Scalar readouts of a training step, all in closed form from the head's input and output gradient.
 
-DESIGN.md §4; head-gradient probe from seed 000 §3.3 (eq. 2-3), Gradient-Weight Alignment from
+docs/architecture.md §4; head-gradient probe from seed 000 §3.3 (eq. 2-3), Gradient-Weight Alignment from
 seed 004 (GWA = M1 / (excess kurtosis + beta), beta = 1.2).
 
 Notation, for a linear head `logits = Z W^T + b` with `W (C x d)`:

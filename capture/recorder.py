@@ -11,7 +11,7 @@
 Cost model (issue 2): between capture steps the three block hooks return after one attribute
 test (no copies, no device syncs). At a capture step they reduce each activation and each
 gradient to an `(S, S)` map right away, so nothing large is kept alive. The head hook runs every
-step when `gwa_window="frame"` (GWA over all samples since the previous frame, DESIGN.md §4); it
+step when `gwa_window="frame"` (GWA over all samples since the previous frame, docs/architecture.md §4); it
 adds a few `N x C` element-wise ops that stay on the device. Everything is synced once per frame.
 
 Nothing here raises inside the user's forward or backward pass: a fault is recorded in

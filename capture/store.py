@@ -1,4 +1,4 @@
-"""Run stores: one zarr v3 store per training run (DESIGN.md §5; layout in docs/run-store.md).
+"""Run stores: one zarr v3 store per training run (docs/architecture.md §5; layout in docs/run-store.md).
 
     <run_id>.zarr/                  attrs: tevid_layout, complete, spec, label, onset_step, ...
         frames      (T, 6, S, S)  uint16 = bfloat16 bit patterns (attrs frames_dtype), zstd,

@@ -1,4 +1,4 @@
-"""Calibration of TEViD on the validation split (DESIGN.md §7-§9; paper Sec. 4.3, Appendices E.1, H.1).
+"""Calibration of TEViD on the validation split (docs/architecture.md §7-§9; paper Sec. 4.3, Appendices E.1, H.1).
 
 Fitted once on validation, then frozen and saved as `calibration.json` beside the weights:
 
@@ -14,7 +14,7 @@ Fitted once on validation, then frozen and saved as `calibration.json` beside th
    largest value such that p_c > m for `consecutive` known frames in a row would need a threshold
    below m_r(c) (the max over runs of 3 consecutive known frames of their min p_c). Thresholds are
    order statistics of m(c) (plus 1e-6) taken at a common rank k, the smallest k whose replayed FAR
-   (fraction of Healthy runs with any confirmed alert, DESIGN.md §9) is <= `far_target` (5%); then
+   (fraction of Healthy runs with any confirmed alert, docs/architecture.md §9) is <= `far_target` (5%); then
    clipped to [`min_threshold`, 1]. Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
 
 `python -m diagnose.recalibrate` runs this on a checkpoint (`diagnose.finetune` does at the end of training).

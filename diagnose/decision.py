@@ -1,4 +1,4 @@
-"""The streaming decision rule (DESIGN.md §8; paper Sec. 4.3 "Streaming inference" and Appendix E.1).
+"""The streaming decision rule (docs/architecture.md §8; paper Sec. 4.3 "Streaming inference" and Appendix E.1).
 
 At each new frame TEViD gives class probabilities `p (K,)` (class 0 = Healthy) and a vacuity `u`:
 

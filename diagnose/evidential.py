@@ -1,4 +1,4 @@
-"""Evidential (Dirichlet) head and loss of TEViD (DESIGN.md §7; paper Sec. 4.3 and Appendix D.2).
+"""Evidential (Dirichlet) head and loss of TEViD (docs/architecture.md §7; paper Sec. 4.3 and Appendix D.2).
 
 Given evidence logits `f (B, K)`:
 

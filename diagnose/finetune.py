@@ -1,4 +1,4 @@
-"""Fine-tune TEViD on a corpus's clips, then calibrate it on the validation split (DESIGN.md §7-§9;
+"""Fine-tune TEViD on a corpus's clips, then calibrate it on the validation split (docs/architecture.md §7-§9;
 paper Sec. 4.3, Appendix D.2, Table 14).
 
     accelerate launch diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu \
@@ -58,7 +58,7 @@ class DataConfig:
     shards: str | None = None  # export root of `pretrain.clips export` (holds index.json, train/)
     window: int = 10  # T frames per clip (causal: frames t-9..t)
     stride: int = 1
-    horizon_epochs: float = 2.0  # lead horizon H of the positive zone (DESIGN.md §9)
+    horizon_epochs: float = 2.0  # lead horizon H of the positive zone (docs/architecture.md §9)
     num_workers: int = 0
     shuffle_buffer: int = 1000  # shards only
     label_fraction: float = 1.0  # fraction of the labelled training runs used (per label, seeded by `seed`); zarr only

@@ -6,7 +6,7 @@ tracked value at this step and the values kept from earlier steps (a rolling win
 few as a fixed reference) in, an alert (or None) out, no state (cockpit's quantities with schedules, Lightning's `_evaluate_stopping_criteria`; STYLE.md 7-8).
 `SymptomTracker` holds the state: per symptom a bounded history and a confirmation streak; an alert
 is confirmed when its condition holds at `consecutive` checks in a row, fires once, and fires again
-only after the condition has cleared (like the streaming rule of DESIGN.md §8).
+only after the condition has cleared (like the streaming rule of docs/architecture.md §8).
 
 References and their defaults (checked against the sources where stated):
 - SageMaker Debugger built-in rules (docs.aws.amazon.com/sagemaker/latest/dg/debugger-built-in-rules.html
@@ -48,7 +48,7 @@ IQR_TO_SIGMA = 1.349  # IQR of a standard normal: robust z = (x - median) / (IQR
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert of the monitor's stream (DESIGN.md §8 for "tevid"; this module for "rule")."""
+    """One alert of the monitor's stream (docs/architecture.md §8 for "tevid"; this module for "rule")."""
 
     name: str  # a TEViD class, "unknown", or a symptom name ("exploding_gradients", ...)
     step: int  # optimizer step the evidence belongs to (0-based, real optimizer steps only)

@@ -1,4 +1,4 @@
-"""TEViD: the temporal vision diagnostician (DESIGN.md §7; paper Sec. 4.3 and Appendix D).
+"""TEViD: the temporal vision diagnostician (docs/architecture.md §7; paper Sec. 4.3 and Appendix D).
 
     frames   (B, T, 6, S, S) -> keep `channels` -> SpaceTimeEncoder -> tokens (B, T, P, D) -> mean over T and P -> (B, D)
     readouts (B, T, 8) raw   -> readout_features (B, T, 16) -> Linear+GELU per frame (B, T, E) -> GRU -> last state (B, E)

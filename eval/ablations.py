@@ -1,4 +1,4 @@
-"""TEViD ablations as one command (paper App. C.2 and C.4: Tables 5 and 12, Fig. 3b; DESIGN.md §7-§9).
+"""TEViD ablations as one command (paper App. C.2 and C.4: Tables 5 and 12, Fig. 3b; docs/architecture.md §7-§9).
 
     python -m eval.ablations --corpus outputs/corpus/cpu --out outputs/ablations/cpu \
         --config configs/finetune/cpu.yaml --pretrained outputs/pretrain/cpu/final \

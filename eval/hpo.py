@@ -92,7 +92,7 @@ class HPOConfig:
     # `python -m eval.report` (docs/benchmark/metrics.json, "cusum"."threshold")
     cusum_threshold: float = 54.512767079482934
     cusum: CusumConfig = field(default_factory=benchmark_cusum)
-    consecutive: int = 3  # frames in a row above the CUSUM threshold (the alert rule of DESIGN.md §8)
+    consecutive: int = 3  # frames in a row above the CUSUM threshold (the alert rule of docs/architecture.md §8)
     enqueue_lr: list[float] = field(default_factory=list)  # learning rates of the first trials (others sampled)
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 

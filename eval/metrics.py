@@ -1,4 +1,4 @@
-"""Metrics of the evaluation, as pure functions of replayed runs (DESIGN.md §9; paper Sec. 5, App. E.2, H, I).
+"""Metrics of the evaluation, as pure functions of replayed runs (docs/architecture.md §9; paper Sec. 5, App. E.2, H, I).
 
 Input: one `RunResult` per held-out run replayed frame by frame (eval.replay writes them): per-frame
 anomaly score, class probabilities, vacuity, and the confirmed alerts at the frozen operating point.

@@ -1,4 +1,4 @@
-"""Streaming replay of held-out runs through a diagnoser that sees only the past (DESIGN.md §8-§9;
+"""Streaming replay of held-out runs through a diagnoser that sees only the past (docs/architecture.md §8-§9;
 paper Sec. 5.1 "Streaming protocol" and Appendix E.1).
 
     corpus -> load_runs (public arrays only, via capture.store.RunStore) -> LoadedRun (private, whole run)
@@ -19,7 +19,7 @@ Scored frames: every diagnoser sees every frame from 0, but outputs are kept fro
 `score_from` on (default `ClipConfig.window - 1` = 9, the first frame with a full TEViD window), so
 that all methods are scored on the same frames of the same runs.
 
-Confirmed alerts (DESIGN.md §8): `with_alerts(results, threshold=...)` for score-only detectors
+Confirmed alerts (docs/architecture.md §8): `with_alerts(results, threshold=...)` for score-only detectors
 (score > threshold for 3 consecutive frames, `eval.metrics.alerts_at_threshold`) and
 `with_alerts(results, rule=...)` for class-probability diagnosers (`diagnose.decision.Rule`:
 per-class thresholds, 3 consecutive frames, Unknown when vacuity > tau, shared with the live hook).

@@ -1,4 +1,4 @@
-"""The evaluation report: every method on the same held-out runs, same protocol (DESIGN.md §8-§9, §11;
+"""The evaluation report: every method on the same held-out runs, same protocol (docs/architecture.md §8-§9, §11;
 paper Sec. 5, Tables 3, 4, 5, 12, 17-19, App. E, H, I).
 
     python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu \
@@ -324,7 +324,7 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
-    parser = cli_parser("Evaluation report: TEViD and the baselines on the test split (DESIGN.md §9)",
+    parser = cli_parser("Evaluation report: TEViD and the baselines on the test split (docs/architecture.md §9)",
                         corpus=True, checkpoint=True)
     parser.add_argument("--tuned", default=None, help="directory of `python -m eval.tune` outputs (<tuned>/<method>/best.json)")
     parser.add_argument("--ablations", default=None, help="ablations.json of `python -m eval.ablations` (Tables 5 and 12)")

@@ -1,4 +1,4 @@
-"""Hyper-parameters of the baselines, tuned with optuna on the validation split (DESIGN.md §9; paper
+"""Hyper-parameters of the baselines, tuned with optuna on the validation split (docs/architecture.md §9; paper
 Sec. 5.1: "each baseline's hyper-parameters tuned on validation", App. G).
 
 `tune(make_diagnoser, val_runs, n_trials=25, seed=0)` runs a TPE study (optuna TPESampler(seed)) that

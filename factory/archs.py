@@ -1,5 +1,5 @@
 """Architectures of the factory: the timm families of capture at small widths, an AlexNet-style
-plain CNN, and the project's causal LM (DESIGN.md §6). Sized for a 2-core CPU: a training step at
+plain CNN, and the project's causal LM (docs/architecture.md §6). Sized for a 2-core CPU: a training step at
 batch 32 on 32x32 inputs costs tens of milliseconds, not the 100-900 ms of timm's defaults.
 
 `build_arch(name, num_classes, image_size)` returns `(model, capture_modules)`; the second item is

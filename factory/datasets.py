@@ -1,4 +1,4 @@
-"""Offline datasets of the data factory (DESIGN.md §6): one registry, one entry point.
+"""Offline datasets of the data factory (docs/architecture.md §6): one registry, one entry point.
 
     data = load_dataset("shapes", image_size=32, seed=0, num_classes=8)
     data.x_train  # (N, 3, 32, 32) float32, standardised per channel on the train split

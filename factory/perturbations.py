@@ -1,4 +1,4 @@
-"""Perturbations: small objects with an onset step that bend one training run (DESIGN.md §6,
+"""Perturbations: small objects with an onset step that bend one training run (docs/architecture.md §6,
 paper §4.1). Each hooks into the training loop at fixed places:
 
     settings = p.configure(settings)          before training (lr, weight decay, augmentation, subset)

@@ -1,5 +1,5 @@
 """Run specifications: a factory config expands into runs over arch x dataset x optimizer x
-perturbation x seed, per split, with factorially disjoint splits (DESIGN.md §6, paper Table 2).
+perturbation x seed, per split, with factorially disjoint splits (docs/architecture.md §6, paper Table 2).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clips: the windows of a corpus that Dynamics-MAE and TEViD read (DESIGN.md §5, §7, §9; paper Sec. 4.2-4.3).
+"""Clips: the windows of a corpus that Dynamics-MAE and TEViD read (docs/architecture.md §5, §7, §9; paper Sec. 4.2-4.3).
 
 A clip is the causal window ending at frame t: frames t-T+1 .. t `(T, 6, S, S)` bf16 and the raw
 readouts `CLIP_READOUTS` of the same frames `(T, 8)`, with a target from the run's label, onset and
@@ -39,11 +39,11 @@ from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 class ClipConfig:
     window: int = 10  # T frames; the window ending at frame t holds frames t-9..t (causal)
     stride: int = 1  # windows end every `stride` frames
-    horizon_epochs: float = 2.0  # H of DESIGN.md §9, in epochs (store attr epoch_steps = steps per epoch)
+    horizon_epochs: float = 2.0  # H of docs/architecture.md §9, in epochs (store attr epoch_steps = steps per epoch)
 
 
 def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, novel, cfg=ClipConfig()):
-    """Target of the window ending at each frame (DESIGN.md §9), and a mask of the novel windows.
+    """Target of the window ending at each frame (docs/architecture.md §9), and a mask of the novel windows.
 
     novel run: s < onset -> 0, s >= onset -> IGNORE with novel_mask (known-vs-novel AUROC only);
     label healthy -> 0; label None / underperforming -> IGNORE; known anomaly class c with onset o and

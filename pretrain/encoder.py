@@ -1,4 +1,4 @@
-"""Factorized space-time ViT encoder of internal-state videos (DESIGN.md §7; paper Sec. 4.2, App. C.1).
+"""Factorized space-time ViT encoder of internal-state videos (docs/architecture.md §7; paper Sec. 4.2, App. C.1).
 
 Frames of a clip are embedded patch by patch (one spatial patch per token, no temporal tubelets),
 given separate learned spatial (P) and temporal (T) position embeddings, and processed by blocks of
@@ -11,7 +11,7 @@ each pre-norm with a residual. With tube masking (the same patches hidden in eve
 visible patch position still has all T frames, so the factorisation stays valid on visible tokens
 only (Dynamics-MAE, `pretrain/mae.py`).
 
-Named variants (DESIGN.md §10): `tiny` for tests (16x16 frames of the smoke corpus), `cpu` for the
+Named variants (docs/architecture.md §10): `tiny` for tests (16x16 frames of the smoke corpus), `cpu` for the
 2-core benchmark, `base` = ViT-B (12 layers, 768 wide, 12 heads, patch 16, S = 224, T = 10).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from timm.models.vision_transformer import Attention
 class EncoderConfig:
     img_size: int = 32       # S: frames are S x S
     patch_size: int = 8      # P = (S / patch_size)^2 patches per frame
-    in_chans: int = 6        # the 6 frame channels (DESIGN.md §3)
+    in_chans: int = 6        # the 6 frame channels (docs/architecture.md §3)
     num_frames: int = 10     # T: the window length; shorter clips use the first frames' time embedding
     embed_dim: int = 192
     depth: int = 4

@@ -1,4 +1,4 @@
-"""Dynamics-MAE: masked autoencoding of internal-state videos (DESIGN.md §7; paper Sec. 4.2, App. C).
+"""Dynamics-MAE: masked autoencoding of internal-state videos (docs/architecture.md §7; paper Sec. 4.2, App. C).
 
 Tube masking hides the same spatial patches in every frame (ratio 0.9 by default, the paper's
 choice after a 75-95% sweep, App. C.3); the encoder (`pretrain.encoder.SpaceTimeEncoder`) sees the

@@ -1,4 +1,4 @@
-"""The README's main command at tiny scale, and the shared config loader (DESIGN.md §11)."""
+"""The README's main command at tiny scale, and the shared config loader (docs/architecture.md §11)."""
 import json
 import runpy
 import sys

@@ -1,4 +1,4 @@
-"""The streaming decision rule (DESIGN.md §8) on scripted sequences, as Lightning's test_early_stopping does,
+"""The streaming decision rule (docs/architecture.md §8) on scripted sequences, as Lightning's test_early_stopping does,
 and its calibration on validation runs (diagnose/calibrate.py)."""
 import math
 

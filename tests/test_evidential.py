@@ -1,4 +1,4 @@
-"""The evidential head and loss against references written directly from DESIGN.md §7."""
+"""The evidential head and loss against references written directly from docs/architecture.md §7."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""eval.metrics against scikit-learn, naive references and hand-made runs (DESIGN.md §9)."""
+"""eval.metrics against scikit-learn, naive references and hand-made runs (docs/architecture.md §9)."""
 import functools
 import math
 

@@ -1,4 +1,4 @@
-"""Closed-form readouts against autograd / numpy references (DESIGN.md §4)."""
+"""Closed-form readouts against autograd / numpy references (docs/architecture.md §4)."""
 import numpy as np
 import pytest
 import scipy.stats

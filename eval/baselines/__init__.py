@@ -1,5 +1,5 @@
 """Scalar and readout baselines of the evaluation, each a streaming `eval.replay.Diagnoser` that sees
-only the past (DESIGN.md §9; paper Sec. 5.1 "Baselines", Table 3). Rules and choices:
+only the past (docs/architecture.md §9; paper Sec. 5.1 "Baselines", Table 3). Rules and choices:
 docs/evaluation_baselines.md.
 
 | name       | module    | kind    | score                                                        |

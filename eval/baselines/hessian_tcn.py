@@ -1,5 +1,5 @@
 """A TCN on the top-Hessian-eigenvalue ("sharpness") series of a run (paper Sec. 5.1 "Baselines", Table 3;
-DESIGN.md §9). The series comes from the run store's public per-frame array `hessian_top`, computed during
+docs/architecture.md §9). The series comes from the run store's public per-frame array `hessian_top`, computed during
 the run by the factory at every `training.hessian_every`-th frame on the step's training batch (Lanczos on
 Hessian-vector products, capture/hessian.py); NaN at the frames in between. A corpus generated without
 it (hessian_every = 0, the default) cannot be used: the method then raises `MissingHessianError`

@@ -1,5 +1,5 @@
 """A single label-free readout as a detector: the head-gradient norm alone (seed papers 000/002) or
-GWA alone (seed 004) (paper Sec. 5.1 "Baselines", Table 3; DESIGN.md §4).
+GWA alone (seed 004) (paper Sec. 5.1 "Baselines", Table 3; docs/architecture.md §4).
 
 Per frame t, causal, on the run's own history only:
 

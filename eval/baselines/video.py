@@ -1,5 +1,5 @@
 """Video baselines: R(2+1)D and Video-Swin-T from torchvision on the same 6-channel clips as TEViD
-(DESIGN.md §9; paper Sec. 5.1 "Baselines", Table 3).
+(docs/architecture.md §9; paper Sec. 5.1 "Baselines", Table 3).
 
 Both are plain softmax classifiers over the causal window of the last T = 10 frames:
 
