@@ -1,12 +1,13 @@
-"""The import rule of docs/architecture.md, checked on the source: every `import` statement of every
+"""The import rule of docs/architecture.md §12, checked on the source: every `import` statement of every
 project module, function-local ones included, read with `ast`.
 
 - The library (what a user's training job imports: `capture`, pretrain's model parts and the live parts
   of `diagnose`) imports only the library: nothing from `factory` or `eval`, and not the data path
   (`pretrain.clips`, which loads webdataset and tqdm, nor the training stages).
+- Nothing outside `eval` imports `eval`.
 - No import cycle between project modules.
 
-A third test runs the live path in a fresh interpreter (`diagnose.watch` with the shipped model on a
+A last test runs the live path in a fresh interpreter (`diagnose.watch` with the shipped model on a
 small job) and checks which project modules it loaded, so an import hidden from `ast` (importlib) is
 caught too.
 """
@@ -87,6 +88,13 @@ def in_library(module: str) -> bool:
     return module in LIBRARY_MODULES or module.split(".")[0] in LIBRARY_PACKAGES
 
 
+def test_the_walker_sees_function_local_relative_and_submodule_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import json\n\ndef f():\n    from factory.train import run_one\n    from . import schema\n"
+                    "    from eval import metrics\n")
+    assert imports("capture.m", path, project_modules()) == [(4, "factory.train"), (5, "capture.schema"), (6, "eval.metrics")]
+
+
 def test_the_library_imports_only_the_library():
     modules = project_modules()
     library = [m for m in modules if in_library(m)]
@@ -97,7 +105,17 @@ def test_the_library_imports_only_the_library():
             if not in_library(target):
                 why = NOT_LIBRARY.get(target) or ("the data path" if target == "pretrain.clips" else target.split(".")[0])
                 violations.append(f"{modules[module].relative_to(ROOT)}:{line} imports {target} ({why})")
-    assert not violations, "library modules importing outside the library (docs/architecture.md):\n" + "\n".join(violations)
+    violations = list(dict.fromkeys(violations))  # one line per (statement, module)
+    assert not violations, "library modules importing outside the library (docs/architecture.md §12):\n" + "\n".join(violations)
+
+
+def test_only_the_evaluation_side_imports_eval():
+    """Experiments and reports live in eval/; the library and the pipeline never reach into them."""
+    modules = project_modules()
+    violations = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+                  for module, path in modules.items() if module.split(".")[0] in PACKAGES and module.split(".")[0] != "eval"
+                  for line, target in imports(module, path, modules) if target.split(".")[0] == "eval"]
+    assert not violations, "modules outside eval/ importing it:\n" + "\n".join(violations)
 
 
 def test_no_import_cycle_between_project_modules():
