@@ -243,7 +243,8 @@ MANIFEST_FILE = "MANIFEST.json"  # written by eval.ship beside a shipped model
 MANIFEST_REQUIRED = ("model.safetensors", "config.json", "calibration.json")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (the digests of MANIFEST.json, eval.ship)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -277,7 +278,7 @@ def verify_manifest(path: str | Path) -> bool:
         if f.stat().st_size != size:
             raise TEViDLoadError(f"{f}: {f.stat().st_size} bytes where {manifest} records {size}: damaged or changed "
                                  "after shipping; not loaded")
-        actual = _sha256(f)
+        actual = file_sha256(f)
         if actual != digest:
             raise TEViDLoadError(f"{f}: sha256 {actual} does not match {manifest} ({digest}): damaged or changed "
                                  "after shipping; not loaded")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from capture.corpus import corpus_runs
 from diagnose.monitor import DEFAULT_CHECKPOINT
+from diagnose.tevid import file_sha256
 
 FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
 # the pipeline behind the shipped model (Makefile target `reproduce` runs exactly these)
@@ -37,14 +37,6 @@ PIPELINE = (
     "python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu --report outputs/report/cpu/metrics.json",
 )
 HEADLINE = ("event_auprc", "event_auprc_ci", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _git(*args: str) -> str | None:
@@ -77,7 +69,7 @@ def manifest(checkpoint: Path, corpus: Path, report: Path | None, out: Path) -> 
         "pipeline": list(PIPELINE),
         "report": str(report) if report else None,
         "test_split": headline,
-        "files": {name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size} for name in FILES},
+        "files": {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size} for name in FILES},
     }
 
 

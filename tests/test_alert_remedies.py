@@ -129,25 +129,6 @@ def test_gradient_statistics_name_the_largest_smallest_and_non_finite_parameters
 
 # ---------------------------------------------------------------- TEViD: where and remedy (mechanics)
 
-@pytest.fixture(scope="module")
-def tiny_tevid(tmp_path_factory):
-    """A random tiny TEViD saved as fine-tuning saves it, with a window of 4 frames (as in test_monitor.py)."""
-    from diagnose.calibrate import Calibration, save_calibration
-    from diagnose.tevid import TEViD, TEViDConfig
-    from pretrain.checkpoint import save_checkpoint
-    from pretrain.clips import CLASSES
-
-    def make(thresholds, tau, name):
-        torch.manual_seed(0)
-        cfg = TEViDConfig(encoder="tiny", encoder_overrides={"depth": 1}, readout_dim=8, hidden_dim=16)
-        path = save_checkpoint(tmp_path_factory.mktemp(name) / "final", model=TEViD(cfg),
-                               config={"model": dataclasses.asdict(cfg), "data": {"window": 4}}, step=0)
-        save_calibration(Calibration(list(CLASSES), thresholds, 1.0, tau, 3), path)
-        return path
-
-    return make
-
-
 def test_tevid_class_alerts_carry_the_moved_channel_and_the_class_remedy(tiny_tevid):
     path = tiny_tevid([0.0] * 4, 1.0, "always")  # thresholds 0: every class fires at the 3rd window (step 10)
     model = TinyNet()

@@ -43,7 +43,7 @@ def test_ship_copies_checks_and_writes_a_manifest(tmp_path, smoke_corpus):
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="no default model shipped in this checkout")
 def test_the_shipped_default_model_loads_and_matches_its_manifest():
-    from eval.ship import _sha256
+    from diagnose.tevid import file_sha256 as _sha256
 
     man = json.loads((DEFAULT_CHECKPOINT / "MANIFEST.json").read_text())
     for name, info in man["files"].items():
