@@ -51,7 +51,9 @@ def tune(make_diagnoser: Callable[[optuna.Trial], Diagnoser], val_runs: Sequence
     is undefined on the validation runs (NaN: no positive frame) is an error, not a bad trial.
     `storage`: a journal file holding the study (created, or loaded to resume); `n_trials` is then the
     study's total, shared by every process that tunes against the same file at once (see `main`'s
-    `workers`): a process starts a trial only while fewer than `n_trials` are complete or running."""
+    `workers`): a process starts a trial only while fewer than `n_trials` are complete or running (optuna's
+    MaxTrialsCallback checks after each trial, so workers that start their last trials at the same moment can
+    end up to `workers - 1` trials over)."""
     if not val_runs:
         raise ValueError("tune: no validation runs")
     runs = list(val_runs)

@@ -210,17 +210,20 @@ def test_tune_shares_one_study_across_workers_and_resumes(smoke_corpus, tmp_path
     base = ["--corpus", str(smoke_corpus), "--out", str(out), "baseline=cusum"]
     assert tune_main([*base, "n_trials=6", "workers=2"]) == 0
     trials = json.loads((out / "trials.json").read_text())
-    assert len(trials) == 6 and {t["state"] for t in trials} == {"COMPLETE"} and all(t["seconds"] > 0 for t in trials)
+    # optuna's MaxTrialsCallback counts after each trial, so two workers that start their last trials at the
+    # same moment can end one over (seen under heavy load): 6 or 7, never fewer
+    n = len(trials)
+    assert n in (6, 7) and {t["state"] for t in trials} == {"COMPLETE"} and all(t["seconds"] > 0 for t in trials)
     first = [t["params"] for t in trials]
-    assert len({json.dumps(p, sort_keys=True) for p in first}) == 6  # the workers sample with different seeds
+    assert len({json.dumps(p, sort_keys=True) for p in first}) == n  # the workers sample with different seeds
     best = json.loads((out / "best.json").read_text())
     assert best["event_auprc"] == max(t["value"] for t in trials)
     # a killed process: a trial asked for and never told
     study = optuna.load_study(study_name=STUDY, storage=journal(out / "study.journal"))
     study.ask()
-    assert tune_main([*base, "n_trials=8"]) == 0
+    assert tune_main([*base, "n_trials=9"]) == 0
     trials = json.loads((out / "trials.json").read_text())
-    assert [t["state"] for t in trials] == ["COMPLETE"] * 6 + ["FAIL"] + ["COMPLETE"] * 2
-    assert [t["params"] for t in trials[:6]] == first  # the old trials are kept, not rerun
+    assert [t["state"] for t in trials] == ["COMPLETE"] * n + ["FAIL"] + ["COMPLETE"] * (9 - n)
+    assert [t["params"] for t in trials[:n]] == first  # the old trials are kept, not rerun
     with pytest.raises(SystemExit, match="seed=0"):
-        tune_main([*base, "n_trials=8", "seed=3"])
+        tune_main([*base, "n_trials=9", "seed=3"])
