@@ -89,7 +89,10 @@ def test_noise_changes_the_release_and_no_clip_no_noise_reproduces_it(one_thread
         assert sum(n[k] != pytest.approx(p[k], rel=1e-3) for k in PRIVATE) >= 7
         assert e["lr"] == n["lr"] == p["lr"] and e["nonfinite"] == p["nonfinite"] == 0
     for p, e, n in zip(plain.frames, exact.frames, noisy.frames):
-        assert torch.equal(e.frame, p.frame) and not torch.equal(n.frame, p.frame)
+        # the same maps to one bfloat16 step (the plain path averages over the batch before the 1x1 projection,
+        # the release after it: the same linear map in another rounding order); noise moves them further
+        torch.testing.assert_close(e.frame.float(), p.frame.float(), rtol=2 ** -8, atol=2 ** -7)
+        assert (n.frame.float() - p.frame.float()).abs().max() > 0.1
     assert exact.privacy["epsilon"] == math.inf and exact.privacy["releases"] == 4  # no noise, no privacy
     # the same seed gives the same release; another seed another one
     assert [r["head_grad_norm"] for r in run(DPConfig(clip=1.0, noise_multiplier=1.0, sample_rate=0.01)).readouts] == \
