@@ -62,7 +62,7 @@ def test_quick_mode_runs_end_to_end(tmp_path, one_thread):
         assert heading in tables
     main_rows = [line for line in tables.split("## Per job")[0].splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in main_rows[1:]] == QUICK["faults"]
-    assert all(len(row.split("|")) == 12 for row in main_rows)  # 10 columns
+    assert all(len(row.split("|")) == 13 for row in main_rows)  # 11 columns
     # a rerun reads the finished runs instead of training again
     before = (out / "runs" / f"{QUICK['jobs'][0]}__healthy__0.json").stat().st_mtime_ns
     assert main(["--quick", "--out", str(out)]) == 0
@@ -175,4 +175,11 @@ def test_score_run_counts_alerts_from_the_onset():
     assert s["right"] and s["right_tevid"] and not s["right_rule"]
     assert (s["delay"], s["delay_right"], s["pre_onset_alerts"], s["pre_onset_tevid"]) == (20, 150, 1, 1)
     healthy = score_run({"onset": 100, "fault": "healthy", "alerts": []})
-    assert not healthy["detected"] and healthy["delay"] is None
+    assert not healthy["detected"] and healthy["delay"] is None and healthy["new"] is None
+    # against its healthy twin: the dead_units alert at 120 is the twin's too (within 100 steps), instability is new
+    twin = {"onset": 100, "fault": "healthy", "alerts": [{"name": "dead_units", "source": "rule", "step": 200},
+                                                         {"name": "instability", "source": "tevid", "step": 400}]}
+    paired = score_run(run, twin)
+    assert paired["new"] and paired["new_right"] and paired["new_right_tevid"] and not paired["new_right_rule"]
+    twin["alerts"][1]["step"] = 300
+    assert score_run(run, twin)["new"] is False

@@ -4,8 +4,10 @@
     python -m eval.field --out outputs/field_quick --quick   # 2 jobs x 3 faults x 1 seed x 120 steps
 
 Each finished run is written to `<out>/runs/<job>__<fault>__<seed>.json` at once, and a rerun skips the
-runs already there (a killed benchmark resumes); `results.json` (every run, with its alerts: name,
-source, step, probability, where, remedy) and `tables.md` are written at the end.
+runs already there (a killed benchmark resumes, and a finished one rewrites its tables); `results.json`
+(every run, with its alerts: name, source, step, probability, where, remedy; the wall time of this
+invocation, the sum of the runs' own times and the load average at start and end) and `tables.md` are
+written at the end.
 """
 from __future__ import annotations
 
@@ -157,6 +159,7 @@ def run_field(cfg: FieldConfig, out: str | Path, log=print) -> list[dict]:
     log(f"field benchmark: {len(plan)} runs ({len(plan) - len(todo)} already done), {cfg.steps} steps, onset {onset}, "
         f"{cfg.workers} worker(s)")
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
 
     def done(rec: dict) -> None:
         key = (rec["job"], rec["fault"], rec["seed"])
@@ -177,7 +180,9 @@ def run_field(cfg: FieldConfig, out: str | Path, log=print) -> list[dict]:
                 done(fut.result())
     records = [runs[k] for k in plan]
     seconds = time.perf_counter() - t0
-    results = {"config": asdict(cfg), "onset": onset, "seconds": round(seconds, 1),
+    results = {"config": asdict(cfg), "onset": onset, "seconds": round(seconds, 1), "runs_trained": len(todo),
+               "run_seconds_sum": round(sum(r["seconds"] for r in records), 1),
+               "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "summary": summary(records, cfg.faults), "runs": records}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "tables.md").write_text(tables(records, cfg.jobs, cfg.faults))

@@ -6,6 +6,10 @@ over the same stretch):
 - right kind: some alert at a step >= onset whose name is in `faults.EXPECTED[fault]`;
 - delay: first such alert's step - onset (right kind, and any alert);
 - detected soon: some alert in [onset, onset + NEAR): on healthy runs, the chance rate of that window;
+- new (not in the healthy twin): some alert at a step >= onset that the healthy run of the same job and
+  seed did not raise (same name and source within TWIN steps). Runs of one job and seed are identical
+  up to the onset (same weights, same batches; the task switch aside, whose first half differs), so
+  this separates what the fault caused from what the job raises anyway;
 - false alarms: alerts at steps < onset (every run), and every alert of a healthy run.
 """
 from __future__ import annotations
@@ -19,9 +23,22 @@ from eval.field.faults import EXPECTED
 
 SOURCES = ("rule", "tevid")
 NEAR = 250  # steps after the onset for "detected soon": 5 frames at the default cadence, room for TEViD's 3-frame rule
+TWIN = 100  # an alert is the healthy twin's too when the twin raised its name (same source) within this many steps
 
 
-def score_run(run: dict) -> dict:
+def _in_twin(alert: dict, twin: dict) -> bool:
+    return any(b["name"] == alert["name"] and b["source"] == alert["source"] and abs(b["step"] - alert["step"]) <= TWIN
+               for b in twin["alerts"])
+
+
+def twins(runs: list[dict]) -> dict[tuple[str, int], dict]:
+    """(job, seed) -> the healthy run of that job and seed."""
+    return {(r["job"], r["seed"]): r for r in runs if r["fault"] == "healthy"}
+
+
+def score_run(run: dict, twin: dict | None = None) -> dict:
+    """The scores of one run (module docstring); `twin`: the healthy run of its job and seed, if any
+    (None for a healthy run: its "new" scores are None)."""
     onset, fault = run["onset"], run["fault"]
     after = [a for a in run["alerts"] if a["step"] >= onset]
     before = [a for a in run["alerts"] if a["step"] < onset]
@@ -32,7 +49,11 @@ def score_run(run: dict) -> dict:
            "delay": after[0]["step"] - onset if after else None,
            "delay_right": right[0]["step"] - onset if right else None,
            "pre_onset_alerts": len(before)}
+    new = None if twin is None or run["fault"] == "healthy" else [a for a in after if not _in_twin(a, twin)]
+    out["new"] = None if new is None else bool(new)
+    out["new_right"] = None if new is None else any(a["name"] in expected for a in new)
     for s in SOURCES:
+        out[f"new_right_{s}"] = None if new is None else any(a["name"] in expected and a["source"] == s for a in new)
         mine = [a for a in after if a["source"] == s]
         out[f"detected_{s}"] = bool(mine)
         out[f"right_{s}"] = any(a["name"] in expected for a in mine)
@@ -55,11 +76,18 @@ def _mean(values: list) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def summary(runs: list[dict], faults: list[str]) -> dict:
-    """Per fault kind (over jobs and seeds): the rates and delays of the main table, as numbers."""
+def _scored(runs: list[dict]) -> dict[str, list[dict]]:
+    """fault -> the scores of its runs, each against its healthy twin."""
+    tw = twins(runs)
     by_fault = defaultdict(list)
     for r in runs:
-        by_fault[r["fault"]].append(score_run(r))
+        by_fault[r["fault"]].append(score_run(r, tw.get((r["job"], r["seed"]))))
+    return by_fault
+
+
+def summary(runs: list[dict], faults: list[str]) -> dict:
+    """Per fault kind (over jobs and seeds): the rates and delays of the main table, as numbers."""
+    by_fault = _scored(runs)
     out = {}
     for f in faults:
         s = by_fault.get(f, [])
@@ -68,6 +96,7 @@ def summary(runs: list[dict], faults: list[str]) -> dict:
         out[f] = {"runs": len(s), **{k: sum(x[k] for x in s) for k in
                                      ("detected", "detected_rule", "detected_tevid", "right", "right_rule", "right_tevid",
                                       "soon", "soon_right")},
+                  **{k: sum(bool(x[k]) for x in s) for k in ("new", "new_right", "new_right_rule", "new_right_tevid")},
                   "runs_with_pre_onset_alert": sum(x["pre_onset_alerts"] > 0 for x in s),
                   "median_delay_right": _median([x["delay_right"] for x in s]),
                   "median_delay_any": _median([x["delay"] for x in s])}
@@ -76,12 +105,11 @@ def summary(runs: list[dict], faults: list[str]) -> dict:
 
 def main_table(runs: list[dict], faults: list[str]) -> str:
     """Rows: fault kinds. Healthy's "detected" columns are alarms from its (fault-free) onset on."""
-    by_fault = defaultdict(list)
-    for r in runs:
-        by_fault[r["fault"]].append(score_run(r))
+    by_fault = _scored(runs)
     lines = ["| fault | expected alert names | runs | detected (any) | by rule | by TEViD | right kind (rule / TEViD) "
-             f"| within {NEAR} steps: any (right kind) | median delay, right kind (any alert) | runs with an alert before onset |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| not raised by the healthy twin: any (right kind, rule / TEViD) | within {NEAR} steps: any (right kind) "
+             "| median delay, right kind (any alert) | runs with an alert before onset |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in faults:
         s = by_fault.get(f, [])
         if not s:
@@ -92,9 +120,12 @@ def main_table(runs: list[dict], faults: list[str]) -> str:
         delay = f"{_median([x['delay_right'] for x in s])} ({_median([x['delay'] for x in s])})" if f in EXPECTED \
             else f"- ({_median([x['delay'] for x in s])})"
         soon = _frac([x["soon"] for x in s]) + (f" ({_frac([x['soon_right'] for x in s])})" if f in EXPECTED else "")
+        paired = [x for x in s if x["new"] is not None]
+        new = (f"{_frac([x['new'] for x in paired])} ({_frac([x['new_right_rule'] for x in paired])} / "
+               f"{_frac([x['new_right_tevid'] for x in paired])})") if paired else "-"
         lines.append(f"| {f} | {names} | {len(s)} | {_frac([x['detected'] for x in s])} | "
                      f"{_frac([x['detected_rule'] for x in s])} | {_frac([x['detected_tevid'] for x in s])} | {right} | "
-                     f"{soon} | {delay} | {_frac([x['pre_onset_alerts'] > 0 for x in s])} |")
+                     f"{new} | {soon} | {delay} | {_frac([x['pre_onset_alerts'] > 0 for x in s])} |")
     return "\n".join(lines)
 
 
@@ -194,7 +225,7 @@ def effect_table(runs: list[dict], jobs: list[str], faults: list[str]) -> str:
 
 def monitor_table(runs: list[dict], jobs: list[str]) -> str:
     """How the monitor attached to each job (first run of the job): hook points, head, TEViD, loss."""
-    lines = ["| job | hook points (rule) | head | TEViD predictions per run | loss readout known | monitor faults |",
+    lines = ["| job | hook points (rule) | head | TEViD predictions per run | frames with a finite loss readout | monitor faults |",
              "|---|---|---|---|---|---|"]
     for j in jobs:
         rs = [r for r in runs if r["job"] == j]
