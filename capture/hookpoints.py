@@ -299,14 +299,13 @@ def find_head(model: nn.Module) -> nn.Linear | None:
             head = None
         if isinstance(head, nn.Linear):
             return head
-    for name in HEAD_NAMES:
-        sub = getattr(model, name, None)
-        if isinstance(sub, nn.Module):
-            head = _last_linear(sub)
-            if head is not None:
-                return head
-    for name in LINEAR_HEAD_NAMES:
-        if isinstance(getattr(model, name, None), nn.Linear):
-            return getattr(model, name)
     with_params = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    return with_params[-1] if with_params and isinstance(with_params[-1], nn.Linear) else None
+    last = with_params[-1] if with_params and isinstance(with_params[-1], nn.Linear) else None
+    named = next((h for h in (_last_linear(getattr(model, n)) for n in HEAD_NAMES
+                              if isinstance(getattr(model, n, None), nn.Module)) if h is not None), None)
+    if named is None:
+        named = next((getattr(model, n) for n in LINEAR_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Linear)), None)
+    if named is not None and last is not None and last is not named and last.in_features == named.out_features \
+            and with_params.index(last) > with_params.index(named):
+        return last  # `fc` is a hidden layer feeding the model's last Linear (embedding -> GRU -> fc -> out)
+    return named if named is not None else last

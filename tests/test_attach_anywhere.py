@@ -78,6 +78,15 @@ def test_heads_are_found_where_models_keep_them():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     assert find_head(mlp) is mlp[2]
 
+    class Hidden(nn.Module):  # a hidden layer named like a head, feeding the real head
+        def __init__(self):
+            super().__init__()
+            self.embed, self.gru = nn.Embedding(10, 8), nn.GRU(8, 8, batch_first=True)
+            self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    m = Hidden()
+    assert find_head(m) is m.out
+
 
 class Regressor(nn.Module):
     def __init__(self, outputs: int = 1):
