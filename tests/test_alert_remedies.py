@@ -16,27 +16,11 @@ import diagnose
 from diagnose.tevid_alerts import moved_channel, tevid_remedy
 from capture import CHANNELS
 from diagnose.symptoms import TEVID_REMEDIES, ExplodingGradients, place_name
+from zoo import TinyNet
 
 pytestmark = pytest.mark.usefixtures("no_default_model", "one_thread")
 
 MODULES = ["blocks.0", "blocks.2", "blocks.4"]
-
-
-class TinyNet(nn.Module):
-    """conv-ReLU-conv-ReLU-conv-tanh, global pool, linear head."""
-
-    def __init__(self, width: int = 8, classes: int = 4):
-        super().__init__()
-        self.blocks = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(width, classes)
-
-    def get_classifier(self):
-        return self.head
-
-    def forward(self, x):
-        return self.head(self.blocks(x))
 
 
 def train(model, opt, steps, *, lr_at=None, before=None):

@@ -22,28 +22,12 @@ from capture import HookPointError
 import diagnose.monitor
 from diagnose.api import watch
 from diagnose.monitor import Monitor, loss_from_logits_grad, recover_loss
+from zoo import TinyNet
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("no_default_model")  # these tests are of the monitor without a shipped model
 
 MODULES = ["blocks.0", "blocks.2", "blocks.4"]
-
-
-class TinyNet(nn.Module):
-    """conv-ReLU-conv-ReLU-conv-tanh, global pool, linear head: any image size works."""
-
-    def __init__(self, width: int = 8, classes: int = 4):
-        super().__init__()
-        self.blocks = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(width, classes)
-
-    def get_classifier(self):
-        return self.head
-
-    def forward(self, x):
-        return self.head(self.blocks(x))
 
 
 def data(n=64, size=8, classes=4, seed=0):

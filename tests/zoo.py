@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import timm
+import torch.nn as nn
 from timm.models.densenet import DenseNet
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -27,3 +28,20 @@ IMAGE_FAMILIES = {
 
 def tiny_lm() -> CausalLM:
     return CausalLM(LMConfig(vocab_size=20, context=16, dim=32, depth=4, heads=2))
+
+
+class TinyNet(nn.Module):
+    """conv-ReLU-conv-ReLU-conv-tanh, global pool, linear head: any image size works (the monitor tests' model)."""
+
+    def __init__(self, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, classes)
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
