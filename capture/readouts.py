@@ -88,19 +88,26 @@ def gwa_aggregate(
     return (mean / (excess + beta).clamp_min(min_denominator)).float()
 
 
-def softmax_gradient(grad_logits: torch.Tensor, logits: torch.Tensor, rtol: float = 1e-3) -> torch.Tensor:
-    """Whether dL/dlogits `(..., C)` is that of a loss that reads the logits through a softmax, as a 0-d
-    bool tensor (no sync). Softmax is unchanged by adding a constant to every logit, so such a loss
+def softmax_rows(grad: torch.Tensor, probs: torch.Tensor, dtype: torch.dtype, rtol: float = 1e-3) -> torch.Tensor:
+    """Per row `(..., C) -> (...)` bool: whether this row of dL/dlogits can be that of a loss that reads the
+    logits through a softmax. Softmax is unchanged by adding a constant to every logit, so such a loss
     (cross-entropy, with label smoothing or ignored rows too) has gradient rows that sum to 0; MSE, BCE
-    and any single-logit head do not. Rows whose softmax is nearly one-hot (max p >= 0.999) are not
-    judged: their gradient is as small as its rounding error. A non-finite gradient is not judged either."""
-    rtol = max(rtol, 4 * torch.finfo(grad_logits.dtype).eps)  # bf16 / fp16 gradients round each entry
+    and any single-logit head do not. Rows whose softmax `probs` is nearly one-hot (max p >= 0.999) pass
+    unjudged: their gradient is as small as its rounding error. `dtype`: the gradient's own dtype (bf16 /
+    fp16 round each entry, so the tolerance grows with its epsilon)."""
+    if grad.shape[-1] < 2:
+        return torch.zeros(grad.shape[:-1], dtype=torch.bool, device=grad.device)
+    rtol = max(rtol, 4 * torch.finfo(dtype).eps)
+    zero_sum = grad.sum(dim=-1).abs() <= rtol * grad.abs().sum(dim=-1) + 1e-30
+    return zero_sum | ~(probs.amax(dim=-1) < 0.999)
+
+
+def softmax_gradient(grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """`softmax_rows` over a whole head output, as a 0-d bool tensor (no sync); a non-finite gradient is
+    not judged (True)."""
     g = _flat(grad_logits.detach().float())
-    if g.shape[-1] < 2:
-        return torch.zeros((), dtype=torch.bool, device=g.device)
-    judged = torch.softmax(_flat(logits.detach().float()), dim=-1).amax(dim=-1) < 0.999  # (N,)
-    zero_sum = g.sum(dim=-1).abs() <= rtol * g.abs().sum(dim=-1) + 1e-30  # (N,)
-    return ~torch.isfinite(g).all() | (zero_sum | ~judged).all()
+    probs = torch.softmax(_flat(logits.detach().float()), dim=-1)
+    return ~torch.isfinite(g).all() | softmax_rows(g, probs, grad_logits.dtype).all()
 
 
 def output_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ class StepEvidence:
         return out
 
     def pending(self) -> bool:
-        return bool(self.losses._steps) or bool(self.grads is not None and self.grads.pending)
+        return self.losses.pending() or bool(self.grads is not None and self.grads.pending)
 
     def discard(self) -> None:
         self.losses.discard()

@@ -19,6 +19,8 @@ import numbers
 import numpy as np
 import torch
 
+from capture.readouts import softmax_rows
+
 DEFER_NUMEL = 1 << 22  # logits elements kept for the once-per-frame loss recovery before it runs early
 logger = logging.getLogger("tevid")
 
@@ -64,12 +66,8 @@ def recover_loss(logits: torch.Tensor, grad: torch.Tensor, tol: float = 0.02,
         err = ((p - n[:, None, None] * g) - onehot).abs().amax(dim=2)  # (K, N)
         ok = ~(informative & ~(err <= tol)).any(1) & active.any(1) & (torch.isfinite(n) | ~informative.any(1))
         loss = -(logp.gather(2, y).squeeze(2) * active).sum(1) / active.sum(1).clamp_min(1)  # (K,)
-        # a softmax loss has gradient rows summing to 0 (see capture.readouts.softmax_gradient): MSE, BCE
-        # and single-logit heads do not, and their "loss" read as cross-entropy would be silently wrong
-        # (rows with a nearly one-hot softmax are not judged: their gradient is as small as its rounding error)
-        rtol = max(1e-3, 4 * torch.finfo(grad.dtype).eps)
-        zero_sum = g.sum(2).abs() <= rtol * g.abs().sum(2) + 1e-30  # (K, N)
-        softmax = (zero_sum | ~(p.amax(2) < 0.999)).all(1) & (g.shape[-1] >= 2)  # (K,)
+        # only a softmax loss: MSE, BCE and single-logit heads read as cross-entropy would be silently wrong
+        softmax = softmax_rows(g, p, grad.dtype).all(1)  # (K,)
         ok = ok & ~bad_grad & ~bad_logits & softmax
         loss, known = torch.where(ok, loss, torch.full_like(loss, float("nan"))), ok | bad_logits
         return (loss, known) if batched else (loss[0], known[0])
@@ -154,6 +152,10 @@ class LossTracker:
             out.append((s, loss if known else None))
         self._heads = {}
         return out
+
+    def pending(self) -> bool:
+        """Steps recorded since the last `drain`."""
+        return bool(self._steps)
 
     def discard(self) -> None:
         self._steps, self.observed = [], []

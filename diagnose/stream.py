@@ -43,7 +43,8 @@ def _readout_names() -> tuple[str, ...]:
 class TEViDStream:
     """Ring buffer of the last `window` frames, TEViD's prediction on it, and `decide` with its state."""
 
-    def __init__(self, model, calibration=None, window: int = 10, device="cpu", pad_start: bool = False):
+    def __init__(self, model, calibration=None, window: int = 10, device="cpu", pad_start: bool = False,
+                 temperature: float = 1.0):
         if window < 1:
             raise ValueError(f"TEViDStream: window must be >= 1, got {window}")
         self.model, self.calibration, self.window, self.device, self.pad_start = model, calibration, window, device, pad_start
@@ -52,7 +53,7 @@ class TEViDStream:
         self.ring: deque[tuple[int, torch.Tensor | None, torch.Tensor]] = deque(maxlen=window)
         self.state = DecisionState.start(len(calibration.classes)) if calibration is not None else None
         self.frame_size: int | None = None  # the encoder's frame side, when known (`open_stream`)
-        self.temperature = 1.0  # used when there is no calibration (the replay tempers, the rule runs later)
+        self.temperature = temperature  # used when there is no calibration (the replay tempers, the rule runs later)
 
     def reset(self) -> None:
         self.ring.clear()

@@ -288,8 +288,8 @@ class TEViDDiagnoser:
         from diagnose.stream import TEViDStream
 
         self.model, self.calibration, self.name, self.kind, self.window = model.eval(), calibration, name, kind, window
-        self.stream = TEViDStream(self.model, None, window, pad_start=True)  # the rule runs later, at a frozen point
-        self.stream.temperature = calibration.temperature if calibration is not None else 1.0
+        temperature = calibration.temperature if calibration is not None else 1.0
+        self.stream = TEViDStream(self.model, None, window, pad_start=True, temperature=temperature)  # rule: later
         self.frame_window = 1 if self.stream.uses_video else 0  # the stream keeps its own window: the newest frame only
         self._last = -1
 

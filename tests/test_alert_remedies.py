@@ -16,7 +16,7 @@ import diagnose
 from diagnose.tevid_alerts import moved_channel, tevid_remedy
 from capture import CHANNELS
 from diagnose.symptoms import TEVID_REMEDIES, ExplodingGradients, place_name
-from zoo import TinyNet
+from zoo import TinyNet, poison_at
 
 pytestmark = pytest.mark.usefixtures("no_default_model", "one_thread")
 
@@ -73,12 +73,7 @@ def test_nan_inf_names_the_first_hook_point_with_non_finite_activations():
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
 
-    def poison(step, x):
-        if step == 6:
-            with torch.no_grad():
-                model.blocks[2].weight[0, 0, 0, 0] = float("inf")
-        return x
-
+    poison = poison_at(model, 6)  # an infinite weight in blocks.2 from step 6 on
     with diagnose.watch(model, opt, checkpoint=False, cadence=3, modules=MODULES) as monitor:
         train(model, opt, 9, before=poison)
     (a,) = [a for a in monitor.alerts if a.name == "nan_inf"]

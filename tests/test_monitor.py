@@ -22,7 +22,7 @@ from capture import HookPointError
 import diagnose.monitor
 from diagnose.api import watch
 from diagnose.monitor import Monitor, loss_from_logits_grad, recover_loss
-from zoo import TinyNet
+from zoo import TinyNet, poison_at
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("no_default_model")  # these tests are of the monitor without a shipped model
@@ -325,19 +325,14 @@ def test_injected_fault_switches_the_monitor_off(monkeypatch, caplog, owner, met
     faults = [r for r in caplog.records if "switched itself off" in r.getMessage()]
     assert len(faults) == 1 and "injected" in faults[0].getMessage() and "Traceback" in faults[0].getMessage()
     assert not monitor.active and monitor.disabled_reason.startswith(where)
-    assert hooks_of(model, opt) == (0, 0)  # all hooks gone (the optimizer's after the next forward)
+    assert hooks_of(model, opt) == (0, 0)  # all hooks gone, the optimizer's too (removed inside its own step)
 
 
 def test_nonfinite_activations_alert_without_crash():
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
 
-    def poison(step, x):
-        if step == 6:
-            with torch.no_grad():
-                model.blocks[2].weight[0, 0, 0, 0] = float("inf")
-        return x
-
+    poison = poison_at(model, 6)  # an infinite weight in blocks.2 from step 6 on
     with watch(model, opt, cadence=3, modules=MODULES) as monitor:
         train(model, opt, 12, before=poison)
         assert monitor.disabled_reason is None and monitor.capture.faults == []

@@ -45,3 +45,16 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(x))
+
+
+def poison_at(model: TinyNet, at: int):
+    """A `before(step, x)` hook for the tests' loops: sets one weight of `model.blocks[2]` to inf at step `at`."""
+    import torch
+
+    def poison(step, x):
+        if step == at:
+            with torch.no_grad():
+                model.blocks[2].weight[0, 0, 0, 0] = float("inf")
+        return x
+
+    return poison
