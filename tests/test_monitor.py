@@ -4,6 +4,7 @@ accelerate (1 and 2 real processes), TEViD with a tiny checkpoint, and fault tol
 
 Run as a script (`accelerate launch tests/test_monitor.py`), this file is the 2-process DDP job."""
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -474,9 +475,10 @@ def test_ddp_two_processes(tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            __file__, str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
-    lines = sorted(l for l in out.stdout.splitlines() if l.startswith("RANK "))
-    assert out.returncode == 0 and len(lines) == 2, out.stdout + out.stderr
-    r0, r1 = (dict(kv.split("=", 1) for kv in l.split()[2:]) for l in lines)
+    # each rank writes its own result file: the two processes share one stdout and their lines can interleave
+    results = sorted(tmp_path.glob("result-rank*.json"))
+    assert out.returncode == 0 and len(results) == 2, out.stdout + out.stderr
+    r0, r1 = (json.loads(p.read_text()) for p in results)
     assert r0["world"] == r1["world"] == "2" and r0["steps"] == r1["steps"] == "12"  # no rank hung or stopped early
     assert r0["role"] == "diagnose" and "exploding_gradients@8" in r0["alerts"].split(",")
     assert r1["role"] == "capture" and r1["alerts"] == "" and int(r1["frames"]) == 6 and r1["stopped"] == "True"
@@ -510,8 +512,9 @@ def _ddp_main(log_dir: str) -> None:
         stopped = stopped or stop_all_ranks(acc, monitor)  # a collective: every rank calls it every step
     monitor.remove()
     alerts = ",".join(f"{a.name}@{a.step}" for a in monitor.alerts)
-    print(f"RANK {acc.process_index} world={acc.num_processes} role={monitor.role} steps={monitor.step_count} "
-          f"frames={len(monitor.readouts)} stopped={stopped} alerts={alerts}", flush=True)
+    result = dict(world=str(acc.num_processes), role=monitor.role, steps=str(monitor.step_count),
+                  frames=str(len(monitor.readouts)), stopped=str(stopped), alerts=alerts)
+    Path(log_dir, f"result-rank{acc.process_index}.json").write_text(json.dumps(result))
     acc.end_training()
 
 
