@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from capture.config import FieldError, at_least, positive, within
+from factory.contexts import ContextConfig
 from factory.spec import SplitConfig
 
 
@@ -145,6 +146,7 @@ class FactoryConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     test: SplitConfig = field(default_factory=SplitConfig)
+    contexts: ContextConfig = field(default_factory=ContextConfig)  # drawn splits' ranges (factory.contexts)
     data_root: dict[str, str] = field(default_factory=dict)  # dataset -> local path (real datasets)
     subsample: int = 1  # keep every k-th run of the plan (throughput measurements on a spread-out sample)
 

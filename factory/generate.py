@@ -2,6 +2,7 @@
 
     accelerate launch factory/generate.py --config configs/factory/smoke.yaml --out outputs/corpus/smoke
     python -m factory.generate --config configs/factory/smoke.yaml --out outputs/corpus/smoke
+    python -m factory.generate --config configs/factory/cpu.yaml --out outputs/corpus/cpu --plan   # specs only
 
 Two real CPU processes (plain `--cpu` starts one):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
@@ -33,15 +34,19 @@ from factory.archs import TEXT_ARCHS
 from factory.config import FactoryConfig
 from factory.datasets import TEXT_DATASETS
 from factory.perturbations import NOVEL, make_perturbation
-from factory.spec import RunSpec, expand
+from factory.spec import CONTEXT_KEYS, RunSpec, expand
 
 MANIFEST_KEYS = ("run_id", "split", "arch", "dataset", "optimizer", "perturbation", "seed", "label", "onset_step",
                  "trigger_step", "online_label", "injected", "status", "steps", "n_frames", "seconds", "store")
+# drawn runs (factory.contexts) also record their family, fold and drawn context
+DRAWN_KEYS = ("family", "fold") + CONTEXT_KEYS
 
 
 def compatible(spec: RunSpec, steps: int) -> bool:
-    """Text architectures train on text datasets, image ones on images; a perturbation applies only
-    to the modalities it names (no watermark on text)."""
+    """Grid runs: text architectures train on text datasets, image ones on images; a perturbation applies
+    only to the modalities it names (no watermark on text). Drawn runs are drawn compatible."""
+    if spec.context:
+        return True
     modality = "text" if spec.dataset in TEXT_DATASETS else "image"
     if (spec.arch in TEXT_ARCHS) != (modality == "text"):
         return False
@@ -51,7 +56,22 @@ def compatible(spec: RunSpec, steps: int) -> bool:
 def plan(cfg: FactoryConfig) -> list[RunSpec]:
     if cfg.subsample < 1:
         raise ValueError(f"subsample must be >= 1, got {cfg.subsample}")
-    return [s for s in expand(cfg.splits, NOVEL) if compatible(s, cfg.training.steps)][:: cfg.subsample]
+    return [s for s in expand(cfg.splits, NOVEL, cfg.contexts) if compatible(s, cfg.training.steps)][:: cfg.subsample]
+
+
+def plan_record(spec: RunSpec, cfg: FactoryConfig) -> dict:
+    """One line of `--plan`: the manifest's fields a spec fixes before it runs (the outcome fields are
+    null), its family and fold, the drawn context, and `injected` / `kind` of its perturbation."""
+    pert = make_perturbation(spec.perturbation, spec.ctx.get("max_steps", cfg.training.steps))
+    rec = {**{k: None for k in MANIFEST_KEYS}, "family": spec.arch, "fold": spec.fold, **spec.to_dict(),
+           "injected": pert.injected, "kind": pert.kind}
+    rec["store"] = str(Path("runs") / f"{spec.run_id}.zarr")
+    return rec
+
+
+def print_plan(specs: list[RunSpec], cfg: FactoryConfig) -> None:
+    for spec in specs:
+        print(json.dumps(plan_record(spec, cfg)))
 
 
 def store_path(corpus: Path, spec: RunSpec) -> Path:
@@ -100,7 +120,13 @@ def record_from_store(path: Path, corpus: Path) -> dict:
     rec = {**attrs["spec"], **{k: attrs.get(k) for k in ("label", "onset_step", "trigger_step", "online_label", "status")}}
     rec.update(injected=attrs.get("perturbation", {}).get("injected"), steps=len(store.train_loss()),
                n_frames=attrs.get("n_frames"), seconds=attrs.get("seconds"), store=str(path.relative_to(corpus)))
-    return {k: rec.get(k) for k in MANIFEST_KEYS}
+    return manifest_record(rec)
+
+
+def manifest_record(rec: dict) -> dict:
+    """The manifest's fields of a record: MANIFEST_KEYS, and DRAWN_KEYS for a drawn run."""
+    keys = MANIFEST_KEYS + (DRAWN_KEYS if "family" in rec else ())
+    return {k: rec.get(k) for k in keys}
 
 
 def write_manifest(specs: list[RunSpec], corpus: Path) -> list[dict]:
@@ -112,7 +138,7 @@ def write_manifest(specs: list[RunSpec], corpus: Path) -> list[dict]:
             records.append(record_from_store(path, corpus))
         elif failed.exists():
             rec = json.loads(failed.read_text())
-            records.append({**{k: rec.get(k) for k in MANIFEST_KEYS}, "error": rec.get("error")})
+            records.append({**manifest_record(rec), "error": rec.get("error")})
     tmp = corpus / "manifest.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, corpus / "manifest.jsonl")
@@ -136,10 +162,15 @@ def summary(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
-    args = cli_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--plan", action="store_true", help="print one JSON line per run spec and exit (trains nothing)")
+    args = parser.parse_args(argv)
     cfg = load_config(FactoryConfig, args.config, args.overrides)
     corpus = Path(args.out)
     specs = plan(cfg)
+    if args.plan:
+        print_plan(specs, cfg)
+        return 0
 
     from accelerate import Accelerator
 

@@ -102,7 +102,7 @@ def _read_calibration(path: Path) -> dict:
 
 
 def relabel_run(path: Path, sig: dict, attrs: dict, lc: LabelConfig) -> dict:
-    spec = RunSpec(**{k: attrs["spec"][k] for k in ("split", "arch", "dataset", "optimizer", "perturbation", "seed")})
+    spec = RunSpec.from_dict(attrs["spec"])
     pert = make_perturbation(spec.perturbation, attrs["training"]["steps"])
     label = label_run(sig, spec, pert, SimpleNamespace(num_classes=attrs["num_classes"]), lc, len(sig["train_loss"]))
     root = zarr.open_group(str(path), mode="r+")

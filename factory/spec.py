@@ -8,37 +8,80 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
+from capture.config import FieldError, at_least, within
+
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class SplitConfig:
-    """Allow-lists of one split; every combination is run `seeds` times."""
+    """Allow-lists of one split. A grid split (`runs: 0`) runs every arch x dataset x optimizer x
+    perturbation combination `seeds` times; a drawn split (`runs` > 0) draws `runs` contexts from
+    `families`, `datasets`, `optimizers` and `perturbations` (factory.contexts), a healthy preset with
+    probability `healthy_share`."""
 
     archs: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     optimizers: list[str] = field(default_factory=list)
     perturbations: list[str] = field(default_factory=list)
     seeds: int = 1
+    families: list[str] = field(default_factory=list)  # drawn splits
+    runs: int = 0
+    healthy_share: float = 0.45
+
+    def __post_init__(self):
+        at_least(self, 0, "runs")
+        within(self, 0.0, 1.0, "healthy_share")
+        if self.runs and self.archs:
+            raise FieldError("archs", f"a drawn split (runs: {self.runs}) draws from `families`; `archs` {self.archs} is for grids")
 
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One run. `arch` is the model family of a drawn run; `context` holds its drawn size and recipe as
+    sorted (key, value) pairs (empty for grid runs); `fold` its cross-fitting fold (-1: none)."""
+
     split: str
     arch: str
     dataset: str
     optimizer: str
     perturbation: str
     seed: int
+    context: tuple = ()
+    fold: int = -1
 
     @property
     def run_id(self) -> str:
-        """Stable hash of the spec: the same spec gets the same id on every machine and run."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """Stable hash of the spec: the same spec gets the same id on every machine and run (a grid
+        spec hashes as it did before drawn contexts existed)."""
+        d = asdict(self)
+        if not self.context:
+            d.pop("context"), d.pop("fold")
+        blob = json.dumps(d, sort_keys=True).encode()
         return f"{self.arch}-{self.dataset}-{self.perturbation}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
+    @property
+    def ctx(self) -> dict:
+        """The drawn context as a dict ({} for grid runs)."""
+        return dict(self.context)
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "run_id": self.run_id}
+        """The manifest's view: the spec's fields, `family` (= arch), the fold and the context flattened."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("context", "fold")}
+        if not self.context:  # a grid run: the record it always had
+            return {**d, "run_id": self.run_id}
+        return {**d, "family": self.arch, "fold": self.fold, **self.ctx, "run_id": self.run_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        """Inverse of `to_dict` (a manifest record or a store's `spec` attrs)."""
+        keys = ("split", "arch", "dataset", "optimizer", "perturbation", "seed")
+        ctx = {k: d[k] for k in CONTEXT_KEYS if k in d}
+        return cls(*(d[k] for k in keys), context=tuple(sorted(ctx.items())), fold=int(d.get("fold", -1)))
+
+
+CONTEXT_KEYS = ("width", "depth", "norm", "act", "residual", "lr", "weight_decay", "batch_size", "schedule",
+                "warmup_frac", "label_smoothing", "augment", "max_steps")
 
 
 class SplitError(ValueError):
@@ -63,8 +106,23 @@ def check_disjoint(splits: dict[str, SplitConfig], novel: set[str]) -> None:
         raise SplitError("splits are not factorially disjoint: " + "; ".join(problems))
 
 
-def expand(splits: dict[str, SplitConfig], novel: set[str]) -> list[RunSpec]:
-    """All run specs of a config, in a deterministic order, after the disjointness check."""
+def expand(splits: dict[str, SplitConfig], novel: set[str], contexts=None) -> list[RunSpec]:
+    """All run specs of a config, in a deterministic order, after the disjointness check: grid splits
+    as the product of their lists, drawn splits (`runs` > 0) by `factory.contexts.draw_split` with the
+    `contexts` ranges (a `ContextConfig`)."""
+    drawn = [name for name in SPLITS if splits[name].runs]
+    if drawn:
+        from factory.contexts import ContextConfig, check_held_out, draw_split, fold_of
+
+        if len(drawn) != len(SPLITS):
+            raise SplitError(f"splits {drawn} are drawn (runs > 0) and the others are grids: draw all three or none")
+        check_held_out(splits, novel)
+        contexts = contexts or ContextConfig()
+        folds = fold_of(splits, contexts.folds)
+        specs = [spec for name in SPLITS for spec in draw_split(name, splits[name], contexts, folds)]
+        if len({s.run_id for s in specs}) != len(specs):
+            raise SplitError("two drawn runs have the same spec: raise contexts.seed or check the lists")
+        return specs
     check_disjoint(splits, novel)
     specs = []
     for split in SPLITS:

@@ -4,6 +4,7 @@ the head-gradient norm and validation accuracy over healthy classification runs 
 -0.854 +/- 0.038).
 
     python -m factory.stats --corpus outputs/corpus/cpu [--out stats.md]
+    python -m factory.stats --config configs/factory/cpu.yaml       # the plan's distribution, nothing run
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from statsmodels.stats.proportion import proportion_confint
 from capture.corpus import is_usable, read_manifest
 from capture.schema import KNOWN_CLASSES as KNOWN
 from capture.store import RunStore, read_labeling, read_privileged
+from factory.datasets import TEXT_DATASETS
 
 
 def table(rows: list[str], cols: list[str], count: dict[tuple[str, str], int], title: str) -> list[str]:
@@ -88,6 +90,53 @@ def disagreements(corpus: Path, runs: list[dict]) -> tuple[list[str], dict[str, 
     return out, {f"{inj}->{lab}": len(rows) for (inj, lab), rows in groups.items()}
 
 
+DISTRIBUTION_AXES = ("family", "dataset", "optimizer", "perturbation", "schedule", "batch_size", "fold")
+
+
+def distribution(records: list[dict], title: str) -> tuple[list[str], dict]:
+    """Per split: runs, healthy share (injected healthy; and labelled healthy when labels exist), run
+    lengths, and the count of every value of each axis in DISTRIBUTION_AXES (a plan's records or a
+    manifest's; grid runs count their `arch` as the family)."""
+    lines, numbers = [f"## {title}", ""], {}
+    for split in ("train", "val", "test"):
+        rows = [r for r in records if r["split"] == split]
+        if not rows:
+            continue
+        inj = sum(r.get("injected") == "healthy" for r in rows)
+        labelled = [r for r in rows if r.get("label") is not None]
+        lab = sum(r["label"] == "healthy" for r in labelled)
+        lengths = [r["max_steps"] for r in rows if r.get("max_steps")]
+        head = f"### {split}: {len(rows)} runs, {inj} healthy-injected ({100 * inj / len(rows):.1f}%)"
+        if labelled:
+            head += f", {lab} labelled healthy ({100 * lab / len(labelled):.1f}% of {len(labelled)} labelled)"
+        if lengths:
+            head += f"; run length {min(lengths)}-{max(lengths)} steps (median {int(np.median(lengths))})"
+        lines += [head, ""]
+        numbers[split] = {"runs": len(rows), "healthy_injected": inj, "healthy_labelled": lab if labelled else None}
+        for axis in DISTRIBUTION_AXES:
+            values = Counter(str(r.get(axis, r.get("arch") if axis == "family" else None)) for r in rows)
+            if set(values) == {"None"}:
+                continue
+            numbers[split][axis] = dict(values)
+            lines.append(f"- {axis} ({len(values)}): " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
+        lines.append("")
+    return lines, numbers
+
+
+def per_class_agreement(ok: list[dict]) -> tuple[list[str], dict]:
+    """Label agreement per known class with its 95% Wilson interval, and healthy-injected -> healthy."""
+    lines, numbers = ["| injected class | labelled as injected | agreement | 95% Wilson interval |", "|---|---|---|---|"], {}
+    for c in (*KNOWN, "healthy"):
+        n = sum(r["injected"] == c for r in ok)
+        a = sum(r["injected"] == c and r["label"] == c for r in ok)
+        if not n:
+            continue
+        lo, hi = proportion_confint(a, n, 0.05, method="wilson")
+        numbers[c] = {"agree": a, "n": n, "rate": a / n, "wilson": [float(lo), float(hi)]}
+        lines.append(f"| {c} | {a}/{n} | {100 * a / n:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% |")
+    return lines, numbers
+
+
 def corpus_stats(corpus: Path) -> tuple[str, dict]:
     records = read_manifest(corpus)
     ok = [r for r in records if is_usable(r)]
@@ -110,8 +159,12 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
               f"{100 * agree_ci[0]:.1f}-{100 * agree_ci[1]:.1f}%); "
               + ", ".join(f"{c} {a}/{n}" for c, (a, n) in per_class.items())
               + f"; healthy-injected labeled healthy: {sum(r['label'] == 'healthy' for r in healthy_inj)}/{len(healthy_inj)}"]
+    class_lines, class_numbers = per_class_agreement(ok)
+    lines += ["", *class_lines]
     disagreement_lines, disagreement_counts = disagreements(corpus, known)
     lines += disagreement_lines
+    dist_lines, dist_numbers = distribution(records, f"Distribution of the corpus {corpus}")
+    lines += ["", *dist_lines]
     merged = lambda l: "overfitting" if l == "concept_bias" else ("healthy" if l == "underperforming" else l)  # noqa: E731
     online = sum(merged(r["label"]) == r["online_label"] for r in ok) / max(1, len(ok))
     lines += [f"Training-only (online-style) vs offline labels, concept bias folded into overfitting and "
@@ -130,10 +183,10 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
         with np.errstate(all="ignore"):
             cells = [f"{np.nanmedian(arr[:, k]):.2f} ({np.nanmax(arr[:, k]):.2f})" for k in range(width)]
         lines.append(f"- {inj} (n = {len(rows)}): " + ", ".join(cells))
-    rs = [v for r in ok if r["label"] == "healthy" and r["arch"] not in ("lm", "lm_base")
+    rs = [v for r in ok if r["label"] == "healthy" and r["arch"] not in ("lm", "lm_base") and r["dataset"] not in TEXT_DATASETS
           for v in [head_grad_val_acc_r(corpus, r)] if v is not None]
     r_mean, r_std = (float(np.mean(rs)), float(np.std(rs))) if rs else (float("nan"), float("nan"))
-    rs5 = [v for r in ok if r["label"] == "healthy" and r["arch"] not in ("lm", "lm_base")
+    rs5 = [v for r in ok if r["label"] == "healthy" and r["arch"] not in ("lm", "lm_base") and r["dataset"] not in TEXT_DATASETS
            for v in [head_grad_val_acc_r(corpus, r, ema_span=5)] if v is not None]
     r5_mean, r5_std = (float(np.mean(rs5)), float(np.std(rs5))) if rs5 else (float("nan"), float("nan"))
     lines += ["", f"Within-run Pearson r, head-gradient norm vs validation accuracy, healthy classification runs: "
@@ -142,15 +195,31 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     return "\n".join(lines), {"agreement_known": agree, "agreement_known_ci": agree_ci, "online_agreement": online, "pearson_r_mean": r_mean,
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
-                              "disagreements": disagreement_counts}
+                              "disagreements": disagreement_counts, "per_class": class_numbers, "distribution": dist_numbers}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--out", default=None, help="markdown file (default: <corpus>/stats.md)")
+    p.add_argument("--corpus", default=None, help="a generated corpus: labels, agreement, distributions")
+    p.add_argument("--config", default=None, help="a factory config: the distribution of its plan (nothing runs)")
+    p.add_argument("--out", default=None, help="markdown file (default: <corpus>/stats.md; with --config only: stdout)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
+    if args.corpus is None and args.config is None:
+        p.error("give --corpus DIR, --config FILE, or both")
+    if args.config is not None:
+        from capture.config import load_config
+        from factory.config import FactoryConfig
+        from factory.generate import plan, plan_record
+
+        cfg = load_config(FactoryConfig, args.config, args.overrides)
+        text = "\n".join(distribution([plan_record(s, cfg) for s in plan(cfg)], f"Plan of {args.config}")[0])
+        print(text)
+        if args.corpus is None:
+            if args.out:
+                Path(args.out).write_text(text + "\n")
+            return 0
     corpus = Path(args.corpus)
     text, numbers = corpus_stats(corpus)
     out = Path(args.out) if args.out else corpus / "stats.md"

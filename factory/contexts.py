@@ -1,0 +1,185 @@
+"""Randomised training contexts: each run of a drawn split draws its own model family and size, dataset,
+optimizer, learning rate, batch size, weight decay, schedule, label smoothing, augmentation and run length
+(docs/factory.md, "Drawn corpora"). A split is drawn when its `runs` > 0; `factory.spec.expand` then
+calls `draw_split` instead of taking the grid product.
+
+    cfg = load_config(FactoryConfig, "configs/factory/cpu.yaml")
+    specs = plan(cfg)                       # factory.generate.plan: every RunSpec, drawn ones included
+    specs[0].context                        # {"width": 32, "depth": 2, ..., "lr": 0.0012, "max_steps": 190}
+
+Draws are deterministic: run i of split s uses the generator `numpy.random.default_rng([seed, s, i])`, so
+adding runs to a split appends specs and leaves the earlier ones as they were. The order of draws within a
+run is dataset -> family (among the split's families that take the dataset's modality) -> size -> optimizer
+-> learning rate, weight decay -> perturbation (among the split's presets that apply to the modality and
+family; healthy presets with probability `healthy_share`) -> batch size, schedule, warm-up, label smoothing,
+augmentation -> run length.
+
+Folds: the train and validation runs carry a fold id in [0, folds): the fold of the run's family, families
+dealt round-robin in sorted order over train + validation. Leaving fold k out leaves out whole families,
+the unit of shift a user's job brings (cross-fitted calibration, issue 20).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from capture.config import FieldError, at_least, within
+
+if TYPE_CHECKING:
+    from factory.spec import RunSpec, SplitConfig
+
+SCHEDULES = ("cosine", "constant", "step", "warmup", "restarts")
+
+
+@dataclass
+class ContextConfig:
+    """The ranges every drawn run samples from (one section, `contexts:`, shared by the splits)."""
+
+    seed: int = 0  # the draw's base seed: another value gives another corpus of the same shape
+    steps: list[int] = field(default_factory=lambda: [80, 320])  # run length, log-uniform in [lo, hi]
+    epochs: int = 16  # validation points per run: a run of n steps evaluates every n // epochs steps
+    batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
+    schedules: list[str] = field(default_factory=lambda: list(SCHEDULES))
+    warmup: list[float] = field(default_factory=lambda: [0.0, 0.1])  # warm-up fraction, uniform
+    label_smoothing: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.1])  # one drawn uniformly
+    augment_prob: float = 0.5
+    # learning rate per optimizer, log-uniform in [lo, hi] times the family's `lr_scale`: the stable range
+    lr: dict[str, list[float]] = field(default_factory=lambda: {
+        "adamw": [5e-4, 3e-3], "adam": [5e-4, 3e-3], "nadam": [5e-4, 3e-3], "radam": [5e-4, 3e-3],
+        "sgd": [0.01, 0.08], "rmsprop": [2e-4, 1e-3], "adagrad": [5e-3, 3e-2],
+        "lion": [5e-5, 3e-4], "adafactor": [2e-3, 1e-2]})
+    # weight decay per optimizer, log-uniform in [lo, hi]; a list starting at 0 ([0, hi]) draws 0 half the time
+    weight_decay: dict[str, list[float]] = field(default_factory=lambda: {
+        "adamw": [1e-3, 0.1], "adam": [0.0, 1e-4], "nadam": [0.0, 1e-4], "radam": [0.0, 1e-4],
+        "sgd": [1e-5, 1e-3], "rmsprop": [0.0, 1e-4], "adagrad": [0.0, 1e-4],
+        "lion": [1e-2, 0.5], "adafactor": [0.0, 1e-3]})
+    folds: int = 4
+
+    def __post_init__(self):
+        for name in ("steps", "warmup"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not pair[0] <= pair[1]:
+                raise FieldError(f"contexts.{name}", f"must be [lo, hi] with lo <= hi, got {pair!r}")
+        if self.steps[0] < 1:
+            raise FieldError("contexts.steps", f"must be >= 1, got {self.steps!r}")
+        at_least(self, 1, "epochs", "folds")
+        within(self, 0.0, 1.0, "augment_prob")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise FieldError("contexts.batch_sizes", f"must be a non-empty list of sizes >= 1, got {self.batch_sizes!r}")
+        unknown = sorted(set(self.schedules) - set(SCHEDULES))
+        if unknown or not self.schedules:
+            raise FieldError("contexts.schedules", f"unknown schedules {unknown}; known: {list(SCHEDULES)}")
+        for name in ("lr", "weight_decay"):
+            for opt, pair in getattr(self, name).items():
+                if len(pair) != 2 or pair[0] < 0 or pair[0] > pair[1] or (name == "lr" and pair[0] <= 0):
+                    raise FieldError(f"contexts.{name}.{opt}", f"must be [lo, hi] with 0 {'<' if name == 'lr' else '<='} lo <= hi, got {pair!r}")
+
+
+class ContextError(ValueError):
+    """A drawn split that cannot be drawn: names the split, the factor and why."""
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
+
+
+def _decay(rng: np.random.Generator, lo: float, hi: float) -> float:
+    if lo == 0.0:  # [0, hi]: no decay half the time, else log-uniform over two decades below hi
+        return 0.0 if rng.random() < 0.5 or hi == 0.0 else _log_uniform(rng, hi / 100, hi)
+    return _log_uniform(rng, lo, hi)
+
+
+def fold_of(splits: dict[str, SplitConfig], folds: int) -> dict[str, int]:
+    """Each train/validation family's fold: families of train + val in sorted order, dealt round-robin."""
+    names = sorted(set(splits["train"].families) | set(splits["val"].families))
+    return {name: i % folds for i, name in enumerate(names)}
+
+
+def check_held_out(splits: dict[str, SplitConfig], novel: set[str]) -> None:
+    """A drawn config's splits: test shares no family, dataset or optimizer with train or validation;
+    validation holds out at least one of each that train lacks; novel perturbations only in test.
+    Raises `factory.spec.SplitError` naming every overlap."""
+    from factory.spec import SplitError
+
+    problems = []
+    axes = (("families", "families"), ("datasets", "datasets"), ("optimizers", "optimizers"))
+    for axis, label in axes:
+        test = set(getattr(splits["test"], axis))
+        for other in ("train", "val"):
+            shared = sorted(test & set(getattr(splits[other], axis)))
+            if shared:
+                problems.append(f"{label} {shared} appear in both test and {other}")
+        if splits["val"].runs and not set(getattr(splits["val"], axis)) - set(getattr(splits["train"], axis)):
+            problems.append(f"val holds out no {label[:-1]} that train lacks (val {sorted(getattr(splits['val'], axis))})")
+    for name in ("train", "val"):
+        leaked = sorted(set(splits[name].perturbations) & novel)
+        if leaked:
+            problems.append(f"novel perturbations {leaked} appear in {name} (test only)")
+    if problems:
+        raise SplitError("splits overlap on held-out factors: " + "; ".join(problems))
+
+
+def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, int]) -> list[RunSpec]:
+    """The `s.runs` drawn specs of one split (see the module docstring for the order of draws).
+    Raises `ContextError` when a dataset has no family, an optimizer no learning-rate range, or a
+    modality no perturbation; a family's size check (`Family.check`) failing is a `FamilyError`."""
+    from factory.datasets import dataset_info
+    from factory.families import FAMILIES, InputShape
+    from factory.perturbations import make_perturbation
+    from factory.spec import SPLITS, RunSpec
+
+    for axis in ("families", "datasets", "optimizers", "perturbations"):
+        if not getattr(s, axis):
+            raise ContextError(f"split {split}: `runs: {s.runs}` draws runs but `{axis}` is empty")
+    unknown = [f for f in s.families if f not in FAMILIES]
+    if unknown:
+        raise ContextError(f"split {split}: unknown families {unknown}; known: {sorted(FAMILIES)}")
+    no_lr = [o for o in s.optimizers if o not in cc.lr or o not in cc.weight_decay]
+    if no_lr:
+        raise ContextError(f"split {split}: optimizers {no_lr} have no contexts.lr / contexts.weight_decay range")
+    infos = {d: dataset_info(d) for d in s.datasets}
+    presets = {p: make_perturbation(p, 100) for p in s.perturbations}
+    by_modality: dict[str, list[str]] = {}
+    for d, info in infos.items():
+        fams = [f for f in s.families if info.modality in FAMILIES[f].modalities]
+        if not fams:
+            raise ContextError(f"split {split}: dataset {d!r} ({info.modality}) fits none of the families {s.families}")
+        by_modality[info.modality] = fams
+
+    specs = []
+    split_index = SPLITS.index(split)
+    for i in range(s.runs):
+        rng = np.random.default_rng([cc.seed, split_index, i])
+        dataset = s.datasets[rng.integers(len(s.datasets))]
+        info = infos[dataset]
+        family = FAMILIES[by_modality[info.modality][rng.integers(len(by_modality[info.modality]))]]
+        size = family.draw_size(rng)
+        shape = InputShape(info.modality, tuple(info.dims), info.num_classes)
+        family.check(shape, size)
+        optimizer = s.optimizers[rng.integers(len(s.optimizers))]
+        lr = _log_uniform(rng, *cc.lr[optimizer]) * family.lr_scale
+        weight_decay = _decay(rng, *cc.weight_decay[optimizer])
+        fits = [p for p, pert in presets.items() if info.modality in pert.modalities
+                and (pert.families is None or family.name in pert.families)]
+        healthy = [p for p in fits if presets[p].kind == "healthy"]
+        faulty = [p for p in fits if presets[p].kind != "healthy"]
+        pool = healthy if (rng.random() < s.healthy_share and healthy) or not faulty else faulty
+        if not pool:
+            raise ContextError(f"split {split}: no perturbation of {s.perturbations} applies to {info.modality} data")
+        perturbation = pool[rng.integers(len(pool))]
+        context = {
+            "width": size.width, "depth": size.depth, "norm": size.norm, "act": size.act, "residual": size.residual,
+            "lr": float(f"{lr:.4g}"), "weight_decay": float(f"{weight_decay:.4g}"),
+            "batch_size": int(cc.batch_sizes[rng.integers(len(cc.batch_sizes))]),
+            "schedule": cc.schedules[rng.integers(len(cc.schedules))],
+            "warmup_frac": round(float(rng.uniform(*cc.warmup)), 3),
+            "label_smoothing": float(cc.label_smoothing[rng.integers(len(cc.label_smoothing))]),
+            "augment": bool(rng.random() < cc.augment_prob),
+            "max_steps": int(round(_log_uniform(rng, *cc.steps))),
+        }
+        specs.append(RunSpec(split, family.name, dataset, optimizer, perturbation, i,
+                             context=tuple(sorted(context.items())), fold=folds.get(family.name, -1) if split != "test" else -1))
+    return specs
