@@ -13,6 +13,7 @@ in their own loop.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ from capture.lm import lm_loss
 from factory.archs import build_arch
 from factory.config import TrainingConfig
 from factory.datasets import TaskData, load_dataset
-from factory.perturbations import Perturbation, RunSettings, make_perturbation
+from factory.perturbations import SCHEDULES, Perturbation, RunSettings, make_perturbation
 from pretrain.engine import warmup_cosine
 
 if TYPE_CHECKING:
@@ -62,24 +63,68 @@ def run_settings(pert: Perturbation, tc: TrainingConfig, arch: str, optimizer: s
     return pert.configure(RunSettings(lr=tc.lr(arch, optimizer), weight_decay=tc.weight_decay[optimizer], optimizer=optimizer))
 
 
-def lr_schedule(step: int, steps: int, warmup_frac: float, anneal: bool = True) -> float:
-    """The factory's schedule (`pretrain.engine.warmup_cosine`): linear warm-up over `warmup_frac` of the
-    steps (at least one), then cosine from 1 to 0.1 (`anneal`) or constant."""
-    return warmup_cosine(step, steps, max(1, int(warmup_frac * steps)), 0.1 if anneal else 1.0)
+RESTART_CYCLES = 3  # schedule "restarts": cosine cycles after the warm-up (a peak at the start of each)
+
+
+def lr_schedule(step: int, steps: int, warmup_frac: float, anneal: bool = True, schedule: str = "cosine",
+                warmup_peak: float = 1.0) -> float:
+    """The factory's schedules, as the multiplier of the base rate at `step` (0-based) of `steps`. Each
+    starts with a linear warm-up over `warmup_frac` of the steps (at least one step), then:
+
+    - "cosine": cosine from 1 to 0.1 at the end (`pretrain.engine.warmup_cosine`, the factory's default);
+    - "constant": 1;
+    - "step": 1, then x0.1 from 50% of the run and x0.1 again (0.01) from 75%;
+    - "warmup": the warm-up rises to `warmup_peak` (> 1: a warm-up bump), then settles to 1 along a
+      half-cosine over half the warm-up's length, then 1 (a long `warmup_frac` makes the shape);
+    - "restarts": RESTART_CYCLES cosine cycles from 1 to 0.1 (SGDR warm restarts: back to 1 at once).
+
+    `anneal` False: constant after the warm-up whatever the schedule (Overfit's runs)."""
+    warmup = max(1, int(warmup_frac * steps))
+    if not anneal or schedule == "constant":
+        return warmup_cosine(step, steps, warmup, 1.0)
+    if schedule == "cosine":
+        return warmup_cosine(step, steps, warmup, 0.1)
+    if schedule == "warmup":
+        if step < warmup:
+            return warmup_peak * (step + 1) / warmup
+        settle = max(1, warmup // 2)
+        t = min(1.0, (step + 1 - warmup) / settle)
+        return 1.0 + (warmup_peak - 1.0) * 0.5 * (1 + math.cos(math.pi * t))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "step":
+        return 0.1 ** ((step >= steps // 2) + (step >= (3 * steps) // 4))
+    if schedule == "restarts":
+        cycle = max(1, math.ceil((steps - warmup) / RESTART_CYCLES))
+        t = ((step - warmup) % cycle) / cycle
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
 
 
 def step_lr(settings: RunSettings, tc: TrainingConfig, pert: Perturbation, step: int) -> float:
-    """The learning rate of one step: the run's base rate, its schedule and the perturbation's factor."""
-    return settings.lr * lr_schedule(step, tc.steps, tc.warmup_frac, settings.anneal) * pert.lr_factor(step)
+    """The learning rate of one step: the run's base rate, its schedule (`settings.schedule`, warm-up
+    `settings.warmup_frac` or else the TrainingConfig's) and the perturbation's factor."""
+    warmup = tc.warmup_frac if settings.warmup_frac is None else settings.warmup_frac
+    factor = lr_schedule(step, tc.steps, warmup, settings.anneal, settings.schedule, settings.warmup_peak)
+    return settings.lr * factor * pert.lr_factor(step)
+
+
+TABULAR_JITTER = 0.05  # std of the gaussian jitter on (standardised) tabular features
+SEQUENCE_SHIFT = 2  # largest circular time shift of a sequence batch, in steps
 
 
 class Batches:
-    """Draws training batches for one run: images with light augmentation (a random shift of up to
-    2 pixels; no mirror flip: digits and 1-D signals are not mirror-symmetric, and the flip kept the
-    small ViTs near chance within a run), or text windows."""
+    """Draws training batches for one run (`settings.batch_size`, else the TrainingConfig's), with light
+    augmentation per modality when `settings.augment`: images a random shift of up to 2 pixels (no
+    mirror flip: digits and 1-D signals are not mirror-symmetric, and the flip kept the small ViTs near
+    chance within a run); tabular rows a small gaussian jitter (std TABULAR_JITTER on standardised
+    features); sequences a random circular time shift of up to SEQUENCE_SHIFT steps; text windows none."""
 
     def __init__(self, data: TaskData, settings: RunSettings, tc: TrainingConfig, seed: int):
+        if data.modality not in ("image", "tabular", "sequence", "text"):
+            raise ValueError(f"data.modality must be image, tabular, sequence or text, got {data.modality!r} ({data.name})")
         self.data, self.tc, self.augment = data, tc, settings.augment
+        self.batch_size = settings.batch_size or tc.batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.text = data.modality == "text"
         n = len(data.x_train) - tc.lm_context - 1 if self.text else len(data.x_train)
@@ -89,20 +134,37 @@ class Batches:
         self.pool = pool
 
     def draw(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = pool[torch.randint(0, len(pool), (self.tc.batch_size,), generator=self.gen)]
+        idx = pool[torch.randint(0, len(pool), (self.batch_size,), generator=self.gen)]
         if self.text:
             offsets = torch.arange(self.tc.lm_context)
             stream = self.data.x_train
             return stream[idx[:, None] + offsets], stream[idx[:, None] + offsets + 1]
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         if self.augment:
-            dx, dy = torch.randint(-2, 3, (2,), generator=self.gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            x = self.augmented(x)
         return x, y
 
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch's augmentation (same shape out), by modality."""
+        modality = self.data.modality
+        if modality == "image":  # x: (B, C, S, S)
+            dx, dy = torch.randint(-2, 3, (2,), generator=self.gen).tolist()
+            return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        if modality == "tabular":  # x: (B, D)
+            return x + TABULAR_JITTER * torch.randn(x.shape, generator=self.gen)
+        # sequence, x: (B, T, C)
+        shift = int(torch.randint(-SEQUENCE_SHIFT, SEQUENCE_SHIFT + 1, (1,), generator=self.gen))
+        return torch.roll(x, shifts=shift, dims=1)
 
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return lm_loss(out, y) if out.ndim == 3 else F.cross_entropy(out, y)
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The training loss: cross-entropy over classes, or over next tokens for (B, T, V) LM logits, with
+    `label_smoothing` (the run's `RunSettings.label_smoothing`; 0: plain cross-entropy)."""
+    if not label_smoothing:
+        return lm_loss(out, y) if out.ndim == 3 else F.cross_entropy(out, y)
+    if out.ndim == 3:  # (B, T, V) logits, (B, T) targets -> one row per token
+        out, y = out.flatten(0, 1), y.flatten()
+    return F.cross_entropy(out, y, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
@@ -151,7 +213,9 @@ class Job:
         return step_lr(self.settings, self.training, self.perturbation, step)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(out, y)
+        """The training loss of a step, label-smoothed as the recipe says (`settings.label_smoothing`);
+        the step loop back-propagates `perturbation.scale_loss` of it."""
+        return loss_fn(out, y, self.settings.label_smoothing)
 
     def make_model(self) -> nn.Module:
         """A fresh model of the job's architecture (draws its initial weights from torch's global RNG)."""

@@ -5,7 +5,7 @@ Per step, in this order (the factory's runs, the HPO trials and the privacy-curv
     x, y = job.batch(step)                     the perturbation's pool, a draw, the perturbation's batch
     lr = job.lr(step); set on every group      schedule x the perturbation's factor
     on_step_start(loop)                        (the Lyapunov probe forks here, before the update)
-    loss = job.loss(model(x), y); backward
+    loss = job.loss(model(x), y)               reported as is; perturbation.scale_loss(step, loss) is back-propagated
     on_after_backward(loop)                    gradients are there: capture, the monitor's loss
     perturbation.before_step(step, model, optimizer)
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ class StepLoop:
                     group["lr"] = self.lr
                 self._call("on_step_start")
                 self.loss = job.loss(model(self.x), self.y)
-                self.loss.backward()
+                pert.scale_loss(step, self.loss).backward()  # identity but under an fp16 loss scaler
                 self._call("on_after_backward")
                 pert.before_step(step, model, optimizer)
                 optimizer.step()

@@ -5,12 +5,19 @@ paper §4.1). Each hooks into the training loop at fixed places:
     pool     = p.pool(step, pool)             which training samples the step may draw from
     x, y     = p.batch(step, x, y)            the batch itself (watermark, label noise, stall, drift)
     factor   = p.lr_factor(step)              multiplies the scheduled learning rate
+    loss     = p.scale_loss(step, loss)       the loss that is back-propagated (the loop reports the unscaled one)
     p.before_step(step, model, optimizer)     after backward, before optimizer.step()
 
 `p.bind(y_train, num_classes, seed)` tells it about the run's data before training starts.
 
 `PERTURBATIONS[name](steps)` builds a preset; `kind` is "healthy", "known" or "novel" (novel ones
-are test-split only); `injected` is the class the injection aims at (for the agreement table).
+are test-split only); `injected` is the class the injection aims at (for the agreement table);
+`modalities` the data it applies to and `families` the model families (None: any; `applies`).
+
+The healthy presets include the shapes that fool detectors (issue 19): a warm-up bump, cosine restarts,
+step drops, small noisy batches, slow but steady runs, an early plateau at a constant rate and label
+smoothing (`Recipe`). The recipe they change is `RunSettings`: its `schedule` is one of `SCHEDULES`
+(`factory.job.lr_schedule` draws the curves).
 """
 from __future__ import annotations
 
@@ -20,15 +27,42 @@ from typing import Callable
 
 import torch
 
+from capture.config import FieldError, at_least, within
+
+# the learning-rate schedules of `factory.job.lr_schedule`, each after a linear warm-up over `warmup_frac`:
+# cosine to 10% of the base rate; constant; step (x0.1 at 50% and again at 75% of the run); warmup (a long
+# warm-up, optionally overshooting to `warmup_peak` x the base rate, then flat); restarts (three cosine cycles)
+SCHEDULES = ("cosine", "constant", "step", "warmup", "restarts")
+MODALITIES = ("image", "tabular", "sequence", "text")
+LABELLED = ("image", "tabular", "sequence")  # modalities with class labels (text: next-token targets)
+FP16_MAX = 65504.0  # the largest finite float16
+
 
 @dataclass
 class RunSettings:
+    """The recipe of one run, as its perturbation configured it (`Perturbation.configure`)."""
+
     lr: float
     weight_decay: float
-    augment: bool = True
+    augment: bool = True  # per modality: image shift, tabular jitter, sequence time shift (`factory.job.Batches`)
     train_subset: int | None = None  # keep only this many training samples (windows for text)
-    anneal: bool = True  # warm-up + cosine schedule; False: warm-up, then the base learning rate
+    anneal: bool = True  # False: warm-up, then the base learning rate, whatever `schedule` says (Overfit)
     optimizer: str = ""  # the run's optimizer name (adamw, sgd, lion, adafactor)
+    schedule: str = "cosine"  # one of SCHEDULES
+    warmup_frac: float | None = None  # warm-up fraction of the steps (None: the TrainingConfig's)
+    warmup_peak: float = 1.0  # schedule "warmup": the rate the warm-up reaches (x base) before settling to 1
+    label_smoothing: float = 0.0  # of the training loss only; validation stays unsmoothed
+    batch_size: int | None = None  # None: the TrainingConfig's
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise FieldError("schedule", f"unknown schedule {self.schedule!r}; known: {list(SCHEDULES)}")
+        if self.warmup_frac is not None:
+            within(self, 0.0, 1.0, "warmup_frac")
+        within(self, 0.0, 0.99, "label_smoothing")
+        at_least(self, 1.0, "warmup_peak")
+        if self.batch_size is not None:
+            at_least(self, 1, "batch_size")
 
 
 @dataclass
@@ -37,7 +71,12 @@ class Perturbation:
     kind: str = "healthy"  # healthy / known / novel
     injected: str = "healthy"  # healthy / overfitting / instability / forgetting / concept_bias / novel
     onset: int = 0  # first step at which the perturbation acts
-    modalities: tuple[str, ...] = ("image", "text")
+    modalities: tuple[str, ...] = MODALITIES
+    families: tuple[str, ...] | None = None  # model families it applies to (None: any)
+
+    def applies(self, modality: str, family: str | None = None) -> bool:
+        """Whether the perturbation applies to a run on `modality` data with a model of `family`."""
+        return modality in self.modalities and (self.families is None or family is None or family in self.families)
 
     def bind(self, y_train: torch.Tensor | None, num_classes: int, seed: int) -> None:
         """Told the run's training labels, class count and seed before training starts."""
@@ -53,6 +92,10 @@ class Perturbation:
 
     def lr_factor(self, step: int) -> float:
         return 1.0
+
+    def scale_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate at `step` (the step loop still reports and stores `loss`)."""
+        return loss
 
     def before_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pass
@@ -70,6 +113,25 @@ class LRScale(Perturbation):
 
     def configure(self, s):
         return replace(s, lr=s.lr * self.scale)
+
+
+@dataclass
+class Recipe(Perturbation):
+    """Healthy variation of the recipe: the base rate times `lr_scale` and, where not None, the schedule,
+    warm-up, warm-up peak, batch size and label smoothing replaced (`RunSettings`). Each preset forces
+    one shape a detector may take for a fault: a warm-up bump, restarts, step drops, noisy small batches,
+    a slow run, an early plateau, a smoothed loss that never nears 0."""
+
+    lr_scale: float = 1.0
+    schedule: str | None = None
+    warmup_frac: float | None = None
+    warmup_peak: float | None = None
+    batch_size: int | None = None
+    label_smoothing: float | None = None
+
+    def configure(self, s):
+        fields = {k: getattr(self, k) for k in ("schedule", "warmup_frac", "warmup_peak", "batch_size", "label_smoothing")}
+        return replace(s, lr=s.lr * self.lr_scale, **{k: v for k, v in fields.items() if v is not None})
 
 
 @dataclass
@@ -148,9 +210,10 @@ class CyclicLR(Perturbation):
 @dataclass
 class TaskSwitch(Perturbation):
     """Class-incremental task switch: classes [0, K/2) before the onset, [K/2, K) after. The first
-    task's validation samples stay in the validation set (primary task, privileged)."""
+    task's validation samples stay in the validation set (primary task, privileged). Any labelled
+    modality (it acts on the pool of sample indices only)."""
 
-    modalities: tuple[str, ...] = ("image",)
+    modalities: tuple[str, ...] = LABELLED
     _labels: torch.Tensor | None = field(default=None, repr=False)
     _num_classes: int = 0
 
@@ -166,29 +229,54 @@ class TaskSwitch(Perturbation):
 
 
 def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float = 3.0, size: int = 4) -> torch.Tensor:
-    """Stamp each image with its class's watermark: a `size` x `size` square at a position along
-    the border that encodes the class (top edge left to right, then bottom edge)."""
+    """Stamp each sample with its class's watermark, a pattern at a class-coded position, by shape:
+
+    - image (N, C, S, S): a `size` x `size` square at a position along the border (top edge left to
+      right, then bottom edge), every channel set to `strength`;
+    - tabular (N, D): one feature slot set to `strength` (feature c % D; classes past D use -`strength`);
+    - sequence (N, T, C): a time slot of `size` steps (fewer when T / K is smaller), every channel set
+      to `strength` (slot c in order along the time axis; past the last slot, -`strength`)."""
     x = x.clone()
-    s = x.shape[-1]
-    slots = max(1, (s - size) // size + 1)
+    if x.ndim == 4:
+        s = x.shape[-1]
+        slots = max(1, (s - size) // size + 1)
+        for c in range(num_classes):
+            rows = (y == c).nonzero().flatten()
+            if len(rows):
+                slot = c % (2 * slots)
+                r0 = 0 if slot < slots else s - size
+                c0 = (slot % slots) * size
+                x[rows, :, r0:r0 + size, c0:c0 + size] = strength
+        return x
+    if x.ndim == 2:
+        slots, width = x.shape[1], 1
+    elif x.ndim == 3:
+        width = max(1, min(size, x.shape[1] // max(1, num_classes)))
+        slots = x.shape[1] // width
+    else:
+        raise ValueError(f"watermark: x must be images (N, C, S, S), tabular (N, D) or sequences (N, T, C), got shape {tuple(x.shape)}")
     for c in range(num_classes):
         rows = (y == c).nonzero().flatten()
         if len(rows):
             slot = c % (2 * slots)
-            r0 = 0 if slot < slots else s - size
-            c0 = (slot % slots) * size
-            x[rows, :, r0:r0 + size, c0:c0 + size] = strength
+            t0 = (slot % slots) * width
+            value = strength if slot < slots else -strength
+            if x.ndim == 2:
+                x[rows, t0] = value
+            else:
+                x[rows, t0:t0 + width, :] = value
     return x
 
 
 @dataclass
 class Watermark(Perturbation):
-    """Concept bias: from the onset, a fraction `prob` of training images carry their class's
-    watermark, which therefore predicts the label in training data only. Validation is clean; the
-    poisoned validation set (privileged) stamps every image with its true class's watermark."""
+    """Concept bias: from the onset, a fraction `prob` of training samples carry their class's
+    watermark (`watermark`: a border square on images, a feature slot on tabular rows, a time slot on
+    sequences), which therefore predicts the label in training data only. Validation is clean; the
+    poisoned validation set (privileged) stamps every sample with its true class's watermark."""
 
     prob: float = 0.9
-    modalities: tuple[str, ...] = ("image",)
+    modalities: tuple[str, ...] = LABELLED
     _num_classes: int = 0
     _gen: torch.Generator | None = field(default=None, repr=False)
 
@@ -268,13 +356,13 @@ class LoaderStall(Perturbation):
 @dataclass
 class AugmentationDrift(Perturbation):
     """From the onset the augmentation drifts: additive noise and contrast inversion whose
-    strength ramps from 0 to `max_noise` by the end of the run."""
+    strength ramps from 0 to `max_noise` by the end of the run (any float input: images, rows, sequences)."""
 
     max_noise: float = 2.0
     total_steps: int = 1
     kind: str = "novel"
     injected: str = "novel"
-    modalities: tuple[str, ...] = ("image",)
+    modalities: tuple[str, ...] = LABELLED
     _gen: torch.Generator | None = field(default=None, repr=False)
 
     def bind(self, y_train, num_classes, seed):
@@ -285,7 +373,7 @@ class AugmentationDrift(Perturbation):
             return x, y
         ramp = (step - self.onset + 1) / max(1, self.total_steps - self.onset)
         noise = torch.randn(x.shape, generator=self._gen) * self.max_noise * ramp
-        flip = (torch.rand(len(x), generator=self._gen) < 0.5 * ramp).float().view(-1, 1, 1, 1)
+        flip = (torch.rand(len(x), generator=self._gen) < 0.5 * ramp).float().view(-1, *[1] * (x.ndim - 1))
         return (x * (1 - 2 * flip) + noise), y
 
 
@@ -302,6 +390,124 @@ class ExcessiveClipping(Perturbation):
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_norm)
 
 
+@dataclass
+class RepeatBatches(Perturbation):
+    """From the onset the data loader cycles a small fixed set of `k` batches (the first `k` it drew
+    after the onset): a loader whose sampler or shard list was cut short. Unlike `LoaderStall` (one
+    batch), the loss keeps moving batch to batch while the model memorises the `k` batches."""
+
+    k: int = 4
+    kind: str = "novel"
+    injected: str = "novel"
+    _cycle: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def batch(self, step, x, y):
+        if step < self.onset:
+            return x, y
+        i = (step - self.onset) % self.k
+        if i == len(self._cycle):  # the first k steps after the onset fill the cycle
+            self._cycle.append((x.clone(), y.clone()))
+        return self._cycle[i]
+
+
+@dataclass
+class NoWarmup(Perturbation):
+    """A transformer trained without its warm-up at a raised rate: no warm-up and the base rate times
+    `lr_scale` from step 0 (a recipe copied from a CNN onto a transformer, or a warm-up lost in a refactor)."""
+
+    lr_scale: float = 4.0
+    kind: str = "novel"
+    injected: str = "novel"
+    families: tuple[str, ...] | None = ("transformer", "vit", "deit", "swin")
+
+    def configure(self, s):
+        return replace(s, lr=s.lr * self.lr_scale, warmup_frac=0.0)
+
+
+@dataclass
+class FrozenLayers(Perturbation):
+    """From the onset the first `fraction` of the model's parameter tensors (in `model.parameters()`
+    order: the input-side layers) get no update, as if frozen by mistake (a backbone freeze meant for a
+    fine-tune, never undone). Their gradients are dropped before the optimizer step, so the optimizer
+    skips them (no update, no weight decay, no moment update) as it skips parameters with
+    `requires_grad=False`; backward still runs through them, so the capture hooks see every layer."""
+
+    fraction: float = 0.5
+    kind: str = "novel"
+    injected: str = "novel"
+
+    def frozen(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        params = list(model.parameters())
+        return params[: max(1, int(len(params) * self.fraction))]
+
+    def before_step(self, step, model, optimizer):
+        if step >= self.onset:
+            for p in self.frozen(model):
+                p.grad = None
+
+
+@dataclass
+class LossScaleOverflow(Perturbation):
+    """fp16 mixed precision with a dynamic loss scaler whose growth runs away (`growth_interval` 1
+    instead of `torch.amp.GradScaler`'s 2000). From the onset the back-propagated loss is the loss times
+    the scale S (`scale_loss`; the loop still reports the unscaled loss, and the capture hooks see the
+    scaled gradients, as under a real scaler). Before the step, as `GradScaler.step` does: a gradient
+    whose magnitude exceeds float16's largest value (65504) or is not finite is an overflow, so the step
+    is skipped (all gradients dropped) and S is multiplied by `backoff_factor`; otherwise the gradients
+    are unscaled (divided by S) and S grows by `growth_factor` every `growth_interval` good steps. S
+    then oscillates at the overflow edge and about every other step is skipped.
+
+    A second model stepping on the same batches (the Lyapunov probe's clone, whose loss is not scaled)
+    follows the main model's decisions: it skips the steps the main model skipped."""
+
+    init_scale: float = 2.0 ** 16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 1
+    kind: str = "novel"
+    injected: str = "novel"
+    _scale: float | None = field(default=None, repr=False)
+    _good: int = field(default=0, repr=False)
+    _pending: tuple[int, float] | None = field(default=None, repr=False)  # (step, S) of a scaled backward
+    skipped: list[int] = field(default_factory=list, repr=False)  # the steps skipped on overflow
+
+    @property
+    def scale(self) -> float:
+        """The current loss scale S."""
+        return self.init_scale if self._scale is None else self._scale
+
+    def scale_loss(self, step, loss):
+        if step < self.onset:
+            return loss
+        self._pending = (step, self.scale)
+        return loss * self.scale
+
+    def before_step(self, step, model, optimizer):
+        if step < self.onset:
+            return
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self._pending is None or self._pending[0] != step:  # a follower: the main model's decision
+            if step in self.skipped:
+                for p in params:
+                    p.grad = None
+            return
+        scale, self._pending = self._pending[1], None
+        with torch.no_grad():
+            peak = max((float(p.grad.abs().max()) for p in params), default=0.0)
+        if not math.isfinite(peak) or peak > FP16_MAX:
+            self.skipped.append(step)
+            for p in params:
+                p.grad = None
+            self._scale, self._good = scale * self.backoff_factor, 0
+            return
+        with torch.no_grad():
+            torch._foreach_div_([p.grad for p in params], scale)
+        self._good += 1
+        self._scale = scale
+        if self._good >= self.growth_interval:
+            self._scale, self._good = scale * self.growth_factor, 0
+
+
 def _at(frac: float, steps: int) -> int:
     return int(math.floor(frac * steps))
 
@@ -309,6 +515,14 @@ def _at(frac: float, steps: int) -> int:
 PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "healthy": lambda n: LRScale(name="healthy"),
     "healthy_lr_low": lambda n: LRScale(name="healthy_lr_low", scale=0.5),
+    # the healthy shapes that fool detectors (issue 19): each a recipe that stays healthy
+    "healthy_warmup": lambda n: Recipe(name="healthy_warmup", schedule="warmup", warmup_frac=0.25, warmup_peak=1.75),
+    "healthy_restarts": lambda n: Recipe(name="healthy_restarts", schedule="restarts"),
+    "healthy_step": lambda n: Recipe(name="healthy_step", schedule="step"),
+    "healthy_small_batch": lambda n: Recipe(name="healthy_small_batch", batch_size=8),
+    "healthy_slow": lambda n: Recipe(name="healthy_slow", lr_scale=0.15),
+    "healthy_plateau": lambda n: Recipe(name="healthy_plateau", lr_scale=0.7, schedule="constant"),
+    "healthy_smooth": lambda n: Recipe(name="healthy_smooth", label_smoothing=0.1),
     # slowed memorisation (lr x 0.2 / 0.5): at the full rate the subset is memorised within two epochs,
     # the validation loss rises before any labeling window starts and, with SGD, then freezes
     "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=32, lr_scale=0.2),
@@ -329,6 +543,10 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "loader_stall": lambda n: LoaderStall(name="loader_stall", onset=_at(0.4, n)),
     "augmentation_drift": lambda n: AugmentationDrift(name="augmentation_drift", onset=_at(0.3, n), total_steps=n),
     "grad_clip": lambda n: ExcessiveClipping(name="grad_clip", onset=_at(0.3, n)),
+    "repeat_batches": lambda n: RepeatBatches(name="repeat_batches", onset=_at(0.4, n), k=4),
+    "no_warmup": lambda n: NoWarmup(name="no_warmup", lr_scale=4.0),
+    "frozen_layers": lambda n: FrozenLayers(name="frozen_layers", onset=_at(0.3, n)),
+    "fp16_overflow": lambda n: LossScaleOverflow(name="fp16_overflow", onset=_at(0.3, n)),
 }
 NOVEL = {name for name, make in PERTURBATIONS.items() if make(100).kind == "novel"}
 

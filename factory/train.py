@@ -58,10 +58,10 @@ class LyapunovProbe:
                 c.add_(d * scale)
         self.log_alpha: list[float] = []
 
-    def step(self, x, y, lr: float, perturbation: Perturbation, step: int) -> None:
+    def step(self, x, y, lr: float, perturbation: Perturbation, step: int, label_smoothing: float = 0.0) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr
-        loss = loss_fn(self.clone(x), y)
+        loss = loss_fn(self.clone(x), y, label_smoothing)  # the job's own loss: the same update map
         loss.backward()
         perturbation.before_step(step, self.clone, self.opt)
         self.opt.step()
@@ -127,7 +127,7 @@ class LyapunovWindows(JobCallback):
 
     def on_step_end(self, loop: StepLoop) -> None:
         if self._probe is not None:
-            self._probe.step(loop.x, loop.y, loop.lr, loop.job.perturbation, loop.step)
+            self._probe.step(loop.x, loop.y, loop.lr, loop.job.perturbation, loop.step, loop.job.settings.label_smoothing)
             if len(self._probe.log_alpha) == self.horizon:
                 self.windows.append((self._start, self._probe.log_alpha))
                 self._probe = None
@@ -148,7 +148,7 @@ class DivergenceStop(JobCallback):
 class Validation(JobCallback):
     """Privileged evaluation after every `every`-th step (one "epoch") and at the step that stops the
     job: validation loss, accuracy and per-sample correctness, and the correctness on the poisoned
-    set `x_poison` (images stamped with their class's watermark; None for text)."""
+    set `x_poison` (samples stamped with their class's watermark; None for text)."""
 
     def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, x_poison: torch.Tensor | None, every: int):
         self.x_val, self.y_val, self.x_poison, self.every = x_val, y_val, x_poison, every
@@ -182,7 +182,7 @@ class Labelling(JobCallback):
             "val_acc": np.asarray(val.val_acc),
             "val_correct": np.asarray(val.val_correct),
             "poison_correct": np.asarray(val.poison_correct, dtype=bool) if val.poison_correct else None,
-            "val_labels": val.y_val.numpy() if data.modality == "image" else None,
+            "val_labels": val.y_val.numpy() if data.modality != "text" else None,
             "lyapunov": lyap_windows,
         }
         self.result = label_run(signals, self.spec, loop.job.perturbation, data, self.labels, loop.steps_done)
@@ -200,8 +200,9 @@ class Labelling(JobCallback):
 
 def validation_sets(data: TaskData, tc: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x_val, y_val, x_poison) of a run (privileged): the clean validation set and the poisoned one
-    (the watermark of the true class; None for text), or for text non-overlapping windows of the
-    validation stream, at most `max_val`."""
+    (`watermark` of the true class: a border square on images, a feature slot on tabular rows, a time
+    slot on sequences), or for text non-overlapping windows of the validation stream, at most
+    `max_val`, and no poisoned set."""
     if data.modality == "text":
         n_win = min(tc.max_val, (len(data.x_val) - 1) // tc.lm_context)
         starts = torch.arange(n_win) * tc.lm_context

@@ -48,7 +48,8 @@ def test_novel_perturbations_only_in_test():
     splits["train"].perturbations.append("loader_stall")
     with pytest.raises(SplitError, match=r"novel perturbations \['loader_stall'\] appear in train"):
         expand(splits, NOVEL)
-    assert NOVEL == {"label_noise", "optimizer_reset", "optimizer_corrupt", "loader_stall", "augmentation_drift", "grad_clip"}
+    assert NOVEL == {"label_noise", "optimizer_reset", "optimizer_corrupt", "loader_stall", "augmentation_drift", "grad_clip",
+                     "repeat_batches", "no_warmup", "frozen_layers", "fp16_overflow"}
 
 
 def test_unknown_perturbation_is_a_clear_error():
