@@ -27,15 +27,15 @@ bench: setup
 LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 	--mixed_precision no --dynamo_backend no
 reproduce: setup
-	$(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
-	$(VENV)/bin/python -m factory.relabel --corpus outputs/corpus/cpu --calibrate --config configs/factory/cpu.yaml
-	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu
-	$(VENV)/bin/python -m pretrain.clips export --corpus outputs/corpus/cpu --out outputs/shards/cpu --overwrite
+	$(LAUNCH2) factory/generate.py --config configs/factory/cpu_grid.yaml --out outputs/corpus/cpu_grid
+	$(VENV)/bin/python -m factory.relabel --corpus outputs/corpus/cpu_grid --calibrate --config configs/factory/cpu_grid.yaml
+	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu_grid
+	$(VENV)/bin/python -m pretrain.clips export --corpus outputs/corpus/cpu_grid --out outputs/shards/cpu --overwrite
 	$(LAUNCH2) pretrain/train.py --config configs/pretrain/cpu.yaml --corpus outputs/shards/cpu --out outputs/pretrain/cpu
-	$(LAUNCH2) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu \
+	$(LAUNCH2) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu_grid \
 		--checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu
-	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu
-	$(VENV)/bin/python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
+	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu_grid --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu
+	$(VENV)/bin/python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid \
 		--report outputs/report/cpu/metrics.json
 
 clean:

@@ -1,7 +1,7 @@
 """Randomised training contexts: each run of a drawn split draws its own model family and size, dataset,
 optimizer, learning rate, batch size, weight decay, schedule, label smoothing, augmentation and run length
-(docs/factory.md, "Drawn corpora"). A split is drawn when its `runs` > 0; `factory.spec.expand` then
-calls `draw_split` instead of taking the grid product.
+(docs/factory.md, "Drawn corpora"). A split is drawn when its `runs` > 0; a config whose splits are all
+drawn is expanded by `expand_drawn` (grid configs by `factory.spec.expand`).
 
     cfg = load_config(FactoryConfig, "configs/factory/cpu.yaml")
     specs = plan(cfg)                       # factory.generate.plan: every RunSpec, drawn ones included
@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from capture.config import FieldError, at_least, within
-
-if TYPE_CHECKING:
-    from factory.spec import RunSpec, SplitConfig
+from factory.spec import SPLITS, RunSpec, SplitConfig, SplitError
 
 SCHEDULES = ("cosine", "constant", "step", "warmup", "restarts")
 
@@ -44,13 +40,14 @@ class ContextConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
     schedules: list[str] = field(default_factory=lambda: list(SCHEDULES))
     warmup: list[float] = field(default_factory=lambda: [0.0, 0.1])  # warm-up fraction, uniform
+    long_warmup: list[float] = field(default_factory=lambda: [0.15, 0.3])  # the same for the "warmup" schedule
     label_smoothing: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.1])  # one drawn uniformly
     augment_prob: float = 0.5
     # learning rate per optimizer, log-uniform in [lo, hi] times the family's `lr_scale`: the stable range
     lr: dict[str, list[float]] = field(default_factory=lambda: {
-        "adamw": [5e-4, 3e-3], "adam": [5e-4, 3e-3], "nadam": [5e-4, 3e-3], "radam": [5e-4, 3e-3],
-        "sgd": [0.01, 0.08], "rmsprop": [2e-4, 1e-3], "adagrad": [5e-3, 3e-2],
-        "lion": [5e-5, 3e-4], "adafactor": [2e-3, 1e-2]})
+        "adamw": [1e-3, 5e-3], "adam": [1e-3, 5e-3], "nadam": [1e-3, 5e-3], "radam": [1e-3, 5e-3],
+        "sgd": [0.02, 0.1], "rmsprop": [3e-4, 2e-3], "adagrad": [1e-2, 5e-2],
+        "lion": [1e-4, 6e-4], "adafactor": [3e-3, 2e-2]})
     # weight decay per optimizer, log-uniform in [lo, hi]; a list starting at 0 ([0, hi]) draws 0 half the time
     weight_decay: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 0.1], "adam": [0.0, 1e-4], "nadam": [0.0, 1e-4], "radam": [0.0, 1e-4],
@@ -59,7 +56,7 @@ class ContextConfig:
     folds: int = 4
 
     def __post_init__(self):
-        for name in ("steps", "warmup"):
+        for name in ("steps", "warmup", "long_warmup"):
             pair = getattr(self, name)
             if len(pair) != 2 or not pair[0] <= pair[1]:
                 raise FieldError(f"contexts.{name}", f"must be [lo, hi] with lo <= hi, got {pair!r}")
@@ -102,8 +99,6 @@ def check_held_out(splits: dict[str, SplitConfig], novel: set[str]) -> None:
     """A drawn config's splits: test shares no family, dataset or optimizer with train or validation;
     validation holds out at least one of each that train lacks; novel perturbations only in test.
     Raises `factory.spec.SplitError` naming every overlap."""
-    from factory.spec import SplitError
-
     problems = []
     axes = (("families", "families"), ("datasets", "datasets"), ("optimizers", "optimizers"))
     for axis, label in axes:
@@ -122,6 +117,19 @@ def check_held_out(splits: dict[str, SplitConfig], novel: set[str]) -> None:
         raise SplitError("splits overlap on held-out factors: " + "; ".join(problems))
 
 
+def expand_drawn(splits: dict[str, SplitConfig], novel: set[str], contexts: ContextConfig) -> list[RunSpec]:
+    """All run specs of a drawn config (every split has `runs` > 0), after the held-out check."""
+    drawn = [name for name in SPLITS if splits[name].runs]
+    if len(drawn) != len(SPLITS):
+        raise SplitError(f"splits {drawn} are drawn (runs > 0) and the others are grids: draw all three or none")
+    check_held_out(splits, novel)
+    folds = fold_of(splits, contexts.folds)
+    specs = [spec for name in SPLITS for spec in draw_split(name, splits[name], contexts, folds)]
+    if len({s.run_id for s in specs}) != len(specs):
+        raise SplitError("two drawn runs have the same spec: change contexts.seed or check the lists")
+    return specs
+
+
 def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, int]) -> list[RunSpec]:
     """The `s.runs` drawn specs of one split (see the module docstring for the order of draws).
     Raises `ContextError` when a dataset has no family, an optimizer no learning-rate range, or a
@@ -129,7 +137,6 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
     from factory.datasets import dataset_info
     from factory.families import FAMILIES, InputShape
     from factory.perturbations import make_perturbation
-    from factory.spec import SPLITS, RunSpec
 
     for axis in ("families", "datasets", "optimizers", "perturbations"):
         if not getattr(s, axis):
@@ -174,8 +181,8 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
             "width": size.width, "depth": size.depth, "norm": size.norm, "act": size.act, "residual": size.residual,
             "lr": float(f"{lr:.4g}"), "weight_decay": float(f"{weight_decay:.4g}"),
             "batch_size": int(cc.batch_sizes[rng.integers(len(cc.batch_sizes))]),
-            "schedule": cc.schedules[rng.integers(len(cc.schedules))],
-            "warmup_frac": round(float(rng.uniform(*cc.warmup)), 3),
+            "schedule": (schedule := cc.schedules[rng.integers(len(cc.schedules))]),
+            "warmup_frac": round(float(rng.uniform(*(cc.long_warmup if schedule == "warmup" else cc.warmup))), 3),
             "label_smoothing": float(cc.label_smoothing[rng.integers(len(cc.label_smoothing))]),
             "augment": bool(rng.random() < cc.augment_prob),
             "max_steps": int(round(_log_uniform(rng, *cc.steps))),

@@ -32,6 +32,7 @@ from capture.config import cli_parser, load_config, save_config
 from capture.store import RunStore, RunStoreError, verify_store
 from factory.archs import TEXT_ARCHS
 from factory.config import FactoryConfig
+from factory.contexts import expand_drawn
 from factory.datasets import TEXT_DATASETS
 from factory.perturbations import NOVEL, make_perturbation
 from factory.spec import CONTEXT_KEYS, RunSpec, expand
@@ -56,7 +57,11 @@ def compatible(spec: RunSpec, steps: int) -> bool:
 def plan(cfg: FactoryConfig) -> list[RunSpec]:
     if cfg.subsample < 1:
         raise ValueError(f"subsample must be >= 1, got {cfg.subsample}")
-    return [s for s in expand(cfg.splits, NOVEL, cfg.contexts) if compatible(s, cfg.training.steps)][:: cfg.subsample]
+    if any(split.runs for split in cfg.splits.values()):
+        specs = expand_drawn(cfg.splits, NOVEL, cfg.contexts)
+    else:
+        specs = expand(cfg.splits, NOVEL)
+    return [s for s in specs if compatible(s, cfg.training.steps)][:: cfg.subsample]
 
 
 def plan_record(spec: RunSpec, cfg: FactoryConfig) -> dict:

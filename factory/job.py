@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,23 +39,39 @@ __all__ = ["Batches", "Job", "build_job", "cached_dataset", "evaluate", "job_fro
 
 
 # ------------------------------------------------------------------ ingredients
-@functools.lru_cache(maxsize=8)
-def cached_dataset(name: str, image_size: int, max_train: int, max_val: int, root: str | None) -> TaskData:
-    return load_dataset(name, image_size=image_size, seed=0, root=root, max_train=max_train, max_val=max_val)
+@functools.lru_cache(maxsize=16)
+def cached_dataset(name: str, image_size: int, max_train: int, max_val: int, root: str | None,
+                   channels: int | None = None) -> TaskData:
+    return load_dataset(name, image_size=image_size, channels=channels, seed=0, root=root, max_train=max_train, max_val=max_val)
+
+
+OPTIMIZERS = ("adamw", "adam", "nadam", "radam", "sgd", "rmsprop", "adagrad", "lion", "adafactor")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """An optimizer by name (OPTIMIZERS) at `lr` and `weight_decay`: the usual recipe of each (SGD with
+    Nesterov momentum 0.9; RMSprop without momentum, alpha 0.99, as torch and Keras default)."""
     if name == "adamw":  # foreach: one fused kernel per op over all tensors (torch picks per-tensor on CPU)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "nadam":
+        return torch.optim.NAdam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, foreach=True)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "lion":
         from timm.optim import Lion
 
         return Lion(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd, lion, adafactor")
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
 def run_settings(pert: Perturbation, tc: TrainingConfig, arch: str, optimizer: str) -> RunSettings:
@@ -202,6 +219,7 @@ class Job:
     modules: list[str] | None  # capture hook points (`build_arch`'s second item; None: capture finds them)
     optimizer: torch.optim.Optimizer
     batches: Batches
+    model_factory: Callable[[], nn.Module] | None = None  # a drawn run's family at its size; None: build_arch
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch of `step`: drawn from the perturbation's pool, then bent by it."""
@@ -219,6 +237,8 @@ class Job:
 
     def make_model(self) -> nn.Module:
         """A fresh model of the job's architecture (draws its initial weights from torch's global RNG)."""
+        if self.model_factory is not None:
+            return self.model_factory()
         return build_arch(self.arch, self.data.num_classes, self.training.image_size)[0]
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -227,11 +247,12 @@ class Job:
 
 
 def build_job(arch: str, data: TaskData, optimizer: str, perturbation: Perturbation, training: TrainingConfig, seed: int,
-              settings: RunSettings | None = None) -> Job:
+              settings: RunSettings | None = None, model_factory: Callable[[], nn.Module] | None = None) -> Job:
     """Build a job: seed torch's global RNG with `seed`, tell the perturbation about the data, configure
     the recipe through it, then model, optimizer and batch sampler (in this order: the model's initial
     weights are the first draws after the seed). `settings`: the recipe before the perturbation
-    configures it (None: the factory's, `training.lr(arch, optimizer)` and its weight decay)."""
+    configures it (None: the factory's, `training.lr(arch, optimizer)` and its weight decay).
+    `model_factory`: builds the model (a drawn family at its drawn size; None: `build_arch(arch, ...)`)."""
     if data.modality not in perturbation.modalities:
         raise ValueError(f"perturbation {perturbation.name} does not apply to {data.modality} data ({data.name})")
     torch.manual_seed(seed)
@@ -240,10 +261,10 @@ def build_job(arch: str, data: TaskData, optimizer: str, perturbation: Perturbat
         settings = run_settings(perturbation, training, arch, optimizer)
     else:
         settings = perturbation.configure(replace(settings, optimizer=settings.optimizer or optimizer))
-    model, modules = build_arch(arch, data.num_classes, training.image_size)
+    model, modules = (model_factory(), None) if model_factory else build_arch(arch, data.num_classes, training.image_size)
     opt = make_optimizer(optimizer, model.parameters(), settings.lr, settings.weight_decay)
     batches = Batches(data, settings, training, seed)
-    return Job(arch, optimizer, data, training, perturbation, settings, seed, model, modules, opt, batches)
+    return Job(arch, optimizer, data, training, perturbation, settings, seed, model, modules, opt, batches, model_factory)
 
 
 def run_seed(spec: RunSpec) -> int:
@@ -252,10 +273,39 @@ def run_seed(spec: RunSpec) -> int:
 
 
 def job_from_spec(spec: RunSpec, cfg: FactoryConfig) -> Job:
-    """The job of one factory run: its dataset, its perturbation preset and the corpus's training recipe."""
+    """The job of one factory run: its dataset, its perturbation preset and the corpus's training recipe
+    (a grid run), or its drawn family, size and recipe (a drawn run, `drawn_job`)."""
+    if spec.context:
+        return drawn_job(spec, cfg)
     tc = cfg.training
     data = cached_dataset(spec.dataset, tc.image_size, tc.max_train, tc.max_val, cfg.data_root.get(spec.dataset))
     pert = make_perturbation(spec.perturbation, tc.steps)
     if data.modality not in pert.modalities:
         raise ValueError(f"perturbation {spec.perturbation} does not apply to {data.modality} data ({spec.dataset})")
     return build_job(spec.arch, data, spec.optimizer, pert, tc, run_seed(spec))
+
+
+def drawn_job(spec: RunSpec, cfg: FactoryConfig) -> Job:
+    """The job of a drawn run (factory.contexts): the dataset at its natural channels and size, the family
+    at the drawn size, the drawn recipe; the run's length, batch size and warm-up replace the config's,
+    and it is validated `contexts.epochs` times (every max_steps // epochs steps)."""
+    from factory.datasets import dataset_info
+    from factory.families import FAMILIES, InputShape, Size
+
+    ctx = spec.ctx
+    steps = int(ctx["max_steps"])
+    info = dataset_info(spec.dataset)
+    tc = replace(cfg.training, steps=steps, batch_size=int(ctx["batch_size"]), warmup_frac=float(ctx["warmup_frac"]),
+                 eval_every=max(1, steps // cfg.contexts.epochs))
+    image_size, channels = (info.dims[1], info.dims[0]) if info.modality == "image" else (tc.image_size, None)
+    data = cached_dataset(spec.dataset, image_size, tc.max_train, tc.max_val, cfg.data_root.get(spec.dataset), channels)
+    pert = make_perturbation(spec.perturbation, steps)
+    family = FAMILIES[spec.arch]
+    shape = InputShape(info.modality, tuple(info.dims), data.num_classes)
+    size = Size(int(ctx["width"]), int(ctx["depth"]), ctx["norm"], ctx["act"], bool(ctx["residual"]))
+    family.check(shape, size)
+    settings = RunSettings(lr=float(ctx["lr"]), weight_decay=float(ctx["weight_decay"]), augment=bool(ctx["augment"]),
+                           optimizer=spec.optimizer, schedule=ctx["schedule"], warmup_frac=float(ctx["warmup_frac"]),
+                           label_smoothing=float(ctx["label_smoothing"]), batch_size=int(ctx["batch_size"]))
+    return build_job(spec.arch, data, spec.optimizer, pert, tc, run_seed(spec), settings=settings,
+                     model_factory=lambda: family.build(shape, size))

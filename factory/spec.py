@@ -106,23 +106,11 @@ def check_disjoint(splits: dict[str, SplitConfig], novel: set[str]) -> None:
         raise SplitError("splits are not factorially disjoint: " + "; ".join(problems))
 
 
-def expand(splits: dict[str, SplitConfig], novel: set[str], contexts=None) -> list[RunSpec]:
-    """All run specs of a config, in a deterministic order, after the disjointness check: grid splits
-    as the product of their lists, drawn splits (`runs` > 0) by `factory.contexts.draw_split` with the
-    `contexts` ranges (a `ContextConfig`)."""
-    drawn = [name for name in SPLITS if splits[name].runs]
-    if drawn:
-        from factory.contexts import ContextConfig, check_held_out, draw_split, fold_of
-
-        if len(drawn) != len(SPLITS):
-            raise SplitError(f"splits {drawn} are drawn (runs > 0) and the others are grids: draw all three or none")
-        check_held_out(splits, novel)
-        contexts = contexts or ContextConfig()
-        folds = fold_of(splits, contexts.folds)
-        specs = [spec for name in SPLITS for spec in draw_split(name, splits[name], contexts, folds)]
-        if len({s.run_id for s in specs}) != len(specs):
-            raise SplitError("two drawn runs have the same spec: raise contexts.seed or check the lists")
-        return specs
+def expand(splits: dict[str, SplitConfig], novel: set[str]) -> list[RunSpec]:
+    """All run specs of a grid config (the product of each split's lists), in a deterministic order,
+    after the disjointness check. Drawn configs: `factory.contexts.expand_drawn`."""
+    if any(splits[name].runs for name in SPLITS):
+        raise SplitError("drawn splits (runs > 0) are expanded by factory.contexts.expand_drawn, not the grid")
     check_disjoint(splits, novel)
     specs = []
     for split in SPLITS:

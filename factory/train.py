@@ -213,9 +213,9 @@ def validation_sets(data: TaskData, tc: TrainingConfig) -> tuple[torch.Tensor, t
 
 # ------------------------------------------------------------------ one run
 def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = False) -> dict:
-    tc = cfg.training
     t0 = time.time()
     job = job_from_spec(spec, cfg)
+    tc = job.training  # the config's, or a drawn run's own length, batch size and epoch
     data, pert = job.data, job.perturbation
     x_val, y_val, x_poison = validation_sets(data, tc)
 

@@ -1,0 +1,112 @@
+"""Drawn training contexts (factory.contexts): the cpu plan's coverage, determinism, refused configs, --plan."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from capture.config import load_config
+from factory.config import FactoryConfig
+from factory.contexts import ContextError
+from factory.datasets import dataset_info
+from factory.generate import MANIFEST_KEYS, main as generate_main, plan
+from factory.perturbations import make_perturbation
+from factory.spec import SplitError
+
+CPU = Path(__file__).resolve().parents[1] / "configs" / "factory" / "cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def cpu_plan():
+    cfg = load_config(FactoryConfig, CPU)
+    return cfg, plan(cfg)
+
+
+def test_the_cpu_plan_covers_what_people_train(cpu_plan):
+    cfg, specs = cpu_plan
+    assert len(specs) >= 1500
+    by_split = {s: [x for x in specs if x.split == s] for s in ("train", "val", "test")}
+    train = by_split["train"]
+    assert len({x.arch for x in train}) >= 12
+    assert len({x.dataset for x in train}) >= 5 and len({x.optimizer for x in train}) >= 4
+    assert {dataset_info(x.dataset).modality for x in train} == {"image", "tabular", "sequence", "text"}
+    image_shapes = {tuple(dataset_info(x.dataset).dims) for x in train if dataset_info(x.dataset).modality == "image"}
+    assert len({c for c, _ in image_shapes}) >= 2 and len({s for _, s in image_shapes}) >= 2  # channel counts, sizes
+    healthy = lambda rows: [x for x in rows if make_perturbation(x.perturbation, 100).kind == "healthy"]  # noqa: E731
+    assert len(healthy(specs)) >= 0.40 * len(specs)
+    assert len(healthy(by_split["test"])) >= 100
+    shapes = Counter(x.perturbation for x in healthy(train))
+    for preset in ("healthy_warmup", "healthy_restarts", "healthy_step", "healthy_small_batch", "healthy_slow",
+                   "healthy_plateau", "healthy_smooth"):
+        assert shapes[preset] >= 10, preset
+    lengths = [x.ctx["max_steps"] for x in specs]
+    assert max(lengths) >= 3.5 * min(lengths)  # drawn log-uniform over a 4x range
+    assert len({x.ctx["schedule"] for x in train}) == 5 and len({x.ctx["batch_size"] for x in train}) >= 3
+    for axis in ("arch", "dataset", "optimizer"):
+        val_only = {getattr(x, axis) for x in by_split["val"]} - {getattr(x, axis) for x in train}
+        assert val_only, axis
+        test_axis = {getattr(x, axis) for x in by_split["test"]}
+        assert not test_axis & {getattr(x, axis) for x in train + by_split["val"]}, axis
+    folds = Counter(x.fold for x in train + by_split["val"])
+    assert set(folds) == set(range(cfg.contexts.folds)) and cfg.contexts.folds >= 4
+    assert all(x.fold == -1 for x in by_split["test"])
+    assert {make_perturbation(x.perturbation, 100).kind for x in by_split["test"]} >= {"novel"}
+
+
+def test_draws_are_deterministic_and_appending_runs_keeps_earlier_ones(cpu_plan):
+    cfg, specs = cpu_plan
+    again = plan(load_config(FactoryConfig, CPU))
+    assert [s.run_id for s in again] == [s.run_id for s in specs]
+    more = plan(load_config(FactoryConfig, CPU, ["train.runs=1010"]))
+    train = [s.run_id for s in specs if s.split == "train"]
+    assert [s.run_id for s in more if s.split == "train"][: len(train)] == train
+    other = plan(load_config(FactoryConfig, CPU, ["contexts.seed=1"]))
+    assert len({s.run_id for s in other} & {s.run_id for s in specs}) == 0
+
+
+def test_a_config_whose_splits_overlap_on_a_held_out_factor_is_refused():
+    with pytest.raises(SplitError, match=r"families \['resnet'\] appear in both test and train"):
+        plan(load_config(FactoryConfig, CPU, ["test.families=[densenet,resnet]"]))
+    with pytest.raises(SplitError, match="val holds out no optimizer"):
+        plan(load_config(FactoryConfig, CPU, ["val.optimizers=[adamw,sgd]"]))
+    with pytest.raises(SplitError, match=r"novel perturbations \['label_noise'\] appear in train"):
+        plan(load_config(FactoryConfig, CPU, ["train.perturbations=[healthy,label_noise]"]))
+
+
+def test_a_dataset_no_family_can_take_is_refused_at_plan_time():
+    with pytest.raises(ContextError, match=r"split train: dataset 'tabular_blobs' \(tabular\) fits none of the families"):
+        plan(load_config(FactoryConfig, CPU, ["train.families=[resnet,vit,convnext]"]))
+
+
+def test_a_family_that_cannot_run_at_a_drawn_size_is_refused_at_plan_time(monkeypatch):
+    import dataclasses
+
+    from factory.families import FAMILIES, FamilyError
+
+    # a width no head count divides: the family's own check must refuse it when the plan is made
+    monkeypatch.setitem(FAMILIES, "transformer", dataclasses.replace(FAMILIES["transformer"], widths=(37,)))
+    with pytest.raises(FamilyError, match="width"):
+        plan(load_config(FactoryConfig, CPU))
+
+
+def test_plan_prints_one_json_line_per_spec_with_family_and_fold(capsys, tmp_path):
+    assert generate_main(["--config", str(CPU), "--out", str(tmp_path / "never"), "--plan", "subsample=50"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    cfg = load_config(FactoryConfig, CPU, ["subsample=50"])
+    assert [r["run_id"] for r in lines] == [s.run_id for s in plan(cfg)]
+    for r in lines:
+        assert set(MANIFEST_KEYS) <= set(r) and {"family", "fold", "max_steps", "lr", "schedule"} <= set(r)
+        assert r["label"] is None and r["family"] == r["arch"]
+    assert not (tmp_path / "never").exists()  # --plan trains nothing and writes nothing
+
+
+def test_stats_prints_the_plan_distribution(capsys):
+    from factory.stats import main as stats_main
+
+    assert stats_main(["--config", str(CPU), "subsample=10"]) == 0
+    out = capsys.readouterr().out
+    for split in ("train", "val", "test"):
+        assert f"### {split}:" in out
+    assert "- family (" in out and "- dataset (" in out and "- optimizer (" in out and "- perturbation (" in out
