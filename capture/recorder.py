@@ -6,11 +6,13 @@
             loss.backward()
             cap.step(loss, lr=sched.get_last_lr()[0])   # once per optimizer step
             opt.step(); opt.zero_grad()
-    cap.frames  # list of Frame(step, frame (6, S, S) bf16, readouts {name: float})
+    cap.frames  # list of Frame(step, frame (6, S, S) bf16, readouts {name: float}, levels (6,), patterns (6, P, P))
 
 Cost model (issue 2): between capture steps the three block hooks return after one attribute
 test (no copies, no device syncs). At a capture step they reduce each activation and each
-gradient to an `(S, S)` map right away, so nothing large is kept alive. The head hook runs every
+gradient to an `(S, S)` map right away, keeping only that and the small native map (H x W) from
+which the frame's level and `(P, P)` pattern are made (capture.frames.summarise_maps), so nothing large
+is kept alive. The head hook runs every
 step when `gwa_window="frame"` (GWA over all samples since the previous frame, docs/architecture.md §4); it
 adds a few `N x C` element-wise ops that stay on the device. Everything is synced once per frame.
 
@@ -33,7 +35,19 @@ import torch
 import torch.nn as nn
 
 from capture.checks import check_choice, check_int, check_names
-from capture.frames import CHANNELS, LAYOUTS, Projection, RobustNormalizer, resize_map, tensor_to_map
+from capture.frames import (
+    CHANNELS,
+    LAYOUTS,
+    LEVEL_FLOOR,
+    PATTERN_RESIZE,
+    PATTERN_SIZE,
+    NativeMap,
+    Projection,
+    RobustNormalizer,
+    native_map,
+    resize_map,
+    summarise_maps,
+)
 from capture.hooks import forward_hook
 from capture.hookpoints import HookPoint, find_head, find_hook_points, resolve_layout
 from capture.readouts import (
@@ -52,6 +66,7 @@ from capture.readouts import (
 class CaptureConfig:
     cadence: int = 50  # one frame every `cadence` optimizer steps (step 0 included)
     frame_size: int = 32  # S; 224 in the paper configuration
+    pattern_size: int = PATTERN_SIZE  # P: side of each map's standardised spatial pattern (Frame.patterns)
     groups: int = 8  # G channel groups before the shared 1x1 projection
     norm_warmup: int = 1  # captures whose statistics make up the frozen robust z-score
     gwa_window: str = "frame"  # "frame": all samples since the last frame; "step": the capture batch only
@@ -61,6 +76,7 @@ class CaptureConfig:
     def __post_init__(self):
         check_int("cadence", self.cadence, 1)
         check_int("frame_size", self.frame_size, 2)
+        check_int("pattern_size", self.pattern_size, 2)
         check_int("groups", self.groups, 1)
         check_int("norm_warmup", self.norm_warmup, 1)
         check_choice("gwa_window", self.gwa_window, ("frame", "step"))
@@ -77,6 +93,9 @@ class Frame:
     frame: torch.Tensor  # (6, S, S) bfloat16, on the CPU
     readouts: dict[str, float]
     complete: bool = True  # all six maps came from forward / backward pairs of this step (else zeros stand in)
+    # per map, from its native (H, W) batch-mean map before any normalisation (capture.frames.map_summary):
+    levels: torch.Tensor | None = None  # (6,) float32 log10 RMS (>= LEVEL_FLOOR; NaN: map missing)
+    patterns: torch.Tensor | None = None  # (6, P, P) bfloat16 per-frame standardised map (zeros: map missing)
 
 
 @dataclass
@@ -164,6 +183,9 @@ class Capture:
         self.normalizer = RobustNormalizer(config.norm_warmup)
         self.faults: list[str] = []
         self.missing: set[str] = set()
+        self.native_hw: list[tuple[int, int] | None] = [None] * 6  # each map's native (H, W), first seen
+        self.native_cells: list[int | None] = [None] * 6  # its data cells (frames.grid_cells)
+        self.native_varies: set[str] = set()  # maps whose native shape changed during the run
         self.step_count = 0
         self.last_frame: Frame | None = None
         self._handles: list = []
@@ -188,6 +210,8 @@ class Capture:
     # ---------------------------------------------------------------- hooks (user's forward/backward)
     def _reset_step(self) -> None:
         self._maps: list[torch.Tensor | None] = [None] * 6
+        self._natives: list[torch.Tensor | None] = [None] * 6  # native (H, W) maps: levels and patterns at the frame
+        self._cells: list[int | None] = [None] * 6  # data cells of each map
         self._bad: dict[str, torch.Tensor] = {}  # non-finite counts per captured tensor ("act0", "grad3", "logits")
         self._reset_pairs()
 
@@ -225,10 +249,8 @@ class Capture:
                 if layout is None:
                     raise ValueError(f"output of rank {t.ndim} (shape {tuple(t.shape)}); expected 2, 3 or 4")
                 self._generation[i] += 1
-                self._maps[i], self._bad[f"act{i}"] = tensor_to_map(
-                    t, layout, self.config.frame_size, self.projection, point.prefix_tokens,
-                    per_sample=self.release is not None)
-                self._maps[i + 3] = None  # a gradient of an earlier forward does not pair with these activations
+                self._keep_map(i, self._native(t, layout, point.prefix_tokens))
+                self._maps[i + 3] = self._natives[i + 3] = None  # a gradient of an earlier forward does not pair with these activations
                 self._bad.pop(f"grad{i}", None)
                 t.register_hook(self._grad_hook(i, layout, point.prefix_tokens, self._generation[i]))
             except Exception as err:  # noqa: BLE001 - never break the user's forward
@@ -242,12 +264,35 @@ class Capture:
                 return  # another forward's gradient, or one arriving after the step
             try:
                 self._paired[i] = True
-                self._maps[i + 3], self._bad[f"grad{i}"] = tensor_to_map(
-                    grad, layout, self.config.frame_size, self.projection, prefix, per_sample=self.release is not None)
+                self._keep_map(i + 3, self._native(grad, layout, prefix))
             except Exception as err:  # noqa: BLE001 - never break the user's backward
                 self._fault(f"gradient hook {CHANNELS[i + 3]}", err)
 
         return hook
+
+    def _native(self, x: torch.Tensor, layout: str, prefix: int) -> NativeMap:
+        per_sample = self.release is not None
+        return native_map(x, layout, self.projection, prefix, per_sample, None if per_sample else self.config.frame_size)
+
+    def _keep_map(self, c: int, native: NativeMap) -> None:
+        """Map `c` of this step: its `(S, S)` map right away (no sync) and its native `(H, W)` map for the
+        frame's level and pattern; with `release`, the per-sample `(B, H, W)` maps as they are."""
+        self._bad[f"act{c}" if c < 3 else f"grad{c - 3}"] = native.nonfinite
+        hw = tuple(native.map.shape[-2:])
+        if self.native_hw[c] is None:
+            self.native_hw[c], self.native_cells[c] = hw, native.cells
+        elif (self.native_hw[c], self.native_cells[c]) != (hw, native.cells):
+            self.native_varies.add(CHANNELS[c])
+        self._cells[c] = native.cells
+        if self.release is not None:
+            self._maps[c] = native.map  # (B, H, W)
+            return
+        self._maps[c], self._natives[c] = native.resized, native.map
+
+    def _summaries(self, natives: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame's `(6,)` float32 levels and `(6, P, P)` bfloat16 patterns from its native maps (CPU)."""
+        levels, patterns = summarise_maps(natives, self.config.pattern_size, self._cells)
+        return levels, patterns.to(torch.bfloat16)
 
     def _head_hook(self, module, args, output):
         capture_step = self._armed
@@ -351,8 +396,9 @@ class Capture:
         readouts["lr"] = self._lrs[-1]
         readouts["nonfinite"] = float(sum(int(b) for b in self._bad.values()))
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
+        levels, patterns = self._summaries(self._natives)
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
-                    complete=not absent)
+                    complete=not absent, levels=levels, patterns=patterns)
         return self._emit(out, losses)
 
     def _finish_released_frame(self, zeros: torch.Tensor, complete: bool = True) -> Frame:
@@ -362,11 +408,12 @@ class Capture:
         maps, readouts = self.release(PerSample(maps=list(self._maps), nonfinite=nonfinite, **self._per_sample))
         frame = self.normalizer(torch.stack([zeros if m is None else resize_map(m.float(), self.config.frame_size).cpu()
                                              for m in maps])).to(torch.bfloat16)  # (6, S, S)
+        levels, patterns = self._summaries(maps)  # from the released maps, like the frame
         readouts = {k: float(v) for k, v in readouts.items()}
         readouts["lr"] = self._lrs[-1]
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
-                    complete=complete)
+                    complete=complete, levels=levels, patterns=patterns)
         return self._emit(out, [math.nan] * len(self._lrs))  # per-step losses are not released
 
     def _emit(self, out: Frame, losses: list[float]) -> Frame:
@@ -400,6 +447,15 @@ class Capture:
             "projection": self.projection.to_dict(),
             "projection_digest": self.projection.digest(),
             "normalizer": self.normalizer.state_dict(),
+            "summaries": {  # how Frame.levels and Frame.patterns were made (capture.frames.map_summary)
+                "pattern_size": self.config.pattern_size,
+                "level": "log10 RMS of the native batch-mean map's data cells, before any normalisation",
+                "level_floor": LEVEL_FLOOR,
+                "pattern_resize": PATTERN_RESIZE,
+                "native_hw": [None if hw is None else list(hw) for hw in self.native_hw],  # per map, in CHANNELS order
+                "native_cells": list(self.native_cells),
+                "native_varies": sorted(self.native_varies),
+            },
             "readouts_missing": sorted(self.missing),
             "faults": self.faults[:100],
         }

@@ -5,11 +5,20 @@
                                   chunks of 16 frames in shards of 64
         frame_step  (T,)          int64   optimizer step of each frame
         readouts    (T, R)        float32 names in attrs readout_names; NaN = missing
+        levels      (T, 6)        float32 per map: log10 RMS of its native batch-mean map, before any
+                                  normalisation (capture.frames.map_summary); NaN = map missing
+        patterns    (T, 6, P, P)  uint16 = bfloat16 bit patterns (attrs patterns_dtype): per map, the
+                                  native map standardised per frame at P x P; zeros = map missing
         train_loss  (N,)          float32 every optimizer step
         lr          (N,)          float32 every optimizer step
         <extra>     (T,)          float32 optional per-frame arrays, names in attrs frame_arrays
                                   (e.g. hessian_top: capture.hessian); NaN = not computed at that frame
         privileged/               validation metrics etc.: labeling and evaluation only
+
+Layout versions: 2 adds `levels` and `patterns` (issue 19: a new input representation is computed
+from them when a store is read, without regenerating the corpus). Layout 1 stores still open; their
+`levels()` / `patterns()` raise a `RunStoreError` naming the store and the missing array, and
+`has_summaries` says which kind a store is.
 
 A writer builds the store under `<run_id>.zarr.tmp-<pid>` and renames it only after `finalize()`,
 so a killed run never leaves a store that looks complete. `RunStore` refuses, naming the path
@@ -39,17 +48,19 @@ import numpy as np
 import torch
 import zarr
 
-from capture.frames import CHANNELS
+from capture.frames import CHANNELS, PATTERN_SIZE
 from capture.readouts import READOUT_NAMES
 from capture.recorder import Frame
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # what RunWriter writes
+READABLE_LAYOUTS = (1, 2)  # 1: before levels and patterns
 FRAMES_DTYPE = "bfloat16"
 SHARD_FRAMES = 64  # frames per shard file
 CHUNK_FRAMES = 16  # frames per compressed chunk inside a shard (1-frame chunks write ~5x slower)
 STEP_CHUNK = 4096
-PUBLIC_ARRAYS = ("frames", "frame_step", "readouts", "train_loss", "lr")
-RESERVED = (*PUBLIC_ARRAYS, "privileged")
+PUBLIC_ARRAYS = ("frames", "frame_step", "readouts", "train_loss", "lr")  # in every layout
+SUMMARY_ARRAYS = ("levels", "patterns")  # per-frame level and pattern of each map, layout >= 2
+RESERVED = (*PUBLIC_ARRAYS, *SUMMARY_ARRAYS, "privileged")
 PRIVILEGED = "privileged"
 DIGEST = "sha256"  # of every stored file, recorded at finalize (module docstring)
 
@@ -91,12 +102,17 @@ def _jsonable(x: Any) -> Any:
 class RunWriter:
     """Streams frames of one run into a temporary store; `finalize()` publishes it.
 
-    Usable as the `sink` of `capture.attach`. Frames are buffered and written a whole shard at a
-    time (a partial shard write would rewrite the shard). The small per-frame and per-step arrays
-    (steps, readouts, loss, lr: a few bytes each) stay in memory until `finalize()`.
+    Usable as the `sink` of `capture.attach`. Frames and their patterns are buffered and written a whole
+    shard at a time (a partial shard write would rewrite the shard). The small per-frame and per-step
+    arrays (steps, readouts, levels, loss, lr: a few bytes each) stay in memory until `finalize()`.
+
+    `pattern_size` P: None takes it from the first frame that carries patterns (`PATTERN_SIZE` if none
+    does). A frame without levels / patterns (built by hand, not by capture) is stored as six missing
+    maps: NaN levels, zero patterns.
     """
 
-    def __init__(self, path: str | os.PathLike, frame_size: int, spec: dict | None = None, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, frame_size: int, spec: dict | None = None, overwrite: bool = False,
+                 pattern_size: int | None = None):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"run store {self.path} already exists (pass overwrite=True to replace it)")
@@ -105,6 +121,7 @@ class RunWriter:
             shutil.rmtree(self.tmp)
         self.overwrite = overwrite
         self.size = frame_size
+        self.pattern_size = pattern_size
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         s, r = frame_size, len(READOUT_NAMES)
         # Every chunk is written, even all-fill ones, so a missing chunk file always means truncation.
@@ -122,6 +139,7 @@ class RunWriter:
             "tevid_layout": LAYOUT_VERSION,
             "complete": False,
             "frames_dtype": FRAMES_DTYPE,
+            "patterns_dtype": FRAMES_DTYPE,
             "frame_channels": list(CHANNELS),
             "readout_names": list(READOUT_NAMES),
             "spec": _jsonable(spec or {}),
@@ -129,6 +147,7 @@ class RunWriter:
         self._frames: list[Frame] = []  # not yet written
         self._steps: list[int] = []
         self._readouts: list[list[float]] = []
+        self._levels: list[torch.Tensor] = []  # (6,) float32 per frame
         self._loss: list[float] = []
         self._lr: list[float] = []
         self._frame_arrays: dict[str, np.ndarray] = {}
@@ -139,7 +158,16 @@ class RunWriter:
     def append_frame(self, frame: Frame) -> None:
         if tuple(frame.frame.shape) != (6, self.size, self.size):
             raise RunStoreError(f"{self.tmp}: frame of shape {tuple(frame.frame.shape)}, store holds (6, {self.size}, {self.size})")
+        levels, patterns = getattr(frame, "levels", None), getattr(frame, "patterns", None)
+        if levels is not None and tuple(levels.shape) != (6,):
+            raise RunStoreError(f"{self.tmp}: frame levels of shape {tuple(levels.shape)}, expected (6,)")
+        if patterns is not None:
+            p = self.pattern_size if self.pattern_size is not None else patterns.shape[-1]
+            if tuple(patterns.shape) != (6, p, p):
+                raise RunStoreError(f"{self.tmp}: frame patterns of shape {tuple(patterns.shape)}, store holds (6, {p}, {p})")
+            self.pattern_size = p
         self._frames.append(frame)
+        self._levels.append(torch.full((6,), float("nan")) if levels is None else levels.detach().float().cpu())
         self._steps.append(int(frame.step))
         self._readouts.append([frame.readouts.get(k, np.nan) for k in READOUT_NAMES])
         if len(self._frames) >= SHARD_FRAMES:
@@ -164,17 +192,36 @@ class RunWriter:
         return np.asarray(self._readouts, dtype=np.float64).reshape(-1, len(READOUT_NAMES))
 
     # -------------------------------------------------------------- writing
+    def _patterns_array(self) -> zarr.Array:
+        """The `patterns` array, created at the first flush (when P is known)."""
+        if "patterns" not in self._z:
+            if self.pattern_size is None:
+                self.pattern_size = PATTERN_SIZE
+            p = self.pattern_size
+            self._z["patterns"] = self.root.create_array(
+                "patterns", shape=(0, 6, p, p), chunks=(CHUNK_FRAMES, 6, p, p), shards=(SHARD_FRAMES, 6, p, p),
+                dtype="uint16", config={"write_empty_chunks": True})
+        return self._z["patterns"]
+
     def _flush_frames(self) -> None:
+        patterns = self._patterns_array()
         if not self._frames:
             return
         frames = bf16_to_bits(torch.stack([f.frame for f in self._frames]))  # (n, 6, S, S) uint16
+        p = self.pattern_size
+        zeros = torch.zeros(6, p, p, dtype=torch.bfloat16)
+        pats = [zeros if getattr(f, "patterns", None) is None else f.patterns for f in self._frames]
         self._z["frames"].append(frames)
+        patterns.append(bf16_to_bits(torch.stack(pats)))  # (n, 6, P, P) uint16
         self.n_frames += len(self._frames)
         self._frames = []
 
     def _write_small_arrays(self) -> None:
         self._z["frame_step"].append(np.asarray(self._steps, dtype=np.int64))
         self._z["readouts"].append(np.asarray(self._readouts, dtype=np.float32).reshape(-1, len(READOUT_NAMES)))
+        levels = self.root.create_array("levels", shape=(0, 6), chunks=(STEP_CHUNK, 6), dtype="float32", fill_value=np.nan,
+                                        config={"write_empty_chunks": True})
+        levels.append(torch.stack(self._levels).numpy() if self._levels else np.zeros((0, 6), np.float32))
         self._z["train_loss"].append(np.asarray(self._loss, dtype=np.float32))
         self._z["lr"].append(np.asarray(self._lr, dtype=np.float32))
 
@@ -208,7 +255,7 @@ class RunWriter:
 
     def _digests(self) -> dict:
         """{"algorithm", "arrays": {array: {file: [bytes, hex digest]}}} of every array written."""
-        keys = [*PUBLIC_ARRAYS, *sorted(self._frame_arrays)]
+        keys = [*PUBLIC_ARRAYS, *SUMMARY_ARRAYS, *sorted(self._frame_arrays)]
         priv = self.tmp / PRIVILEGED
         if priv.is_dir():
             keys += [f"{PRIVILEGED}/{d.name}" for d in sorted(priv.iterdir()) if d.is_dir()]
@@ -286,13 +333,15 @@ class RunStore:
             attrs = dict(root.attrs)
         except Exception as err:  # noqa: BLE001
             raise self._fail(f"zarr.json cannot be read by zarr ({type(err).__name__}: {err})") from err
-        if attrs.get("tevid_layout") != LAYOUT_VERSION:
-            raise self._fail(f"layout version {attrs.get('tevid_layout')!r}, this reader expects {LAYOUT_VERSION}")
+        layout = attrs.get("tevid_layout")
+        if layout not in READABLE_LAYOUTS:
+            raise self._fail(f"layout version {layout!r}, this reader reads {' and '.join(map(str, READABLE_LAYOUTS))}")
         if attrs.get("complete") is not True:
             raise self._fail("is incomplete (attribute complete is not true): the run did not finish writing")
         if attrs.get("frames_dtype") != FRAMES_DTYPE:
             raise self._fail(f"frames_dtype {attrs.get('frames_dtype')!r}, expected {FRAMES_DTYPE!r}")
-        for key in PUBLIC_ARRAYS:  # by path: listing the group's members would open privileged/zarr.json
+        self._public = (*PUBLIC_ARRAYS, *(SUMMARY_ARRAYS if layout >= 2 else ()))
+        for key in self._public:  # by path: listing the group's members would open privileged/zarr.json
             if not (self.path / key / "zarr.json").is_file():
                 raise self._fail(f"array {key!r} is missing")
         frames, steps, readouts = (self._array(root, k) for k in ("frames", "frame_step", "readouts"))
@@ -308,6 +357,16 @@ class RunStore:
             raise self._fail(f"readouts have shape {readouts.shape}, expected ({t}, {n_readouts})")
         if attrs.get("n_frames") != t:
             raise self._fail(f"holds {t} frames but recorded n_frames={attrs.get('n_frames')}: truncated")
+        if layout >= 2:
+            if attrs.get("patterns_dtype") != FRAMES_DTYPE:
+                raise self._fail(f"patterns_dtype {attrs.get('patterns_dtype')!r}, expected {FRAMES_DTYPE!r}")
+            levels, patterns = self._array(root, "levels"), self._array(root, "patterns")
+            if levels.shape != (t, 6) or levels.dtype != np.float32:
+                raise self._fail(f"levels have shape {levels.shape} and dtype {levels.dtype}, expected ({t}, 6) float32")
+            if (patterns.ndim != 4 or patterns.shape[:2] != (t, 6) or patterns.shape[2] != patterns.shape[3]
+                    or patterns.dtype != np.uint16):
+                raise self._fail(f"patterns have shape {patterns.shape} and dtype {patterns.dtype}, "
+                                 f"expected ({t}, 6, P, P) uint16 bfloat16 bit patterns")
         loss, lr = self._array(root, "train_loss"), self._array(root, "lr")
         if loss.shape != lr.shape:
             raise self._fail(f"train_loss {loss.shape} and lr {lr.shape} differ in length")
@@ -322,7 +381,7 @@ class RunStore:
                 raise self._fail(f"per-frame array {key!r} (listed in attrs frame_arrays) is missing")
             if self._array(root, key).shape != (t,):
                 raise self._fail(f"per-frame array {key!r} has shape {root[key].shape}, expected ({t},) to match frames")
-        for key in (*PUBLIC_ARRAYS, *extra):
+        for key in (*self._public, *extra):
             arr = root[key]
             block = arr.shards or arr.chunks
             expected = -(-arr.shape[0] // block[0]) if arr.shape[0] else 0
@@ -331,7 +390,7 @@ class RunStore:
                 raise self._fail(f"array {key!r} has {found} of its {expected} chunk files: truncated or damaged")
         self._digests = self._recorded_digests(attrs)
         if self._digests is not None:
-            self._verify((*PUBLIC_ARRAYS, *extra))
+            self._verify((*self._public, *extra))
         return root
 
     # -------------------------------------------------------------- digests
@@ -412,6 +471,34 @@ class RunStore:
         """`(T, R)` float32 in the order of `readout_names`."""
         return torch.from_numpy(self._read("readouts"))
 
+    @property
+    def has_summaries(self) -> bool:
+        """Whether the store holds `levels` and `patterns` (layout >= 2; a layout 1 store does not)."""
+        return "levels" in self._public
+
+    def _need_summary(self, key: str) -> None:
+        if not self.has_summaries:
+            raise self._fail(f"has no array {key!r}: layout {self._root.attrs.get('tevid_layout')} was written before "
+                             f"levels and patterns were stored (regenerate the run to get them; has_summaries tells)")
+
+    def levels(self) -> torch.Tensor:
+        """`(T, 6)` float32: per frame and map (CHANNELS order), log10 RMS of the native batch-mean map
+        before any normalisation (>= capture.frames.LEVEL_FLOOR; NaN: map missing). A store without
+        them (layout 1) raises `RunStoreError`."""
+        self._need_summary("levels")
+        return torch.from_numpy(self._read("levels"))
+
+    def patterns(self, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """`(T, 6, P, P)` bfloat16: per frame and map, its native map standardised over the frame and
+        resized to P x P (zeros: map missing). A store without them (layout 1) raises `RunStoreError`."""
+        self._need_summary("patterns")
+        return bits_to_bf16(self._read("patterns", start, stop))
+
+    @property
+    def pattern_size(self) -> int | None:
+        """P of `patterns`, None for a store without them."""
+        return self._root["patterns"].shape[-1] if self.has_summaries else None
+
     def train_loss(self) -> torch.Tensor:
         return torch.from_numpy(self._read("train_loss"))
 
@@ -489,7 +576,7 @@ def verify_store(path: str | os.PathLike) -> RunStore:
     store = RunStore(path)
     read_privileged(path)  # checks the privileged files' digests and decodes them
     if not store.verified:
-        for key in (*PUBLIC_ARRAYS, *store.frame_array_names):
+        for key in (*store._public, *store.frame_array_names):
             store._read(key)
         for f in store.path.rglob("*"):
             if f.is_file() and f.stat().st_size == 0:
