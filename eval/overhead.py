@@ -558,7 +558,8 @@ PROFILED = {  # what the table names -> (file suffix, function) in the cProfile 
     "monitor: head gradient hook": ("diagnose/monitor.py", "_head_grad"),
     "capture: step": ("capture/recorder.py", "step"),
     "capture: frame assembly": ("capture/recorder.py", "_finish_frame"),
-    "capture: activation/gradient maps": ("capture/frames.py", "tensor_to_map"),
+    "capture: activation/gradient maps": ("capture/frames.py", "native_map"),
+    "capture: levels and patterns": ("capture/frames.py", "summarise_maps"),
     "capture: head hook (GWA per step)": ("capture/recorder.py", "_head_hook"),
     "training step (forward, backward, optimizer)": ("eval/overhead.py", "step"),
 }
