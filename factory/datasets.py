@@ -12,17 +12,31 @@ ships with Python. Real datasets load from a local `root` in their standard on-d
 numpy's array reconstructors: a crafted file is refused, never run), `svhn` (`*_32x32.mat`), `tiny_imagenet` (JPEG tree),
 `wikitext2` (`wiki.*.raw`); their val split is their test split.
 
-Every image dataset comes out as 3-channel `image_size` x `image_size` float32 images (grayscale
-replicated, resized with `F.interpolate`), standardised with the train split's per-channel mean
-and std (kept in `meta`). Text datasets are int64 token streams over a <= 100-symbol vocabulary
-(`meta["vocab"]`). Everything is deterministic given `seed`.
+Built in as well (issue 19's randomised corpus; nothing downloaded): `tabular_blobs` (scikit-learn's
+`make_classification`), `tabular_wide` (scikit-learn's `make_gaussian_quantiles` in a rotated noise
+subspace), `mnist1d_seq` (the MNIST-1D signals as (T, 1) sequences), `sines` (multi-channel waves whose
+class is their frequency band, channel lag and chirp) and `pysrc_chars` (the Python standard library's
+own .py sources, character level).
+
+Every image dataset comes out as 3-channel `image_size` x `image_size` float32 images by default
+(grayscale replicated, resized with `F.interpolate`); `channels=1` gives 1-channel images (colour
+images converted to luminance). Images are standardised with the train split's per-channel mean
+and std (kept in `meta`). Tabular data, (N, D) float32, is standardised per feature and sequences,
+(N, T, C) float32, per channel, both on the train split. Text datasets are int64 token streams over a
+<= 100-symbol vocabulary (`meta["vocab"]`). Everything is deterministic given `seed`.
+
+`dataset_info(name)` says what a dataset is (modality, natural dims, classes) without loading it: the
+image size and channel count the randomised corpus uses it at, the tabular features, the sequence
+shape, and for text the factory's context length.
 """
 from __future__ import annotations
 
 import inspect
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+import sys
+import sysconfig
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +48,12 @@ from scipy.ndimage import gaussian_filter1d
 @dataclass
 class TaskData:
     name: str
-    modality: str  # "image" or "text"
+    modality: str  # "image", "tabular", "sequence" or "text"
     num_classes: int  # classes; for text the vocabulary size
-    x_train: torch.Tensor  # image: (N, 3, S, S) float32 standardised; text: (N,) int64 token stream
-    y_train: torch.Tensor | None  # image: (N,) int64 in [0, num_classes); text: None
+    # image: (N, C, S, S) float32 standardised (C = 3 unless channels=1); tabular: (N, D) float32;
+    # sequence: (N, T, C) float32; text: (N,) int64 token stream
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None  # (N,) int64 in [0, num_classes); text: None
     x_val: torch.Tensor
     y_val: torch.Tensor | None
     meta: dict = field(default_factory=dict)
@@ -69,29 +85,41 @@ def register(name: str) -> Callable:
     return add
 
 
-def load_dataset(name: str, *, image_size: int = 32, seed: int = 0, root: str | None = None,
-                 max_train: int | None = None, max_val: int | None = None, **params) -> TaskData:
+def load_dataset(name: str, *, image_size: int = 32, channels: int | None = None, seed: int = 0,
+                 root: str | None = None, max_train: int | None = None, max_val: int | None = None,
+                 **params) -> TaskData:
     """Load dataset `name` (a key of DATASETS) with its own `params` (e.g. `num_classes=8`).
     An unknown name or param is a ValueError listing the valid ones; a real dataset without a
     usable `root` is a FileNotFoundError naming the files it expects.
 
-    `max_train` / `max_val` keep a deterministic, class-balanced subset of the images; for text
+    Images come out at `image_size` with `channels` channels (1 or 3; None: 3, as before the
+    randomised corpus); `dataset_info(name).dims` is the (channels, size) the corpus uses. Both are
+    ignored by tabular, sequence and text datasets, except that `channels` given for one of them is
+    a ValueError (a caller that thinks it loads images).
+
+    `max_train` / `max_val` keep a deterministic, class-balanced subset of the samples; for text
     they keep the first `max * TEXT_BLOCK` tokens, so one config number is a sensible budget for
     both modalities (a window count of a few hundred would otherwise leave a few hundred chars).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3 (or None: 3), got {channels!r}")
     loader = DATASETS[name]
     valid = [p for p in inspect.signature(loader).parameters if p != "req"]
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(f"unknown params {unknown} for dataset {name!r}; valid: {valid or 'none'}")
+    if channels is not None and name in INFO and INFO[name].modality != "image":
+        raise ValueError(f"channels={channels} given for {name!r}, a {INFO[name].modality} dataset: only images have channels")
     req = Request(image_size, seed, None if root is None else str(root), max_train, max_val)
     raw = loader(req, **params)
     raw.meta.update(name=name, seed=seed, params=params)
     if raw.modality == "text":
         return _finish_text(raw, max_train, max_val)
-    return _finish_images(raw, image_size, seed, max_train, max_val)
+    if raw.modality in ("tabular", "sequence"):
+        return _finish_features(raw, seed, max_train, max_val)
+    return _finish_images(raw, image_size, seed, max_train, max_val, 3 if channels is None else channels)
 
 
 # ------------------------------------------------------------------ shared finishing steps
@@ -112,25 +140,47 @@ def subsample_index(n: int, keep: int | None, seed: int | list[int], labels: np.
     return np.sort(perm[np.argsort(rank, kind="stable")[:keep]])
 
 
-def to_images(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    """(N, C, H, W) uint8 (0..255) or float -> (N, 3, S, S) float32; C must be 1 or 3."""
+_LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights: RGB -> grey
+
+
+def to_images(x: torch.Tensor, image_size: int, channels: int = 3) -> torch.Tensor:
+    """(N, C, H, W) uint8 (0..255) or float -> (N, channels, S, S) float32; C must be 1 or 3. Grey
+    images are replicated to 3 channels, colour ones converted to luminance for 1."""
     if x.shape[1] not in (1, 3):
         raise ValueError(f"images need 1 or 3 channels, got shape {tuple(x.shape)}")
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if channels == 1 and x.shape[1] == 3:
+        x = torch.einsum("nchw,c->nhw", x, torch.tensor(_LUMINANCE))[:, None]
     if x.shape[-2:] != (image_size, image_size):
         shrink = image_size < max(x.shape[-2:])  # antialias only when downsampling (avoids aliasing)
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink)
-    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 and channels == 3 else x
 
 
-def _finish_images(raw: TaskData, image_size: int, seed: int, max_train: int | None, max_val: int | None) -> TaskData:
+def _finish_images(raw: TaskData, image_size: int, seed: int, max_train: int | None, max_val: int | None,
+                   channels: int = 3) -> TaskData:
     it = subsample_index(len(raw.y_train), max_train, [seed, _TRAIN_STREAM], raw.y_train.numpy())
     iv = subsample_index(len(raw.y_val), max_val, [seed, _VAL_STREAM], raw.y_val.numpy())
-    x_train, x_val = to_images(raw.x_train[it], image_size), to_images(raw.x_val[iv], image_size)
+    x_train, x_val = to_images(raw.x_train[it], image_size, channels), to_images(raw.x_val[iv], image_size, channels)
     std, mean = torch.std_mean(x_train, dim=(0, 2, 3), keepdim=True)
     std = std.clamp_min(1e-6)  # a constant channel stays finite
-    meta = {**raw.meta, "image_size": image_size, "mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+    meta = {**raw.meta, "image_size": image_size, "channels": channels, "mean": mean.flatten().tolist(),
+            "std": std.flatten().tolist()}
     return TaskData(raw.name, "image", raw.num_classes, (x_train - mean) / std, raw.y_train[it].long(),
+                    (x_val - mean) / std, raw.y_val[iv].long(), meta)
+
+
+def _finish_features(raw: TaskData, seed: int, max_train: int | None, max_val: int | None) -> TaskData:
+    """Tabular (N, D) / sequence (N, T, C): class-balanced subsets, then standardised with the train
+    split's mean and std per feature (tabular) or per channel over all steps (sequence)."""
+    it = subsample_index(len(raw.y_train), max_train, [seed, _TRAIN_STREAM], raw.y_train.numpy())
+    iv = subsample_index(len(raw.y_val), max_val, [seed, _VAL_STREAM], raw.y_val.numpy())
+    x_train, x_val = raw.x_train[it].float(), raw.x_val[iv].float()
+    axes = (0,) if raw.modality == "tabular" else (0, 1)
+    std, mean = torch.std_mean(x_train, dim=axes, keepdim=True)
+    std = std.clamp_min(1e-6)
+    meta = {**raw.meta, "mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+    return TaskData(raw.name, raw.modality, raw.num_classes, (x_train - mean) / std, raw.y_train[it].long(),
                     (x_val - mean) / std, raw.y_val[iv].long(), meta)
 
 
@@ -412,6 +462,96 @@ def load_digits(req: Request) -> TaskData:
     return TaskData("digits", "image", 10, x[it], y[it], x[iv], y[iv], meta)
 
 
+# ------------------------------------------------------------------ tabular
+def _split_labelled(name: str, modality: str, x: np.ndarray, y: np.ndarray, n_train: int, num_classes: int,
+                    meta: dict) -> TaskData:
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return TaskData(name, modality, num_classes, xt[:n_train], yt[:n_train], xt[n_train:], yt[n_train:], meta)
+
+
+def _check_sizes(name: str, n_train: int, n_val: int) -> None:
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"{name}: n_train and n_val must be positive, got {n_train}, {n_val}")
+
+
+@register("tabular_blobs")
+def load_tabular_blobs(req: Request, n_train: int = 4000, n_val: int = 1000) -> TaskData:
+    """scikit-learn's `make_classification`: 16 features (8 informative, 4 redundant combinations of
+    them, 4 noise), 6 classes of 2 Gaussian clusters each on hypercube vertices (class_sep 1.0), 3% of
+    labels flipped. A linear model reaches about 0.5, a small MLP about 0.7 in 300 steps."""
+    from sklearn.datasets import make_classification
+
+    _check_sizes("tabular_blobs", n_train, n_val)
+    x, y = make_classification(n_samples=n_train + n_val, n_features=16, n_informative=8, n_redundant=4,
+                               n_classes=6, n_clusters_per_class=2, class_sep=1.0, flip_y=0.03, random_state=req.seed)
+    meta = {"source": "sklearn.datasets.make_classification", "informative": 8, "redundant": 4}
+    return _split_labelled("tabular_blobs", "tabular", x, y, n_train, 6, meta)
+
+
+@register("tabular_wide")
+def load_tabular_wide(req: Request, n_train: int = 4000, n_val: int = 1000) -> TaskData:
+    """32 features: scikit-learn's `make_gaussian_quantiles` in 4 dimensions (4 classes: shells of the
+    4-D Gaussian split at its radius quantiles) beside 28 noise features, all rotated by one random
+    orthogonal matrix, so every feature mixes signal and noise. Not linearly separable (a linear model
+    stays near chance, 0.25); a small MLP reaches about 0.6 in 300 steps."""
+    from sklearn.datasets import make_gaussian_quantiles
+
+    _check_sizes("tabular_wide", n_train, n_val)
+    n = n_train + n_val
+    rng = np.random.default_rng([req.seed, _CONTENT_STREAM])
+    signal, y = make_gaussian_quantiles(n_samples=n, n_features=4, n_classes=4, random_state=req.seed)
+    x = np.concatenate([signal, rng.standard_normal((n, 28))], axis=1)
+    rotation, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    meta = {"source": "sklearn.datasets.make_gaussian_quantiles + noise, rotated", "informative": 4}
+    return _split_labelled("tabular_wide", "tabular", x @ rotation, y, n_train, 4, meta)
+
+
+# ------------------------------------------------------------------ sequences
+@register("mnist1d_seq")
+def load_mnist1d_seq(req: Request, n_train: int = 4000, n_val: int = 1000, length: int = 40) -> TaskData:
+    """The MNIST-1D signals themselves as (T, 1) sequences, T = `length`: the same signals and labels as
+    `mnist1d`'s images for the same seed and sizes."""
+    _check_sizes("mnist1d_seq", n_train, n_val)
+    rng = np.random.default_rng([req.seed, _CONTENT_STREAM])
+    y = _labels(n_train + n_val, 10, rng)
+    x = mnist1d_signals(y, length, rng)[:, :, None]  # (n, T, 1)
+    meta = {"source": "procedural MNIST-1D (Greydanus 2020)", "signal_length": length, **MNIST1D_ARGS}
+    return _split_labelled("mnist1d_seq", "sequence", x, y, n_train, 10, meta)
+
+
+SINES_CLASSES = [f"{band}_{lag}_{chirp}" for chirp in ("up", "down") for lag in ("lead", "lag") for band in ("slow", "fast")]
+
+
+def sine_signals(y: np.ndarray, length: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, length, 3) signals for `sines` labels y (see SINES_CLASSES: bit 0 frequency band, bit 1 which
+    channel leads, bit 2 chirp direction). Channels 0 and 1 are one chirped wave at random amplitudes
+    and phase, channel 1 shifted by +-(0.3-0.6) pi; channel 2 is a random walk (no class information);
+    plus Gaussian noise of std `noise` everywhere."""
+    n = len(y)
+    band, lag, chirp = y % 2, (y // 2) % 2, y // 4
+    t = np.linspace(0, 1, length)[None, :]
+    f0 = np.where(band[:, None] == 0, rng.uniform(1.5, 3.0, (n, 1)), rng.uniform(3.0, 5.0, (n, 1)))  # cycles
+    k = np.where(chirp[:, None] == 0, 1.0, -1.0) * rng.uniform(0.3, 0.8, (n, 1))
+    phase = 2 * np.pi * f0 * (t + k * (t ** 2 - t)) + rng.uniform(0, 2 * np.pi, (n, 1))  # mean frequency f0
+    shift = np.where(lag[:, None] == 0, 1.0, -1.0) * rng.uniform(0.3, 0.6, (n, 1)) * np.pi
+    amp = rng.uniform(0.5, 1.5, (n, 3))
+    walk = np.cumsum(rng.standard_normal((n, length)), axis=1) / np.sqrt(length)
+    x = np.stack([amp[:, :1] * np.sin(phase), amp[:, 1:2] * np.sin(phase + shift), amp[:, 2:] * walk], axis=-1)
+    return x + noise * rng.standard_normal(x.shape)
+
+
+@register("sines")
+def load_sines(req: Request, n_train: int = 4000, n_val: int = 1000, length: int = 64, noise: float = 0.6) -> TaskData:
+    """3-channel waves, 8 classes (SINES_CLASSES): frequency band x which channel leads x chirp up/down,
+    with random amplitudes, phases and a distractor channel; see `sine_signals`."""
+    _check_sizes("sines", n_train, n_val)
+    rng = np.random.default_rng([req.seed, _CONTENT_STREAM])
+    y = _labels(n_train + n_val, 8, rng)
+    meta = {"source": "procedural sines", "classes": SINES_CLASSES, "noise": noise}
+    return _split_labelled("sines", "sequence", sine_signals(y, length, noise, rng), y, n_train, 8, meta)
+
+
 # ------------------------------------------------------------------ text
 OOV = "\ufffd"  # every character outside printable ASCII maps to this one symbol (index 0)
 VOCAB = OOV + "\t\n" + "".join(chr(c) for c in range(32, 127))
@@ -445,6 +585,37 @@ def load_pydoc_chars(req: Request) -> TaskData:
     text = "\n\n".join(topics[k] for k in sorted(topics))
     cut = int(0.9 * len(text))
     return _text_data("pydoc_chars", text[:cut], text[cut:], "pydoc_data.topics")
+
+
+def stdlib_sources(max_chars: int) -> list[Path]:
+    """The standard library's top-level .py files in sorted name order, as many whole files as fit in
+    `max_chars` (at least one); a FileNotFoundError when the installation ships no sources."""
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(folder.glob("*.py"))
+    if not files:
+        raise FileNotFoundError(f"pysrc_chars: no .py files in the standard library folder {folder} "
+                                "(an installation without sources)")
+    chosen, total = [], 0
+    for f in files:
+        size = f.stat().st_size
+        if chosen and total + size > max_chars:
+            break
+        chosen.append(f)
+        total += size
+    return chosen
+
+
+@register("pysrc_chars")
+def load_pysrc_chars(req: Request, max_chars: int = 1_000_000) -> TaskData:
+    """The Python standard library's own source: its top-level .py files in sorted name order (whole
+    files up to `max_chars` characters, `stdlib_sources`), joined by blank lines; contiguous 90/10
+    split. Fixed for a given Python version (recorded in `meta`)."""
+    files = stdlib_sources(max_chars)
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    cut = int(0.9 * len(text))
+    data = _text_data("pysrc_chars", text[:cut], text[cut:], "sysconfig stdlib *.py")
+    data.meta.update(python=sys.version.split()[0], files=[f.name for f in files])
+    return data
 
 
 # ------------------------------------------------------------------ real datasets from `root`
@@ -688,5 +859,59 @@ def load_wikitext2(req: Request) -> TaskData:
     return _text_data("wikitext2", read("wiki.train.raw"), read("wiki.valid.raw"), str(folder))
 
 
-BUILTIN = ["digits", "mnist1d", "shapes", "textures", "pydoc_chars"]  # need no files
-TEXT_DATASETS = {"pydoc_chars", "wikitext2"}  # modality "text": known without loading them
+BUILTIN = ["digits", "mnist1d", "shapes", "textures", "pydoc_chars"]  # need no files; 3-channel images by default
+# every dataset that needs no files: BUILTIN and the other modalities of the randomised corpus
+OFFLINE = BUILTIN + ["tabular_blobs", "tabular_wide", "mnist1d_seq", "sines", "pysrc_chars"]
+TEXT_DATASETS = {"pydoc_chars", "wikitext2", "pysrc_chars"}  # modality "text": known without loading them
+
+
+# ------------------------------------------------------------------ what a dataset is, without loading it
+TEXT_CONTEXT = 32  # the dims of a text dataset: the factory's default context (TrainingConfig.lm_context)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's modality, natural dims and class count (text: vocabulary size). Dims as
+    `factory.families.InputShape`: image (C, S), the channel count and size the randomised corpus loads
+    it at (`load_dataset(name, image_size=S, channels=C)`); tabular (D,); sequence (T, C); text
+    (TEXT_CONTEXT,)."""
+
+    modality: str
+    dims: tuple[int, ...]
+    num_classes: int
+
+
+_TEXT_INFO = DatasetInfo("text", (TEXT_CONTEXT,), len(VOCAB))
+INFO: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("image", (1, 16), 10),  # 8x8 scans, upsampled
+    "mnist1d": DatasetInfo("image", (1, 24), 10),
+    "shapes": DatasetInfo("image", (3, 32), 6),
+    "textures": DatasetInfo("image", (3, 32), 6),
+    "cifar10": DatasetInfo("image", (3, 32), 10),
+    "cifar100": DatasetInfo("image", (3, 32), 100),
+    "svhn": DatasetInfo("image", (3, 32), 10),
+    "tiny_imagenet": DatasetInfo("image", (3, 64), 200),
+    "tabular_blobs": DatasetInfo("tabular", (16,), 6),
+    "tabular_wide": DatasetInfo("tabular", (32,), 4),
+    "mnist1d_seq": DatasetInfo("sequence", (40, 1), 10),
+    "sines": DatasetInfo("sequence", (64, 3), 8),
+    "pydoc_chars": _TEXT_INFO,
+    "pysrc_chars": _TEXT_INFO,
+    "wikitext2": _TEXT_INFO,
+}
+def dataset_info(name: str, **params) -> DatasetInfo:
+    """What `load_dataset(name, **params)` gives, without loading anything: modality, dims, classes.
+    `params` are the dataset's own (`num_classes` of shapes / textures / tiny_imagenet, `length` of
+    mnist1d_seq / sines); others are accepted when the loader takes them and change nothing here."""
+    if name not in INFO:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(INFO))}")
+    valid = [p for p in inspect.signature(DATASETS[name]).parameters if p != "req"]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown params {unknown} for dataset {name!r}; valid: {valid or 'none'}")
+    info = INFO[name]
+    if params.get("num_classes") is not None:
+        info = replace(info, num_classes=int(params["num_classes"]))
+    if "length" in params and info.modality == "sequence":
+        info = replace(info, dims=(int(params["length"]), info.dims[1]))
+    return info
