@@ -30,6 +30,10 @@ class TrainingConfig:
     divergence_patience: int = 5  # consecutive non-finite losses before a run stops as diverged
     lyapunov_windows: int = 4  # Lyapunov proxy windows per run (evenly spaced)
     lyapunov_horizon: int = 8  # H steps per window
+    # a reference window starting at this fraction of the run (0: none), before the perturbations' onsets
+    # (>= 0.3): the labeler raises each later window's margin by the reference's mean log growth, so a run
+    # whose recipe keeps it chaotic throughout (a constant LR at the edge of stability) is not instability
+    lyapunov_reference: float = 0.0
     lyapunov_eps: float = 1e-3  # perturbation size relative to the parameter norm
     # top Hessian eigenvalue (capture.hessian, Lanczos) at every k-th captured frame on the step's training
     # batch, stored as the public per-frame array `hessian_top` (NaN elsewhere); 0 = off
@@ -39,7 +43,7 @@ class TrainingConfig:
         at_least(self, 1, "steps", "batch_size", "eval_every", "image_size", "max_train", "max_val", "lm_context",
                  "divergence_patience", "lyapunov_horizon")
         at_least(self, 0, "lyapunov_windows", "hessian_every")
-        within(self, 0.0, 1.0, "warmup_frac")
+        within(self, 0.0, 1.0, "warmup_frac", "lyapunov_reference")
         positive(self, "lyapunov_eps")
         for name, low in (("base_lr", "> 0"), ("weight_decay", ">= 0"), ("lr_scale", "> 0")):
             for key, v in getattr(self, name).items():
@@ -126,6 +130,7 @@ class LabelConfig:
     forget_drop: float = 0.30
     forget_p: float = 0.01
     bias_p: float = 0.01
+    bias_learned: float = 2.0  # concept bias needs the poisoned set answered at >= this x chance (0: off)
     floors: dict[str, float] = field(default_factory=dict)  # "arch/dataset" or "dataset" -> min final val accuracy
     default_floor: float = 0.0
 

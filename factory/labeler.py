@@ -52,6 +52,10 @@ def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.R
     margin = lc.lyapunov_arch_margin.get(arch, lc.lyapunov_margin)
     margins = margin if isinstance(margin, list) else [margin] * len(sig["lyapunov"])
     margins = [max(m, lc.lyapunov_min_margin) for m in margins]
+    ref = sig.get("lyapunov_reference")
+    ref = np.asarray(ref, dtype=float) if ref is not None else np.zeros(0)
+    if np.isfinite(ref).any():  # the run's own early chaos raises the bar (never lowers it)
+        margins = [m + max(0.0, float(np.mean(ref[np.isfinite(ref)]))) for m in margins]
     windows = [(s, np.asarray(a, dtype=float) - margins[min(k, len(margins) - 1)]) for k, (s, a) in enumerate(sig["lyapunov"])]
     lyap = R.lyapunov(windows, confidence=lc.lyapunov_confidence, n_boot=lc.lyapunov_bootstrap, block=lc.lyapunov_block) if windows else R.RuleResult(False, None, {"windows": 0})
     firing = [w for w in lyap.detail.get("windows", []) if w.get("fired")] if lyap.fired else []
@@ -78,12 +82,17 @@ def _forgetting(sig: dict, pert: Perturbation, num_classes: int, lc: LabelConfig
     return R.forgetting(acc, e_s, correct[e_s - 1, primary], correct[e_end, primary], window=window, drop=lc.forget_drop, p=lc.forget_p)
 
 
-def _concept_bias(sig: dict, lc: LabelConfig) -> R.RuleResult | None:
+def _concept_bias(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult | None:
     """Evaluated at every epoch; fires if it holds at the final epoch, triggered at the first epoch
-    of the final unbroken run of firing epochs (one test per run decides, not the best of many)."""
+    of the final unbroken run of firing epochs (one test per run decides, not the best of many).
+    A model that answers the poisoned set at under `bias_learned` x chance has learned no shortcut: the
+    test's association is then noise (healthy models near chance fired it on drawn corpora)."""
     if sig["poison_correct"] is None or len(sig["val_correct"]) == 0:
         return None
     clean, poison, y = sig["val_correct"], sig["poison_correct"], sig["val_labels"]
+    poison_acc = float(np.mean(poison[-1]))
+    if lc.bias_learned and poison_acc < lc.bias_learned / num_classes:
+        return R.RuleResult(False, None, {"reason": f"poisoned accuracy {poison_acc:.3f} < {lc.bias_learned} x chance"})
     shortcut = np.concatenate([np.zeros(len(y)), np.ones(len(y))])
     classes = np.concatenate([y, y])
     fired = [R.concept_bias(np.concatenate([clean[e], poison[e]]), shortcut, classes, p=lc.bias_p) for e in range(len(clean))]
@@ -127,7 +136,7 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
                     if r.fired and t is not None]
         results["instability"] = R.RuleResult(True, min(triggers) if triggers else None, {})
         step_triggers["instability"] = results["instability"].trigger  # every instability rule reports steps
-    for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc)),
+    for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc, num_classes)),
                       ("overfitting", _overfitting(sig, lc) if len(epoch_step) else None)):
         if res is not None:
             results[name] = res

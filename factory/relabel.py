@@ -63,6 +63,7 @@ def load_signals(path: Path) -> tuple[dict, dict]:
         "poison_correct": priv.get("poison_correct"),
         "val_labels": priv.get("val_labels"),
         "lyapunov": list(zip(priv["lyapunov_start"].tolist(), priv["lyapunov_log_alpha"])) if "lyapunov_start" in priv else [],
+        "lyapunov_reference": priv.get("lyapunov_reference"),
     }
     return sig, store.attrs
 

@@ -113,8 +113,8 @@ class LyapunovWindows(JobCallback):
     """`LyapunovProbe` windows of `horizon` steps starting at the steps in `starts`: the probe forks at
     the start of its first step (before the update), then follows the job step by step."""
 
-    def __init__(self, starts: list[int], horizon: int, eps: float):
-        self.starts, self.horizon, self.eps = set(starts), horizon, eps
+    def __init__(self, starts: list[int], horizon: int, eps: float, reference: int | None = None):
+        self.starts, self.horizon, self.eps, self.reference = set(starts), horizon, eps, reference
         self.windows: list[tuple[int, list[float]]] = []  # (start step, log growth factor per step)
         self._probe: LyapunovProbe | None = None
         self._start = 0
@@ -172,7 +172,9 @@ class Labelling(JobCallback):
 
     def on_train_end(self, loop: StepLoop) -> None:
         writer, val, data = self.writer, self.validation, loop.job.data
-        lyap_windows = self.lyapunov.windows
+        ref_start = self.lyapunov.reference
+        lyap_windows = [w for w in self.lyapunov.windows if w[0] != ref_start]
+        reference = next((np.asarray(a) for s, a in self.lyapunov.windows if s == ref_start), None)
         signals = {
             "train_loss": writer.train_loss,
             "frame_step": writer.frame_steps,
@@ -184,6 +186,7 @@ class Labelling(JobCallback):
             "poison_correct": np.asarray(val.poison_correct, dtype=bool) if val.poison_correct else None,
             "val_labels": val.y_val.numpy() if data.modality != "text" else None,
             "lyapunov": lyap_windows,
+            "lyapunov_reference": reference,
         }
         self.result = label_run(signals, self.spec, loop.job.perturbation, data, self.labels, loop.steps_done)
         for key in ("epoch_step", "val_loss", "val_acc", "val_correct"):
@@ -194,6 +197,8 @@ class Labelling(JobCallback):
         if lyap_windows:
             writer.write_privileged("lyapunov_start", np.asarray([s for s, _ in lyap_windows]))
             writer.write_privileged("lyapunov_log_alpha", np.asarray([a for _, a in lyap_windows]))
+        if reference is not None:
+            writer.write_privileged("lyapunov_reference", reference, attrs={"start": int(ref_start)})
         # the rules' statistics come from validation data: privileged, like the signals behind them
         writer.write_privileged("labeling", np.zeros(0), attrs={"rules": self.result["rules"]})
 
@@ -224,8 +229,10 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     writer = RunWriter(store_path, cfg.capture.frame_size, spec=spec.to_dict(), overwrite=overwrite)
     ccfg = CaptureConfig(cadence=cfg.capture.cadence, frame_size=cfg.capture.frame_size, modules=job.modules)
     lyap_starts = sorted({int(f * tc.steps) for f in np.linspace(0.5, 0.9, tc.lyapunov_windows)}) if tc.lyapunov_windows else []
+    reference = int(tc.lyapunov_reference * tc.steps) if tc.lyapunov_windows and tc.lyapunov_reference else None
     capture = CaptureFrames(ccfg, writer, tc.hessian_every)
-    lyapunov = LyapunovWindows(lyap_starts, tc.lyapunov_horizon, tc.lyapunov_eps)
+    lyapunov = LyapunovWindows(lyap_starts + ([reference] if reference is not None else []), tc.lyapunov_horizon,
+                               tc.lyapunov_eps, reference=reference)
     divergence = DivergenceStop(tc.divergence_patience)
     validation = Validation(x_val, y_val, x_poison, tc.eval_every)
     labelling = Labelling(writer, spec, cfg.labels, validation, lyapunov)

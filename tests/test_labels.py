@@ -553,3 +553,39 @@ def test_labeler_blowup_makes_a_recovered_lr_burst_instability():
     assert not off["rules"]["instability_collapse"]["fired"] and not off["rules"]["instability_spikes"]["fired"]
     assert off["trigger_step"] == 135  # epoch 8 ends at step 135
     assert offline_label(sig, pert, "resnet", "mnist1d", 10, LabelConfig(blowup=False), 15 * epochs)["label"] != "instability"
+
+
+# ------------------------------------------------------------------ labeler guards for drawn corpora
+def test_a_lyapunov_reference_window_raises_the_bar_for_a_run_chaotic_throughout():
+    """Windows at +0.3 log growth fire on their own; with a reference window of the same run at +0.3
+    (a constant LR at the edge of stability from the start) they do not; a reference at -0.2 never
+    lowers the bar below the configured margin."""
+    from factory.config import LabelConfig
+    from factory.labeler import _instability
+
+    rng = np.random.default_rng(0)
+    windows = [(s, 0.3 + 0.02 * rng.standard_normal(8)) for s in (50, 60, 70, 80)]
+    lc = LabelConfig(lyapunov_bootstrap=400)
+    sig = {"train_loss": np.linspace(2.0, 1.0, 100), "lyapunov": windows}
+    assert _instability({**sig, "lyapunov_reference": None}, lc, 100, "any")[1].fired
+    assert not _instability({**sig, "lyapunov_reference": np.full(8, 0.3)}, lc, 100, "any")[1].fired
+    calm = [(s, 0.05 + 0.02 * rng.standard_normal(8)) for s in (50, 60, 70, 80)]
+    assert not _instability({**sig, "lyapunov": calm, "lyapunov_reference": np.full(8, -0.2)}, lc, 100, "any")[1].fired
+
+
+def test_concept_bias_needs_a_model_that_answers_the_poisoned_set():
+    """A model near chance on the poisoned set has learned no shortcut, whatever the association says."""
+    from factory.config import LabelConfig
+    from factory.labeler import _concept_bias
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(6), 150)
+    clean = rng.random((3, len(y))) < 0.15
+    strong = rng.random((3, len(y))) < 0.9  # the shortcut answered: fires
+    weak = rng.random((3, len(y))) < 0.3  # more often right than clean, but under 2 x chance (1/6)
+    sig = {"val_correct": clean, "val_labels": y}
+    lc = LabelConfig()
+    assert _concept_bias({**sig, "poison_correct": strong}, lc, 6).fired
+    quiet = _concept_bias({**sig, "poison_correct": weak}, lc, 6)
+    assert not quiet.fired and "chance" in quiet.detail["reason"]
+    assert _concept_bias({**sig, "poison_correct": weak}, LabelConfig(bias_learned=0.0), 6).fired
