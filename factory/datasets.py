@@ -542,7 +542,7 @@ def sine_signals(y: np.ndarray, length: int, noise: float, rng: np.random.Genera
 
 
 @register("sines")
-def load_sines(req: Request, n_train: int = 4000, n_val: int = 1000, length: int = 64, noise: float = 0.6) -> TaskData:
+def load_sines(req: Request, n_train: int = 4000, n_val: int = 1000, length: int = 48, noise: float = 0.6) -> TaskData:
     """3-channel waves, 8 classes (SINES_CLASSES): frequency band x which channel leads x chirp up/down,
     with random amplitudes, phases and a distractor channel; see `sine_signals`."""
     _check_sizes("sines", n_train, n_val)
@@ -894,7 +894,7 @@ INFO: dict[str, DatasetInfo] = {
     "tabular_blobs": DatasetInfo("tabular", (16,), 6),
     "tabular_wide": DatasetInfo("tabular", (32,), 4),
     "mnist1d_seq": DatasetInfo("sequence", (40, 1), 10),
-    "sines": DatasetInfo("sequence", (64, 3), 8),
+    "sines": DatasetInfo("sequence", (48, 3), 8),
     "pydoc_chars": _TEXT_INFO,
     "pysrc_chars": _TEXT_INFO,
     "wikitext2": _TEXT_INFO,

@@ -140,7 +140,7 @@ def test_check_refuses_bad_sizes_naming_the_field():
     tr = FAMILIES["transformer"].median()
     seq = InputShape("sequence", (64, 3), 8)
     cases = [
-        ("transformer", seq, Size(42, tr.depth, tr.norm, tr.act, tr.residual), "width", "multiple of 4"),
+        ("transformer", seq, Size(41, tr.depth, tr.norm, tr.act, tr.residual), "width", "multiple of 2"),
         ("transformer", seq, Size(256, tr.depth, tr.norm, tr.act, tr.residual), "width", "outside"),
         ("transformer", seq, Size(tr.width, 2, tr.norm, tr.act, tr.residual), "depth", "outside"),
         ("transformer", seq, Size(tr.width, tr.depth, "batch", tr.act, tr.residual), "norm", "'batch'"),
