@@ -126,6 +126,10 @@ class LabelConfig:
     # it may recover (factory.labels.blowup: BatchNorm models hit by an LR burst)
     blowup: bool = True
     blowup_factor: float = 10.0
+    # loss jump (instability): the training loss's median over jump_span_frac of the run is >= jump_factor x
+    # the median over the span before it (factory.labels.loss_jump; not in runs with a task switch); 0: off
+    jump_factor: float = 0.0
+    jump_span_frac: float = 0.05
     forget_window_frac: float = 0.25
     forget_drop: float = 0.30
     forget_p: float = 0.01

@@ -122,8 +122,17 @@ def floor_for(lc: LabelConfig, arch: str, dataset: str) -> float:
     return lc.floors.get(f"{arch}/{dataset}", lc.floors.get(dataset, lc.default_floor))
 
 
+def _jump(sig: dict, pert: Perturbation, lc: LabelConfig, steps: int) -> R.RuleResult:
+    if not lc.jump_factor or isinstance(pert, TaskSwitch):  # a task switch raises the loss by design
+        return R.RuleResult(False, None, {"reason": "off" if not lc.jump_factor else "task switch"})
+    start = sig["train_loss"][:10][np.isfinite(sig["train_loss"][:10])]
+    min_rise = lc.spike_min_rise_frac * float(np.median(start)) if len(start) else 0.0  # as the spike rule's
+    return R.loss_jump(sig["train_loss"], span=max(3, round(lc.jump_span_frac * steps)), jump=lc.jump_factor, min_rise=min_rise)
+
+
 def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
     spikes, lyap = _instability(sig, lc, steps, arch)
+    jumped = _jump(sig, pert, lc, steps)
     epoch_step = sig["epoch_step"]
     collapsed = _collapse(sig, lc, num_classes)
     collapse_step = _to_step(collapsed.trigger, epoch_step)
@@ -131,9 +140,9 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
     blowup_step = _to_step(blown.trigger, epoch_step)
     step_triggers: dict[str, int | None] = {}
     results: dict[str, R.RuleResult] = {}
-    if spikes.fired or lyap.fired or collapsed.fired or blown.fired:
-        triggers = [t for t, r in ((spikes.trigger, spikes), (lyap.trigger, lyap), (collapse_step, collapsed), (blowup_step, blown))
-                    if r.fired and t is not None]
+    if spikes.fired or lyap.fired or collapsed.fired or blown.fired or jumped.fired:
+        triggers = [t for t, r in ((spikes.trigger, spikes), (lyap.trigger, lyap), (collapse_step, collapsed), (blowup_step, blown),
+                                   (jumped.trigger, jumped)) if r.fired and t is not None]
         results["instability"] = R.RuleResult(True, min(triggers) if triggers else None, {})
         step_triggers["instability"] = results["instability"].trigger  # every instability rule reports steps
     for name, res in (("forgetting", _forgetting(sig, pert, num_classes, lc)), ("concept_bias", _concept_bias(sig, lc, num_classes)),
@@ -150,6 +159,7 @@ def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_cl
     rules["instability_lyapunov"] = {"fired": lyap.fired, "trigger_step": lyap.trigger, "detail": lyap.detail}
     rules["instability_collapse"] = {"fired": collapsed.fired, "trigger_step": collapse_step, "detail": collapsed.detail}
     rules["instability_blowup"] = {"fired": blown.fired, "trigger_step": blowup_step, "detail": blown.detail}
+    rules["instability_jump"] = {"fired": jumped.fired, "trigger_step": jumped.trigger, "detail": jumped.detail}
     rules["healthy_floor"] = {"final_val_acc": final_acc, "floor": floor, "met": healthy_ok}
     return {"label": label, "trigger_step": step_triggers.get(label), "rules": rules}
 

@@ -330,6 +330,30 @@ def collapse(
     return RuleResult(True, first, detail)
 
 
+def loss_jump(train_loss: np.ndarray, *, span: int, jump: float = 2.0, min_rise: float = 0.0,
+              min_history: int | None = None) -> RuleResult:
+    """A sustained jump of the training loss: at some step t the median over the next `span` steps is
+    >= `jump` x the median over the previous `span` steps (non-finite losses count as infinite). An
+    adaptive optimizer hit by LR bursts keeps its loss raised for tens of steps, so the bursts merge into
+    one or two spike events and the spike rule (3 events) misses them; a level shift is the signature.
+    The caller rules out runs whose task changes (a task switch raises the loss by design). t starts
+    after `min_history` steps (default `2 * span`: the fast first fall is not a baseline). The rise must
+    also be >= `min_rise` in loss units: a memorised model's loss doubling from 0.05 to 0.1 at a warm
+    restart is not instability. trigger = t + span, the step by which the raised level is established."""
+    loss = np.where(np.isfinite(np.asarray(train_loss, dtype=float)), np.asarray(train_loss, dtype=float), np.inf)
+    start = 2 * span if min_history is None else max(span, min_history)
+    detail: dict = {"span": span, "jump": jump}
+    if span < 1 or len(loss) < start + span:
+        return RuleResult(False, None, {**detail, "reason": "run too short for the span"})
+    windows = np.lib.stride_tricks.sliding_window_view(loss, span)
+    med = np.median(windows, axis=1)  # med[i] = median of loss[i:i+span]
+    for t in range(start, len(loss) - span + 1):
+        before, after = med[t - span], med[t]
+        if np.isfinite(before) and before > 0 and after >= jump * before and after - before >= min_rise:
+            return RuleResult(True, int(t + span), {**detail, "step": int(t), "before": _num(before), "after": _num(after)})
+    return RuleResult(False, None, detail)
+
+
 def blowup(
     val_loss_ep: np.ndarray,
     val_acc_ep: np.ndarray,

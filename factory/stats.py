@@ -54,7 +54,7 @@ def head_grad_val_acc_r(corpus: Path, record: dict, ema_span: int | None = None)
     return float(pearsonr(x, y).statistic)
 
 
-INSTABILITY_RULES = ("spikes", "lyapunov", "collapse", "blowup")
+INSTABILITY_RULES = ("spikes", "lyapunov", "collapse", "blowup", "jump")
 
 
 def why(corpus: Path, record: dict) -> str:

@@ -589,3 +589,23 @@ def test_concept_bias_needs_a_model_that_answers_the_poisoned_set():
     quiet = _concept_bias({**sig, "poison_correct": weak}, lc, 6)
     assert not quiet.fired and "chance" in quiet.detail["reason"]
     assert _concept_bias({**sig, "poison_correct": weak}, LabelConfig(bias_learned=0.0), 6).fired
+
+
+def test_loss_jump_fires_on_a_sustained_level_shift_but_not_on_a_small_or_early_one():
+    from factory.labels import loss_jump
+
+    rng = np.random.default_rng(2)
+    base = np.concatenate([np.linspace(2.3, 1.0, 40), np.full(60, 1.0)]) + 0.05 * rng.standard_normal(100)
+    raised = base.copy()
+    raised[60:] += 2.0  # an LR burst whose loss stays up: 1.0 -> 3.0
+    res = loss_jump(raised, span=5, jump=2.0, min_rise=0.5)
+    assert res.fired and 60 <= res.trigger <= 66
+    assert not loss_jump(base, span=5, jump=2.0, min_rise=0.5).fired
+    tiny = np.full(100, 0.05) + 0.001 * rng.standard_normal(100)
+    tiny[60:] = 0.11  # a memorised model's loss doubling at a warm restart: below min_rise
+    assert not loss_jump(tiny, span=5, jump=2.0, min_rise=0.5).fired
+    assert loss_jump(tiny, span=5, jump=2.0, min_rise=0.0).fired
+    nan_tail = base.copy()
+    nan_tail[70:] = np.nan  # divergence counts as an infinite level
+    assert loss_jump(nan_tail, span=5, jump=2.0).fired
+    assert not loss_jump(raised[:12], span=5).fired  # too short for a baseline
