@@ -1,7 +1,7 @@
 """Ship a fine-tuned TEViD checkpoint as the default model (`diagnose/default_checkpoint/`), with a
 manifest that says which corpus config, which commit and which commands made it.
 
-    python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
+    python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid \
         [--report outputs/report/cpu/metrics.json] [--out diagnose/default_checkpoint]
 
 Copies the weights (`model.safetensors`), `config.json`, `state.json` and `calibration.json` (no pickle),
@@ -29,12 +29,12 @@ from diagnose.tevid import file_sha256
 FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
 # the pipeline behind the shipped model (Makefile target `reproduce` runs exactly these)
 PIPELINE = (
-    "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu",
-    "python -m factory.relabel --corpus outputs/corpus/cpu --calibrate --config configs/factory/cpu.yaml",
-    "python -m pretrain.clips export --corpus outputs/corpus/cpu --out outputs/shards/cpu --overwrite",
+    "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu_grid.yaml --out outputs/corpus/cpu_grid",
+    "python -m factory.relabel --corpus outputs/corpus/cpu_grid --calibrate --config configs/factory/cpu_grid.yaml",
+    "python -m pretrain.clips export --corpus outputs/corpus/cpu_grid --out outputs/shards/cpu --overwrite",
     "accelerate launch (2 CPU processes) pretrain/train.py --config configs/pretrain/cpu.yaml --corpus outputs/shards/cpu --out outputs/pretrain/cpu",
-    "accelerate launch (2 CPU processes) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu --checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu",
-    "python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu --report outputs/report/cpu/metrics.json",
+    "accelerate launch (2 CPU processes) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu_grid --checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu",
+    "python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid --report outputs/report/cpu/metrics.json",
 )
 HEADLINE = ("event_auprc", "event_auprc_ci", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc")
 
