@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from capture.config import FieldError, at_least, within
-from factory.spec import SPLITS, RunSpec, SplitConfig, SplitError
+from factory.spec import SPLITS, RunSpec, SplitConfig, SplitError, overlap_problems
 
 SCHEDULES = ("cosine", "constant", "step", "warmup", "restarts")
 
@@ -99,20 +99,10 @@ def check_held_out(splits: dict[str, SplitConfig], novel: set[str]) -> None:
     """A drawn config's splits: test shares no family, dataset or optimizer with train or validation;
     validation holds out at least one of each that train lacks; novel perturbations only in test.
     Raises `factory.spec.SplitError` naming every overlap."""
-    problems = []
-    axes = (("families", "families"), ("datasets", "datasets"), ("optimizers", "optimizers"))
-    for axis, label in axes:
-        test = set(getattr(splits["test"], axis))
-        for other in ("train", "val"):
-            shared = sorted(test & set(getattr(splits[other], axis)))
-            if shared:
-                problems.append(f"{label} {shared} appear in both test and {other}")
+    problems = overlap_problems(splits, ("families", "datasets", "optimizers"), novel)
+    for axis, one in (("families", "family"), ("datasets", "dataset"), ("optimizers", "optimizer")):
         if splits["val"].runs and not set(getattr(splits["val"], axis)) - set(getattr(splits["train"], axis)):
-            problems.append(f"val holds out no {label[:-1]} that train lacks (val {sorted(getattr(splits['val'], axis))})")
-    for name in ("train", "val"):
-        leaked = sorted(set(splits[name].perturbations) & novel)
-        if leaked:
-            problems.append(f"novel perturbations {leaked} appear in {name} (test only)")
+            problems.append(f"val holds out no {one} that train lacks (val {sorted(getattr(splits['val'], axis))})")
     if problems:
         raise SplitError("splits overlap on held-out factors: " + "; ".join(problems))
 

@@ -88,12 +88,12 @@ class SplitError(ValueError):
     pass
 
 
-def check_disjoint(splits: dict[str, SplitConfig], novel: set[str]) -> None:
-    """Test architectures, datasets and optimizers never appear in train/val; novel perturbations
-    only in test. Raises `SplitError` naming every violation."""
+def overlap_problems(splits: dict[str, SplitConfig], axes: tuple[str, ...], novel: set[str]) -> list[str]:
+    """What breaks the held-out design: a value of one of `axes` (SplitConfig list fields) that test shares
+    with train or val, and novel perturbations outside test. One message per violation."""
     problems = []
     test = splits["test"]
-    for axis in ("archs", "datasets", "optimizers"):
+    for axis in axes:
         for other in ("train", "val"):
             shared = sorted(set(getattr(test, axis)) & set(getattr(splits[other], axis)))
             if shared:
@@ -102,6 +102,13 @@ def check_disjoint(splits: dict[str, SplitConfig], novel: set[str]) -> None:
         leaked = sorted(set(splits[name].perturbations) & novel)
         if leaked:
             problems.append(f"novel perturbations {leaked} appear in {name} (test only)")
+    return problems
+
+
+def check_disjoint(splits: dict[str, SplitConfig], novel: set[str]) -> None:
+    """Test architectures, datasets and optimizers never appear in train/val; novel perturbations
+    only in test. Raises `SplitError` naming every violation."""
+    problems = overlap_problems(splits, ("archs", "datasets", "optimizers"), novel)
     if problems:
         raise SplitError("splits are not factorially disjoint: " + "; ".join(problems))
 
