@@ -147,24 +147,31 @@ class Overfit(Perturbation):
     subset: int = 32
     lr_scale: float = 1.0
     lr_scale_optimizers: tuple[str, ...] = ("adamw", "sgd")
+    text_subset: int | None = None  # training windows for text (None: `subset`); a small LM learns character
+    # statistics that generalise from 16 windows of 32 characters, so memorising needs far fewer
     _keep: torch.Tensor | None = field(default=None, repr=False)
     _seed: int = 0
+    _text: bool = False
 
     def bind(self, y_train, num_classes, seed):
-        self._seed = seed
+        self._seed, self._text = seed, y_train is None
+
+    @property
+    def size(self) -> int:
+        return self.text_subset if self._text and self.text_subset is not None else self.subset
 
     def configure(self, s):
         # onset 0: the subset from the start (Batches draws it); later: `pool` narrows to it at the onset
         scale = self.lr_scale if s.optimizer in self.lr_scale_optimizers else 1.0
         return replace(s, lr=s.lr * scale, weight_decay=0.0, augment=False,
-                       train_subset=self.subset if self.onset == 0 else None, anneal=False)
+                       train_subset=self.size if self.onset == 0 else None, anneal=False)
 
     def pool(self, step, pool):
         if self.onset == 0 or step < self.onset:
             return pool
         if self._keep is None:
             gen = torch.Generator().manual_seed(self._seed + 17)
-            self._keep = pool[torch.randperm(len(pool), generator=gen)[: self.subset]]
+            self._keep = pool[torch.randperm(len(pool), generator=gen)[: self.size]]
         return self._keep
 
 
@@ -527,6 +534,8 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     # the validation loss rises before any labeling window starts and, with SGD, then freezes
     "overfit": lambda n: Overfit(name="overfit", kind="known", injected="overfitting", subset=32, lr_scale=0.2),
     "overfit_tiny": lambda n: Overfit(name="overfit_tiny", kind="known", injected="overfitting", subset=16, lr_scale=0.5),
+    # for drawn corpora (80-320 steps at drawn rates): 8 samples or 2 text windows at the run's own rate
+    "overfit_8": lambda n: Overfit(name="overfit_8", kind="known", injected="overfitting", subset=8, text_subset=2),
     "instability_lr": lambda n: ExtremeLR(name="instability_lr", kind="known", injected="instability", onset=_at(0.3, n), factor=30.0),
     # one-step bursts, 4 of them: 3-step x25 bursts raised the loss for tens of steps (Adam) instead of
     # spiking it, so later bursts hid in the raised rolling statistics; x100 breaks a model for good

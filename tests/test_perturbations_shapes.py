@@ -369,3 +369,13 @@ def test_concept_bias_and_forgetting_on_tabular_and_sequences(modality):
     pool = torch.arange(len(data.y_train))
     assert set(data.y_train[ts.pool(4, pool)].tolist()) == {0, 1}
     assert set(data.y_train[ts.pool(5, pool)].tolist()) == {2, 3}
+
+
+def test_overfit_8_memorises_two_text_windows_or_eight_samples():
+    from factory.perturbations import RunSettings, make_perturbation
+
+    for y_train, expect in ((None, 2), (torch.arange(100) % 10, 8)):  # text has no labels
+        pert = make_perturbation("overfit_8", 160)
+        pert.bind(y_train, 10, seed=0)
+        s = pert.configure(RunSettings(lr=1e-3, weight_decay=0.1, optimizer="adam"))
+        assert s.train_subset == expect and s.lr == 1e-3 and s.weight_decay == 0.0 and not s.augment
