@@ -114,6 +114,9 @@ class LabelConfig:
     # (`factory.stats` per-window medians, docs/factory.md). Two windows ask for sustained separation;
     # short events are left to the spike rule.
     lyapunov_min_windows: int = 2
+    # runs with a Lyapunov reference window (drawn corpora): a task switch's learning transient does not
+    # count as Lyapunov instability (factory.labeler.offline_label)
+    lyapunov_reference_switch: bool = True
     # collapse (instability): had reached >= collapse_learned x chance accuracy, then the last
     # forget_window_frac of the epochs at <= collapse_level x chance with the training loss back at
     # >= collapse_loss_return x its start (factory.labels.collapse)

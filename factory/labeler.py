@@ -132,6 +132,10 @@ def _jump(sig: dict, pert: Perturbation, lc: LabelConfig, steps: int) -> R.RuleR
 
 def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
     spikes, lyap = _instability(sig, lc, steps, arch)
+    if lyap.fired and lc.lyapunov_reference_switch and isinstance(pert, TaskSwitch) and sig.get("lyapunov_reference") is not None:
+        # a model learning a new task after a switch separates fast for a while: in a drawn run (it has a
+        # reference window) the switch, not chaos, explains Lyapunov windows after it
+        lyap = R.RuleResult(False, None, {**lyap.detail, "reason": "task switch"})
     jumped = _jump(sig, pert, lc, steps)
     epoch_step = sig["epoch_step"]
     collapsed = _collapse(sig, lc, num_classes)

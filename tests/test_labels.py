@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pymannkendall as mk
 import pytest
+import torch
 import statsmodels.api as sm
 from arch.bootstrap import StationaryBootstrap
 from statsmodels.stats.contingency_tables import mcnemar
@@ -609,3 +610,27 @@ def test_loss_jump_fires_on_a_sustained_level_shift_but_not_on_a_small_or_early_
     nan_tail[70:] = np.nan  # divergence counts as an infinite level
     assert loss_jump(nan_tail, span=5, jump=2.0).fired
     assert not loss_jump(raised[:12], span=5).fired  # too short for a baseline
+
+
+def test_a_task_switch_explains_lyapunov_windows_in_runs_with_a_reference():
+    """The same signals fire Lyapunov instability in a healthy-preset run and not in a task-switch run (whose
+    new task is learnt fast after the switch), when the run has a reference window; without one (grid
+    corpora, calibrated margins) the task switch changes nothing."""
+    from factory.config import LabelConfig
+    from factory.labeler import offline_label
+    from factory.perturbations import make_perturbation
+
+    rng = np.random.default_rng(3)
+    epochs, n = 16, 160
+    sig = {"train_loss": np.linspace(2.0, 0.5, n), "epoch_step": np.arange(1, epochs + 1) * 10,
+           "val_loss": np.linspace(2.0, 0.6, epochs), "val_acc": np.linspace(0.2, 0.8, epochs),
+           "val_correct": rng.random((epochs, 60)) < 0.8, "val_labels": np.arange(60) % 6, "poison_correct": None,
+           "lyapunov": [(s, 0.4 + 0.02 * rng.standard_normal(8)) for s in (80, 100, 120, 140)],
+           "lyapunov_reference": np.zeros(8)}
+    lc = LabelConfig(lyapunov_bootstrap=300)
+    args = ("any", "any", 6, lc, n)
+    assert offline_label(sig, make_perturbation("healthy", n), *args)["rules"]["instability_lyapunov"]["fired"]
+    switch = make_perturbation("forgetting", n)
+    switch.bind(torch.as_tensor(sig["val_labels"]), 6, 0)
+    assert not offline_label(sig, switch, *args)["rules"]["instability_lyapunov"]["fired"]
+    assert offline_label({**sig, "lyapunov_reference": None}, switch, *args)["rules"]["instability_lyapunov"]["fired"]
