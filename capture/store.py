@@ -158,7 +158,7 @@ class RunWriter:
     def append_frame(self, frame: Frame) -> None:
         if tuple(frame.frame.shape) != (6, self.size, self.size):
             raise RunStoreError(f"{self.tmp}: frame of shape {tuple(frame.frame.shape)}, store holds (6, {self.size}, {self.size})")
-        levels, patterns = getattr(frame, "levels", None), getattr(frame, "patterns", None)
+        levels, patterns = frame.levels, frame.patterns
         if levels is not None and tuple(levels.shape) != (6,):
             raise RunStoreError(f"{self.tmp}: frame levels of shape {tuple(levels.shape)}, expected (6,)")
         if patterns is not None:
@@ -210,7 +210,7 @@ class RunWriter:
         frames = bf16_to_bits(torch.stack([f.frame for f in self._frames]))  # (n, 6, S, S) uint16
         p = self.pattern_size
         zeros = torch.zeros(6, p, p, dtype=torch.bfloat16)
-        pats = [zeros if getattr(f, "patterns", None) is None else f.patterns for f in self._frames]
+        pats = [zeros if f.patterns is None else f.patterns for f in self._frames]
         self._z["frames"].append(frames)
         patterns.append(bf16_to_bits(torch.stack(pats)))  # (n, 6, P, P) uint16
         self.n_frames += len(self._frames)

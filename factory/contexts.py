@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from capture.config import FieldError, at_least, within
+from factory.perturbations import SCHEDULES, make_perturbation
 from factory.spec import SPLITS, RunSpec, SplitConfig, SplitError, overlap_problems
 
-SCHEDULES = ("cosine", "constant", "step", "warmup", "restarts")
 
 
 @dataclass
@@ -126,7 +127,6 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
     modality no perturbation; a family's size check (`Family.check`) failing is a `FamilyError`."""
     from factory.datasets import dataset_info
     from factory.families import FAMILIES, InputShape
-    from factory.perturbations import make_perturbation
 
     for axis in ("families", "datasets", "optimizers", "perturbations"):
         if not getattr(s, axis):
@@ -159,8 +159,7 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
         optimizer = s.optimizers[rng.integers(len(s.optimizers))]
         lr = _log_uniform(rng, *cc.lr[optimizer]) * family.lr_scale
         weight_decay = _decay(rng, *cc.weight_decay[optimizer])
-        fits = [p for p, pert in presets.items() if info.modality in pert.modalities
-                and (pert.families is None or family.name in pert.families)]
+        fits = [p for p, pert in presets.items() if pert.applies(info.modality, family.name)]
         healthy = [p for p in fits if presets[p].kind == "healthy"]
         faulty = [p for p in fits if presets[p].kind != "healthy"]
         pool = healthy if (rng.random() < s.healthy_share and healthy) or not faulty else faulty

@@ -869,6 +869,9 @@ TEXT_DATASETS = {"pydoc_chars", "wikitext2", "pysrc_chars"}  # modality "text": 
 TEXT_CONTEXT = 32  # the dims of a text dataset: the factory's default context (TrainingConfig.lm_context)
 
 
+MODALITIES = ("image", "tabular", "sequence", "text")  # what TaskData.modality may be
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """A dataset's modality, natural dims and class count (text: vocabulary size). Dims as

@@ -43,7 +43,8 @@ from timm.models.regnet import RegNet, RegNetCfg
 from torchvision.models.resnet import BasicBlock as TVBasicBlock
 from torchvision.models.resnet import ResNet as TVResNet
 
-MODALITIES = ("image", "tabular", "sequence", "text")
+from factory.datasets import MODALITIES
+
 NORMS = ("batch", "group", "layer", "none")
 ACTS = ("relu", "gelu", "silu", "tanh")
 _ACT_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -749,7 +750,7 @@ def _tv_shufflenet(shape: InputShape, size: Size) -> nn.Module:
 
 
 # ==================================================================== the registry
-_ALL = ("image", "tabular", "sequence", "text")
+_ALL = MODALITIES
 _ALL_ACTS = ("relu", "gelu", "silu", "tanh")
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from capture.lm import lm_loss
 from factory.archs import build_arch
 from factory.config import TrainingConfig
-from factory.datasets import TaskData, load_dataset
+from factory.datasets import MODALITIES, TaskData, load_dataset
 from factory.perturbations import SCHEDULES, Perturbation, RunSettings, make_perturbation
 from pretrain.engine import warmup_cosine
 
@@ -138,8 +138,8 @@ class Batches:
     features); sequences a random circular time shift of up to SEQUENCE_SHIFT steps; text windows none."""
 
     def __init__(self, data: TaskData, settings: RunSettings, tc: TrainingConfig, seed: int):
-        if data.modality not in ("image", "tabular", "sequence", "text"):
-            raise ValueError(f"data.modality must be image, tabular, sequence or text, got {data.modality!r} ({data.name})")
+        if data.modality not in MODALITIES:
+            raise ValueError(f"data.modality must be one of {MODALITIES}, got {data.modality!r} ({data.name})")
         self.data, self.tc, self.augment = data, tc, settings.augment
         self.batch_size = settings.batch_size or tc.batch_size
         self.gen = torch.Generator().manual_seed(seed)
@@ -303,9 +303,8 @@ def drawn_job(spec: RunSpec, cfg: FactoryConfig) -> Job:
     family = FAMILIES[spec.arch]
     shape = InputShape(info.modality, tuple(info.dims), data.num_classes)
     size = Size(int(ctx["width"]), int(ctx["depth"]), ctx["norm"], ctx["act"], bool(ctx["residual"]))
-    family.check(shape, size)
+    # warm-up and batch size come from `tc` (RunSettings' None); Family.build checks the size
     settings = RunSettings(lr=float(ctx["lr"]), weight_decay=float(ctx["weight_decay"]), augment=bool(ctx["augment"]),
-                           optimizer=spec.optimizer, schedule=ctx["schedule"], warmup_frac=float(ctx["warmup_frac"]),
-                           label_smoothing=float(ctx["label_smoothing"]), batch_size=int(ctx["batch_size"]))
+                           optimizer=spec.optimizer, schedule=ctx["schedule"], label_smoothing=float(ctx["label_smoothing"]))
     return build_job(spec.arch, data, spec.optimizer, pert, tc, run_seed(spec), settings=settings,
                      model_factory=lambda: family.build(shape, size))
