@@ -82,6 +82,11 @@ class LabelConfig:
     overfit_gap_scale: str = "diff"
     # what the overfitting rule asks of the training loss: significant / decreasing / not_rising (factory.labels.overfitting)
     overfit_train_trend: str = "not_rising"
+    # memorised (overfitting): the last quarter's validation loss >= memorised_rise x its best with the training
+    # loss <= memorised_train_frac x its start (factory.labels.memorised); 0 turns it off. A subset memorised
+    # within the first epochs raises the validation loss before the trend test has a history
+    memorised_rise: float = 0.0
+    memorised_train_frac: float = 0.1
     spike_z: float = 3.5
     spike_window_frac: float = 0.3  # rolling window for the robust statistics (paper: 1000 steps)
     spike_span_frac: float = 0.15  # >= spike_count spikes within this span (paper: 500 steps)
@@ -114,6 +119,10 @@ class LabelConfig:
     # (`factory.stats` per-window medians, docs/factory.md). Two windows ask for sustained separation;
     # short events are left to the spike rule.
     lyapunov_min_windows: int = 2
+    # ... and, when set, they must be adjacent window positions: a cosine restart's catapult fires the window
+    # just after each restart and not the next (pattern 1010 on 3 of 82 healthy runs of the 190-run drawn
+    # pilot), while every Lyapunov-firing instability run there had two adjacent firing windows
+    lyapunov_consecutive: bool = False
     # runs with a Lyapunov reference window (drawn corpora): a task switch's learning transient does not
     # count as Lyapunov instability (factory.labeler.offline_label)
     lyapunov_reference_switch: bool = True
@@ -146,7 +155,7 @@ class LabelConfig:
                "spike_min_history_frac", "lyapunov_confidence", "forget_window_frac", "forget_drop", "forget_p",
                "bias_p", "default_floor")
         at_least(self, 1, "overfit_min_window", "spike_count", "lyapunov_bootstrap", "lyapunov_min_windows")
-        at_least(self, 0, "spike_merge_gap")
+        at_least(self, 0, "spike_merge_gap", "memorised_rise")
 
 
 @dataclass

@@ -48,7 +48,7 @@ class ContextConfig:
     lr: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 5e-3], "adam": [1e-3, 5e-3], "nadam": [1e-3, 5e-3], "radam": [1e-3, 5e-3],
         "sgd": [0.02, 0.1], "rmsprop": [3e-4, 2e-3], "adagrad": [1e-2, 5e-2],
-        "lion": [1e-4, 6e-4], "adafactor": [3e-3, 2e-2]})
+        "lion": [2e-4, 1e-3], "adafactor": [5e-3, 3e-2]})
     # weight decay per optimizer, log-uniform in [lo, hi]; a list starting at 0 ([0, hi]) draws 0 half the time
     weight_decay: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 0.1], "adam": [0.0, 1e-4], "nadam": [0.0, 1e-4], "radam": [0.0, 1e-4],

@@ -303,8 +303,10 @@ def drawn_job(spec: RunSpec, cfg: FactoryConfig) -> Job:
     family = FAMILIES[spec.arch]
     shape = InputShape(info.modality, tuple(info.dims), data.num_classes)
     size = Size(int(ctx["width"]), int(ctx["depth"]), ctx["norm"], ctx["act"], bool(ctx["residual"]))
-    # warm-up and batch size come from `tc` (RunSettings' None); Family.build checks the size
+    # the warm-up comes from `tc` (RunSettings' None), the batch size is tc's drawn one unless the perturbation
+    # replaces it; Family.build checks the size
     settings = RunSettings(lr=float(ctx["lr"]), weight_decay=float(ctx["weight_decay"]), augment=bool(ctx["augment"]),
-                           optimizer=spec.optimizer, schedule=ctx["schedule"], label_smoothing=float(ctx["label_smoothing"]))
+                           optimizer=spec.optimizer, schedule=ctx["schedule"], label_smoothing=float(ctx["label_smoothing"]),
+                           batch_size=tc.batch_size)
     return build_job(spec.arch, data, spec.optimizer, pert, tc, run_seed(spec), settings=settings,
                      model_factory=lambda: family.build(shape, size))

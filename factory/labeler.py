@@ -47,6 +47,17 @@ def _blowup(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult:
                     learned=lc.collapse_learned, level=lc.collapse_level)
 
 
+def _sustained(windows: list[dict], lc: LabelConfig) -> list[dict]:
+    """The firing Lyapunov windows that count: all of them, or with `lyapunov_consecutive` those of the
+    first unbroken run of `lyapunov_min_windows` adjacent firing windows (and the firing ones after it)."""
+    fired = [bool(w.get("fired")) for w in windows]
+    if not lc.lyapunov_consecutive:
+        return [w for w, f in zip(windows, fired) if f]
+    k = lc.lyapunov_min_windows
+    first = next((i for i in range(len(fired) - k + 1) if all(fired[i:i + k])), None)
+    return [] if first is None else [w for w, f in zip(windows[first:], fired[first:]) if f]
+
+
 def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.RuleResult, R.RuleResult]:
     spikes = _spikes(sig["train_loss"], lc, steps)
     margin = lc.lyapunov_arch_margin.get(arch, lc.lyapunov_margin)
@@ -58,7 +69,7 @@ def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.R
         margins = [m + max(0.0, float(np.mean(ref[np.isfinite(ref)]))) for m in margins]
     windows = [(s, np.asarray(a, dtype=float) - margins[min(k, len(margins) - 1)]) for k, (s, a) in enumerate(sig["lyapunov"])]
     lyap = R.lyapunov(windows, confidence=lc.lyapunov_confidence, n_boot=lc.lyapunov_bootstrap, block=lc.lyapunov_block) if windows else R.RuleResult(False, None, {"windows": 0})
-    firing = [w for w in lyap.detail.get("windows", []) if w.get("fired")] if lyap.fired else []
+    firing = _sustained(lyap.detail.get("windows", []), lc) if lyap.fired else []
     if lyap.fired and len(firing) < lc.lyapunov_min_windows:  # one window alone: not sustained
         lyap = R.RuleResult(False, None, {**lyap.detail, "firing_windows": len(firing)})
     elif lyap.fired:
@@ -105,10 +116,15 @@ def _concept_bias(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult 
 
 
 def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:
+    """The trend test, or else (when `memorised_rise` is set) the end state of memorisation."""
     train_ep = epoch_means(sig["train_loss"], sig["epoch_step"])
     window = max(lc.overfit_min_window, round(lc.overfit_window_frac * len(train_ep)))
-    return R.overfitting(train_ep, sig["val_loss"], window=window, alpha=lc.overfit_alpha, gap_sigmas=lc.overfit_gap_sigmas,
-                         gap_scale=lc.overfit_gap_scale, train_trend=lc.overfit_train_trend)
+    trend = R.overfitting(train_ep, sig["val_loss"], window=window, alpha=lc.overfit_alpha, gap_sigmas=lc.overfit_gap_sigmas,
+                          gap_scale=lc.overfit_gap_scale, train_trend=lc.overfit_train_trend)
+    if trend.fired or not lc.memorised_rise:
+        return trend
+    memo = R.memorised(train_ep, sig["val_loss"], rise=lc.memorised_rise, train_frac=lc.memorised_train_frac)
+    return R.RuleResult(memo.fired, memo.trigger, {**trend.detail, "memorised": memo.detail, "fired_by": "memorised" if memo.fired else None})
 
 
 def _to_step(trigger: int | None, epoch_step: np.ndarray) -> int | None:

@@ -188,6 +188,30 @@ def overfitting(
     return RuleResult(True, e0s[i] + window - 1, detail)
 
 
+def memorised(train_loss_ep: np.ndarray, val_loss_ep: np.ndarray, *, rise: float = 1.5, train_frac: float = 0.1,
+              tail: float = 0.25) -> RuleResult:
+    """The end state of memorisation, for runs whose validation loss rose before the trend test has a
+    history (`overfitting` starts after `min_history` epochs): over the last `tail` of the epochs the
+    median validation loss is >= `rise` x its best and the median training loss <= `train_frac` x the
+    first epoch's. trigger = the first epoch after the best from which both hold epoch by epoch to the
+    end. A run with a non-finite loss is not tested (instability's rules speak for it)."""
+    train = np.asarray(train_loss_ep, dtype=float)
+    val = np.asarray(val_loss_ep, dtype=float)
+    if train.shape != val.shape or len(val) < 4 or not (np.isfinite(train).all() and np.isfinite(val).all()):
+        return RuleResult(False, None, {"reason": "fewer than 4 finite epochs"})
+    k = max(2, int(round(tail * len(val))))
+    best, start = float(np.min(val)), float(train[0])
+    end_rise, end_train = float(np.median(val[-k:])) / best, float(np.median(train[-k:])) / start
+    detail = {"rise": _num(end_rise), "train_frac": _num(end_train), "tail_epochs": k}
+    if not (end_rise >= rise and end_train <= train_frac):
+        return RuleResult(False, None, detail)
+    holds = (val >= rise * best) & (train <= train_frac * start)
+    first = len(val) - 1
+    while first > int(np.argmin(val)) + 1 and holds[first - 1]:
+        first -= 1
+    return RuleResult(True, first, detail)
+
+
 # ------------------------------------------------------------------ instability
 def loss_spikes(
     loss: np.ndarray,

@@ -634,3 +634,44 @@ def test_a_task_switch_explains_lyapunov_windows_in_runs_with_a_reference():
     switch.bind(torch.as_tensor(sig["val_labels"]), 6, 0)
     assert not offline_label(sig, switch, *args)["rules"]["instability_lyapunov"]["fired"]
     assert offline_label({**sig, "lyapunov_reference": None}, switch, *args)["rules"]["instability_lyapunov"]["fired"]
+
+
+def test_consecutive_lyapunov_windows_tell_a_restart_catapult_from_sustained_chaos():
+    """Windows firing at positions 1 and 3 (each just after a cosine restart) make instability with two
+    windows anywhere, and not when the two must be adjacent; adjacent firing windows (an LR raise that
+    stays) fire either way, triggered at the second of them."""
+    from factory.config import LabelConfig
+    from factory.labeler import _instability
+
+    rng = np.random.default_rng(4)
+    hot, calm = (lambda: 0.6 + 0.02 * rng.standard_normal(8)), (lambda: -0.3 + 0.02 * rng.standard_normal(8))
+    sig = {"train_loss": np.linspace(2.0, 1.0, 200), "lyapunov_reference": None}
+    alternating = {**sig, "lyapunov": [(100, hot()), (130, calm()), (160, hot()), (190, calm())]}
+    sustained = {**sig, "lyapunov": [(100, calm()), (130, hot()), (160, hot()), (190, calm())]}
+    anywhere, adjacent = LabelConfig(lyapunov_bootstrap=300), LabelConfig(lyapunov_bootstrap=300, lyapunov_consecutive=True)
+    assert _instability(alternating, anywhere, 200, "any")[1].fired
+    assert not _instability(alternating, adjacent, 200, "any")[1].fired
+    fired = _instability(sustained, adjacent, 200, "any")[1]
+    assert fired.fired and fired.trigger == 160 + 8
+
+
+def test_memorised_fires_on_an_early_rise_the_trend_test_cannot_see():
+    """A subset memorised in the first three epochs: the validation loss jumps from 4 to 7 and stays, the
+    training loss goes to ~0. The trend test has no history before the rise and misses it; `memorised`
+    fires at the first epoch from which both conditions hold. A healthy run (validation loss at its best
+    at the end) and one whose training loss never fell do not fire."""
+    from factory import labels as R
+    from factory.config import LabelConfig
+    from factory.labeler import _overfitting
+
+    val = np.array([4.0, 4.8, 5.6, 7.4, 7.1, 6.8, 6.7, 6.6, 6.5, 6.5, 6.5, 6.6, 6.6, 6.7, 6.7, 6.7])
+    train = np.array([2.3, 2.0, 0.9, 0.3, 0.07, 0.004] + [0.001] * 10)
+    res = R.memorised(train, val)
+    assert res.fired and res.trigger == 4  # epoch 3: train still at 0.3 > 0.1 x 2.3
+    assert not R.memorised(train, np.linspace(2.0, 1.0, 16)).fired
+    assert not R.memorised(np.full(16, 2.0), val).fired
+    assert not R.memorised(train, np.r_[val[:-1], np.nan]).fired
+    sig = {"train_loss": np.repeat(train, 10), "epoch_step": np.arange(1, 17) * 10, "val_loss": val}
+    assert not _overfitting(sig, LabelConfig()).fired
+    both = _overfitting(sig, LabelConfig(memorised_rise=1.5))
+    assert both.fired and both.detail["fired_by"] == "memorised"

@@ -379,3 +379,19 @@ def test_overfit_8_memorises_two_text_windows_or_eight_samples():
         pert.bind(y_train, 10, seed=0)
         s = pert.configure(RunSettings(lr=1e-3, weight_decay=0.1, optimizer="adam"))
         assert s.train_subset == expect and s.lr == 1e-3 and s.weight_decay == 0.0 and not s.augment
+
+
+def test_small_batch_preset_scales_the_rate_by_the_square_root_rule_and_overfit_drops_smoothing():
+    """healthy_small_batch on a run drawn at batch 64 trains at batch 8 with the rate x sqrt(8 / 64); a run
+    whose batch size is the config's (None) keeps its rate. An overfit preset trains without label
+    smoothing, weight decay or augmentation whatever the draw said."""
+    import math
+
+    from factory.perturbations import RunSettings, make_perturbation
+
+    small = make_perturbation("healthy_small_batch", 100)
+    s = small.configure(RunSettings(lr=0.08, weight_decay=0.0, batch_size=64))
+    assert s.batch_size == 8 and math.isclose(s.lr, 0.08 * math.sqrt(8 / 64))
+    assert math.isclose(small.configure(RunSettings(lr=0.08, weight_decay=0.0)).lr, 0.08)
+    o = make_perturbation("overfit_8", 100).configure(RunSettings(lr=1e-3, weight_decay=0.05, label_smoothing=0.1, augment=True))
+    assert (o.label_smoothing, o.weight_decay, o.augment) == (0.0, 0.0, False)
