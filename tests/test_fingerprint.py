@@ -1,0 +1,32 @@
+"""The fingerprint probe (eval.fingerprint) runs on a real corpus and reports each view against chance."""
+import json
+
+import pytest
+
+from eval.fingerprint import TARGETS, fingerprint, main, table, window_ends
+
+
+def test_window_ends_are_complete_windows():
+    assert window_ends(5, 10, 6) == []
+    assert window_ends(30, 10, 3) == [9, 19, 29]
+    assert window_ends(10, 10, 6) == [9]
+
+
+def test_probe_on_the_smoke_corpus(smoke_corpus, tmp_path):
+    result = fingerprint(smoke_corpus, splits=("train", "val", "test"), window=3, per_run=3, folds=2, progress=False)
+    assert result["runs"] >= 2 and result["windows"] >= 2 * result["runs"] - 1
+    for t in TARGETS:
+        row = result["targets"][t]
+        assert 0 < row["chance"] <= 1 and row["uniform"] == pytest.approx(1 / row["classes"], abs=1e-4)
+        for view in ("raw", "relative", "relative_patterns", "relative_scalars"):
+            assert 0.0 <= row[view]["accuracy"] <= 1.0
+            assert row[view]["x_chance"] == pytest.approx(row[view]["accuracy"] / row["chance"], abs=0.01)
+    assert "| family |" in table(result)
+    assert main(["--corpus", str(smoke_corpus), "--out", str(tmp_path), "--splits", "train", "val", "test",
+                 "--window", "3", "--windows-per-run", "2", "--folds", "2"]) == 0
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["folds"] == 2
+
+
+def test_too_few_runs_is_refused(smoke_corpus):
+    with pytest.raises(ValueError, match="healthy runs"):
+        fingerprint(smoke_corpus, splits=("val",), folds=50, progress=False)
