@@ -54,14 +54,13 @@ def window_ends(n_frames: int, window: int, per_run: int) -> list[int]:
     return sorted({int(round(e)) for e in np.linspace(window - 1, n_frames - 1, per_run)})
 
 
-def run_views(store: RunStore, window: int, per_run: int, model=None) -> dict[str, np.ndarray]:
-    """{view: (windows, features)} of one run."""
+def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict[str, np.ndarray]:
+    """{view: (len(ends), features)} of one run's windows of `window` frames ending at frames `ends`."""
+    if not ends:
+        return {}
     names = store.readout_names
     readouts = store.readouts()[:, [names.index(n) for n in CLIP_READOUTS]]
     frames = store.frames().float()
-    ends = window_ends(len(frames), window, per_run)
-    if not ends:
-        return {}
     from diagnose.tevid import readout_features
 
     raw = []
@@ -118,7 +117,8 @@ def fingerprint(corpus: str | Path, splits=("train",), window: int = 10, per_run
     labels: dict[str, list[str]] = {t: [] for t in TARGETS}
     groups: list[int] = []
     for i, rec in enumerate(tqdm(runs, desc="fingerprint windows", unit="run", disable=not progress, leave=False)):
-        views = run_views(RunStore(corpus / rec["store"]), window, per_run, model)
+        store = RunStore(corpus / rec["store"])
+        views = run_views(store, window, window_ends(len(store.frame_step()), window, per_run), model)
         if not views:
             continue
         n = len(next(iter(views.values())))
