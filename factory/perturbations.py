@@ -31,7 +31,7 @@ from capture.config import FieldError, at_least, within
 from factory.datasets import MODALITIES
 
 # the learning-rate schedules of `factory.job.lr_schedule`, each after a linear warm-up over `warmup_frac`:
-# cosine to 10% of the base rate; constant; step (x0.1 at 50% and again at 75% of the run); warmup (a long
+# cosine to 10% of the base rate; constant; step (x0.1 at 75% and again at 90% of the run); warmup (a long
 # warm-up, optionally overshooting to `warmup_peak` x the base rate, then flat); restarts (three cosine cycles)
 SCHEDULES = ("cosine", "constant", "step", "warmup", "restarts")
 LABELLED = ("image", "tabular", "sequence")  # modalities with class labels (text: next-token targets)

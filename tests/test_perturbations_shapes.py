@@ -90,10 +90,10 @@ def test_cosine_is_the_factory_default_and_constant_is_flat_after_the_warmup():
     assert _curve("constant")[:10] == f[:10] and set(_curve("constant")[10:]) == {1.0}
 
 
-def test_step_drops_tenfold_at_half_and_three_quarters():
+def test_step_drops_tenfold_at_three_quarters_and_nine_tenths():
     f = _curve("step", steps=200)
-    assert f[99] == 1.0 and f[100] == pytest.approx(0.1) and f[149] == pytest.approx(0.1) and f[150] == pytest.approx(0.01)
-    assert f[10:100] == [1.0] * 90 and f[-1] == pytest.approx(0.01)
+    assert f[149] == 1.0 and f[150] == pytest.approx(0.1) and f[179] == pytest.approx(0.1) and f[180] == pytest.approx(0.01)
+    assert f[10:150] == [1.0] * 140 and f[-1] == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("steps", [80, 200, 320])
