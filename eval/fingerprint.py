@@ -170,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args(argv)
     result = fingerprint(args.corpus, args.splits, args.window, args.windows_per_run, args.folds, args.checkpoint)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fingerprint.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "fingerprint.md").write_text(table(result))
-    print(table(result))
+    save(result, table(result), Path(args.out), "fingerprint")
     return 0
+
+
+def save(result: dict, text: str, out: Path, stem: str) -> None:
+    """A probe's result as `<out>/<stem>.json` and its table as `<stem>.md`, the table also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

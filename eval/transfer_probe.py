@@ -12,7 +12,6 @@ Every AUPRC is printed beside its base rate (the AUPRC of a constant score).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from capture.corpus import corpus_runs
 from capture.schema import IGNORE
 from capture.store import RunStore
-from eval.fingerprint import VIEWS, run_views
+from eval.fingerprint import VIEWS, run_views, save
 from pretrain.clips import run_targets
 
 
@@ -96,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=2)
     args = parser.parse_args(argv)
     result = transfer(args.corpus, args.train_split, args.eval_splits, args.window, args.stride)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "transfer.md").write_text(table(result))
-    print(table(result))
+    save(result, table(result), Path(args.out), "transfer")
     return 0
 
 
