@@ -35,6 +35,7 @@ from capture.frames import CHANNELS
 from capture.relative import pooled, relative_run
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
+from eval.tables import markdown_table
 
 TARGETS = ("family", "dataset", "optimizer")
 VIEWS = ("raw", "relative", "relative_patterns", "relative_scalars", "tevid")
@@ -146,14 +147,12 @@ def fingerprint(corpus: str | Path, splits=("train",), window: int = 10, per_run
 
 def table(result: dict) -> str:
     views = [v for v in VIEWS if any(v in r for r in result["targets"].values())]
-    lines = [f"Fingerprint probe on {result['corpus']} ({result['runs']} healthy runs of {result['splits']}, "
-             f"{result['windows']} windows of {result['window']} frames, {result['folds']}-fold grouped by run)", "",
-             "| target | classes | chance (majority) | " + " | ".join(f"{v}: accuracy (x chance)" for v in views) + " |",
-             "|---|---|---|" + "---|" * len(views)]
-    for t, r in result["targets"].items():
-        cells = [f"{r[v]['accuracy']:.3f} ({r[v]['x_chance']:.2f}x)" if v in r else "-" for v in views]
-        lines.append(f"| {t} | {r['classes']} | {r['chance']:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[t, str(r["classes"]), f"{r['chance']:.3f}",
+             *(f"{r[v]['accuracy']:.3f} ({r[v]['x_chance']:.2f}x)" if v in r else "-" for v in views)]
+            for t, r in result["targets"].items()]
+    return (f"Fingerprint probe on {result['corpus']} ({result['runs']} healthy runs of {result['splits']}, "
+            f"{result['windows']} windows of {result['window']} frames, {result['folds']}-fold grouped by run)\n\n"
+            + markdown_table(["target", "classes", "chance (majority)", *(f"{v}: accuracy (x chance)" for v in views)], rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def _ci(s: dict, key: str) -> str:
     return cell(s.get(key), s.get(f"{key}_ci"))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -60,7 +60,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def table3(metrics: dict) -> str:
     """Main results (paper Table 3): one row per method, 95% BCa intervals over runs in brackets."""
-    return _table(["Method", "kind", *(h for _, h in TABLE3)],
+    return markdown_table(["Method", "kind", *(h for _, h in TABLE3)],
                   [[name, s["kind"], *(_ci(s, k) for k, _ in TABLE3)] for name, s in metrics.items()])
 
 
@@ -85,7 +85,7 @@ def table4(results: dict[str, list[M.RunResult]], info: dict[str, dict], horizon
                              f"{cell(lead, l_ci and [l_ci.low, l_ci.high], 2)}")
             n_runs = sum(str(info[r.run_id].get(factor)) == value for r in first)
             rows.append([factor, value, str(n_runs), *cells])
-    return _table(["factor", "value", "runs", *(f"{n} AUPRC / Lead (ep)" for n in names)], rows)
+    return markdown_table(["factor", "value", "runs", *(f"{n} AUPRC / Lead (ep)" for n in names)], rows)
 
 
 def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str]) -> str:
@@ -100,7 +100,7 @@ def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, n
     if not by_type:
         return "(no novel run in the test split)"
     rows = [[t, str(len(v)), *(f"{100.0 * v.count(o) / len(v):.1f}" for o in OUTCOMES)] for t, v in sorted(by_type.items())]
-    return _table(["True novel anomaly", "runs", *(f"{o} (%)" for o in OUTCOMES)], rows)
+    return markdown_table(["True novel anomaly", "runs", *(f"{o} (%)" for o in OUTCOMES)], rows)
 
 
 def table18(results: dict[str, list[M.RunResult]], metrics: dict) -> str:
@@ -115,12 +115,12 @@ def table18(results: dict[str, list[M.RunResult]], metrics: dict) -> str:
         leads = M.leads_epochs(runs)
         rows.append([name, str(n), per("n_false_alarms"), per("n_missed"), fmt(float(leads.mean()), 2) if len(leads) else "–",
                      fmt(s.get("far"), 3)])
-    return _table(["Model", "runs", "N_FA / 100", "N_MD / 100", "Avg. lead (ep)", "FAR (test)"], rows)
+    return markdown_table(["Model", "runs", "N_FA / 100", "N_MD / 100", "Avg. lead (ep)", "FAR (test)"], rows)
 
 
 def table19(metrics: dict) -> str:
     """Expected decision cost per 100 runs under (C_FA, C_MD, C_lead) = (1, 10, -0.5) (paper Table 19), 95% BCa."""
-    return _table(["Model", "Expected cost / 100 runs (95% CI)"],
+    return markdown_table(["Model", "Expected cost / 100 runs (95% CI)"],
                   [[name, cell(s.get("cost_per_100_runs"), s.get("cost_per_100_runs_ci"), 1)] for name, s in metrics.items()])
 
 
@@ -133,7 +133,7 @@ def table12(ablations: dict) -> str:
     for name, v in ablations["variants"].items():
         m = v["metrics"]
         rows.append([name, v["label"], v["init"], *(_ci(m, k) for k, _ in TABLE12)])
-    return _table(["Variant", "what differs", "init", *(h for _, h in TABLE12)], rows)
+    return markdown_table(["Variant", "what differs", "init", *(h for _, h in TABLE12)], rows)
 
 
 def table5(ablations: dict) -> str:
@@ -148,7 +148,7 @@ def table5(ablations: dict) -> str:
                      fmt(m.get("far"), 3), name])
     if not rows:
         return "(no window variant in the ablations: run `python -m eval.ablations --variants full,window5,window20`)"
-    return _table(["Window W", "Steps/Frame", "GFLOPs/Clip", "Event-Time AUPRC", "Med. Lead (ep)", "FAR (test)", "variant"], rows)
+    return markdown_table(["Window W", "Steps/Frame", "GFLOPs/Clip", "Event-Time AUPRC", "Med. Lead (ep)", "FAR (test)", "variant"], rows)
 
 
 def probes_table(probes: dict) -> str:
@@ -162,5 +162,5 @@ def probes_table(probes: dict) -> str:
             continue
         rows.append([title, p["input"], p["target"], f"{fmt(p['r2_per_run_mean'])} ± {fmt(p['r2_per_run_sd'])}",
                      fmt(p.get("r2_per_run_median")), fmt(p["r2_pooled"]), str(p["n_test_runs"]), str(p["n_test"])])
-    return _table(["Probe", "input", "target", "R² per run (mean ± sd)", "R² per run (median)", "R² pooled", "test runs",
+    return markdown_table(["Probe", "input", "target", "R² per run (mean ± sd)", "R² per run (median)", "R² pooled", "test runs",
                    "test frames"], rows)

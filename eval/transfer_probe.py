@@ -23,6 +23,7 @@ from capture.corpus import corpus_runs
 from capture.schema import IGNORE
 from capture.store import RunStore
 from eval.fingerprint import VIEWS, run_views, save
+from eval.tables import markdown_table
 from pretrain.clips import run_targets
 
 
@@ -74,14 +75,11 @@ def transfer(corpus: str | Path, train_split: str = "train", eval_splits=("val",
 
 def table(result: dict) -> str:
     views = [v for v in VIEWS if any(v in r for r in result["splits"].values())]
-    lines = [f"Transfer probe on {result['corpus']}: logistic, trained on {result['train_windows']} {result['train_split']} windows "
-             f"({result['train_positives']} anomalous; window {result['window']}, stride {result['stride']})", "",
-             "| split | windows | base rate (AUPRC of a constant) | " + " | ".join(f"{v}: AUPRC / AUROC" for v in views) + " |",
-             "|---|---|---|" + "---|" * len(views)]
-    for s, r in result["splits"].items():
-        cells = [f"{r[v]['auprc']:.3f} / {r[v]['auroc']:.3f}" if v in r else "-" for v in views]
-        lines.append(f"| {s} | {r['windows']} | {r['base_rate']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[s, str(r["windows"]), str(r["base_rate"]), *(f"{r[v]['auprc']:.3f} / {r[v]['auroc']:.3f}" if v in r else "-" for v in views)]
+            for s, r in result["splits"].items()]
+    return (f"Transfer probe on {result['corpus']}: logistic, trained on {result['train_windows']} {result['train_split']} windows "
+            f"({result['train_positives']} anomalous; window {result['window']}, stride {result['stride']})\n\n"
+            + markdown_table(["split", "windows", "base rate (AUPRC of a constant)", *(f"{v}: AUPRC / AUROC" for v in views)], rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
