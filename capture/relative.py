@@ -14,8 +14,9 @@ pattern (`capture.frames.summarise_maps`), so inputs relative to the run are com
 The run reference of a channel at frame t is the mean of its finite levels over the run's first
 `reference_frames` frames that exist by t (no look-ahead: frame 0 is its own reference). Every scalar
 goes through asinh after non-finite values are replaced: near-linear where healthy runs sit, logarithmic
-for a diverging one, never clamped. One code path serves the factory's stores and the live monitor: both
-call `relative_window` with the levels, patterns and readouts they hold.
+for a diverging one, never clamped. `relative_window` takes only what both a store and the live monitor's
+frames hold (`Frame.levels`, `Frame.patterns`, the readouts), so the two can share it; today only the
+probes read it (`eval/fingerprint.py`, `eval/transfer_probe.py`): TEViD and the monitor do not yet.
 """
 from __future__ import annotations
 
