@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from einops import reduce
 
+from capture.frames import CHANNELS
 from capture.schema import CLIP_READOUTS
 
-LEVEL_CHANNELS = ("act_early", "act_mid", "act_late", "grad_early", "grad_mid", "grad_late")
 SIZE_READOUTS = ("head_grad_norm", "score_w", "score_z")  # grow with width, classes and tokens: ratios only
 RELATIVE_FEATURES = (
-    tuple(f"rel_level_{c}" for c in LEVEL_CHANNELS)
-    + tuple(f"d_level_{c}" for c in LEVEL_CHANNELS)
+    tuple(f"rel_level_{c}" for c in CHANNELS)
+    + tuple(f"d_level_{c}" for c in CHANNELS)
     + tuple(f"log_ratio_{r}" for r in SIZE_READOUTS)
     + ("gwa", "confidence_above_chance", "entropy_over_log_c", "margin", "loss_over_log_c", "log_ratio_loss")
 )
@@ -134,8 +134,9 @@ def relative_run(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.T
 
 
 def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torch.Tensor:
-    """A window's `(T, 6, P, P)` patterns and `(T, F)` scalars -> one vector: the patterns averaged over time
-    and pooled to grid x grid, the scalars' mean and last value (the fingerprint probe's raw-input view)."""
+    """A window's `(T, 6, P, P)` maps and `(T, F)` scalars -> one vector: the maps averaged over time and
+    pooled to grid x grid, the scalars' mean and last value (the probes' view of a window: relative
+    patterns and scalars, or raw frames and readout features)."""
     p = reduce(patterns, "t c (h a) (w b) -> (c h w)", "mean", h=grid, w=grid)
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 

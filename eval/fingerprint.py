@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import reduce
 from tqdm import tqdm
 
 from capture.corpus import corpus_runs
@@ -35,6 +34,7 @@ from capture.frames import CHANNELS
 from capture.relative import pooled, relative_run
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
+from diagnose.tevid import readout_features
 from eval.tables import markdown_table
 
 TARGETS = ("family", "dataset", "optimizer")
@@ -62,13 +62,7 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
     names = store.readout_names
     readouts = store.readouts()[:, [names.index(n) for n in CLIP_READOUTS]]
     frames = store.frames().float()
-    from diagnose.tevid import readout_features
-
-    raw = []
-    for e in ends:
-        f, r = frames[e - window + 1:e + 1], readout_features(readouts[e - window + 1:e + 1])
-        pooled_frames = reduce(f, "t c (h a) (w b) -> (c h w)", "mean", h=GRID, w=GRID)
-        raw.append(torch.cat([pooled_frames, r.mean(0), r[-1]]))
+    raw = [pooled(frames[e - window + 1:e + 1], readout_features(readouts[e - window + 1:e + 1]), GRID) for e in ends]
     views = {"raw": torch.stack(raw).numpy()}
     if store.has_summaries:
         pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window)

@@ -83,7 +83,8 @@ def run_settings(pert: Perturbation, tc: TrainingConfig, arch: str, optimizer: s
 RESTART_CYCLES = 3  # schedule "restarts": cosine cycles after the warm-up (a peak at the start of each)
 # schedule "step": x0.1 at each of these fractions of the run. Late drops: with drops at 50% and 75% the faults
 # injected at 30-50% met a rate at a tenth or a hundredth, and 10 of 20 forgetting, 5 of 12 concept-bias and 6 of
-# 16 instability runs of the first ~700 runs of the drawn cpu corpus showed no effect (constant: 12/14, 15/19, 11/13)
+# 16 instability runs of the first ~700 runs of the drawn cpu corpus showed no effect (constant: 12/14, 15/19, 11/13;
+# counted from the stores' attributes with an ad-hoc script before those step-schedule runs were regenerated)
 STEP_DROPS = (0.75, 0.9)
 
 

@@ -24,6 +24,7 @@ from capture.corpus import is_usable, read_manifest
 from capture.schema import KNOWN_CLASSES as KNOWN
 from capture.store import RunStore, read_labeling, read_privileged
 from factory.datasets import TEXT_DATASETS
+from factory.spec import SPLITS
 
 
 def table(rows: list[str], cols: list[str], count: dict[tuple[str, str], int], title: str) -> list[str]:
@@ -137,6 +138,25 @@ def per_class_agreement(ok: list[dict]) -> tuple[list[str], dict]:
     return lines, numbers
 
 
+def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
+    """How far healthy-injected runs learn: median and lower quartile of their final validation accuracy
+    (token accuracy for text) per split and dataset. A split whose healthy runs end near chance has
+    nothing to forget and no fault to show."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in ok:
+        if r["injected"] == "healthy":
+            val = read_privileged(corpus / r["store"]).get("val_acc")
+            if val is not None and len(val):
+                acc.setdefault((r["split"], r["dataset"]), []).append(float(val[-1]))
+    lines = ["| split | dataset | healthy runs | median final val acc | lower quartile |", "|---|---|---|---|---|"]
+    numbers = {}
+    for (split, dataset), v in sorted(acc.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
+        med, q25 = float(np.median(v)), float(np.quantile(v, 0.25))
+        numbers[f"{split}/{dataset}"] = {"n": len(v), "median": med, "q25": q25}
+        lines.append(f"| {split} | {dataset} | {len(v)} | {med:.3f} | {q25:.3f} |")
+    return lines, numbers
+
+
 def corpus_stats(corpus: Path) -> tuple[str, dict]:
     records = read_manifest(corpus)
     ok = [r for r in records if is_usable(r)]
@@ -163,6 +183,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += ["", *class_lines]
     disagreement_lines, disagreement_counts = disagreements(corpus, known)
     lines += disagreement_lines
+    learn_lines, learn_numbers = healthy_accuracy(corpus, ok)
+    lines += ["", "Healthy-injected runs' final validation accuracy", "", *learn_lines]
     dist_lines, dist_numbers = distribution(records, f"Distribution of the corpus {corpus}")
     lines += ["", *dist_lines]
     merged = lambda l: "overfitting" if l == "concept_bias" else ("healthy" if l == "underperforming" else l)  # noqa: E731
@@ -195,7 +217,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     return "\n".join(lines), {"agreement_known": agree, "agreement_known_ci": agree_ci, "online_agreement": online, "pearson_r_mean": r_mean,
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
-                              "disagreements": disagreement_counts, "per_class": class_numbers, "distribution": dist_numbers}
+                              "disagreements": disagreement_counts, "per_class": class_numbers, "distribution": dist_numbers,
+                              "healthy_accuracy": learn_numbers}
 
 
 def main(argv: list[str] | None = None) -> int:

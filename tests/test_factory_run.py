@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,11 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
 
     text, numbers = corpus_stats(out)
     assert "| split \\ label |" in text and "Agreement, known injected perturbations" in text
+    healthy = [r for r in relabeled if r["injected"] == "healthy"]  # final validation accuracy per split/dataset
+    assert sum(v["n"] for v in numbers["healthy_accuracy"].values()) == len(healthy)
+    for key, v in numbers["healthy_accuracy"].items():
+        accs = [read_privileged(out / r["store"])["val_acc"][-1] for r in healthy if f"{r['split']}/{r['dataset']}" == key]
+        assert v["median"] == pytest.approx(float(np.median(accs))) and 0 <= v["q25"] <= v["median"] <= 1
     known = [r for r in relabeled if r["injected"] in ("overfitting", "instability", "forgetting", "concept_bias")]
     assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
     lo, hi = numbers["agreement_known_ci"]  # Wilson interval of the proportion, as statsmodels computes it
@@ -174,7 +180,6 @@ def test_two_real_processes(tmp_path):
 def test_paper_config_expands_and_its_first_run_starts(tmp_path):
     import pickle
 
-    import numpy as np
 
     cfg = load_config(FactoryConfig, CONFIGS / "paper.yaml")
     specs = plan(cfg)
