@@ -143,6 +143,10 @@ class LabelConfig:
     jump_factor: float = 0.0
     jump_span_frac: float = 0.05
     forget_window_frac: float = 0.25
+    # forgetting's post-switch window as a fraction of the epochs (0: forget_window_frac, as collapse's).
+    # A switched model forgets over many epochs when the LR is annealed or adaptive; a short window
+    # averages in the epochs just after the switch (factory.labeler._forgetting)
+    forget_post_frac: float = 0.0
     forget_drop: float = 0.30
     forget_p: float = 0.01
     bias_p: float = 0.01
@@ -152,7 +156,7 @@ class LabelConfig:
 
     def __post_init__(self):
         within(self, 0.0, 1.0, "overfit_window_frac", "overfit_alpha", "spike_window_frac", "spike_span_frac",
-               "spike_min_history_frac", "lyapunov_confidence", "forget_window_frac", "forget_drop", "forget_p",
+               "spike_min_history_frac", "lyapunov_confidence", "forget_window_frac", "forget_post_frac", "forget_drop", "forget_p",
                "bias_p", "default_floor")
         at_least(self, 1, "overfit_min_window", "spike_count", "lyapunov_bootstrap", "lyapunov_min_windows")
         at_least(self, 0, "spike_merge_gap", "memorised_rise")

@@ -88,7 +88,7 @@ def _forgetting(sig: dict, pert: Perturbation, num_classes: int, lc: LabelConfig
     e_s = int(after[0])
     primary = sig["val_labels"] < num_classes // 2
     acc = correct[:, primary].mean(axis=1)
-    window = max(2, round(lc.forget_window_frac * len(epoch_step)))
+    window = max(2, round((lc.forget_post_frac or lc.forget_window_frac) * len(epoch_step)))
     e_end = min(e_s + window - 1, len(epoch_step) - 1)
     return R.forgetting(acc, e_s, correct[e_s - 1, primary], correct[e_end, primary], window=window, drop=lc.forget_drop, p=lc.forget_p)
 
@@ -97,22 +97,31 @@ def _concept_bias(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult 
     """Evaluated at every epoch; fires if it holds at the final epoch, triggered at the first epoch
     of the final unbroken run of firing epochs (one test per run decides, not the best of many).
     A model that answers the poisoned set at under `bias_learned` x chance has learned no shortcut: the
-    test's association is then noise (healthy models near chance fired it on drawn corpora)."""
+    test's association is then noise (healthy models near chance fired it on drawn corpora).
+
+    The poisoned set (every sample carries its own class's mark) is compared with the counterfactual
+    set (the same samples with the next class's mark) when the run stored one, else with the clean
+    set. Both sets of the first comparison carry a mark, so a mark's mere presence cannot decide it,
+    and a model that reads the mark answers the counterfactual set worse even when it answers the
+    clean set at its ceiling: against the clean set, textures CNNs at 0.93-1.0 could not score higher
+    with the mark and 17 of 40 such runs were labelled healthy (issue 19 corpus)."""
     if sig["poison_correct"] is None or len(sig["val_correct"]) == 0:
         return None
     clean, poison, y = sig["val_correct"], sig["poison_correct"], sig["val_labels"]
+    counter = sig.get("counter_correct")
+    reference, against = (counter, "counterfactual") if counter is not None else (clean, "clean")
     poison_acc = float(np.mean(poison[-1]))
     if lc.bias_learned and poison_acc < lc.bias_learned / num_classes:
         return R.RuleResult(False, None, {"reason": f"poisoned accuracy {poison_acc:.3f} < {lc.bias_learned} x chance"})
     shortcut = np.concatenate([np.zeros(len(y)), np.ones(len(y))])
     classes = np.concatenate([y, y])
-    fired = [R.concept_bias(np.concatenate([clean[e], poison[e]]), shortcut, classes, p=lc.bias_p) for e in range(len(clean))]
+    fired = [R.concept_bias(np.concatenate([reference[e], poison[e]]), shortcut, classes, p=lc.bias_p) for e in range(len(clean))]
     if not fired[-1].fired:
-        return R.RuleResult(False, None, {"final": fired[-1].detail})
+        return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against})
     first = len(fired) - 1
     while first > 0 and fired[first - 1].fired:
         first -= 1
-    return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first})
+    return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first, "against": against})
 
 
 def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:

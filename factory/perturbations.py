@@ -249,8 +249,13 @@ def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: floa
     - image (N, C, S, S): a `size` x `size` square at a position along the border (top edge left to
       right, then bottom edge), every channel set to `strength`;
     - tabular (N, D): one feature slot set to `strength` (feature c % D; classes past D use -`strength`);
-    - sequence (N, T, C): a time slot of `size` steps (fewer when T / K is smaller), every channel set
-      to `strength` (slot c in order along the time axis; past the last slot, -`strength`)."""
+    - sequence (N, T, C): a time slot of `size` steps (fewer when T / 2K is smaller), every channel set
+      to `strength`, counted back from the end (class 0 in the last slot, class 1 before it; past the
+      first slot, -`strength`): a recurrent classifier reads its last step, and a mark early in the
+      sequence had faded by then (GRUs on `sines` learned no reliance on it: issue 19 corpus).
+
+    `y` is the class whose mark each sample gets: its true class for the poisoned validation set,
+    another class for the counterfactual one."""
     x = x.clone()
     if x.ndim == 4:
         s = x.shape[-1]
@@ -266,7 +271,7 @@ def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: floa
     if x.ndim == 2:
         slots, width = x.shape[1], 1
     elif x.ndim == 3:
-        width = max(1, min(size, x.shape[1] // max(1, num_classes)))
+        width = max(1, min(size, x.shape[1] // max(1, 2 * num_classes)))
         slots = x.shape[1] // width
     else:
         raise ValueError(f"watermark: x must be images (N, C, S, S), tabular (N, D) or sequences (N, T, C), got shape {tuple(x.shape)}")
@@ -274,12 +279,12 @@ def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: floa
         rows = (y == c).nonzero().flatten()
         if len(rows):
             slot = c % (2 * slots)
-            t0 = (slot % slots) * width
             value = strength if slot < slots else -strength
             if x.ndim == 2:
-                x[rows, t0] = value
+                x[rows, slot % slots] = value
             else:
-                x[rows, t0:t0 + width, :] = value
+                t1 = x.shape[1] - (slot % slots) * width
+                x[rows, t1 - width:t1, :] = value
     return x
 
 
@@ -550,9 +555,11 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     "instability_spike": lambda n: LRSpike(name="instability_spike", kind="known", injected="instability", onset=_at(0.4, n), factor=50.0,
                                            length=1, bursts=4, gap=max(5, n // 25)),
     # for drawn corpora: x100 one-step bursts (at x50 three of twelve pilot runs, LMs and adaptive optimizers at
-    # small rates, shrugged the bursts off); a model the bursts break for good is instability all the same
+    # small rates, shrugged the bursts off); a model the bursts break for good is instability all the same.
+    # Six bursts 5% of the run apart: of four 4% apart, 17 of 127 runs (mostly LMs) showed only one or two
+    # as spikes, the later ones hidden in the loss the first had raised (issue 19 corpus)
     "instability_burst": lambda n: LRSpike(name="instability_burst", kind="known", injected="instability", onset=_at(0.4, n), factor=100.0,
-                                           length=1, bursts=4, gap=max(5, n // 25)),
+                                           length=1, bursts=6, gap=max(5, n // 20)),
     "instability_cyclic": lambda n: CyclicLR(name="instability_cyclic", kind="known", injected="instability", onset=_at(0.3, n), peak=50.0, period=max(8, n // 8)),
     "forgetting": lambda n: TaskSwitch(name="forgetting", kind="known", injected="forgetting", onset=_at(0.5, n)),
     "forgetting_early": lambda n: TaskSwitch(name="forgetting_early", kind="known", injected="forgetting", onset=_at(0.35, n)),

@@ -61,6 +61,7 @@ def load_signals(path: Path) -> tuple[dict, dict]:
         "val_acc": priv["val_acc"],
         "val_correct": priv["val_correct"],
         "poison_correct": priv.get("poison_correct"),
+        "counter_correct": priv.get("counter_correct"),
         "val_labels": priv.get("val_labels"),
         "lyapunov": list(zip(priv["lyapunov_start"].tolist(), priv["lyapunov_log_alpha"])) if "lyapunov_start" in priv else [],
         "lyapunov_reference": priv.get("lyapunov_reference"),

@@ -148,11 +148,14 @@ class DivergenceStop(JobCallback):
 class Validation(JobCallback):
     """Privileged evaluation after every `every`-th step (one "epoch") and at the step that stops the
     job: validation loss, accuracy and per-sample correctness, and the correctness on the poisoned
-    set `x_poison` (samples stamped with their class's watermark; None for text)."""
+    set `x_poison` (samples stamped with their class's watermark) and on the counterfactual set
+    `x_counter` (stamped with another class's watermark); both None for text."""
 
-    def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, x_poison: torch.Tensor | None, every: int):
-        self.x_val, self.y_val, self.x_poison, self.every = x_val, y_val, x_poison, every
-        self.val_loss, self.val_acc, self.val_correct, self.poison_correct, self.epoch_step = [], [], [], [], []
+    def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, x_poison: torch.Tensor | None, every: int,
+                 x_counter: torch.Tensor | None = None):
+        self.x_val, self.y_val, self.x_poison, self.x_counter, self.every = x_val, y_val, x_poison, x_counter, every
+        self.val_loss, self.val_acc, self.val_correct, self.epoch_step = [], [], [], []
+        self.poison_correct, self.counter_correct = [], []
 
     def on_step_end(self, loop: StepLoop) -> None:
         if (loop.step + 1) % self.every == 0 or loop.should_stop:
@@ -160,6 +163,8 @@ class Validation(JobCallback):
             self.val_loss.append(vl), self.val_acc.append(va), self.val_correct.append(vc), self.epoch_step.append(loop.step + 1)
             if self.x_poison is not None:
                 self.poison_correct.append(evaluate(loop.job.model, self.x_poison, self.y_val)[2])
+            if self.x_counter is not None:
+                self.counter_correct.append(evaluate(loop.job.model, self.x_counter, self.y_val)[2])
 
 
 class Labelling(JobCallback):
@@ -184,6 +189,7 @@ class Labelling(JobCallback):
             "val_acc": np.asarray(val.val_acc),
             "val_correct": np.asarray(val.val_correct),
             "poison_correct": np.asarray(val.poison_correct, dtype=bool) if val.poison_correct else None,
+            "counter_correct": np.asarray(val.counter_correct, dtype=bool) if val.counter_correct else None,
             "val_labels": val.y_val.numpy() if data.modality != "text" else None,
             "lyapunov": lyap_windows,
             "lyapunov_reference": reference,
@@ -194,6 +200,8 @@ class Labelling(JobCallback):
         if signals["poison_correct"] is not None:
             writer.write_privileged("poison_correct", signals["poison_correct"])
             writer.write_privileged("val_labels", signals["val_labels"])
+        if signals["counter_correct"] is not None:
+            writer.write_privileged("counter_correct", signals["counter_correct"])
         if lyap_windows:
             writer.write_privileged("lyapunov_start", np.asarray([s for s, _ in lyap_windows]))
             writer.write_privileged("lyapunov_log_alpha", np.asarray([a for _, a in lyap_windows]))
@@ -203,17 +211,18 @@ class Labelling(JobCallback):
         writer.write_privileged("labeling", np.zeros(0), attrs={"rules": self.result["rules"]})
 
 
-def validation_sets(data: TaskData, tc: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x_val, y_val, x_poison) of a run (privileged): the clean validation set and the poisoned one
-    (`watermark` of the true class: a border square on images, a feature slot on tabular rows, a time
-    slot on sequences), or for text non-overlapping windows of the validation stream, at most
-    `max_val`, and no poisoned set."""
+def validation_sets(data: TaskData, tc: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x_val, y_val, x_poison, x_counter) of a run (privileged): the clean validation set, the poisoned
+    one (`watermark` of the true class: a border square on images, a feature slot on tabular rows, a
+    time slot on sequences) and the counterfactual one (the watermark of the next class, y + 1 mod K);
+    or for text non-overlapping windows of the validation stream, at most `max_val`, and neither."""
     if data.modality == "text":
         n_win = min(tc.max_val, (len(data.x_val) - 1) // tc.lm_context)
         starts = torch.arange(n_win) * tc.lm_context
         offs = torch.arange(tc.lm_context)
-        return data.x_val[starts[:, None] + offs], data.x_val[starts[:, None] + offs + 1], None
-    return data.x_val, data.y_val, watermark(data.x_val, data.y_val, data.num_classes)
+        return data.x_val[starts[:, None] + offs], data.x_val[starts[:, None] + offs + 1], None, None
+    k = data.num_classes
+    return data.x_val, data.y_val, watermark(data.x_val, data.y_val, k), watermark(data.x_val, (data.y_val + 1) % k, k)
 
 
 # ------------------------------------------------------------------ one run
@@ -222,7 +231,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     job = job_from_spec(spec, cfg)
     tc = job.training  # the config's, or a drawn run's own length, batch size and epoch
     data, pert = job.data, job.perturbation
-    x_val, y_val, x_poison = validation_sets(data, tc)
+    x_val, y_val, x_poison, x_counter = validation_sets(data, tc)
 
     store_path = corpus / "runs" / f"{spec.run_id}.zarr"
     store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +243,7 @@ def run_one(spec: RunSpec, cfg: FactoryConfig, corpus: Path, overwrite: bool = F
     lyapunov = LyapunovWindows(lyap_starts + ([reference] if reference is not None else []), tc.lyapunov_horizon,
                                tc.lyapunov_eps, reference=reference)
     divergence = DivergenceStop(tc.divergence_patience)
-    validation = Validation(x_val, y_val, x_poison, tc.eval_every)
+    validation = Validation(x_val, y_val, x_poison, tc.eval_every, x_counter)
     labelling = Labelling(writer, spec, cfg.labels, validation, lyapunov)
     with writer:  # any exception below removes the temporary store
         loop = run_job(job, [capture, lyapunov, divergence, validation, labelling])

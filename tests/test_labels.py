@@ -675,3 +675,43 @@ def test_memorised_fires_on_an_early_rise_the_trend_test_cannot_see():
     assert not _overfitting(sig, LabelConfig()).fired
     both = _overfitting(sig, LabelConfig(memorised_rise=1.5))
     assert both.fired and both.detail["fired_by"] == "memorised"
+
+
+def test_concept_bias_at_the_ceiling_is_read_from_the_counterfactual_set():
+    """A model right on every clean and poisoned sample cannot score higher with its mark, so the clean
+    comparison stays quiet; the same model answering the counterfactual set (the next class's mark)
+    worse is relying on the mark, and fires. A model whose answers do not depend on which mark a
+    sample carries stays quiet."""
+    from factory.config import LabelConfig
+    from factory.labeler import _concept_bias
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(6), 100)
+    ceiling = rng.random((3, len(y))) < 0.99
+    sig = {"val_correct": ceiling, "poison_correct": ceiling.copy(), "val_labels": y}
+    lc = LabelConfig()
+    assert not _concept_bias(sig, lc, 6).fired  # no counterfactual set stored: the clean comparison
+    misled = rng.random((3, len(y))) < 0.6
+    res = _concept_bias({**sig, "counter_correct": misled}, lc, 6)
+    assert res.fired and res.detail["against"] == "counterfactual"
+    same = rng.random((3, len(y))) < 0.99
+    assert not _concept_bias({**sig, "counter_correct": same}, lc, 6).fired
+
+
+def test_forgetting_post_switch_window_can_be_longer_than_collapses():
+    """A model that forgets gradually after the switch (primary accuracy 0.9 falling by 0.05 an epoch)
+    has lost under 30% over the 4 epochs right after it, and well over 30% over 8."""
+    from factory.config import LabelConfig
+    from factory.labeler import _forgetting
+    from factory.perturbations import TaskSwitch
+
+    epochs, n = 16, 400
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(4), n // 4)
+    acc = np.r_[np.linspace(0.3, 0.9, 8), 0.9 - 0.08 * np.arange(1, 9)]
+    correct = rng.random((epochs, n)) < acc[:, None]
+    pert = TaskSwitch(onset=80)
+    pert.bind(torch.as_tensor(y), 4, 0)
+    sig = {"epoch_step": 10 * np.arange(1, epochs + 1), "val_correct": correct, "val_labels": y}
+    assert not _forgetting(sig, pert, 4, LabelConfig()).fired
+    assert _forgetting(sig, pert, 4, LabelConfig(forget_post_frac=0.5)).fired

@@ -340,9 +340,9 @@ def test_tabular_watermark_sets_a_class_coded_feature():
 def test_sequence_watermark_sets_a_class_coded_time_slot_across_channels():
     x, y = torch.zeros(4, 16, 2), torch.tensor([0, 1, 2, 3])
     w = watermark(x, y, num_classes=4, strength=3.0, size=4)
-    for c in range(4):
+    for c in range(4):  # T / 2K = 2 steps per slot, counted back from the end: class 0 in the last slot
         marked = (w[c] != 0).all(dim=1).nonzero().flatten().tolist()
-        assert marked == list(range(4 * c, 4 * c + 4)) and (w[c, marked] == 3.0).all()
+        assert marked == list(range(16 - 2 * (c + 1), 16 - 2 * c)) and (w[c, marked] == 3.0).all()
     w10 = watermark(torch.zeros(10, 16, 2), torch.arange(10), num_classes=10, size=4)  # T / K < size: narrower slots
     slots = [tuple((w10[c] != 0).all(dim=1).nonzero().flatten().tolist()) for c in range(10)]
     assert len(set(slots)) == 10 and all(len(s) == 1 for s in slots)
@@ -353,10 +353,11 @@ def test_sequence_watermark_sets_a_class_coded_time_slot_across_channels():
 @pytest.mark.parametrize("modality", ["tabular", "sequence"])
 def test_concept_bias_and_forgetting_on_tabular_and_sequences(modality):
     data = _data(modality)
-    x_val, y_val, x_poison = validation_sets(data, TrainingConfig())
+    x_val, y_val, x_poison, x_counter = validation_sets(data, TrainingConfig())
     assert torch.equal(x_val, data.x_val) and x_poison is not None and x_poison.shape == x_val.shape
     assert torch.equal(x_poison, watermark(data.x_val, data.y_val, K))
-    assert validation_sets(_data("text"), TrainingConfig(lm_context=8))[2] is None
+    assert torch.equal(x_counter, watermark(data.x_val, (data.y_val + 1) % K, K))  # the next class's mark
+    assert validation_sets(_data("text"), TrainingConfig(lm_context=8))[2:] == (None, None)
 
     wm = Watermark(onset=2, prob=1.0)
     wm.bind(data.y_train, K, seed=0)
