@@ -96,6 +96,7 @@ class Frame:
     # per map, from its native (H, W) batch-mean map before any normalisation (capture.frames.map_summary):
     levels: torch.Tensor | None = None  # (6,) float32 log10 RMS (>= LEVEL_FLOOR; NaN: map missing)
     patterns: torch.Tensor | None = None  # (6, P, P) bfloat16 per-frame standardised map (zeros: map missing)
+    num_classes: int | None = None  # the logits' last axis (classes, or an LM's vocabulary); None: not seen
 
 
 @dataclass
@@ -183,6 +184,7 @@ class Capture:
         self.normalizer = RobustNormalizer(config.norm_warmup)
         self.faults: list[str] = []
         self.missing: set[str] = set()
+        self.num_classes: int | None = None  # the logits' last axis, once a capture has seen them
         self.native_hw: list[tuple[int, int] | None] = [None] * 6  # each map's native (H, W), first seen
         self.native_cells: list[int | None] = [None] * 6  # its data cells (frames.grid_cells)
         self.native_varies: set[str] = set()  # maps whose native shape changed during the run
@@ -304,6 +306,7 @@ class Capture:
             if logits is None or z is None or not logits.requires_grad:
                 return
             self._head_generation += 1
+            self.num_classes = int(logits.shape[-1])
             z = z.detach()
             if capture_step and self.release is not None:
                 self._per_sample.update(z=z, logits=logits.detach())
@@ -341,6 +344,7 @@ class Capture:
         try:
             logits = _first_tensor(output)
             if logits is not None and logits.is_floating_point() and logits.ndim >= 2 and logits.requires_grad:
+                self.num_classes = int(logits.shape[-1])
                 if self.release is not None:
                     self._per_sample["logits"] = logits.detach()
                 else:
@@ -398,7 +402,7 @@ class Capture:
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         levels, patterns = self._summaries(self._natives)
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
-                    complete=not absent, levels=levels, patterns=patterns)
+                    complete=not absent, levels=levels, patterns=patterns, num_classes=self.num_classes)
         return self._emit(out, losses)
 
     def _finish_released_frame(self, zeros: torch.Tensor, complete: bool = True) -> Frame:
@@ -413,7 +417,7 @@ class Capture:
         readouts["lr"] = self._lrs[-1]
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
-                    complete=complete, levels=levels, patterns=patterns)
+                    complete=complete, levels=levels, patterns=patterns, num_classes=self.num_classes)
         return self._emit(out, [math.nan] * len(self._lrs))  # per-step losses are not released
 
     def _emit(self, out: Frame, losses: list[float]) -> Frame:

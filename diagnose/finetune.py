@@ -102,6 +102,8 @@ class FinetuneConfig:
             raise ValueError(f"precision must be 'auto', 'bf16' or 'no', got {self.precision!r}")
         if not 0.0 < self.data.label_fraction <= 1.0:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.data.label_fraction}")
+        if self.model.representation == "relative" and self.data.source != "zarr":
+            raise ValueError("model.representation=relative needs data.source=zarr (shards hold stored frames and raw readouts)")
         if self.data.label_fraction < 1.0 and self.data.source != "zarr":
             raise ValueError("data.label_fraction < 1 needs data.source=zarr (shards hold every training run)")
 
@@ -266,7 +268,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
     if checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
-    clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs)
+    clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation)
     data = train_data(cfg, corpus, clip_cfg, accelerator)
     try:
         val = CorpusClips(corpus, "val", dataclasses.replace(clip_cfg, stride=1))  # every window: the rule streams them all

@@ -336,7 +336,7 @@ class Monitor:
                                "grad outside training, or a step without backward): such frames are not given "
                                "to TEViD (reported once)", frame.step)
             return []
-        pred = self.stream.push(frame.step, frame.frame, frame.readouts)
+        pred = self.stream.push(frame.step, frame.frame, frame.readouts, frame.levels, frame.patterns, frame.num_classes)
         if pred is None:
             return []  # fewer than T frames so far
         cal = self.calibration
@@ -409,7 +409,7 @@ class Monitor:
             self._sink.frames.extend(frames)
             if self.stream is not None:
                 for f in frames:
-                    self.stream.add(f.step, f.frame, f.readouts)
+                    self.stream.add(f.step, f.frame, f.readouts, f.levels, f.patterns, f.num_classes)
         self.step_count = int(state["step_count"])
         if self.capture is not None:
             self.capture.step_count = self.step_count

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_tevid(args.checkpoint, require_calibration=False)
     saved = load_checkpoint(args.checkpoint).config.get("data", {})
     clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
+    clip_cfg.representation = model.cfg.representation
     val = CorpusClips(args.corpus, "val", clip_cfg)
     records = predict_records(model, val, batch_size=64)
     cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])

@@ -11,6 +11,11 @@ benchmark exercises the live code:
 Windows are causal. Live (`pad_start=False`) the first T-1 frames get no prediction; the replay scores
 every frame (`pad_start=True`: frame 0 repeated on the left until T frames exist). That is the only
 difference between the two.
+
+A model of the relative representation (`TEViDConfig.representation`) reads the run-relative inputs of
+`capture.relative`: `push` then also takes the frame's `levels`, `pattern` and the head's `num_classes`
+(a `capture.Frame` has them), and the stream keeps the run's causal reference (`RunRelative`) from its
+first frame, exactly as the clips it was trained on were made from the stores.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ class TEViDStream:
             raise ValueError(f"TEViDStream: window must be >= 1, got {window}")
         self.model, self.calibration, self.window, self.device, self.pad_start = model, calibration, window, device, pad_start
         self.uses_video = bool(getattr(getattr(model, "cfg", None), "uses_video", True))
+        self.relative = getattr(getattr(model, "cfg", None), "representation", "frames") == "relative"
+        self.run_state = None  # relative: the run's RunRelative, from its first frame
         self.readout_names = _readout_names()
         self.ring: deque[tuple[int, torch.Tensor | None, torch.Tensor]] = deque(maxlen=window)
         self.state = DecisionState.start(len(calibration.classes)) if calibration is not None else None
@@ -57,6 +64,7 @@ class TEViDStream:
 
     def reset(self) -> None:
         self.ring.clear()
+        self.run_state = None
         if self.calibration is not None:
             self.state = DecisionState.start(len(self.calibration.classes))
 
@@ -64,10 +72,27 @@ class TEViDStream:
         """(8,) float32 in the model's readout order; a missing readout is NaN (the model masks it)."""
         return torch.tensor([float(readouts.get(k, math.nan)) for k in self.readout_names], dtype=torch.float32)
 
-    def add(self, step: int, frame: torch.Tensor | None, readouts) -> None:
-        """Put a frame in the ring without predicting (restoring a previous monitor's last frames)."""
+    def add(self, step: int, frame: torch.Tensor | None, readouts, levels: torch.Tensor | None = None,
+            pattern: torch.Tensor | None = None, num_classes: int | None = None) -> None:
+        """Put a frame in the ring without predicting (restoring a previous monitor's last frames).
+        `levels` (6,), `pattern` (6, P, P) and `num_classes` are read by a relative model only."""
         vec = readouts if isinstance(readouts, torch.Tensor) else self.readout_vector(readouts)
+        if self.relative:
+            frame, vec = self._relative(levels, pattern, vec, num_classes)
         self.ring.append((step, frame if self.uses_video else None, vec))
+
+    def _relative(self, levels, pattern, vec, num_classes):
+        from capture.relative import RunRelative
+
+        if levels is None or pattern is None:
+            raise ValueError("TEViDStream: this model reads run-relative inputs; push needs the frame's levels (6,) and "
+                             "pattern (6, P, P) (capture.Frame.levels / .patterns)")
+        if self.run_state is None:
+            if not num_classes:
+                raise ValueError("TEViDStream: this model reads run-relative inputs; the first push needs num_classes "
+                                 "(the head's outputs: capture.Frame.num_classes)")
+            self.run_state = RunRelative(int(num_classes))
+        return self.run_state.push(levels.float(), pattern.float(), vec.float())
 
     def window_frames(self) -> torch.Tensor | None:
         """(T, 6, S, S) frames of the current window (left-padded by repeating the first), or None."""
@@ -82,14 +107,15 @@ class TEViDStream:
             entries = [entries[0]] * (self.window - len(entries)) + entries
         return entries
 
-    def push(self, step: int, frame: torch.Tensor | None, readouts) -> Prediction | None:
+    def push(self, step: int, frame: torch.Tensor | None, readouts, levels: torch.Tensor | None = None,
+             pattern: torch.Tensor | None = None, num_classes: int | None = None) -> Prediction | None:
         """Add one frame; the prediction for the window ending at it (None until T frames, live)."""
-        self.add(step, frame, readouts)
+        self.add(step, frame, readouts, levels, pattern, num_classes)
         entries = self._entries()
         if len(entries) < self.window:
             return None  # windows are causal and unpadded live: the first T-1 frames get no prediction
-        frames = torch.stack([f for _, f, _ in entries])[None] if self.uses_video else None  # (1, T, 6, S, S)
-        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw
+        frames = torch.stack([f for _, f, _ in entries])[None] if self.uses_video else None  # (1, T, 6, S, S) or (1, T, 6, P, P)
+        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw, or (1, T, 21) relative
         temperature = self.calibration.temperature if self.calibration is not None else self.temperature
         dev = torch.device(self.device)
         with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=False):
@@ -115,14 +141,15 @@ class TEViDStream:
 def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", window: int = 10) -> TEViDStream:
     """The live stream of a fine-tuned TEViD directory (`diagnose.tevid.load_tevid`): its window length from
     the saved data config (default `window`), on `device` (a device, or a callable giving one). The stream's
-    `frame_size` is the encoder's; a different explicit `frame_size` is refused."""
+    `frame_size` is the encoder's; a different explicit `frame_size` is refused. A relative model's encoder
+    reads the frames' P x P patterns, so its stream takes any `frame_size` (None when unset)."""
     from diagnose.tevid import load_tevid
 
     path = Path(path)
     model, cal = load_tevid(path)
     enc = getattr(model, "encoder", None)
     size = frame_size
-    if enc is not None:
+    if enc is not None and model.cfg.representation == "frames":  # a relative model reads patterns, not frames
         if frame_size not in (None, enc.cfg.img_size):
             raise ValueError(f"frame_size={frame_size} but the TEViD checkpoint {path} reads "
                              f"{enc.cfg.img_size}x{enc.cfg.img_size} frames: leave frame_size unset or match it")

@@ -4,6 +4,10 @@
     readouts (B, T, 8) raw   -> readout_features (B, T, 16) -> Linear+GELU per frame (B, T, E) -> GRU -> last state (B, E)
     concat (B, D + E) -> LayerNorm -> MLP -> evidence logits f (B, K)
 
+With `representation="relative"` the same two branches read the run-relative inputs of `capture.relative`
+(the look of the network taken out): unit patterns (B, T, 6, P, P) in place of the frames (the encoder's
+img_size is then P) and the relative scalars (B, T, 21) in place of the readouts (no readout_features).
+
 `inputs` selects the branches: "both" (the model), "video" or "readouts" (the fusion ablation is one
 flag; an unused branch is not built). `channels` selects frame channels for the encoder (the
 activations-only / gradients-only ablation, paper App. C.4, Table 12): the model always takes the
@@ -31,6 +35,7 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 
 from capture.frames import CHANNELS
+from capture.relative import RELATIVE_FEATURES, REPRESENTATIONS
 from capture.schema import CLASSES, CLIP_READOUTS
 from diagnose.evidential import dirichlet, tempered_probs
 from pretrain.encoder import EncoderConfig, SpaceTimeEncoder, encoder_config
@@ -49,10 +54,15 @@ class TEViDConfig:
     dropout: float = 0.1  # in the fusion MLP
     num_classes: int = 5  # K: Healthy + 4 known anomaly classes (capture.schema.CLASSES)
     channels: list = field(default_factory=lambda: list(CHANNELS))  # frame channels the encoder reads (capture.frames.CHANNELS)
+    # "frames": stored frames (B, T, 6, S, S) and raw readouts (B, T, 8); "relative": the run-relative
+    # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 21)
+    representation: str = "frames"
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
             raise ValueError(f"TEViDConfig.inputs must be one of {INPUTS}, got {self.inputs!r}")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"TEViDConfig.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         if self.num_classes < 2:
             raise ValueError(f"TEViDConfig.num_classes must be >= 2, got {self.num_classes}")
         bad = [c for c in self.channels if c not in CHANNELS]
@@ -89,18 +99,23 @@ def readout_features(readouts: torch.Tensor) -> torch.Tensor:
 
 
 class ReadoutEncoder(nn.Module):
-    """The window's scalar readouts -> one vector: per-frame embedding, then a 1-layer GRU over T."""
+    """The window's scalars -> one vector: per-frame embedding, then a 1-layer GRU over T. The scalars are
+    the raw readouts (B, T, 8), made model-ready by `readout_features`, or the relative scalars (B, T, 21)
+    of `capture.relative` (already finite and squashed)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, representation: str = "frames"):
         super().__init__()
-        n_features = 2 * len(CLIP_READOUTS)  # signed log1p values + missing flags (readout_features)
+        self.relative = representation == "relative"
+        self.n_inputs = len(RELATIVE_FEATURES) if self.relative else len(CLIP_READOUTS)
+        n_features = self.n_inputs if self.relative else 2 * len(CLIP_READOUTS)  # raw: signed log1p + missing flags
         self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.GELU())
         self.gru = nn.GRU(dim, dim, batch_first=True)
 
     def forward(self, readouts: torch.Tensor) -> torch.Tensor:
-        if readouts.ndim != 3 or readouts.shape[-1] != len(CLIP_READOUTS):
-            raise ValueError(f"TEViD: readouts must be (B, T, {len(CLIP_READOUTS)}) raw {CLIP_READOUTS}, got {tuple(readouts.shape)}")
-        x = self.embed(readout_features(readouts))  # (B, T, E)
+        if readouts.ndim != 3 or readouts.shape[-1] != self.n_inputs:
+            what = f"relative scalars {RELATIVE_FEATURES}" if self.relative else f"raw {CLIP_READOUTS}"
+            raise ValueError(f"TEViD: readouts must be (B, T, {self.n_inputs}) {what}, got {tuple(readouts.shape)}")
+        x = self.embed(readouts if self.relative else readout_features(readouts))  # (B, T, E)
         _, h = self.gru(x)  # h (1, B, E): the state after the window's last frame
         return h[-1]
 
@@ -115,7 +130,7 @@ class TEViD(nn.Module):
             width += self.encoder.cfg.embed_dim
         all_channels = cfg.channel_index == list(range(len(CHANNELS)))
         self.channel_index = None if all_channels else cfg.channel_index  # None: the frames as stored
-        self.readouts = ReadoutEncoder(cfg.readout_dim) if cfg.uses_readouts else None
+        self.readouts = ReadoutEncoder(cfg.readout_dim, cfg.representation) if cfg.uses_readouts else None
         if self.readouts is not None:
             width += cfg.readout_dim
         self.fusion_norm = nn.LayerNorm(width)

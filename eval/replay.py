@@ -60,7 +60,9 @@ class PastView:
     readouts (t+1, R) float32 raw, columns `readout_names` (the store's names; NaN = missing);
     train_loss, lr (frame_step[t]+1,) float32: every optimizer step up to and including frame t's;
     frame_arrays: the run's optional public per-frame arrays (capture.store), each (t+1,) float32,
-    e.g. `hessian_top` (NaN where not computed).
+    e.g. `hessian_top` (NaN where not computed). levels (t+1, 6) float32 and pattern (6, P, P) float32 of
+    frame t: the per-map summaries of stores that keep them (capture.relative's inputs), else None; like
+    the frames, given only to diagnosers that read frames.
     """
 
     t: int
@@ -71,6 +73,8 @@ class PastView:
     train_loss: np.ndarray
     lr: np.ndarray
     frame_arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    levels: np.ndarray | None = None
+    pattern: torch.Tensor | None = None
 
     @property
     def step(self) -> int:
@@ -142,6 +146,8 @@ class LoadedRun:
     frames: torch.Tensor | None = None
     frame_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     source: str | None = None
+    levels: np.ndarray | None = None  # (T, 6) float32, with the frames, when the store keeps summaries
+    patterns: torch.Tensor | None = None  # (T, 6, P, P) bfloat16, likewise
 
     @property
     def run_id(self) -> str:
@@ -159,7 +165,9 @@ class LoadedRun:
             self, frame_step=self.frame_step[:n_frames].copy(), readouts=self.readouts[:n_frames].copy(),
             train_loss=self.train_loss[:last].copy(), lr=self.lr[:last].copy(),
             frames=None if self.frames is None else self.frames[:n_frames].clone(),
-            frame_arrays={k: v[:n_frames].copy() for k, v in self.frame_arrays.items()})
+            frame_arrays={k: v[:n_frames].copy() for k, v in self.frame_arrays.items()},
+            levels=None if self.levels is None else self.levels[:n_frames].copy(),
+            patterns=None if self.patterns is None else self.patterns[:n_frames].clone())
 
 
 def load_run(corpus: str | Path, record: dict, *, frames: bool = True) -> LoadedRun:
@@ -178,7 +186,9 @@ def load_run(corpus: str | Path, record: dict, *, frames: bool = True) -> Loaded
     return LoadedRun(info, truth, steps, store.readouts().numpy().astype(np.float32), tuple(store.readout_names),
                      store.train_loss().numpy().astype(np.float32), store.lr().numpy().astype(np.float32),
                      store.frames() if frames else None,
-                     {k: store.frame_array(k).numpy().astype(np.float32) for k in store.frame_array_names}, str(store.path))
+                     {k: store.frame_array(k).numpy().astype(np.float32) for k in store.frame_array_names}, str(store.path),
+                     store.levels().numpy().astype(np.float32) if frames and store.has_summaries else None,
+                     store.patterns() if frames and store.has_summaries else None)
 
 
 def load_runs(corpus: str | Path, split: str | None, runs: Sequence[str] | None = None, *,
@@ -197,14 +207,17 @@ def iter_views(run: LoadedRun, window: int | None = None) -> Iterator[PastView]:
                          f"but the diagnoser reads frames (frame_window={window!r}; 0 reads none)")
     for t in range(len(run)):
         last = int(run.frame_step[t]) + 1
-        frames = None
+        frames = levels = pattern = None
         if window != 0:
             first = 0 if window is None else max(0, t + 1 - window)
             frames = run.frames[first:t + 1].to(torch.float32, copy=True)  # its own storage of n frames
+            if run.levels is not None:
+                levels, pattern = _past(run.levels[:t + 1]), run.patterns[t].to(torch.float32, copy=True)
         yield PastView(t=t, frame_step=_past(run.frame_step[:t + 1]), frames=frames,
                        readouts=_past(run.readouts[:t + 1]), readout_names=run.readout_names,
                        train_loss=_past(run.train_loss[:last]), lr=_past(run.lr[:last]),
-                       frame_arrays={k: _past(v[:t + 1]) for k, v in run.frame_arrays.items()})
+                       frame_arrays={k: _past(v[:t + 1]) for k, v in run.frame_arrays.items()},
+                       levels=levels, pattern=pattern)
 
 
 def _past(a: np.ndarray) -> np.ndarray:
@@ -290,7 +303,9 @@ class TEViDDiagnoser:
         self.model, self.calibration, self.name, self.kind, self.window = model.eval(), calibration, name, kind, window
         temperature = calibration.temperature if calibration is not None else 1.0
         self.stream = TEViDStream(self.model, None, window, pad_start=True, temperature=temperature)  # rule: later
-        self.frame_window = 1 if self.stream.uses_video else 0  # the stream keeps its own window: the newest frame only
+        # the stream keeps its own window: the newest frame only (a relative model reads its levels and pattern)
+        self.frame_window = 1 if self.stream.uses_video or self.stream.relative else 0
+        self._num_classes = None
         self._last = -1
 
     @classmethod
@@ -307,6 +322,7 @@ class TEViDDiagnoser:
     def reset(self, run_info: dict) -> None:
         self.stream.reset()
         self._last = -1
+        self._num_classes = run_info.get("num_classes")  # what a relative model's loss and entropy are read against
 
     @torch.no_grad()
     def step(self, view: PastView) -> FrameOutput:
@@ -319,7 +335,12 @@ class TEViDDiagnoser:
         cols = [view.readout_names.index(k) for k in CLIP_READOUTS]
         readouts = torch.from_numpy(view.readouts[view.t, cols].astype(np.float32))  # (8,)
         frame = view.frames[-1] if self.stream.uses_video else None  # (6, S, S); view.frames holds frames .. t
-        pred = self.stream.push(view.t, frame, readouts)
+        if self.stream.relative:
+            if view.levels is None:
+                raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
+            pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes)
+        else:
+            pred = self.stream.push(view.t, frame, readouts)
         probs = np.asarray(pred.probs, dtype=np.float64)
         return FrameOutput(score=float(1.0 - probs[0]), probs=probs, vacuity=float(pred.vacuity))
 

@@ -31,6 +31,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from capture.corpus import corpus_runs
+from capture.relative import REPRESENTATIONS, relative_frames
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -40,6 +41,13 @@ class ClipConfig:
     window: int = 10  # T frames; the window ending at frame t holds frames t-9..t (causal)
     stride: int = 1  # windows end every `stride` frames
     horizon_epochs: float = 2.0  # H of docs/architecture.md §9, in epochs (store attr epoch_steps = steps per epoch)
+    # "frames": the stored frames (T, 6, S, S) and raw readouts (T, 8); "relative": the run-relative inputs
+    # of capture.relative, unit patterns (T, 6, P, P) under `frames` and scalars (T, 21) under `readouts`
+    representation: str = "frames"
+
+    def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"ClipConfig.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
 
 
 def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, novel, cfg=ClipConfig()):
@@ -94,6 +102,7 @@ class _Run:
     target: np.ndarray  # (n_frames,) int64: target of the window ending at each frame
     novel: np.ndarray  # (n_frames,) bool
     label: str
+    patterns: torch.Tensor | None = None  # relative representation: (n_frames, 6, P, P) unit patterns
 
     def ends(self, cfg: ClipConfig) -> range:
         return range(cfg.window - 1, len(self.steps), cfg.stride)
@@ -114,14 +123,24 @@ def _load_run(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[_Run, RunSto
     readouts = store.readouts().numpy()[:, [names.index(k) for k in CLIP_READOUTS]]
     target, novel = run_targets(store.attrs, steps, cfg)
     label = store.attrs.get("label") or "unlabeled"
-    return _Run(record, store.path, steps, readouts, target.numpy(), novel.numpy(), label), store
+    patterns = None
+    if cfg.representation == "relative":
+        if not store.has_summaries:
+            raise ValueError(f"run store {store.path}: no levels / patterns (store layout {store.attrs.get('tevid_layout', 1)}); "
+                             "the relative representation needs a corpus captured with them (layout 2)")
+        patterns, scalars = relative_frames(store.levels(), store.patterns(), torch.from_numpy(readouts),
+                                            int(store.attrs["num_classes"]))
+        readouts = scalars.numpy()
+    return _Run(record, store.path, steps, readouts, target.numpy(), novel.numpy(), label, patterns), store
 
 
 class CorpusClips(torch.utils.data.Dataset):
     """Every window of the usable runs of `split` (None: all splits), read from the zarr stores.
 
     items: frames `(T, 6, S, S)` bf16, readouts `(T, 8)` float32 raw (NaN kept), target, novel,
-    run_id, end_frame, end_step, split, label. Batch them with `collate`. Whole runs of frames are
+    run_id, end_frame, end_step, split, label. Batch them with `collate`. With `cfg.representation =
+    "relative"`, frames are the unit patterns `(T, 6, P, P)` float32 and readouts the relative scalars
+    `(T, 21)` of `capture.relative` (computed once per run when it is loaded: a few kB a run). Whole runs of frames are
     kept in memory after their first read until `cache_bytes` (per process) is used up: one zarr
     read per window costs ~5 ms, one per run is amortised over all its windows.
     """
@@ -147,6 +166,9 @@ class CorpusClips(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         i, t = self.index[k]
         start = t - self.cfg.window + 1
+        run = self._runs[i]
+        if run.patterns is not None:  # relative: the run's inputs were computed when it was loaded
+            return run.item(t, run.patterns[start:t + 1].clone(), self.cfg.window)
         if i not in self._frames:
             if i not in self._stores:
                 self._stores[i] = RunStore(self._runs[i].path)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from capture.relative import RELATIVE_FEATURES, relative_run, relative_window, run_reference, unit_patterns
+from capture.frames import CHANNELS
+from capture.relative import RELATIVE_FEATURES, RelativeConfig, RunRelative, relative_frames, relative_run, unit_patterns
 from capture.schema import CLIP_READOUTS
 
 
@@ -16,21 +17,37 @@ def _run(n=12, seed=0):
     return levels, patterns, readouts
 
 
-def test_reference_is_causal_and_frame_zero_is_its_own():
-    levels, _, _ = _run()
-    ref = run_reference(levels, 4)
-    assert torch.allclose(ref[0], levels[0])
-    assert torch.allclose(ref[2], levels[:3].mean(0))
-    assert torch.allclose(ref[-1], levels[:4].mean(0))
-    later = levels.clone()
-    later[5:] += 7.0
-    assert torch.equal(run_reference(later, 4), ref)  # frames after the reference never move it
+def test_levels_are_relative_to_a_causal_run_reference():
+    """rel_level at frame t is the level minus the mean of the first min(t + 1, 4) frames' levels (over the
+    level scale, asinh); frames after the reference never move it; frame 0 is its own reference."""
+    levels, patterns, readouts = _run()
+    _, x = relative_frames(levels, patterns, readouts, 10)
+    rel = [RELATIVE_FEATURES.index(f"rel_level_{c}") for c in CHANNELS]
+    scale = RelativeConfig().level_scale
+    assert torch.allclose(x[0, rel], torch.zeros(6))
+    assert torch.allclose(x[2, rel], torch.asinh((levels[2] - levels[:3].mean(0)) / scale), atol=1e-5)
+    assert torch.allclose(x[9, rel], torch.asinh((levels[9] - levels[:4].mean(0)) / scale), atol=1e-5)
+    d = [RELATIVE_FEATURES.index(f"d_level_{c}") for c in CHANNELS]
+    assert torch.allclose(x[5, d], torch.asinh((levels[5] - levels[4]) / scale), atol=1e-5)
 
 
-def test_reference_skips_missing_levels():
-    levels = torch.tensor([[math.nan, 1.0], [2.0, 3.0], [4.0, 5.0]])
-    ref = run_reference(levels, 2)
-    assert math.isnan(ref[0, 0]) and ref[1, 0] == 2.0 and ref[1, 1] == 2.0 and ref[2, 0] == 2.0
+def test_a_missing_level_has_no_reference_until_one_is_seen():
+    levels, patterns, readouts = _run(4)
+    levels[0, 0] = math.nan
+    _, x = relative_frames(levels, patterns, readouts, 10)
+    i = RELATIVE_FEATURES.index("rel_level_act_early")
+    assert x[0, i] == 0.0 and x[1, i] == 0.0  # frame 1 is the first finite one: its own reference
+    assert torch.isclose(x[2, i], torch.asinh((levels[2, 0] - levels[1:3, 0].mean()) / 0.25), atol=1e-5)
+
+
+def test_streaming_and_stored_runs_take_the_same_path():
+    """The live stream pushes frames one at a time; a stored run goes through the same RunRelative."""
+    levels, patterns, readouts = _run()
+    p, x = relative_frames(levels, patterns, readouts, 7)
+    state = RunRelative(7)
+    for t in range(len(levels)):
+        q, y = state.push(levels[t], patterns[t], readouts[t])
+        assert torch.equal(q, p[t]) and torch.equal(y, x[t])
 
 
 def test_the_look_of_the_network_cancels():
@@ -40,7 +57,7 @@ def test_the_look_of_the_network_cancels():
     a = relative_run(levels, patterns, readouts, 10, window=5)
     big = readouts.clone()
     for i, name in enumerate(CLIP_READOUTS):
-        if name in ("head_grad_norm", "score_w", "score_z"):
+        if name in ("head_grad_norm", "score_w", "score_z"):  # not the loss: loss / log C sees the classes
             big[:, i] *= 1000.0
     b = relative_run(levels + 9.0, patterns * 3.0, big, 10, window=5)
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
@@ -64,7 +81,7 @@ def test_divergence_stays_finite_and_unit_patterns():
     levels[-1, 0] = math.inf
     readouts[-1, CLIP_READOUTS.index("loss")] = math.inf
     readouts[-2, CLIP_READOUTS.index("gwa")] = math.nan
-    p, x = relative_window(levels, patterns, readouts, 5, run_reference(levels)[-1])
+    p, x = relative_frames(levels, patterns, readouts, 5)
     assert torch.isfinite(x).all() and torch.isfinite(p).all()
     assert x[-1, RELATIVE_FEATURES.index("loss_over_log_c")] > 10  # asinh(1e6): large, not clamped to a constant
     u = unit_patterns(patterns)
@@ -75,11 +92,13 @@ def test_divergence_stays_finite_and_unit_patterns():
 def test_bad_shapes_are_named():
     levels, patterns, readouts = _run(5)
     with pytest.raises(ValueError, match="readouts must have the 8 columns"):
-        relative_window(levels, patterns, readouts[:, :5], 10, levels[0])
-    with pytest.raises(ValueError, match="of one T"):
-        relative_window(levels[:4], patterns, readouts, 10, levels[0])
+        relative_frames(levels, patterns, readouts[:, :5], 10)
+    with pytest.raises(ValueError, match="of one N"):
+        relative_frames(levels[:4], patterns, readouts, 10)
     with pytest.raises(ValueError, match="num_classes"):
-        relative_window(levels, patterns, readouts, 1, levels[0])
+        relative_frames(levels, patterns, readouts, 1)
     with pytest.raises(ValueError, match="reference_frames"):
-        run_reference(levels, 0)
+        RunRelative(10, RelativeConfig(reference_frames=0))
+    with pytest.raises(ValueError, match="expected levels"):
+        RunRelative(10).push(levels[0, :5], patterns[0], readouts[0])
     assert relative_run(levels, patterns, readouts, 10, window=9)[1].shape == (0, 9, len(RELATIVE_FEATURES))

@@ -175,15 +175,18 @@ def test_replay_module_reads_stores_only_through_runstore():
     assert "read_privileged" not in names and "zarr" not in names and "RunStore" in names
 
 
-def test_tevid_diagnoser_matches_the_clip_windows(smoke_corpus):
-    """TEViD in the replay sees the same windows as calibration/fine-tuning (pretrain.clips.CorpusClips)."""
+@pytest.mark.parametrize("representation", ["frames", "relative"])
+def test_tevid_diagnoser_matches_the_clip_windows(smoke_corpus, representation):
+    """TEViD in the replay sees the same windows as calibration/fine-tuning (pretrain.clips.CorpusClips),
+    on the stored frames and on the run-relative inputs alike."""
     from diagnose.calibrate import Calibration, predict_records
     from diagnose.evidential import dirichlet
     from diagnose.tevid import TEViD, TEViDConfig
     from eval.replay import TEViDDiagnoser
-    from pretrain.clips import CorpusClips
+    from pretrain.clips import ClipConfig, CorpusClips
 
-    model = TEViD(TEViDConfig(encoder="tiny")).eval()
+    overrides = {"img_size": 8, "patch_size": 2} if representation == "relative" else {}
+    model = TEViD(TEViDConfig(encoder="tiny", encoder_overrides=overrides, representation=representation)).eval()
     with torch.no_grad():  # large head weights: outputs that differ from window to window
         for p in model.head.parameters():
             p.normal_(0, 3.0)
@@ -191,7 +194,7 @@ def test_tevid_diagnoser_matches_the_clip_windows(smoke_corpus):
     diag = TEViDDiagnoser(model, cal)
     runs = load_runs(smoke_corpus, "test", progress=False)
     results = replay_runs(runs, diag, progress=False)
-    records = predict_records(model, CorpusClips(smoke_corpus, "test"))
+    records = predict_records(model, CorpusClips(smoke_corpus, "test", ClipConfig(representation=representation)))
     for r in results:
         rows = sorted((x for x in records if x["run_id"] == r.run_id), key=lambda x: x["end_frame"])
         assert [x["end_frame"] for x in rows] == [9, 10, 11] and r.probs.shape == (3, 5)

@@ -70,3 +70,70 @@ def test_a_stream_waits_for_a_full_window_unless_padded():
         a, b = live.push(t, frame, {}), padded.push(t, frame, {})
         assert (a is None) == (t < 2) and b is not None
         assert b.vacuity == pytest.approx(np.mean([max(0, s) for s in range(t - 2, t + 1)]))  # frame 0 repeated
+
+
+def _relative_checkpoint(path, window=4):
+    """A randomly initialised relative TEViD saved as a fine-tuning output (weights, config, calibration)."""
+    from capture.config import to_dict
+    from capture.schema import CLASSES
+    from diagnose.calibrate import Calibration, save_calibration
+    from diagnose.tevid import TEViD, TEViDConfig
+    from pretrain.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = TEViDConfig(encoder="tiny", encoder_overrides={"img_size": 8, "patch_size": 2}, representation="relative")
+    model = TEViD(cfg).eval()
+    with torch.no_grad():  # large head weights: outputs that differ from window to window
+        for p in model.head.parameters():
+            p.normal_(0, 3.0)
+    out = save_checkpoint(path, model=model, config={"model": to_dict(cfg), "data": {"window": window}}, step=0)
+    save_calibration(Calibration.default(5, CLASSES), out)
+    return out
+
+
+def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path):
+    """A relative TEViD watching a live job (levels, patterns and the class count from the capture) gives the
+    probabilities the replay gives from the same frames' summaries: one RunRelative path for both."""
+    ckpt = _relative_checkpoint(tmp_path / "rel")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    frames = []
+    monitor = diagnose.watch(model, opt, cadence=1, checkpoint=ckpt,
+                             callbacks=[type("Keep", (), {"on_frame": lambda self, f: frames.append(f)})()])
+    for _ in range(9):
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    monitor.remove()
+    assert frames[0].num_classes == 4 and frames[0].levels is not None
+    assert len(monitor.predictions) == len(frames) - 4 + 1
+
+    replay = TEViDDiagnoser.from_checkpoint(ckpt)
+    replay.reset({"num_classes": 4})
+    names = tuple(frames[0].readouts)
+    readouts = np.array([[f.readouts[k] for k in names] for f in frames], dtype=np.float32)
+    levels = np.stack([f.levels.numpy() for f in frames]).astype(np.float32)
+    probs = []
+    for t, f in enumerate(frames):
+        view = PastView(t, np.array([g.step for g in frames[: t + 1]]), torch.stack([f.frame.float()]),
+                        readouts[: t + 1].copy(), names, np.zeros(t + 1, np.float32), np.zeros(t + 1, np.float32),
+                        levels=levels[: t + 1].copy(), pattern=f.patterns.float())
+        out = replay.step(view)
+        if t >= 3:
+            live = monitor.predictions[t - 3]
+            np.testing.assert_allclose(out.probs, list(live["probs"].values()), rtol=1e-5, atol=1e-6)
+            probs.append(out.probs)
+    assert np.std(probs, axis=0).max() > 1e-3  # the comparison has teeth
+
+
+def test_a_relative_stream_names_what_it_lacks(tmp_path):
+    from diagnose.stream import open_stream
+
+    stream = open_stream(_relative_checkpoint(tmp_path / "rel"), frame_size=32)  # any frame size: it reads patterns
+    with pytest.raises(ValueError, match="levels"):
+        stream.push(0, None, {})
+    with pytest.raises(ValueError, match="num_classes"):
+        stream.push(0, None, {}, torch.zeros(6), torch.zeros(6, 8, 8))
