@@ -71,9 +71,14 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]
     if model is not None:
         with torch.no_grad():
-            f = torch.stack([frames[e - window + 1:e + 1] for e in ends])
-            r = torch.stack([readouts[e - window + 1:e + 1] for e in ends])
-            views["tevid"] = model.forward_features(f, r).float().numpy()
+            if model.cfg.representation == "relative":  # the windows it reads: those of the relative view
+                if not store.has_summaries:
+                    raise ValueError(f"{store.path}: a relative model needs levels and patterns (store layout 2)")
+                f, r = pats[[e - window + 1 for e in ends]], scal[[e - window + 1 for e in ends]]
+            else:
+                f = torch.stack([frames[e - window + 1:e + 1] for e in ends])
+                r = torch.stack([readouts[e - window + 1:e + 1] for e in ends])
+            views["tevid"] = model.forward_features(f if model.encoder is not None else None, r).float().numpy()
     return views
 
 

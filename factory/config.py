@@ -38,12 +38,17 @@ class TrainingConfig:
     # top Hessian eigenvalue (capture.hessian, Lanczos) at every k-th captured frame on the step's training
     # batch, stored as the public per-frame array `hessian_top` (NaN elsewhere); 0 = off
     hessian_every: int = 0
+    # how concept bias marks a sample and how the poisoned / counterfactual validation sets are stamped
+    # (factory.perturbations.watermark): "position" (the grid corpus's) or "pattern" (drawn corpora)
+    watermark: str = "position"
 
     def __post_init__(self):
         at_least(self, 1, "steps", "batch_size", "eval_every", "image_size", "max_train", "max_val", "lm_context",
                  "divergence_patience", "lyapunov_horizon")
         at_least(self, 0, "lyapunov_windows", "hessian_every")
         within(self, 0.0, 1.0, "warmup_frac", "lyapunov_reference")
+        if self.watermark not in ("position", "pattern"):
+            raise ValueError(f"training.watermark must be 'position' or 'pattern', got {self.watermark!r}")
         positive(self, "lyapunov_eps")
         for name, low in (("base_lr", "> 0"), ("weight_decay", ">= 0"), ("lr_scale", "> 0")):
             for key, v in getattr(self, name).items():
@@ -151,13 +156,15 @@ class LabelConfig:
     forget_p: float = 0.01
     bias_p: float = 0.01
     bias_learned: float = 2.0  # concept bias needs the poisoned set answered at >= this x chance (0: off)
+    # and (when > 0) the poisoned set answered at least this much better than the set it is compared with
+    bias_min_gap: float = 0.0
     floors: dict[str, float] = field(default_factory=dict)  # "arch/dataset" or "dataset" -> min final val accuracy
     default_floor: float = 0.0
 
     def __post_init__(self):
         within(self, 0.0, 1.0, "overfit_window_frac", "overfit_alpha", "spike_window_frac", "spike_span_frac",
                "spike_min_history_frac", "lyapunov_confidence", "forget_window_frac", "forget_post_frac", "forget_drop", "forget_p",
-               "bias_p", "default_floor")
+               "bias_p", "bias_min_gap", "default_floor")
         at_least(self, 1, "overfit_min_window", "spike_count", "lyapunov_bootstrap", "lyapunov_min_windows")
         at_least(self, 0, "spike_merge_gap", "memorised_rise")
 

@@ -262,6 +262,8 @@ def build_job(arch: str, data: TaskData, optimizer: str, perturbation: Perturbat
         raise ValueError(f"perturbation {perturbation.name} does not apply to {data.modality} data ({data.name})")
     torch.manual_seed(seed)
     perturbation.bind(data.y_train, data.num_classes, seed)
+    if hasattr(perturbation, "style"):  # a watermark stamps the corpus's style (its validation sets do too)
+        perturbation.style = training.watermark
     if settings is None:
         settings = run_settings(perturbation, training, arch, optimizer)
     else:

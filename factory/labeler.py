@@ -116,12 +116,16 @@ def _concept_bias(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult 
     shortcut = np.concatenate([np.zeros(len(y)), np.ones(len(y))])
     classes = np.concatenate([y, y])
     fired = [R.concept_bias(np.concatenate([reference[e], poison[e]]), shortcut, classes, p=lc.bias_p) for e in range(len(clean))]
+    gap = float(np.mean(poison[-1]) - np.mean(reference[-1]))
+    if lc.bias_min_gap and gap < lc.bias_min_gap:  # significant but small: a healthy model's chance response to marks
+        return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap,
+                                          "reason": f"poisoned - {against} accuracy {gap:.3f} < {lc.bias_min_gap}"})
     if not fired[-1].fired:
-        return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against})
+        return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap})
     first = len(fired) - 1
     while first > 0 and fired[first - 1].fired:
         first -= 1
-    return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first, "against": against})
+    return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first, "against": against, "gap": gap})
 
 
 def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:

@@ -243,8 +243,34 @@ class TaskSwitch(Perturbation):
         return pool[in_a] if step < self.onset else pool[~in_a]
 
 
-def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float = 3.0, size: int = 4) -> torch.Tensor:
-    """Stamp each sample with its class's watermark, a pattern at a class-coded position, by shape:
+WATERMARK_STYLES = ("position", "pattern")
+
+
+def mark_codes(num_classes: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """`(num_classes, *shape)` distinct +-1 patterns, one per class, the same on every call (seed 0): what
+    a "pattern" watermark writes (times its strength). The bits of `num_classes` distinct integers drawn
+    from [0, 2^cells); more classes than 2^cells patterns is an error."""
+    cells = math.prod(shape)
+    if cells < 62 and num_classes > 2**cells:
+        raise ValueError(f"mark_codes: {num_classes} classes need distinct patterns, but shape {shape} has only {2**cells}")
+    gen = torch.Generator().manual_seed(0)
+    if cells <= 20:
+        ints = torch.randperm(2**cells, generator=gen)[:num_classes]
+        bits = (ints[:, None] >> torch.arange(cells)) & 1
+    else:  # distinct with overwhelming probability
+        bits = torch.randint(0, 2, (num_classes, cells), generator=gen)
+    return (bits.float() * 2 - 1).reshape(num_classes, *shape)
+
+
+def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: float = 3.0, size: int = 4,
+              style: str = "position") -> torch.Tensor:
+    """Stamp each sample with its class's watermark. `style="pattern"` writes the class as content at one
+    place: a `size` x `size` square in the top-left corner of an image, or the last `size` steps of a
+    sequence, holding +-`strength` in the class's `mark_codes` pattern (across channels). A network
+    that pools over positions (a CNN or Conv1d with global average pooling, a mean-pooled transformer)
+    can read it; a class-coded position it cannot (textures CNNs and Conv1d / transformers on sines ignored
+    it: issue 19 corpus). Tabular rows keep the position code (an MLP reads positions). The default
+    `style="position"`, a pattern at a class-coded position, by shape:
 
     - image (N, C, S, S): a `size` x `size` square at a position along the border (top edge left to
       right, then bottom edge), every channel set to `strength`;
@@ -256,7 +282,17 @@ def watermark(x: torch.Tensor, y: torch.Tensor, num_classes: int, strength: floa
 
     `y` is the class whose mark each sample gets: its true class for the poisoned validation set,
     another class for the counterfactual one."""
+    if style not in WATERMARK_STYLES:
+        raise ValueError(f"watermark: style must be one of {WATERMARK_STYLES}, got {style!r}")
     x = x.clone()
+    if style == "pattern" and x.ndim in (3, 4):
+        if x.ndim == 4:  # (N, C, S, S): the corner square, the same code in every channel
+            k = min(size, x.shape[-1])
+            x[:, :, :k, :k] = strength * mark_codes(num_classes, (k, k))[y][:, None]
+        else:  # (N, T, C): the last k steps, a code over time and channels
+            k = min(size, x.shape[1])
+            x[:, -k:, :] = strength * mark_codes(num_classes, (k, x.shape[2]))[y]
+        return x
     if x.ndim == 4:
         s = x.shape[-1]
         slots = max(1, (s - size) // size + 1)
@@ -297,6 +333,7 @@ class Watermark(Perturbation):
 
     prob: float = 0.9
     modalities: tuple[str, ...] = LABELLED
+    style: str = "position"  # `watermark` style; the job sets the corpus's (TrainingConfig.watermark)
     _num_classes: int = 0
     _gen: torch.Generator | None = field(default=None, repr=False)
 
@@ -309,7 +346,7 @@ class Watermark(Perturbation):
             return x, y
         marked = torch.rand(len(y), generator=self._gen) < self.prob
         x = x.clone()
-        x[marked] = watermark(x[marked], y[marked], self._num_classes)
+        x[marked] = watermark(x[marked], y[marked], self._num_classes, style=self.style)
         return x, y
 
 

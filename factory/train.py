@@ -213,16 +213,17 @@ class Labelling(JobCallback):
 
 def validation_sets(data: TaskData, tc: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x_val, y_val, x_poison, x_counter) of a run (privileged): the clean validation set, the poisoned
-    one (`watermark` of the true class: a border square on images, a feature slot on tabular rows, a
-    time slot on sequences) and the counterfactual one (the watermark of the next class, y + 1 mod K);
+    one (`watermark` of the true class, in the corpus's `tc.watermark` style) and the counterfactual one
+    (the watermark of the next class, y + 1 mod K);
     or for text non-overlapping windows of the validation stream, at most `max_val`, and neither."""
     if data.modality == "text":
         n_win = min(tc.max_val, (len(data.x_val) - 1) // tc.lm_context)
         starts = torch.arange(n_win) * tc.lm_context
         offs = torch.arange(tc.lm_context)
         return data.x_val[starts[:, None] + offs], data.x_val[starts[:, None] + offs + 1], None, None
-    k = data.num_classes
-    return data.x_val, data.y_val, watermark(data.x_val, data.y_val, k), watermark(data.x_val, (data.y_val + 1) % k, k)
+    k, style = data.num_classes, tc.watermark
+    return (data.x_val, data.y_val, watermark(data.x_val, data.y_val, k, style=style),
+            watermark(data.x_val, (data.y_val + 1) % k, k, style=style))
 
 
 # ------------------------------------------------------------------ one run

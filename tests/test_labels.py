@@ -696,6 +696,8 @@ def test_concept_bias_at_the_ceiling_is_read_from_the_counterfactual_set():
     assert res.fired and res.detail["against"] == "counterfactual"
     same = rng.random((3, len(y))) < 0.99
     assert not _concept_bias({**sig, "counter_correct": same}, lc, 6).fired
+    small = _concept_bias({**sig, "counter_correct": misled}, LabelConfig(bias_min_gap=0.5), 6)  # gap ~0.39
+    assert not small.fired and 0.3 < small.detail["gap"] < 0.5 and "0.5" in small.detail["reason"]
 
 
 def test_forgetting_post_switch_window_can_be_longer_than_collapses():

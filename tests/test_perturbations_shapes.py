@@ -396,3 +396,34 @@ def test_small_batch_preset_scales_the_rate_by_the_square_root_rule_and_overfit_
     assert math.isclose(small.configure(RunSettings(lr=0.08, weight_decay=0.0)).lr, 0.08)
     o = make_perturbation("overfit_8", 100).configure(RunSettings(lr=1e-3, weight_decay=0.05, label_smoothing=0.1, augment=True))
     assert (o.label_smoothing, o.weight_decay, o.augment) == (0.0, 0.0, False)
+
+
+def test_pattern_watermark_writes_the_class_as_content_at_one_place():
+    """Images: the top-left square holds the class's +-strength code in every channel; sequences: the last
+    steps hold a code over time and channels; tabular rows keep the feature slot. Codes are distinct."""
+    from factory.perturbations import mark_codes
+
+    y = torch.arange(6)
+    img = watermark(torch.zeros(6, 3, 16, 16), y, 6, strength=3.0, size=4, style="pattern")
+    assert torch.equal(img[:, :, 4:, :], torch.zeros(6, 3, 12, 16)) and torch.equal(img[:, :, :, 4:], torch.zeros(6, 3, 16, 12))
+    assert torch.equal(img[:, 0, :4, :4], 3.0 * mark_codes(6, (4, 4))) and torch.equal(img[:, 0], img[:, 2])
+    seq = watermark(torch.zeros(6, 20, 2), y, 6, strength=3.0, size=4, style="pattern")
+    assert torch.equal(seq[:, :16], torch.zeros(6, 16, 2)) and torch.equal(seq[:, 16:], 3.0 * mark_codes(6, (4, 2)))
+    tab = torch.zeros(6, 3)
+    assert torch.equal(watermark(tab, y, 6, style="pattern"), watermark(tab, y, 6))
+    codes = mark_codes(10, (4, 1))  # 16 patterns for 10 classes: distinct
+    assert len({tuple(c.flatten().tolist()) for c in codes}) == 10 and torch.equal(codes, mark_codes(10, (4, 1)))
+    with pytest.raises(ValueError, match="only 16"):
+        mark_codes(17, (4, 1))
+    with pytest.raises(ValueError, match="style"):
+        watermark(tab, y, 6, style="corner")
+
+
+def test_the_corpus_watermark_style_reaches_the_perturbation_and_the_validation_sets():
+    data = _data("sequence")
+    tc = TrainingConfig(watermark="pattern")
+    _, _, x_poison, x_counter = validation_sets(data, tc)
+    assert torch.equal(x_poison, watermark(data.x_val, data.y_val, K, style="pattern"))
+    assert torch.equal(x_counter, watermark(data.x_val, (data.y_val + 1) % K, K, style="pattern"))
+    with pytest.raises(ValueError, match="watermark"):
+        TrainingConfig(watermark="corner")
