@@ -14,21 +14,28 @@ from diagnose.stream import TEViDStream
 from eval.replay import PastView, TEViDDiagnoser
 
 
-def test_the_replay_reads_what_the_live_monitor_read():
-    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
-        pytest.skip("no shipped model")
+def _watched_job(steps: int, **watch_options):
+    """A small CNN trained `steps` steps under `diagnose.watch(cadence=1)`: (the removed monitor, its frames)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     frames = []
-    monitor = diagnose.watch(model, opt, cadence=1, callbacks=[type("Keep", (), {"on_frame": lambda self, f: frames.append(f)})()])
-    for _ in range(13):
+    monitor = diagnose.watch(model, opt, cadence=1, callbacks=[type("Keep", (), {"on_frame": lambda self, f: frames.append(f)})()],
+                             **watch_options)
+    for _ in range(steps):
         x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
     monitor.remove()
+    return monitor, frames
+
+
+def test_the_replay_reads_what_the_live_monitor_read():
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        pytest.skip("no shipped model")
+    monitor, frames = _watched_job(13)
     window = monitor.window
     assert len(monitor.predictions) == len(frames) - window + 1  # live: a prediction once T frames exist
 
@@ -95,19 +102,7 @@ def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path)
     """A relative TEViD watching a live job (levels, patterns and the class count from the capture) gives the
     probabilities the replay gives from the same frames' summaries: one RunRelative path for both."""
     ckpt = _relative_checkpoint(tmp_path / "rel")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    frames = []
-    monitor = diagnose.watch(model, opt, cadence=1, checkpoint=ckpt,
-                             callbacks=[type("Keep", (), {"on_frame": lambda self, f: frames.append(f)})()])
-    for _ in range(9):
-        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    monitor.remove()
+    monitor, frames = _watched_job(9, checkpoint=ckpt)
     assert frames[0].num_classes == 4 and frames[0].levels is not None
     assert len(monitor.predictions) == len(frames) - 4 + 1
 
