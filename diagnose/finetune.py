@@ -58,6 +58,9 @@ class DataConfig:
     shards: str | None = None  # export root of `pretrain.clips export` (holds index.json, train/)
     window: int = 10  # T frames per clip (causal: frames t-9..t)
     stride: int = 1
+    # training windows at these frame spacings (every k-th stored frame: a k times coarser cadence; relative
+    # representation only); validation, calibration and replay read the stored cadence (spacing 1)
+    spacings: list = field(default_factory=lambda: [1])
     horizon_epochs: float = 2.0  # lead horizon H of the positive zone (docs/architecture.md §9)
     num_workers: int = 0
     shuffle_buffer: int = 1000  # shards only
@@ -104,6 +107,8 @@ class FinetuneConfig:
             raise ValueError(f"data.label_fraction must be in (0, 1], got {self.data.label_fraction}")
         if self.model.representation == "relative" and self.data.source != "zarr":
             raise ValueError("model.representation=relative needs data.source=zarr (shards hold stored frames and raw readouts)")
+        if list(self.data.spacings) != [1] and self.model.representation != "relative":
+            raise ValueError(f"data.spacings={list(self.data.spacings)} needs model.representation=relative")
         if self.data.label_fraction < 1.0 and self.data.source != "zarr":
             raise ValueError("data.label_fraction < 1 needs data.source=zarr (shards hold every training run)")
 
@@ -167,8 +172,9 @@ def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelera
         raise FileNotFoundError(f"{index_file} not found: data.shards must be an export root of `python -m pretrain.clips export`")
     index = json.loads(index_file.read_text())
     saved = index.get("clip_config", {})
-    if saved and saved != dataclasses.asdict(clip_cfg):
-        raise ValueError(f"{index_file}: shards were exported with {saved}, the config asks for {dataclasses.asdict(clip_cfg)}")
+    want = json.loads(json.dumps(dataclasses.asdict(clip_cfg)))  # tuples as JSON lists, like the index
+    if saved and any(saved.get(k, v) != v for k, v in want.items()):  # a field the export predates has its default
+        raise ValueError(f"{index_file}: shards were exported with {saved}, the config asks for {want}")
     c = index["counts"]["train"]
     counts = [int(c.get(name, 0)) for name in CLASSES[:k]]
     total = sum(counts)
@@ -269,7 +275,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
     clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation)
-    data = train_data(cfg, corpus, clip_cfg, accelerator)
+    data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings)), accelerator)
     try:
         val = CorpusClips(corpus, "val", dataclasses.replace(clip_cfg, stride=1))  # every window: the rule streams them all
     except ValueError as err:

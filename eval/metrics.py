@@ -339,6 +339,14 @@ def event_auprc(runs: Sequence[RunResult], horizon_epochs: float = HORIZON_EPOCH
     return float(average_precision_score(y, _ranks(_per_frame(runs, "score")[keep], -np.inf)))
 
 
+def event_base_rate(runs: Sequence[RunResult], horizon_epochs: float = HORIZON_EPOCHS) -> float:
+    """The event AUPRC of a constant score: the share of positives among the frames `event_auprc` scores
+    (known-anomaly frames over scored frames). NaN without scored frames."""
+    f = _frames(runs, horizon_epochs)
+    keep = f.target != IGNORE
+    return float(np.mean(f.target[keep] > 0)) if keep.any() else math.nan
+
+
 def unknown_auroc(runs: Sequence[RunResult], horizon_epochs: float = HORIZON_EPOCHS) -> float:
     """Known-vs-novel AUROC on vacuity (sklearn roc_auc_score): positives = frames of novel runs from their
     onset on; negatives = every scored frame of the non-novel runs (Healthy frames included).
@@ -652,6 +660,7 @@ def summarize(runs: Sequence[RunResult], n_resamples: int = 2000, *, horizon_epo
     kinds = [r.kind for r in runs]
     out.update(
         n_runs=len(runs), n_frames_scored=n_frames_scored(runs, horizon_epochs),
+        event_base_rate=event_base_rate(runs, horizon_epochs),
         n_healthy=kinds.count("healthy"), n_anomalous=kinds.count("anomaly"), n_novel=kinds.count("novel"),
         n_unscored=kinds.count("unscored"), n_false_alarms=sum(x.false_alarm for x in o),
         n_detected=sum(x.detected for x in o), n_missed=sum(x.missed for x in o),

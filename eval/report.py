@@ -312,7 +312,7 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
         results[name], metrics[name] = test, {**summary, **notes, "seconds": round(time.time() - t, 2)}
         if unk is not None:
             unknown[name] = unk
-        print(f"{name}: event AUPRC {TAB.fmt(summary['event_auprc'])}, FAR {TAB.fmt(summary['far'], 2)}, "
+        print(f"{name}: event AUPRC {TAB.fmt(summary['event_auprc'])} (constant score: {TAB.fmt(summary['event_base_rate'])}), FAR {TAB.fmt(summary['far'], 2)}, "
               f"detection {TAB.fmt(summary['detection_rate'], 2)} ({time.time() - t:.1f} s)", file=sys.stderr)
     (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1, allow_nan=False) + "\n")
     (out / "tables.md").write_text(tables_md(corpus, checkpoint, cfg, runs["test"], results, metrics, unknown))

@@ -44,10 +44,19 @@ class ClipConfig:
     # "frames": the stored frames (T, 6, S, S) and raw readouts (T, 8); "relative": the run-relative inputs
     # of capture.relative, unit patterns (T, 6, P, P) under `frames` and scalars (T, 21) under `readouts`
     representation: str = "frames"
+    # frame spacings: k reads every k-th stored frame (0, k, 2k, ...), the run as a monitor with a k times
+    # coarser cadence sees it (relative inputs computed on that subsequence); one pass per spacing. Relative only.
+    spacings: tuple = (1,)
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"ClipConfig.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
+        self.spacings = tuple(int(k) for k in self.spacings)
+        if not self.spacings or min(self.spacings) < 1 or len(set(self.spacings)) != len(self.spacings):
+            raise ValueError(f"ClipConfig.spacings must be distinct integers >= 1, got {self.spacings!r}")
+        if self.spacings != (1,) and self.representation != "relative":
+            raise ValueError(f"ClipConfig.spacings={self.spacings} needs representation='relative' (the stored frames "
+                             "are read at the stored cadence)")
 
 
 def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, novel, cfg=ClipConfig()):
@@ -103,6 +112,7 @@ class _Run:
     novel: np.ndarray  # (n_frames,) bool
     label: str
     patterns: torch.Tensor | None = None  # relative representation: (n_frames, 6, P, P) unit patterns
+    spacing: int = 1  # every `spacing`-th stored frame (ClipConfig.spacings); end_frame counts these frames
 
     def ends(self, cfg: ClipConfig) -> range:
         return range(cfg.window - 1, len(self.steps), cfg.stride)
@@ -111,6 +121,25 @@ class _Run:
         return dict(frames=frames, readouts=torch.from_numpy(self.readouts[t - window + 1:t + 1].copy()),
                     target=int(self.target[t]), novel=bool(self.novel[t]), run_id=self.record["run_id"],
                     end_frame=t, end_step=int(self.steps[t]), split=self.record["split"], label=self.label)
+
+
+def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run], RunStore]:
+    """One `_Run` per spacing of `cfg.spacings` (the stored cadence alone for "frames")."""
+    run, store = _load_run(corpus, record, cfg)
+    if cfg.spacings == (1,):
+        return [run], store
+    steps, readouts = store.frame_step().numpy(), store.readouts().numpy()[:, [store.readout_names.index(k) for k in CLIP_READOUTS]]
+    levels, patterns = store.levels(), store.patterns()
+    runs = []
+    for k in cfg.spacings:
+        if k == 1:
+            runs.append(run)
+            continue
+        idx = np.arange(0, len(steps), k)
+        target, novel = run_targets(store.attrs, steps[idx], cfg)
+        pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(readouts[idx]), int(store.attrs["num_classes"]))
+        runs.append(_Run(record, store.path, steps[idx], scalars.numpy(), target.numpy(), novel.numpy(), run.label, pats, k))
+    return runs, store
 
 
 def _load_run(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[_Run, RunStore]:
@@ -142,16 +171,17 @@ class CorpusClips(torch.utils.data.Dataset):
     "relative"`, frames are the unit patterns `(T, 6, P, P)` float32 and readouts the relative scalars
     `(T, 21)` of `capture.relative` (computed once per run when it is loaded: a few kB a run). Whole runs of frames are
     kept in memory after their first read until `cache_bytes` (per process) is used up: one zarr
-    read per window costs ~5 ms, one per run is amortised over all its windows.
+    read per window costs ~5 ms, one per run is amortised over all its windows. With `cfg.spacings`
+    (relative only), each run is read once per spacing k, every k-th frame, and its windows follow.
     """
 
     def __init__(self, corpus, split: str | None, cfg: ClipConfig = ClipConfig(), runs: list[str] | None = None,
                  cache_bytes: int = 512 * 2**20):
         self.corpus, self.split, self.cfg, self.cache_bytes = Path(corpus), split, cfg, cache_bytes
         self.runs = corpus_runs(self.corpus, split, runs)
-        loaded = [_load_run(self.corpus, r, cfg) for r in self.runs]
-        self._runs = [run for run, _ in loaded]
-        self._stores = {i: store for i, (_, store) in enumerate(loaded)}  # reopened lazily after unpickling
+        loaded = [_load_runs(self.corpus, r, cfg) for r in self.runs]
+        self._runs = [run for runs, _ in loaded for run in runs]  # one per run and spacing
+        self._stores = {i: store for i, (_, store) in enumerate(loaded)} if cfg.spacings == (1,) else {}  # frames only
         self._frames: dict[int, torch.Tensor] = {}  # run index -> all its frames
         self._cached = 0
         self.index = [(i, t) for i, run in enumerate(self._runs) for t in run.ends(cfg)]

@@ -63,6 +63,38 @@ def test_windows_are_causal_and_match_the_store(smoke_corpus):
     assert [ds_i[1] for ds_i in stride.index[:3]] == [3, 6, 9]
 
 
+def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
+    """spacings=(1, 2): the spacing-2 windows are what a stream pushed every second stored frame sees
+    (its own reference and frame-to-frame changes), with the real steps and the targets of those steps."""
+    from capture.relative import relative_frames
+
+    one = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative"))
+    both = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative", spacings=(1, 2)))
+    spaced = [both[k] for k, (i, _) in enumerate(both.index) if both._runs[i].spacing == 2]
+    record = one.runs[0]
+    n = record["n_frames"]
+    assert len(both) == len(one) + sum((r["n_frames"] + 1) // 2 - 3 for r in one.runs)
+    store = RunStore(smoke_corpus / record["store"])
+    cols = [store.readout_names.index(c) for c in CLIP_READOUTS]
+    pats, scal = relative_frames(store.levels()[::2], store.patterns()[::2], store.readouts()[::2, cols],
+                                 int(store.attrs["num_classes"]))
+    first = [x for x in spaced if x["run_id"] == record["run_id"]]
+    assert len(first) == (n + 1) // 2 - 3
+    for x in first:
+        t = x["end_frame"]
+        assert torch.allclose(x["readouts"], scal[t - 3:t + 1]) and torch.allclose(x["frames"], pats[t - 3:t + 1])
+        assert x["end_step"] == store.frame_step()[2 * t].item()
+    last = first[-1]
+    same_step = next(one[k] for k, (i, t) in enumerate(one.index)
+                     if one._runs[i].record["run_id"] == record["run_id"] and t == 2 * last["end_frame"])
+    assert same_step["end_step"] == last["end_step"]
+    assert not torch.allclose(same_step["readouts"], last["readouts"])  # frame-to-frame changes at the coarser cadence
+    with pytest.raises(ValueError, match="spacings.*relative"):
+        ClipConfig(spacings=(1, 2))
+    with pytest.raises(ValueError, match="distinct integers >= 1"):
+        ClipConfig(representation="relative", spacings=(0,))
+
+
 STEPS = list(range(0, 60, 5))  # 12 frames, every 5 steps; epoch = 6 steps, H = 2 epochs = 12 steps
 I = IGNORE
 

@@ -71,6 +71,9 @@ def test_event_auprc_matches_sklearn_on_hand_made_runs():
     s = [.1, .2, .3, .2, .1, .9, .2, .7, .6, .95, .05, .3]
     assert M.event_auprc(runs) == pytest.approx(average_precision_score(y, s))
     assert M.n_frames_scored(runs) == 12
+    # the base rate beside it: a constant score's AUPRC, 3 positives of the 12 scored frames
+    assert M.event_base_rate(runs) == pytest.approx(3 / 12) == pytest.approx(average_precision_score(y, [0.5] * 12))
+    assert math.isnan(M.event_base_rate(runs[3:]))
     # NaN scores rank lowest; no positive frame -> undefined
     nan_runs = [run("healthy", [np.nan, .2, .3, .2, .1, .9]), run("overfitting", [.2, .8, .1, np.nan, .6, .95], onset=100, trigger=500)]
     assert M.event_auprc(nan_runs) == pytest.approx(average_precision_score(y[:10], [-1, .2, .3, .2, .1, .9, .2, -1, .6, .95]))
@@ -304,6 +307,7 @@ def test_summarize_values_intervals_and_missing_outputs():
     s = M.summarize(runs, n_resamples=60, progress=False)
     assert KEYS | {k + "_ci" for k in KEYS} | {"n_runs", "n_frames_scored"} <= set(s)
     assert s["n_runs"] == 30 and s["n_frames_scored"] == M.n_frames_scored(runs)
+    assert s["event_base_rate"] == M.event_base_rate(runs)
     assert s["n_healthy"] + s["n_anomalous"] + s["n_novel"] + s["n_unscored"] == 30
     assert s["n_detected"] + s["n_missed"] == s["n_anomalous"]
     assert s["event_auprc"] == M.event_auprc(runs) and s["cost"] == M.decision_cost(runs)
