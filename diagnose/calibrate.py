@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagnose.decision import Rule, first_alerts
+from diagnose.decision import Rule, first_alerts, run_macro_f1
 from diagnose.evidential import IGNORE, tempered_probs
 
 CALIBRATION_FILE = "calibration.json"
@@ -304,7 +304,7 @@ def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> d
     """FAR on Healthy runs, per-class detection on anomalous runs and the Unknown fraction, replayed
     with the calibrated rule on the validation streams themselves (optimistic: fitted on them)."""
     rule = cal.rule()
-    healthy_alarms, detected, anomalous, unknown = 0, defaultdict(int), defaultdict(int), []
+    healthy_alarms, detected, anomalous, unknown, pairs = 0, defaultdict(int), defaultdict(int), [], []
     for s in streams:
         decisions = rule.replay(probs[s.run_id], s.alpha.shape[1] / s.alpha.sum(1))
         first = first_alerts(decisions)
@@ -313,10 +313,15 @@ def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> d
             continue
         if s.label == "healthy":
             healthy_alarms += bool(first)
+            pairs.append(("healthy", cal.classes[min(first, key=first.get)] if first else "healthy"))
         elif s.label in cal.classes:
             anomalous[s.label] += 1
             detected[s.label] += cal.classes.index(s.label) in first
-    out = {"val_unknown_fraction": float(np.mean(unknown))}
+            onset = int(np.argmax(s.target != 0)) if (s.target != 0).any() else len(s.target)  # targets leave 0 at the onset
+            after = [d for d in decisions if d.frame >= onset and d.new_alerts]
+            pairs.append((s.label, cal.classes[after[0].new_alerts[0]] if after else "healthy"))
+    f1 = run_macro_f1(pairs, cal.classes[1:])  # the test split's definition (eval.metrics.macro_f1)
+    out = {"val_unknown_fraction": float(np.mean(unknown)), "val_run_macro_f1": f1 if math.isfinite(f1) else None}
     n_healthy = sum(s.known and s.label == "healthy" for s in streams)
     if n_healthy:
         out["val_far"] = healthy_alarms / n_healthy

@@ -116,3 +116,18 @@ def first_alerts(decisions: Sequence[Decision]) -> dict[int, int]:
             first.setdefault(c, d.frame)
     return first
 
+
+def run_macro_f1(pairs: Sequence[tuple[str, str]], known: Sequence[str]) -> float:
+    """Run-level macro F1 over the known anomaly classes: one (true label, predicted class) pair per Healthy or
+    known-anomaly run, the prediction being the class of the run's first alert at/after its onset, else
+    "healthy". sklearn f1_score(average="macro") with labels = the known classes that occur as a true or a
+    predicted class (a class absent from both has no F1 and is left out); NaN when none occurs. Validation
+    (`diagnose.calibrate`) and test (`eval.metrics.macro_f1`) both use this definition."""
+    from sklearn.metrics import f1_score
+
+    labels = [c for c in known if any(c in p for p in pairs)]
+    if not labels:
+        return math.nan
+    y_true, y_pred = zip(*pairs)
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+

@@ -316,8 +316,8 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
             print(f"resumed from {last} at step {state['step']} (epoch {state['epoch']})", flush=True)
     resume_step = state["step"] if resumed is not None else None
     train_log = CsvLog(out / "train.csv", ["step", "epoch", "lr", "kl_weight", "loss"], resume_step, main_proc)
-    epoch_log = CsvLog(out / "epochs.csv", ["epoch", "step", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
-                                            "val_mean_vacuity", "clips_per_s", "seconds"], resume_step, main_proc)
+    epoch_log = CsvLog(out / "epochs.csv", ["epoch", "step", "train_loss", "val_loss", "val_run_macro_f1", "val_far",
+                                            "val_window_macro_f1", "val_accuracy", "val_mean_vacuity", "clips_per_s", "seconds"], resume_step, main_proc)
     accelerator.wait_for_everyone()
 
     records: list[dict] | None = None
@@ -331,8 +331,11 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         records = evaluate(model, val, accelerator, cfg.eval_batch_size)
         if main_proc:
             m = window_metrics(records)
+            # run level, as on test (eval.metrics): the rule calibrated on this epoch's val predictions, replayed on them
+            rep = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes]).report
             row = {"epoch": state["epoch"], "step": state["step"], "train_loss": stats["train_loss"], "val_loss": val_loss(records),
-                   "val_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"], "val_mean_vacuity": m["mean_vacuity"],
+                   "val_run_macro_f1": rep["val_run_macro_f1"] if rep["val_run_macro_f1"] is not None else float("nan"), "val_far": rep.get("val_far", float("nan")),
+                   "val_window_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"], "val_mean_vacuity": m["mean_vacuity"],
                    "clips_per_s": stats["clips"] / max(stats["seconds"], 1e-9), "seconds": stats["seconds"]}
             epoch_log.write(row)
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)

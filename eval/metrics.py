@@ -32,11 +32,12 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.stats
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
 from capture.schema import CLASSES, IGNORE
 from capture.schema import KNOWN_CLASSES as KNOWN
+from diagnose.decision import run_macro_f1
 from pretrain.clips import ClipConfig, window_targets
 
 HORIZON_EPOCHS = ClipConfig.horizon_epochs
@@ -239,12 +240,7 @@ def macro_f1(runs: Sequence[RunResult]) -> float:
     """Macro F1 over the known anomaly classes, one prediction per Healthy and known-anomaly run
     (`outcome(run).predicted`): sklearn f1_score(average="macro") with labels = the known classes that
     occur as a true or a predicted class (a class absent from both has no F1 and is left out)."""
-    pairs = [(r.label, o.predicted) for r, o in zip(runs, _outcomes(runs)) if o is not None]
-    labels = [c for c in KNOWN if any(c in p for p in pairs)]
-    if not labels:
-        return math.nan
-    y_true, y_pred = zip(*pairs)
-    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    return run_macro_f1([(r.label, o.predicted) for r, o in zip(runs, _outcomes(runs)) if o is not None], KNOWN)
 
 
 def decision_cost(runs: Sequence[RunResult], c_fa: float = COSTS[0], c_md: float = COSTS[1],

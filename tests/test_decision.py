@@ -7,7 +7,8 @@ import pytest
 
 from diagnose.calibrate import (CalibrationConfig, RunStream, _peak_streak_min, calibrate, fit_temperature, load_calibration,
                                 save_calibration, streams_from_records)
-from diagnose.decision import UNKNOWN, Decision, DecisionState, Reason, Rule, decide, first_alerts
+from capture.schema import CLASSES, IGNORE
+from diagnose.decision import UNKNOWN, Decision, DecisionState, Reason, Rule, decide, first_alerts, run_macro_f1
 
 K = 5
 THRESHOLDS = (0.6, 0.6, 0.6, 0.6)  # anomaly classes 1..4
@@ -205,3 +206,22 @@ def test_streams_and_calibration_file_round_trip(tmp_path):
     assert load_calibration(tmp_path) == cal and "NaN" not in path.read_text()
     with pytest.raises(FileNotFoundError, match="calibrate the checkpoint"):
         load_calibration(tmp_path / "nothing")
+
+
+def test_validation_macro_f1_is_the_run_level_one_of_the_test_report():
+    """calibrate's val_run_macro_f1 = run_macro_f1 of (label, class of the first alert at/after the onset):
+    an alert before the onset does not count, an anomalous run without one is predicted healthy."""
+    p_h, p_over, p_inst = [0.96, 0.01, 0.01, 0.01, 0.01], [0.01, 0.96, 0.01, 0.01, 0.01], [0.01, 0.01, 0.96, 0.01, 0.01]
+    healthy = [_stream(f"h{i}", "healthy", [p_h] * 8) for i in range(20)]
+    target = np.array([0, 0, 0, IGNORE, 1, 1, 1, 1])  # onset at frame 3
+    over_right = _stream("o1", "overfitting", [p_h] * 4 + [p_over] * 4)
+    over_right.target[:] = target
+    over_early = _stream("o2", "overfitting", [p_inst] * 3 + [p_h] * 5)  # instability alert before onset only
+    over_early.target[:] = target
+    inst_as_over = _stream("i1", "instability", [p_h] * 4 + [p_over] * 4)
+    inst_as_over.target[:] = np.where(target > 0, 2, target)
+    cal = calibrate(healthy + [over_right, over_early, inst_as_over], CalibrationConfig(fit_temperature=False, tau=1.0), list(CLASSES))
+    pairs = [("healthy", "healthy")] * 20 + [("overfitting", "overfitting"), ("overfitting", "healthy"), ("instability", "overfitting")]
+    assert cal.report["val_run_macro_f1"] == pytest.approx(run_macro_f1(pairs, CLASSES[1:]))
+    assert cal.report["val_run_macro_f1"] == pytest.approx((0.5 + 0) / 2)  # overfitting: 1 of 2 right, 1 of 2 predicted right; instability 0
+    assert math.isnan(run_macro_f1([("healthy", "healthy")], CLASSES[1:]))

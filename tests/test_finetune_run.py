@@ -143,7 +143,7 @@ def _check_run(out: Path, stdout: str, epochs: int):
     rows = _csv(out / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows  # the loss goes down
-    assert all(0 <= float(r["val_mean_vacuity"]) <= 1 and r["val_macro_f1"] != "" for r in rows)
+    assert all(0 <= float(r["val_mean_vacuity"]) <= 1 and r["val_window_macro_f1"] != "" and r["val_run_macro_f1"] != "" for r in rows)
     model, cal = load_tevid(out / "final")
     last = load_checkpoint(out / "last")
     assert all(torch.equal(v, last.weights[k]) for k, v in model.state_dict().items())  # final = last weights, bit-exact
