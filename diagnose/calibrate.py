@@ -9,7 +9,8 @@ Fitted once on validation, then frozen and saved as `calibration.json` beside th
    (non-novel) validation runs, i.e. about 5% of in-distribution windows abstain (the paper's
    "global quantile" scheme, App. H.1); a fixed `tau` may be given instead; 0.35 (the paper's value)
    when there are no windows.
-3. per-class alert thresholds of the streaming rule (diagnose.decision): each Healthy validation run
+3. per-class alert thresholds of the streaming rule (diagnose.decision) and, for a TEViD with an anomaly
+   head, the anomaly score's threshold (score mode: it alone drives the alarm), fitted the same way: each Healthy validation run
    is replayed window by window, in order, with the rule. For class c and run r let m_r(c) be the
    largest value such that p_c > m for `consecutive` known frames in a row would need a threshold
    below m_r(c) (the max over runs of 3 consecutive known frames of their min p_c). Thresholds are
@@ -63,6 +64,8 @@ class Calibration:
     tau: float = 0.35
     consecutive: int = 3
     report: dict = field(default_factory=dict, metadata={"optional": True})  # descriptive only
+    # score mode (a model with an anomaly head): the alarm is anomaly score > this for `consecutive` frames
+    score_threshold: float | None = field(default=None, metadata={"optional": True})
 
     def __post_init__(self):
         from capture.config import FieldError
@@ -85,6 +88,8 @@ class Calibration:
             raise FieldError("tau", f"must be a number in [0, 1] (a vacuity), got {self.tau!r}")
         if not (isinstance(self.consecutive, int) and not isinstance(self.consecutive, bool) and self.consecutive >= 1):
             raise FieldError("consecutive", f"must be an integer >= 1, got {self.consecutive!r}")
+        if self.score_threshold is not None and not (number(self.score_threshold) and 0 <= self.score_threshold <= 1):
+            raise FieldError("score_threshold", f"must be null or a number in [0, 1] (an anomaly probability), got {self.score_threshold!r}")
         if not isinstance(self.report, dict):
             raise FieldError("report", f"must be a mapping, got {type(self.report).__name__}")
 
@@ -94,7 +99,7 @@ class Calibration:
                    CalibrationConfig.default_tau, CalibrationConfig.consecutive, {"calibrated": False})
 
     def rule(self) -> Rule:
-        return Rule(tuple(self.thresholds), self.tau, self.consecutive)
+        return Rule(tuple(self.thresholds), self.tau, self.consecutive, self.score_threshold)
 
     def probs(self, alpha: torch.Tensor) -> torch.Tensor:
         return tempered_probs(alpha, self.temperature)
@@ -150,6 +155,7 @@ class RunStream:
     target: np.ndarray  # (N,) int, IGNORE where not scored
     novel: np.ndarray  # (N,) bool
     alpha: np.ndarray  # (N, K) float
+    anomaly: np.ndarray | None = None  # (N,) the anomaly head's score, when the model has one
 
     @property
     def known(self) -> bool:
@@ -159,7 +165,8 @@ class RunStream:
 @torch.no_grad()
 def predict_records(model, dataset, indices=None, batch_size: int = 64, device: torch.device | str = "cpu") -> list[dict]:
     """Run `model.predict` over `dataset[i]` for i in `indices` (all by default); one dict per window:
-    run_id, label, end_frame, target, novel, alpha and logits (lists of K floats)."""
+    run_id, label, end_frame, target, novel, alpha and logits (lists of K floats), and the anomaly
+    score when the model has an anomaly head."""
     indices = range(len(dataset)) if indices is None else indices
     subset = torch.utils.data.Subset(dataset, list(indices))
     # torch's default collate stacks tensors, makes ints/bools tensors and keeps strings as lists, as
@@ -171,10 +178,13 @@ def predict_records(model, dataset, indices=None, batch_size: int = 64, device: 
     for batch in loader:
         out = model.predict(batch["frames"].to(device), batch["readouts"].to(device))
         alpha, logits = out["alpha"].cpu().double().tolist(), out["logits"].cpu().double().tolist()
+        anomaly = out["anomaly"].cpu().double().tolist() if "anomaly" in out else None
         for j in range(len(alpha)):
             records.append({"run_id": batch["run_id"][j], "label": batch["label"][j], "end_frame": int(batch["end_frame"][j]),
                             "target": int(batch["target"][j]), "novel": bool(batch["novel"][j]), "alpha": alpha[j],
                             "logits": logits[j]})
+            if anomaly is not None:
+                records[-1]["anomaly"] = anomaly[j]
     model.train(was_training)
     return records
 
@@ -188,7 +198,8 @@ def streams_from_records(records: list[dict]) -> list[RunStream]:
         rows = sorted(by_run[run_id], key=lambda r: r["end_frame"])
         streams.append(RunStream(run_id, rows[0]["label"], np.array([r["end_frame"] for r in rows]),
                                  np.array([r["target"] for r in rows]), np.array([r["novel"] for r in rows], dtype=bool),
-                                 np.array([r["alpha"] for r in rows], dtype=np.float64)))
+                                 np.array([r["alpha"] for r in rows], dtype=np.float64),
+                                 np.array([r["anomaly"] for r in rows]) if "anomaly" in rows[0] else None))
     return streams
 
 
@@ -276,7 +287,13 @@ def calibrate(streams: list[RunStream], cfg: CalibrationConfig = CalibrationConf
     else:
         thresholds = _fit_thresholds(healthy, probs, tau, cfg)
         report["threshold_source"] = f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs"
-    cal = Calibration(classes, [float(t) for t in thresholds], float(temperature), float(tau), cfg.consecutive, report)
+    score_threshold = None
+    if streams[0].anomaly is not None:  # score mode: the anomaly score alone drives the alarm
+        score_threshold = _fit_score_threshold(healthy, tau, cfg) if healthy else cfg.default_threshold
+        report["score_threshold_source"] = (f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs" if healthy
+                                            else "default (no Healthy validation runs)")
+    cal = Calibration(classes, [float(t) for t in thresholds], float(temperature), float(tau), cfg.consecutive, report,
+                      score_threshold)
     report.update(_replay_report(streams, probs, cal))
     return cal
 
@@ -300,13 +317,22 @@ def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: Cali
     raise AssertionError("unreachable: at the top rank no Healthy run can fire")  # threshold >= every m
 
 
+def _fit_score_threshold(healthy: list[RunStream], tau: float, cfg: CalibrationConfig) -> float:
+    """The lowest anomaly-score threshold (an order statistic of the runs' peak 3-frame minima, + 1e-6)
+    at which at most `far_target` of the Healthy runs alarm; not below `min_threshold`."""
+    k = healthy[0].alpha.shape[1]
+    m = sorted(_peak_streak_min(s.anomaly, k / s.alpha.sum(1) <= tau, cfg.consecutive) for s in healthy)
+    allowed = math.floor(cfg.far_target * len(healthy) + 1e-9)  # Healthy runs that may alarm
+    return float(min(1.0, max(cfg.min_threshold, m[len(m) - 1 - allowed] + MARGIN)))
+
+
 def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> dict:
     """FAR on Healthy runs, per-class detection on anomalous runs and the Unknown fraction, replayed
     with the calibrated rule on the validation streams themselves (optimistic: fitted on them)."""
     rule = cal.rule()
     healthy_alarms, detected, anomalous, unknown, pairs = 0, defaultdict(int), defaultdict(int), [], []
     for s in streams:
-        decisions = rule.replay(probs[s.run_id], s.alpha.shape[1] / s.alpha.sum(1))
+        decisions = rule.replay(probs[s.run_id], s.alpha.shape[1] / s.alpha.sum(1), s.anomaly)
         first = first_alerts(decisions)
         unknown.append(np.mean([d.unknown for d in decisions]))
         if not s.known:

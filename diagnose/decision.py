@@ -12,6 +12,12 @@ At each new frame TEViD gives class probabilities `p (K,)` (class 0 = Healthy) a
 - Unknown frames by vacuity have a streak of their own: at the frame where `consecutive` of them in a
   row are reached, `Decision.unknown_alert` is set (once per streak). Any other frame resets it.
 
+With an anomaly score (a TEViD with `anomaly_head`, calibrated with `score_threshold`), the score drives
+the alarm and the class head names the kind: one streak grows while `score > score_threshold` on a
+non-Unknown frame; when it reaches `consecutive`, the alert fires for the anomaly class with the highest
+probability at that frame, stays active (that class) while the streak lasts, and fires again only after a
+break. Unknown and non-finite frames break it as above.
+
 A pure function over an immutable state, like Lightning's `EarlyStopping._evaluate_stopping_criteria`:
 the live monitor and the replay used by evaluation and calibration share `decide`.
 """
@@ -38,6 +44,8 @@ class DecisionState:
     streaks: tuple[int, ...] = ()
     frames: int = 0
     unknown_streak: int = 0  # Unknown-by-vacuity frames in a row
+    anomaly_streak: int = 0  # score mode: frames in a row with score > score_threshold
+    anomaly_class: int = 0  # score mode: the class the current streak fired (0 before it fires)
 
     @classmethod
     def start(cls, num_classes: int) -> "DecisionState":
@@ -65,8 +73,12 @@ def decide(
     thresholds: Sequence[float],
     tau: float,
     consecutive: int = 3,
+    score: float | None = None,
+    score_threshold: float | None = None,
 ) -> tuple[DecisionState, Decision]:
-    """One step of the rule. `probs` has K entries, `thresholds` K-1 (one per anomaly class 1..K-1)."""
+    """One step of the rule. `probs` has K entries, `thresholds` K-1 (one per anomaly class 1..K-1).
+    With `score_threshold`, the anomaly `score` of the frame drives the alarm (score mode) and the
+    per-class thresholds are not used."""
     probs = [float(p) for p in probs]
     k = len(probs)
     if len(thresholds) != k - 1:
@@ -77,33 +89,54 @@ def decide(
     if len(streaks) != k - 1:
         raise ValueError(f"decide: state has {len(streaks)} streaks but probs have {k} classes")
     frame = state.frames
-    if not (all(math.isfinite(p) for p in probs) and math.isfinite(float(vacuity))):
+    if score_threshold is not None:
+        if score is None:
+            raise ValueError("decide: score_threshold is set but no anomaly score was given")
+        score = float(score)
+    if not (all(math.isfinite(p) for p in probs) and math.isfinite(float(vacuity))
+            and (score_threshold is None or math.isfinite(score))):
         return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.NONFINITE, frame=frame)
     if float(vacuity) > tau:
         unknown = state.unknown_streak + 1
         return (DecisionState((0,) * (k - 1), frame + 1, unknown),
                 Decision(UNKNOWN, Reason.VACUITY, frame=frame, unknown_alert=unknown == consecutive))
+    label = max(range(k), key=lambda c: probs[c])
+    if score_threshold is not None:
+        streak = state.anomaly_streak + 1 if score > score_threshold else 0
+        cls = state.anomaly_class if streak > consecutive else 0
+        if streak == consecutive:
+            cls = 1 + max(range(k - 1), key=lambda c: probs[1 + c])  # the kind: the likeliest anomaly class
+        fired = (cls,) if streak == consecutive else ()
+        active = (cls,) if streak >= consecutive else ()
+        return (DecisionState((0,) * (k - 1), frame + 1, 0, streak, cls if streak >= consecutive else 0),
+                Decision(label, Reason.KNOWN, fired, active, frame))
     new = tuple(s + 1 if p > t else 0 for s, p, t in zip(streaks, probs[1:], thresholds))
     active = tuple(c + 1 for c, s in enumerate(new) if s >= consecutive)
     fired = tuple(c + 1 for c, s in enumerate(new) if s == consecutive)
-    label = max(range(k), key=lambda c: probs[c])
     return DecisionState(new, frame + 1), Decision(label, Reason.KNOWN, fired, active, frame)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """The frozen operating point: thresholds (K-1), tau, consecutive. `replay` runs a whole stream."""
+    """The frozen operating point: thresholds (K-1), tau, consecutive, and in score mode the anomaly
+    score's threshold. `replay` runs a whole stream."""
 
     thresholds: tuple[float, ...]
     tau: float
     consecutive: int = 3
+    score_threshold: float | None = None
 
-    def replay(self, probs: Sequence[Sequence[float]], vacuity: Sequence[float]) -> list[Decision]:
-        if len(probs) != len(vacuity):
-            raise ValueError(f"Rule.replay: {len(probs)} probability rows but {len(vacuity)} vacuities")
+    def replay(self, probs: Sequence[Sequence[float]], vacuity: Sequence[float],
+               scores: Sequence[float] | None = None) -> list[Decision]:
+        if len(probs) != len(vacuity) or (scores is not None and len(scores) != len(probs)):
+            raise ValueError(f"Rule.replay: {len(probs)} probability rows but {len(vacuity)} vacuities"
+                             + (f" and {len(scores)} scores" if scores is not None else ""))
+        if self.score_threshold is not None and scores is None:
+            raise ValueError("Rule.replay: this rule alarms on an anomaly score (score_threshold); give scores=")
         state, out = DecisionState.start(len(self.thresholds) + 1), []
-        for p, u in zip(probs, vacuity):
-            state, d = decide(state, p, u, self.thresholds, self.tau, self.consecutive)
+        for i, (p, u) in enumerate(zip(probs, vacuity)):
+            state, d = decide(state, p, u, self.thresholds, self.tau, self.consecutive,
+                              None if scores is None else scores[i], self.score_threshold)
             out.append(d)
         return out
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from capture.config import cli_parser, load_config, save_config, to_dict
@@ -89,6 +90,7 @@ class FinetuneConfig:
     epochs: int = 50
     kl_anneal_epochs: float = 10.0  # lambda of the KL term ramps 0 -> 1 over these epochs (0: 1 from the start)
     class_weights: str = "balanced"  # "balanced" | "none"
+    anomaly_weight: float = 1.0  # weight of the anomaly head's binary cross-entropy (model.anomaly_head)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval_batch_size: int = 64
     log_every: int = 10  # optimizer steps between train.csv rows
@@ -195,6 +197,15 @@ def evaluate(model: TEViD, val: CorpusClips, accelerator, batch_size: int) -> li
     return gather_object(mine) if world > 1 else mine
 
 
+def anomaly_loss(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of the anomaly logits over the windows whose target is not IGNORE (a zero
+    with a graph when there is none: every process of a distributed step backpropagates)."""
+    valid = target != IGNORE
+    if not valid.any():
+        return logit.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logit[valid], target[valid].float())
+
+
 def val_loss(records: list[dict]) -> float:
     """Evidential loss of the val windows at lambda = 1 (comparable across epochs), no class weights."""
     target = torch.tensor([r["target"] for r in records])
@@ -216,11 +227,17 @@ def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, c
     def kl_weight() -> float:  # lambda of the KL term at the current optimizer step
         return kl_anneal(state["step"] / data.steps_per_epoch, cfg.kl_anneal_epochs)
 
-    def forward(model, batch):
-        return model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device))
+    anomaly = unwrap(model).cfg.anomaly_head
 
-    def criterion(logits, batch):
-        return evidential_loss(logits.float(), batch["target"].to(accelerator.device), kl_weight(), class_w)
+    def forward(model, batch):
+        return model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device), with_anomaly=anomaly)
+
+    def criterion(out, batch):
+        logits, a = out if anomaly else (out, None)
+        loss = evidential_loss(logits.float(), batch["target"].to(accelerator.device), kl_weight(), class_w)
+        if a is not None:
+            loss = loss + cfg.anomaly_weight * anomaly_loss(a.float(), batch["anomalous"].to(accelerator.device))
+        return loss
 
     def step_done(step: int, losses: list[torch.Tensor], batches: list) -> None:
         nonlocal clips

@@ -37,6 +37,7 @@ class Prediction:
     vacuity: float
     decision: Decision | None  # None when the stream has no calibration (probabilities only)
     label: str  # a class name, or "unknown"
+    anomaly: float | None = None  # the anomaly head's score (a model with one), else None
 
 
 def _readout_names() -> tuple[str, ...]:
@@ -122,20 +123,24 @@ class TEViDStream:
             out = self.model.predict(None if frames is None else frames.to(dev), vecs.to(dev), temperature=temperature)
         probs = out["probs"][0].double().tolist()
         u = float(out["vacuity"][0])
+        score = float(out["anomaly"][0]) if "anomaly" in out else None
         if self.calibration is None:
-            return Prediction(step, probs, u, None, "")
+            return Prediction(step, probs, u, None, "", score)
         cal = self.calibration
-        self.state, d = decide(self.state, probs, u, cal.thresholds, cal.tau, cal.consecutive)
-        return Prediction(step, probs, u, d, "unknown" if d.unknown else cal.classes[d.label])
+        self.state, d = decide(self.state, probs, u, cal.thresholds, cal.tau, cal.consecutive, score,
+                               getattr(cal, "score_threshold", None))
+        return Prediction(step, probs, u, d, "unknown" if d.unknown else cal.classes[d.label], score)
 
     def state_dict(self) -> dict | None:
         s = self.state
-        return None if s is None else {"streaks": list(s.streaks), "frames": s.frames, "unknown_streak": s.unknown_streak}
+        return None if s is None else {"streaks": list(s.streaks), "frames": s.frames, "unknown_streak": s.unknown_streak,
+                                       "anomaly_streak": s.anomaly_streak, "anomaly_class": s.anomaly_class}
 
     def load_state_dict(self, state: dict | None, unknown_streak: int | None = None) -> None:
         if state and self.state is not None:
             self.state = DecisionState(tuple(state["streaks"]), int(state["frames"]),
-                                       int(state.get("unknown_streak", unknown_streak or 0)))
+                                       int(state.get("unknown_streak", unknown_streak or 0)),
+                                       int(state.get("anomaly_streak", 0)), int(state.get("anomaly_class", 0)))
 
 
 def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", window: int = 10) -> TEViDStream:

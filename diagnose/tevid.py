@@ -3,6 +3,12 @@
     frames   (B, T, 6, S, S) -> keep `channels` -> SpaceTimeEncoder -> tokens (B, T, P, D) -> mean over T and P -> (B, D)
     readouts (B, T, 8) raw   -> readout_features (B, T, 16) -> Linear+GELU per frame (B, T, E) -> GRU -> last state (B, E)
     concat (B, D + E) -> LayerNorm -> MLP -> evidence logits f (B, K)
+                                   +-> MLP -> anomaly logit a (B,)     (with `anomaly_head`)
+
+With `anomaly_head` a second head scores "is this window anomalous" (trained with binary cross-entropy on
+every window of a labelled run, the onset-to-trigger stretch the class head ignores included; targets
+`pretrain.clips.window_anomalous`): that score drives the alarm, the class head names the kind
+(`diagnose.decision`, `Rule.score_threshold`).
 
 With `representation="relative"` the same two branches read the run-relative inputs of `capture.relative`
 (the look of the network taken out): unit patterns (B, T, 6, P, P) in place of the frames (the encoder's
@@ -57,6 +63,7 @@ class TEViDConfig:
     # "frames": stored frames (B, T, 6, S, S) and raw readouts (B, T, 8); "relative": the run-relative
     # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 21)
     representation: str = "frames"
+    anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
@@ -135,7 +142,8 @@ class TEViD(nn.Module):
             width += cfg.readout_dim
         self.fusion_norm = nn.LayerNorm(width)
         self.head = Mlp(width, hidden_features=cfg.hidden_dim, out_features=cfg.num_classes, drop=cfg.dropout)
-        for m in (self.fusion_norm, self.head, self.readouts):
+        self.anomaly = Mlp(width, hidden_features=cfg.hidden_dim, out_features=1, drop=cfg.dropout) if cfg.anomaly_head else None
+        for m in (self.fusion_norm, self.head, self.anomaly, self.readouts):
             if m is not None:
                 m.apply(_init_linear)
 
@@ -171,17 +179,32 @@ class TEViD(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)  # (B, K) evidence logits f
 
-    def forward(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None) -> torch.Tensor:
-        """Evidence logits f (B, K); `alpha = softplus(f) + 1` (diagnose.evidential)."""
-        return self.forward_head(self.forward_features(frames, readouts))
+    def forward(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None,
+                with_anomaly: bool = False):
+        """Evidence logits f (B, K); `alpha = softplus(f) + 1` (diagnose.evidential). `with_anomaly=True`
+        returns (f, anomaly logit (B,)) and needs `anomaly_head` (one forward through a DDP wrapper for both)."""
+        features = self.forward_features(frames, readouts)
+        if not with_anomaly:
+            return self.forward_head(features)
+        if self.anomaly is None:
+            raise ValueError("TEViD: with_anomaly=True needs TEViDConfig.anomaly_head=True")
+        return self.forward_head(features), self.anomaly(features)[:, 0]
 
     @torch.no_grad()
     def predict(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None, temperature: float = 1.0) -> dict:
-        """dict(probs (B, K) after `temperature`, vacuity (B,), alpha (B, K), logits (B, K)); no gradients.
-        Call `.eval()` first (load_tevid returns the model in eval mode)."""
-        logits = self(frames, readouts).float()
+        """dict(probs (B, K) after `temperature`, vacuity (B,), alpha (B, K), logits (B, K), and with
+        `anomaly_head` anomaly (B,) = sigmoid of the anomaly logit); no gradients. Call `.eval()` first
+        (load_tevid returns the model in eval mode)."""
+        if self.anomaly is None:
+            logits, anomaly = self(frames, readouts).float(), None
+        else:
+            logits, a = self(frames, readouts, with_anomaly=True)
+            logits, anomaly = logits.float(), torch.sigmoid(a.float())
         d = dirichlet(logits)
-        return {"probs": tempered_probs(d.alpha, temperature), "vacuity": d.vacuity, "alpha": d.alpha, "logits": logits}
+        out = {"probs": tempered_probs(d.alpha, temperature), "vacuity": d.vacuity, "alpha": d.alpha, "logits": logits}
+        if anomaly is not None:
+            out["anomaly"] = anomaly
+        return out
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -50,8 +50,13 @@ def tevid_remedy(name: str, readouts: list[dict]) -> str | None:
 def tevid_alerts(pred: Prediction, calibration, window: torch.Tensor | None, points, readouts: list[dict]) -> list[Alert]:
     """The alerts a prediction fires: each class whose streak reached `consecutive`, and Unknown."""
     cal, d, probs, u = calibration, pred.decision, pred.probs, pred.vacuity
-    found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} "
-              f"for {cal.consecutive} frames in a row, vacuity {u:.2f})") for c in d.new_alerts]
+    if getattr(cal, "score_threshold", None) is not None:  # score mode: the anomaly score alarms, the class head names it
+        found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (anomaly score {pred.anomaly:.2f} > "
+                  f"{cal.score_threshold:.2f} for {cal.consecutive} frames in a row; kind: p = {probs[c]:.2f}, vacuity {u:.2f})")
+                 for c in d.new_alerts]
+    else:
+        found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} "
+                  f"for {cal.consecutive} frames in a row, vacuity {u:.2f})") for c in d.new_alerts]
     if d.unknown_alert:
         found.append(("unknown", None, f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} "
                                        f"frames in a row)"))

@@ -293,7 +293,8 @@ def replay(corpus: str | Path, split: str | None, diagnoser: Diagnoser, runs: Se
 class TEViDDiagnoser:
     """A fine-tuned TEViD (diagnose.tevid) in the replay, through the live monitor's own stream
     (`diagnose.stream.TEViDStream`): at frame t it reads the window of the last T frames and their
-    CLIP_READOUTS, and gives probs (tempered by the calibration), vacuity and 1 - p(healthy). Unlike the live
+    CLIP_READOUTS, and gives probs (tempered by the calibration), vacuity and as score its anomaly head's
+    score (a model with one), else 1 - p(healthy). Unlike the live
     monitor, frames before T-1 get an output too (`pad_start`: frame 0 repeated on the left); the scored
     frames start at T-1 (`score_from`), where both read the same full window."""
 
@@ -342,7 +343,8 @@ class TEViDDiagnoser:
         else:
             pred = self.stream.push(view.t, frame, readouts)
         probs = np.asarray(pred.probs, dtype=np.float64)
-        return FrameOutput(score=float(1.0 - probs[0]), probs=probs, vacuity=float(pred.vacuity))
+        score = pred.anomaly if pred.anomaly is not None else 1.0 - probs[0]
+        return FrameOutput(score=float(score), probs=probs, vacuity=float(pred.vacuity))
 
 
 # ---------------------------------------------------------------- decisions and confirmed alerts
@@ -354,7 +356,7 @@ def decisions(result: RunResult, rule: Rule) -> list[Decision]:
         raise ValueError(f"run {result.run_id}: the decision rule needs class probabilities; this method gives a score only "
                          f"(use a score threshold)")
     vacuity = result.vacuity if result.vacuity is not None else np.zeros(len(result.score))
-    return rule.replay(result.probs, vacuity)
+    return rule.replay(result.probs, vacuity, result.score if rule.score_threshold is not None else None)
 
 
 def unknown_mask(result: RunResult, rule: Rule) -> np.ndarray:

@@ -90,15 +90,46 @@ def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, nov
     return target, novel_mask
 
 
-def run_targets(attrs: dict, frame_step, cfg=ClipConfig()):
-    """`window_targets` from a store's public attrs; a novel run's onset is its perturbation's onset
+def window_anomalous(frame_step, label, onset_step, novel) -> torch.Tensor:
+    """The binary target of the window ending at each frame (TEViD's anomaly head): 0 for a Healthy run and
+    before the onset of a known-anomaly run, 1 from the onset on (the stretch before trigger - H that
+    `window_targets` ignores included), IGNORE for unscored labels and for a novel run from its onset
+    (novel runs are for the open-set metrics, not for training)."""
+    s = torch.as_tensor(frame_step, dtype=torch.long)
+    onset = 0 if onset_step is None else onset_step
+    out = torch.zeros(len(s), dtype=torch.long)
+    if novel:
+        out[s >= onset] = IGNORE
+    elif label in UNSCORED_LABELS:
+        out[:] = IGNORE
+    elif label in CLASSES[1:]:
+        out[s >= onset] = 1
+    elif label != "healthy":
+        raise ValueError(f"unknown label {label!r}; expected one of {CLASSES + UNSCORED_LABELS}")
+    return out
+
+
+def _onset(attrs: dict) -> tuple[int | None, bool]:
+    """(onset step, novel) from a store's public attrs; a novel run's onset is its perturbation's onset
     (the labeler leaves onset_step null when no rule fires)."""
     pert = attrs.get("perturbation") or {}
     novel = pert.get("kind") == "novel"
     onset = attrs.get("onset_step")
     if onset is None and novel:
         onset = pert.get("onset", 0)
+    return onset, novel
+
+
+def run_targets(attrs: dict, frame_step, cfg=ClipConfig()):
+    """`window_targets` from a store's public attrs."""
+    onset, novel = _onset(attrs)
     return window_targets(frame_step, attrs.get("label"), onset, attrs.get("trigger_step"), attrs.get("epoch_steps"), novel, cfg)
+
+
+def run_anomalous(attrs: dict, frame_step) -> torch.Tensor:
+    """`window_anomalous` from a store's public attrs."""
+    onset, novel = _onset(attrs)
+    return window_anomalous(frame_step, attrs.get("label"), onset, novel)
 
 
 @dataclass
@@ -109,6 +140,7 @@ class _Run:
     steps: np.ndarray  # (n_frames,) int64
     readouts: np.ndarray  # (n_frames, 8) float32, raw
     target: np.ndarray  # (n_frames,) int64: target of the window ending at each frame
+    anomalous: np.ndarray  # (n_frames,) int64: binary target of that window (window_anomalous)
     novel: np.ndarray  # (n_frames,) bool
     label: str
     patterns: torch.Tensor | None = None  # relative representation: (n_frames, 6, P, P) unit patterns
@@ -119,7 +151,7 @@ class _Run:
 
     def item(self, t: int, frames: torch.Tensor, window: int) -> dict:
         return dict(frames=frames, readouts=torch.from_numpy(self.readouts[t - window + 1:t + 1].copy()),
-                    target=int(self.target[t]), novel=bool(self.novel[t]), run_id=self.record["run_id"],
+                    target=int(self.target[t]), anomalous=int(self.anomalous[t]), novel=bool(self.novel[t]), run_id=self.record["run_id"],
                     end_frame=t, end_step=int(self.steps[t]), split=self.record["split"], label=self.label)
 
 
@@ -138,7 +170,8 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
         idx = np.arange(0, len(steps), k)
         target, novel = run_targets(store.attrs, steps[idx], cfg)
         pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(readouts[idx]), int(store.attrs["num_classes"]))
-        runs.append(_Run(record, store.path, steps[idx], scalars.numpy(), target.numpy(), novel.numpy(), run.label, pats, k))
+        runs.append(_Run(record, store.path, steps[idx], scalars.numpy(), target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
+                         novel.numpy(), run.label, pats, k))
     return runs, store
 
 
@@ -160,7 +193,8 @@ def _load_run(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[_Run, RunSto
         patterns, scalars = relative_frames(store.levels(), store.patterns(), torch.from_numpy(readouts),
                                             int(store.attrs["num_classes"]))
         readouts = scalars.numpy()
-    return _Run(record, store.path, steps, readouts, target.numpy(), novel.numpy(), label, patterns), store
+    return _Run(record, store.path, steps, readouts, target.numpy(), run_anomalous(store.attrs, steps).numpy(), novel.numpy(),
+                label, patterns), store
 
 
 class CorpusClips(torch.utils.data.Dataset):
@@ -217,7 +251,8 @@ def collate(items: list[dict]) -> dict:
     """Stack clips: frames `(B, T, 6, S, S)` bf16, readouts `(B, T, 8)`, target `(B,)` long, novel `(B,)` bool,
     end_frame/end_step `(B,)` long; run_id, split, label stay lists."""
     batch = {"frames": torch.stack([x["frames"] for x in items]), "readouts": torch.stack([x["readouts"] for x in items])}
-    for key, dtype in (("target", torch.long), ("novel", torch.bool), ("end_frame", torch.long), ("end_step", torch.long)):
+    for key, dtype in (("target", torch.long), ("anomalous", torch.long), ("novel", torch.bool), ("end_frame", torch.long),
+                       ("end_step", torch.long)):
         batch[key] = torch.tensor([x[key] for x in items], dtype=dtype)
     for key in ("run_id", "split", "label"):
         batch[key] = [x[key] for x in items]
@@ -225,7 +260,7 @@ def collate(items: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------ webdataset shards
-META_KEYS = ("target", "novel", "run_id", "end_frame", "end_step", "split", "label")
+META_KEYS = ("target", "anomalous", "novel", "run_id", "end_frame", "end_step", "split", "label")
 
 
 def export_shards(corpus, out_dir, cfg: ClipConfig = ClipConfig(), shard_size: int = 2000, *,
@@ -297,6 +332,7 @@ def _decode(sample: dict) -> dict:
     meta = json.loads(sample["json"])
     frames = bits_to_bf16(np.load(io.BytesIO(sample["frames.npy"]), allow_pickle=False))
     readouts = torch.from_numpy(np.load(io.BytesIO(sample["readouts.npy"]), allow_pickle=False))
+    meta.setdefault("anomalous", IGNORE)  # shards exported before the anomaly target: not trained on
     return {"frames": frames, "readouts": readouts, **{k: meta[k] for k in META_KEYS}}
 
 

@@ -9,7 +9,7 @@ import torch
 from capture.store import RunStore
 from diagnose.tevid import readout_features
 from pretrain.clips import (CLASSES, CLIP_READOUTS, IGNORE, ClipConfig, CorpusClips, clip_loader, collate, export_shards,
-                            main, run_targets, window_targets)
+                            main, run_targets, window_anomalous, window_targets)
 
 from conftest import copy_without_privileged
 
@@ -114,6 +114,20 @@ def test_window_targets(label, onset, trigger, novel, expected):
     target, mask = window_targets(STEPS, label, onset, trigger, 6, novel, ClipConfig(horizon_epochs=2.0))
     assert target.tolist() == expected and target.dtype == torch.long
     assert mask.tolist() == ([novel and s >= onset for s in STEPS])
+
+
+@pytest.mark.parametrize("label, onset, novel, expected", [
+    ("healthy", None, False, [0] * 12),
+    ("instability", 18, False, [0, 0, 0, 0] + [1] * 8),  # from the onset: the class target's ignored stretch included
+    ("concept_bias", 0, False, [1] * 12),
+    ("underperforming", None, False, [I] * 12),
+    (None, None, False, [I] * 12),
+    ("instability", 30, True, [0] * 6 + [I] * 6),  # novel: not trained on from the onset
+])
+def test_window_anomalous(label, onset, novel, expected):
+    assert window_anomalous(STEPS, label, onset, novel).tolist() == expected
+    with pytest.raises(ValueError, match="unknown label 'weird'"):
+        window_anomalous(STEPS, "weird", 0, False)
 
 
 def test_window_targets_errors():

@@ -225,3 +225,48 @@ def test_validation_macro_f1_is_the_run_level_one_of_the_test_report():
     assert cal.report["val_run_macro_f1"] == pytest.approx(run_macro_f1(pairs, CLASSES[1:]))
     assert cal.report["val_run_macro_f1"] == pytest.approx((0.5 + 0) / 2)  # overfitting: 1 of 2 right, 1 of 2 predicted right; instability 0
     assert math.isnan(run_macro_f1([("healthy", "healthy")], CLASSES[1:]))
+
+
+# ---------------------------------------------------------------- score mode: an anomaly score alarms, the class head names it
+
+@pytest.mark.parametrize(
+    "frames, expected",
+    [
+        # (probs, vacuity, anomaly score) per frame -> {class: first alert frame}; score threshold 0.5
+        ([(H, U, 0.9)] * 3, {1: 2}),  # the score alarms though p(healthy) is highest: the kind is the likeliest anomaly class (ties: first)
+        ([(I, U, 0.4)] * 5, {}),  # confident class, low score: no alarm (the class thresholds are not used)
+        ([(O, U, 0.9), (I, U, 0.9), (I, U, 0.9)], {2: 2}),  # the kind is read at the frame that confirms
+        ([(O, U, 0.9), (O, X, 0.9), (O, U, 0.9), (O, U, 0.9)], {}),  # an Unknown frame breaks the streak
+        ([(O, U, 0.9)] * 2 + [(O, U, float("nan"))] + [(O, U, 0.9)] * 3, {1: 5}),  # a non-finite score is Unknown
+        ([(F, U, 0.9)] * 3 + [(F, U, 0.1)] + [(B, U, 0.9)] * 3, {3: 2, 4: 6}),  # fires again after a break
+    ],
+)
+def test_score_mode(frames, expected):
+    rule = Rule((0.99,) * 4, TAU, score_threshold=0.5)
+    decisions = rule.replay([f[0] for f in frames], [f[1] for f in frames], [f[2] for f in frames])
+    assert first_alerts(decisions) == expected
+    fired = [d for d in decisions if d.new_alerts]
+    assert all(len(d.new_alerts) == 1 for d in fired)
+    if fired:  # stays active with the class it fired while the streak lasts
+        after = decisions[fired[0].frame + 1] if fired[0].frame + 1 < len(decisions) else None
+        assert after is None or after.active in ((), fired[0].new_alerts)
+    with pytest.raises(ValueError, match="give scores="):
+        rule.replay([H], [U])
+
+
+def test_score_threshold_meets_the_false_alarm_target(tmp_path):
+    rng = np.random.default_rng(4)
+    runs = _healthy_runs(40)
+    for s in runs:
+        s.anomaly = np.clip(rng.normal(0.3, 0.15, len(s.target)) + rng.uniform(0, 0.5), 0, 1)
+    cfg = CalibrationConfig(fit_temperature=False, tau=1.0)
+    cal = calibrate(runs, cfg, list(CLASSES))
+    alarms = [bool(first_alerts(cal.rule().replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
+              for s in runs]
+    assert 0.5 <= cal.score_threshold < 1 and np.mean(alarms) <= 0.05 and cal.report["val_far"] == np.mean(alarms)
+    lower = Rule(tuple(cal.thresholds), 1.0, score_threshold=cal.score_threshold - 2e-6)  # just below: one run too many
+    if cal.score_threshold > 0.5 + 2e-6:
+        assert np.mean([bool(first_alerts(lower.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
+                        for s in runs]) > 0.05
+    save_calibration(cal, tmp_path)
+    assert load_calibration(tmp_path) == cal  # score_threshold round-trips; files without it load as class mode

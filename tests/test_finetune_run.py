@@ -4,10 +4,12 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +66,22 @@ def test_model_inputs_shapes_and_backward(inputs):
     if inputs != "readouts":
         with pytest.raises(ValueError, match="needs frames"):
             model(None, readouts)
+
+
+def test_anomaly_head_scores_beside_the_classes():
+    model = TEViD(TEViDConfig(encoder="tiny", inputs="readouts", anomaly_head=True))
+    _, readouts = _clip()
+    logits, a = model(None, readouts, with_anomaly=True)
+    assert logits.shape == (2, 5) and a.shape == (2,)
+    (logits.sum() + a.sum()).backward()
+    assert all(p.grad is not None for p in model.anomaly.parameters())
+    out = model.eval().predict(None, readouts)
+    torch.testing.assert_close(out["anomaly"], torch.sigmoid(model(None, readouts, with_anomaly=True)[1]))
+    torch.testing.assert_close(out["logits"], model(None, readouts))  # the class head is the same with or without
+    plain = TEViD(TEViDConfig(encoder="tiny", inputs="readouts")).eval()
+    assert "anomaly" not in plain.predict(None, readouts)
+    with pytest.raises(ValueError, match="anomaly_head=True"):
+        plain(None, readouts, with_anomaly=True)
 
 
 def test_readouts_branch_uses_the_order_of_frames():
@@ -184,6 +202,28 @@ def test_finetune_in_process_resume_and_inputs(smoke_corpus, tmp_path, capsys, i
     assert load_checkpoint(out / "last").step == 2 * steps and load_checkpoint(out / "last").extra["epoch"] == 2
     model, cal = load_tevid(out / "final")
     assert model.cfg.inputs == inputs and cal.report["calibrated"]
+
+
+def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, tmp_path, capsys):
+    """Relative inputs, windows at spacings 1 and 2, the anomaly head: trained, calibrated in score mode,
+    and replayed with the anomaly score as the method's score."""
+    from eval.replay import TEViDDiagnoser, load_runs, replay_runs
+
+    out = tmp_path / "ft"
+    args = ["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out), *FAST, "epochs=1", "model.inputs=readouts",
+            "model.representation=relative", "model.anomaly_head=true", "data.window=4"]
+    assert finetune_main([*args, "data.spacings=[1, 2]"]) == 0
+    spaced = int(re.search(r"(\d+) training windows/epoch", capsys.readouterr().out).group(1))
+    assert finetune_main([*args[:5], str(tmp_path / "one"), *args[6:]]) == 0
+    assert spaced > int(re.search(r"(\d+) training windows/epoch", capsys.readouterr().out).group(1))  # spacing 2 adds windows
+    model, cal = load_tevid(out / "final")
+    assert model.cfg.anomaly_head and cal.score_threshold is not None and "score_threshold_source" in cal.report
+    diagnoser = TEViDDiagnoser.from_checkpoint(out / "final")
+    [result] = replay_runs(load_runs(smoke_corpus, "test", progress=False)[:1], diagnoser, progress=False)
+    assert np.all((result.score >= 0) & (result.score <= 1))
+    assert not np.allclose(result.score, 1 - result.probs[:, 0])  # the score is the anomaly head's, not 1 - p(healthy)
+    with pytest.raises(ValueError, match="data.spacings.*relative"):
+        finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(tmp_path / "x"), "data.spacings=[1, 2]"])
 
 
 def test_finetune_from_shards(smoke_corpus, tmp_path, capsys):
