@@ -189,6 +189,27 @@ def predict_records(model, dataset, indices=None, batch_size: int = 64, device: 
     return records
 
 
+PREDICTIONS_FILE = "val_predictions.jsonl"  # diagnose.finetune writes its validation windows' records there
+
+
+def write_predictions(records: list[dict], path: str | Path) -> Path:
+    """`predict_records` output as JSON lines, atomically (the cross-fitted calibration reads them back)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a fine-tuning output directory holds its validation predictions there")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def streams_from_records(records: list[dict]) -> list[RunStream]:
     by_run: dict[str, list[dict]] = defaultdict(list)
     for r in records:

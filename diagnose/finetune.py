@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from capture.config import cli_parser, load_config, save_config, to_dict
-from diagnose.calibrate import (CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records,
-                                window_metrics)
+from diagnose.calibrate import (PREDICTIONS_FILE, CalibrationConfig, calibrate, predict_records, save_calibration,
+                                streams_from_records, window_metrics, write_predictions)
 from diagnose.evidential import evidential_loss, kl_anneal
 from diagnose.tevid import TEViD, TEViDConfig, build_tevid, tevid_config_from
 from pretrain.checkpoint import checkpoint_exists, load_checkpoint, restore_training_state, save_checkpoint, unwrap
@@ -66,6 +66,10 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000  # shards only
     label_fraction: float = 1.0  # fraction of the labelled training runs used (per label, seeded by `seed`); zarr only
+    train_splits: list = field(default_factory=lambda: ["train"])  # training runs come from these splits (zarr only)
+    # cross-fitting (diagnose.crossfit): train on the train_splits' runs outside this fold and validate and
+    # calibrate on the fold's runs (the manifest's `fold`) instead of the val split; None: off
+    holdout_fold: int | None = None
 
 
 @dataclass
@@ -111,6 +115,12 @@ class FinetuneConfig:
             raise ValueError("model.representation=relative needs data.source=zarr (shards hold stored frames and raw readouts)")
         if list(self.data.spacings) != [1] and self.model.representation != "relative":
             raise ValueError(f"data.spacings={list(self.data.spacings)} needs model.representation=relative")
+        if (self.data.holdout_fold is not None or list(self.data.train_splits) != ["train"]) and self.data.source != "zarr":
+            raise ValueError("data.holdout_fold and data.train_splits need data.source=zarr")
+        if self.data.holdout_fold is not None and self.data.label_fraction < 1.0:
+            raise ValueError("data.holdout_fold and data.label_fraction < 1 do not combine")
+        if not self.data.train_splits:
+            raise ValueError("data.train_splits must name at least one split")
         if self.data.label_fraction < 1.0 and self.data.source != "zarr":
             raise ValueError("data.label_fraction < 1 needs data.source=zarr (shards hold every training run)")
 
@@ -124,6 +134,20 @@ def balanced_weights(counts: list[int]) -> torch.Tensor:
     w = torch.zeros_like(c)
     w[present] = c.sum() / (present.sum() * c[present])
     return w.float()
+
+
+def fold_runs(corpus: Path, splits, fold: int | None, inside: bool) -> list[dict]:
+    """Usable runs of `splits` whose manifest `fold` is `fold` (inside) or is not (outside; every run of the
+    splits when `fold` is None). A fold no run has is an error naming the folds there are."""
+    from pretrain.clips import corpus_runs
+
+    runs = [r for split in splits for r in corpus_runs(corpus, split)]
+    if fold is None:
+        return [] if inside else runs
+    present = sorted({r.get("fold") for r in runs if r.get("fold") is not None})
+    if fold not in present:
+        raise ValueError(f"{corpus}: no run of splits {list(splits)} is in fold {fold}; folds present: {present}")
+    return [r for r in runs if (r.get("fold") == fold) == inside]
 
 
 def labelled_subset(corpus: Path, split: str, fraction: float, seed: int) -> list[str] | None:
@@ -155,8 +179,12 @@ class TrainData:
 def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelerator) -> TrainData:
     k = cfg.model.num_classes
     if cfg.data.source == "zarr":
-        subset = labelled_subset(corpus, "train", cfg.data.label_fraction, cfg.seed)
-        ds = CorpusClips(corpus, "train", clip_cfg, runs=subset)
+        if cfg.data.holdout_fold is not None or list(cfg.data.train_splits) != ["train"]:
+            subset = [r["run_id"] for r in fold_runs(corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=False)]
+            ds = CorpusClips(corpus, None, clip_cfg, runs=subset)
+        else:
+            subset = labelled_subset(corpus, "train", cfg.data.label_fraction, cfg.seed)
+            ds = CorpusClips(corpus, "train", clip_cfg, runs=subset)
         targets = ds.targets()
         keep = np.flatnonzero(targets != IGNORE)
         if len(keep) == 0:
@@ -293,10 +321,15 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
 
     clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation)
     data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings)), accelerator)
-    try:
-        val = CorpusClips(corpus, "val", dataclasses.replace(clip_cfg, stride=1))  # every window: the rule streams them all
+    try:  # every window: the rule streams them all
+        if cfg.data.holdout_fold is None:
+            val = CorpusClips(corpus, "val", dataclasses.replace(clip_cfg, stride=1))
+        else:
+            held = [r["run_id"] for r in fold_runs(corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=True)]
+            val = CorpusClips(corpus, None, dataclasses.replace(clip_cfg, stride=1), runs=held)
     except ValueError as err:
-        raise ValueError(f"{corpus}: fine-tuning validates and calibrates on the val split: {err}") from err
+        where = "the val split" if cfg.data.holdout_fold is None else f"fold {cfg.data.holdout_fold}"
+        raise ValueError(f"{corpus}: fine-tuning validates and calibrates on {where}: {err}") from err
     class_w = balanced_weights(data.counts).to(accelerator.device) if cfg.class_weights == "balanced" else None
 
     o = cfg.optim
@@ -366,6 +399,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         cal = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes])
         final = save_checkpoint(out / "final", model=model, config=to_dict(cfg), step=state["step"], extra={"epoch": state["epoch"]})
         save_calibration(cal, final)
+        write_predictions(records, out / PREDICTIONS_FILE)  # the validation windows' predictions (diagnose.crossfit reads them)
         print(f"calibration: temperature {cal.temperature:.3g}, tau {cal.tau:.3g}, thresholds "
               f"{dict(zip(cal.classes[1:], (round(t, 3) for t in cal.thresholds)))}, {cal.report}", flush=True)
         print(f"final weights and calibration: {final}", flush=True)

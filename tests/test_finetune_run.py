@@ -226,6 +226,43 @@ def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, t
         finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(tmp_path / "x"), "data.spacings=[1, 2]"])
 
 
+def test_crossfit_calibrates_on_out_of_fold_predictions(smoke_corpus, tmp_path):
+    """Two folds over train + val (written into a copy of the manifest), a model per held-out fold, one on
+    everything, then diagnose.crossfit: every train + val run predicted once, by the model that did not
+    train on it, and the full model calibrated on those predictions."""
+    import shutil
+
+    from diagnose.crossfit import main as crossfit_main
+    from pretrain.clips import corpus_runs
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(smoke_corpus, corpus)
+    lines = [json.loads(x) for x in (corpus / "manifest.jsonl").read_text().splitlines()]
+    trval = [r["run_id"] for r in lines if r["split"] in ("train", "val")]
+    folds = {run_id: i % 2 for i, run_id in enumerate(trval)}
+    (corpus / "manifest.jsonl").write_text("".join(json.dumps({**r, "fold": folds.get(r["run_id"], -1)}) + "\n" for r in lines))
+    def base(out):
+        return ["--config", str(TINY), "--corpus", str(corpus), "--out", str(out), *FAST, "epochs=1", "model.inputs=readouts",
+                "data.window=4", "data.train_splits=[train, val]"]
+    for k in (0, 1):
+        assert finetune_main([*base(tmp_path / f"fold{k}"), f"data.holdout_fold={k}"]) == 0
+        held = {r["run_id"] for r in map(json.loads, (tmp_path / f"fold{k}" / "val_predictions.jsonl").read_text().splitlines())}
+        assert held == {run_id for run_id, f in folds.items() if f == k}
+    assert finetune_main(base(tmp_path / "all")) == 0
+    out = tmp_path / "cal"
+    assert crossfit_main(["--folds", str(tmp_path / "fold0"), str(tmp_path / "fold1"), "--checkpoint", str(tmp_path / "all" / "final"),
+                          "--out", str(out)]) == 0
+    cal = load_calibration(out)
+    assert cal.report["crossfit"] == {"folds": [0, 1], "runs": len(trval),
+                                      "healthy_runs": sum(r["label"] == "healthy" for r in corpus_runs(corpus) if r["run_id"] in folds)}
+    with pytest.raises(ValueError, match="fold 1 is given twice"):
+        crossfit_main(["--folds", str(tmp_path / "fold1"), str(tmp_path / "fold1"), "--checkpoint", str(tmp_path / "all" / "final")])
+    with pytest.raises(ValueError, match="not a cross-fitting run"):
+        crossfit_main(["--folds", str(tmp_path / "all"), "--checkpoint", str(tmp_path / "all" / "final")])
+    with pytest.raises(ValueError, match=r"no run .* is in fold 5; folds present: \[0, 1\]"):
+        finetune_main([*base(tmp_path / "x"), "data.holdout_fold=5"])
+
+
 def test_finetune_from_shards(smoke_corpus, tmp_path, capsys):
     from pretrain.clips import export_shards
 
