@@ -156,6 +156,12 @@ class RunStream:
     novel: np.ndarray  # (N,) bool
     alpha: np.ndarray  # (N, K) float
     anomaly: np.ndarray | None = None  # (N,) the anomaly head's score, when the model has one
+    unknown: np.ndarray | None = None  # (N,) the familiarity score, when the model has a bank (diagnose.familiarity)
+
+    @property
+    def vacuity(self) -> np.ndarray:
+        """(N,) what the rule's Unknown gate reads: the familiarity score, else the Dirichlet vacuity K / S."""
+        return self.unknown if self.unknown is not None else self.alpha.shape[1] / self.alpha.sum(1)
 
     @property
     def known(self) -> bool:
@@ -179,12 +185,15 @@ def predict_records(model, dataset, indices=None, batch_size: int = 64, device: 
         out = model.predict(batch["frames"].to(device), batch["readouts"].to(device))
         alpha, logits = out["alpha"].cpu().double().tolist(), out["logits"].cpu().double().tolist()
         anomaly = out["anomaly"].cpu().double().tolist() if "anomaly" in out else None
+        unknown = out["vacuity"].cpu().double().tolist() if "evidential_vacuity" in out else None  # a familiarity score
         for j in range(len(alpha)):
             records.append({"run_id": batch["run_id"][j], "label": batch["label"][j], "end_frame": int(batch["end_frame"][j]),
                             "target": int(batch["target"][j]), "novel": bool(batch["novel"][j]), "alpha": alpha[j],
                             "logits": logits[j]})
             if anomaly is not None:
                 records[-1]["anomaly"] = anomaly[j]
+            if unknown is not None:
+                records[-1]["unknown"] = unknown[j]
     model.train(was_training)
     return records
 
@@ -220,7 +229,8 @@ def streams_from_records(records: list[dict]) -> list[RunStream]:
         streams.append(RunStream(run_id, rows[0]["label"], np.array([r["end_frame"] for r in rows]),
                                  np.array([r["target"] for r in rows]), np.array([r["novel"] for r in rows], dtype=bool),
                                  np.array([r["alpha"] for r in rows], dtype=np.float64),
-                                 np.array([r["anomaly"] for r in rows]) if "anomaly" in rows[0] else None))
+                                 np.array([r["anomaly"] for r in rows]) if "anomaly" in rows[0] else None,
+                                 np.array([r["unknown"] for r in rows]) if "unknown" in rows[0] else None))
     return streams
 
 
@@ -294,7 +304,7 @@ def calibrate(streams: list[RunStream], cfg: CalibrationConfig = CalibrationConf
     if cfg.tau is not None:
         tau, report["tau_source"] = float(cfg.tau), "fixed"
     elif known:
-        vac = np.concatenate([k / s.alpha.sum(1) for s in known])
+        vac = np.concatenate([s.vacuity for s in known])
         tau, report["tau_source"] = float(np.quantile(vac, cfg.tau_quantile)), f"quantile {cfg.tau_quantile} of {len(vac)} known windows"
     else:
         tau, report["tau_source"] = cfg.default_tau, "default (no known validation windows)"
@@ -324,7 +334,7 @@ def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: Cali
     # m[r, c-1]: the rule fires class c on run r iff threshold_c < m[r, c-1]
     m = np.full((len(healthy), k - 1), -math.inf)
     for r, s in enumerate(healthy):
-        vac = k / s.alpha.sum(1)
+        vac = s.vacuity
         known = vac <= tau
         for c in range(1, k):
             m[r, c - 1] = _peak_streak_min(probs[s.run_id][:, c], known, cfg.consecutive)
@@ -332,7 +342,7 @@ def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: Cali
     for rank in range(len(healthy)):
         thresholds = [float(min(1.0, max(cfg.min_threshold, order[rank, c] + MARGIN))) for c in range(k - 1)]
         rule = Rule(tuple(thresholds), tau, cfg.consecutive)
-        alarms = sum(bool(first_alerts(rule.replay(probs[s.run_id], k / s.alpha.sum(1)))) for s in healthy)
+        alarms = sum(bool(first_alerts(rule.replay(probs[s.run_id], s.vacuity))) for s in healthy)
         if alarms / len(healthy) <= cfg.far_target:
             return thresholds
     raise AssertionError("unreachable: at the top rank no Healthy run can fire")  # threshold >= every m
@@ -341,8 +351,7 @@ def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: Cali
 def _fit_score_threshold(healthy: list[RunStream], tau: float, cfg: CalibrationConfig) -> float:
     """The lowest anomaly-score threshold (an order statistic of the runs' peak 3-frame minima, + 1e-6)
     at which at most `far_target` of the Healthy runs alarm; not below `min_threshold`."""
-    k = healthy[0].alpha.shape[1]
-    m = sorted(_peak_streak_min(s.anomaly, k / s.alpha.sum(1) <= tau, cfg.consecutive) for s in healthy)
+    m = sorted(_peak_streak_min(s.anomaly, s.vacuity <= tau, cfg.consecutive) for s in healthy)
     allowed = math.floor(cfg.far_target * len(healthy) + 1e-9)  # Healthy runs that may alarm
     return float(min(1.0, max(cfg.min_threshold, m[len(m) - 1 - allowed] + MARGIN)))
 
@@ -353,7 +362,7 @@ def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> d
     rule = cal.rule()
     healthy_alarms, detected, anomalous, unknown, pairs = 0, defaultdict(int), defaultdict(int), [], []
     for s in streams:
-        decisions = rule.replay(probs[s.run_id], s.alpha.shape[1] / s.alpha.sum(1), s.anomaly)
+        decisions = rule.replay(probs[s.run_id], s.vacuity, s.anomaly)
         first = first_alerts(decisions)
         unknown.append(np.mean([d.unknown for d in decisions]))
         if not s.known:

@@ -6,7 +6,8 @@ fit temperature, vacuity threshold and alert thresholds (`diagnose.calibrate.cal
         --out outputs/finetune/cpu/final [--config FILE] [key=value ...]
 
 `diagnose.finetune` calibrates at the end of training already; this command redoes it, e.g. with other
-`CalibrationConfig` settings. It reads the corpus (`pretrain.clips`), so it is a pipeline stage, kept
+`CalibrationConfig` settings, or (`--familiarity`) after fitting a familiarity bank on the train split's
+windows, so that Unknown and tau come from the distance to the training windows (diagnose.familiarity). It reads the corpus (`pretrain.clips`), so it is a pipeline stage, kept
 apart from `diagnose.calibrate`, which the live monitor loads (docs/architecture.md, "Import rule").
 """
 from __future__ import annotations
@@ -15,17 +16,33 @@ import json
 import os
 import sys
 
+import torch
+from tqdm import tqdm
+
 from capture.config import cli_parser, from_dict, load_config
 from capture.schema import CLASSES
 from diagnose.calibrate import CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records, window_metrics
+from diagnose.familiarity import fit_familiarity, save_familiarity
 from diagnose.tevid import load_tevid
 from pretrain.checkpoint import load_checkpoint
 from pretrain.clips import ClipConfig, CorpusClips
 
 
+@torch.no_grad()
+def fit_bank(model, dataset, k: int = 10, batch_size: int = 256):
+    """A familiarity bank from the fused features of every window of `dataset`."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    feats = [model.forward_features(b["frames"] if model.cfg.uses_video else None, b["readouts"])
+             for b in tqdm(loader, desc="familiarity: training windows' features", unit="batch", file=sys.stderr)]
+    return fit_familiarity(torch.cat(feats), k)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = cli_parser("Calibrate a fine-tuned TEViD on a corpus's validation split", corpus=True, checkpoint=True)
+    p.add_argument("--familiarity", action="store_true",
+                   help="first fit a familiarity bank on the train split's windows (diagnose.familiarity): Unknown by distance")
+    p.add_argument("--familiarity-k", type=int, default=10)
     args = p.parse_args(argv)
     if args.checkpoint is None:
         p.error("--checkpoint DIR (a fine-tuning output, e.g. out/final) is required")
@@ -34,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     saved = load_checkpoint(args.checkpoint).config.get("data", {})
     clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
     clip_cfg.representation = model.cfg.representation
+    if args.familiarity:
+        bank = fit_bank(model, CorpusClips(args.corpus, "train", clip_cfg), args.familiarity_k)
+        print(f"wrote {save_familiarity(bank, args.checkpoint)}: bank {tuple(bank.bank.shape)}, k {bank.k}, scale {bank.scale:.4g}")
+        model.familiarity = bank
     val = CorpusClips(args.corpus, "val", clip_cfg)
     records = predict_records(model, val, batch_size=64)
     cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])

@@ -143,6 +143,7 @@ class TEViD(nn.Module):
         self.fusion_norm = nn.LayerNorm(width)
         self.head = Mlp(width, hidden_features=cfg.hidden_dim, out_features=cfg.num_classes, drop=cfg.dropout)
         self.anomaly = Mlp(width, hidden_features=cfg.hidden_dim, out_features=1, drop=cfg.dropout) if cfg.anomaly_head else None
+        self.familiarity = None  # a diagnose.familiarity.Familiarity (not a parameter: saved beside the weights)
         for m in (self.fusion_norm, self.head, self.anomaly, self.readouts):
             if m is not None:
                 m.apply(_init_linear)
@@ -194,16 +195,17 @@ class TEViD(nn.Module):
     def predict(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None, temperature: float = 1.0) -> dict:
         """dict(probs (B, K) after `temperature`, vacuity (B,), alpha (B, K), logits (B, K), and with
         `anomaly_head` anomaly (B,) = sigmoid of the anomaly logit); no gradients. Call `.eval()` first
-        (load_tevid returns the model in eval mode)."""
-        if self.anomaly is None:
-            logits, anomaly = self(frames, readouts).float(), None
-        else:
-            logits, a = self(frames, readouts, with_anomaly=True)
-            logits, anomaly = logits.float(), torch.sigmoid(a.float())
+        (load_tevid returns the model in eval mode). With a familiarity bank attached (`familiarity`, set by
+        `load_tevid` from `familiarity.safetensors`), `vacuity` is its distance score and the head's own
+        vacuity is `evidential_vacuity`."""
+        features = self.forward_features(frames, readouts)
+        logits = self.forward_head(features).float()
         d = dirichlet(logits)
         out = {"probs": tempered_probs(d.alpha, temperature), "vacuity": d.vacuity, "alpha": d.alpha, "logits": logits}
-        if anomaly is not None:
-            out["anomaly"] = anomaly
+        if self.anomaly is not None:
+            out["anomaly"] = torch.sigmoid(self.anomaly(features)[:, 0].float())
+        if self.familiarity is not None:  # Unknown from the distance to the training windows (diagnose.familiarity)
+            out["evidential_vacuity"], out["vacuity"] = d.vacuity, self.familiarity.score(features)
         return out
 
 
@@ -358,6 +360,9 @@ def load_tevid(path: str | Path, require_calibration: bool = True):
     except RuntimeError as err:
         raise TEViDLoadError(f"{ckpt.path}: weights do not match the saved model config: {err}") from err
     model.eval()
+    from diagnose.familiarity import load_familiarity
+
+    model.familiarity = load_familiarity(path)
     cal_file = Path(path) / "calibration.json"
     if cal_file.exists() or require_calibration:
         cal = load_calibration(path)

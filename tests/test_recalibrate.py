@@ -2,6 +2,9 @@
 import dataclasses
 import json
 
+import pytest
+import torch
+
 from capture.schema import CLASSES
 from diagnose.calibrate import load_calibration
 from diagnose.recalibrate import main
@@ -19,3 +22,25 @@ def test_recalibrate_writes_a_calibration_for_the_checkpoint(tmp_path, smoke_cor
     assert cal.report["calibrated"] and cal.report["tau_source"] == "fixed"
     printed = capsys.readouterr().out
     assert json.loads(printed[: printed.rindex("}") + 1])["windows"] > 0 and "wrote" in printed
+
+
+def test_recalibrate_with_a_familiarity_bank(tmp_path, smoke_corpus, capsys):
+    """--familiarity: a bank of the train split's window features beside the weights, load_tevid attaches it,
+    and tau is then the quantile of its distance score over the validation windows."""
+    import numpy as np
+
+    from diagnose.familiarity import load_familiarity
+    from diagnose.tevid import load_tevid
+    from pretrain.clips import ClipConfig, CorpusClips
+
+    cfg = TEViDConfig(encoder="tiny", inputs="readouts")
+    ckpt = tmp_path / "final"
+    save_checkpoint(ckpt, model=TEViD(cfg).eval(), config={"model": dataclasses.asdict(cfg), "data": {"window": 4}}, step=1)
+    assert main(["--checkpoint", str(ckpt), "--corpus", str(smoke_corpus), "--out", str(ckpt), "--familiarity", "--familiarity-k", "3"]) == 0
+    bank = load_familiarity(ckpt)
+    assert bank.k == 3 and len(bank.bank) == len(CorpusClips(smoke_corpus, "train", ClipConfig(window=4)))
+    model, cal = load_tevid(ckpt)
+    assert model.familiarity is not None
+    val = CorpusClips(smoke_corpus, "val", ClipConfig(window=4))
+    u = np.concatenate([model.predict(None, b["readouts"])["vacuity"].numpy() for b in torch.utils.data.DataLoader(val, batch_size=64)])
+    assert cal.tau == pytest.approx(float(np.quantile(u, 0.95)), rel=1e-5)

@@ -1,0 +1,47 @@
+"""The familiarity bank (diagnose/familiarity.py): Unknown as a distance to the training windows' features."""
+import pytest
+import torch
+
+from diagnose.familiarity import FAMILIARITY_FILE, Familiarity, fit_familiarity, load_familiarity, save_familiarity
+from diagnose.tevid import TEViD, TEViDConfig
+
+
+def _cloud(n=500, d=16, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_near_scores_low_far_scores_high_and_a_typical_window_half():
+    bank = fit_familiarity(_cloud(), k=5)
+    near, far = _cloud(50, seed=1), _cloud(50, seed=2) + 20.0
+    s_near, s_far = bank.score(near), bank.score(far)
+    assert s_near.median() == pytest.approx(0.5, abs=0.1)  # as far as a training window is from the others
+    assert (s_far > 0.85).all() and s_far.min() > s_near.max()
+    assert bank.score(torch.full((1, 16), float("nan"))).item() == 1.0  # non-finite features: unfamiliar
+
+
+def test_bank_is_a_seeded_subsample_and_round_trips(tmp_path):
+    f = fit_familiarity(_cloud(3000), k=10, max_bank=1000, seed=3)
+    assert f.bank.shape == (1000, 16) and torch.equal(f.bank, fit_familiarity(_cloud(3000), k=10, max_bank=1000, seed=3).bank)
+    save_familiarity(f, tmp_path)
+    g = load_familiarity(tmp_path)
+    assert torch.equal(g.bank, f.bank) and g.k == f.k and g.scale == f.scale
+    assert load_familiarity(tmp_path / "nothing") is None
+    (tmp_path / FAMILIARITY_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a familiarity bank"):
+        load_familiarity(tmp_path)
+    with pytest.raises(ValueError, match="need more than k"):
+        fit_familiarity(_cloud(5), k=10)
+    with pytest.raises(ValueError, match="N > k"):
+        Familiarity(torch.zeros(3, 2), k=5, scale=1.0)
+
+
+def test_predict_reads_unknown_from_the_bank():
+    model = TEViD(TEViDConfig(encoder="tiny", inputs="readouts")).eval()
+    r = torch.randn(64, 10, 8)
+    with torch.no_grad():
+        model.familiarity = fit_familiarity(model.forward_features(None, r), k=5)
+        out = model.predict(None, r[:4])
+        far = model.predict(None, r[:4] * 1e3)
+    torch.testing.assert_close(out["vacuity"], model.familiarity.score(model.forward_features(None, r[:4])))
+    torch.testing.assert_close(out["evidential_vacuity"], 5 / out["alpha"].sum(-1))
+    assert (far["vacuity"] > out["vacuity"]).all()
