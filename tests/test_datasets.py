@@ -55,7 +55,8 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 def test_registry_holds_every_dataset():
     assert set(DATASETS) == {"digits", "mnist1d", "shapes", "textures", "pydoc_chars", "cifar10", "cifar100",
                              "svhn", "tiny_imagenet", "wikitext2",
-                             "tabular_blobs", "tabular_wide", "mnist1d_seq", "sines", "pysrc_chars"}
+                             "tabular_blobs", "tabular_wide", "mnist1d_seq", "sines", "pysrc_chars",
+                             "mnist1d_aligned", "mnist1d_aligned_seq"}
     assert set(BUILTIN) <= set(DATASETS)
 
 
