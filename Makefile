@@ -4,7 +4,7 @@ VENV ?= .venv
 export ONEDNN_MAX_CPU_ISA ?= AVX512_CORE_BF16
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test bench reproduce clean
+.PHONY: setup demo test bench reproduce dynamics clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,20 @@ reproduce: setup
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu_grid --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu
 	$(VENV)/bin/python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid \
 		--report outputs/report/cpu/metrics.json
+
+# Issue 20's dynamics model on the drawn cpu corpus (docs/benchmark/inputs.md, "After"): the corpus (~55 min with
+# 2 processes), 4 leave-one-family-out fold models and one on train + val (~1 min each), cross-fitted
+# calibration, the fingerprint probe and the test report beside the baselines. Not shipped.
+DYN = outputs/finetune/dyn
+DYNC = --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu
+dynamics: setup
+	test -f outputs/corpus/cpu/manifest.jsonl || $(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
+	for k in 0 1 2 3; do $(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/fold$$k data.holdout_fold=$$k || exit 1; done
+	$(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/all
+	$(VENV)/bin/python -m diagnose.crossfit --folds $(DYN)/fold0 $(DYN)/fold1 $(DYN)/fold2 $(DYN)/fold3 --checkpoint $(DYN)/all/final
+	$(VENV)/bin/python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint $(DYN)/all/final --out outputs/probes/dyn
+	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(DYN)/all/final --out outputs/report/dyn \
+		'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' 'tevid_checkpoints={tevid_shipped: diagnose/default_checkpoint}'
 
 clean:
 	rm -rf outputs .pytest_cache
