@@ -39,7 +39,7 @@ reproduce: setup
 		--report outputs/report/cpu/metrics.json
 
 # Issue 20's dynamics model on the drawn cpu corpus (docs/benchmark/inputs.md, "After"): the corpus (~55 min with
-# 2 processes), 4 leave-one-family-out fold models and one on train + val (~1 min each), cross-fitted
+# 2 processes), 4 leave-one-family-out fold models and one on train + val (2-3 min each with loading), cross-fitted
 # calibration, the fingerprint probe and the test report beside the baselines. Not shipped.
 DYN = outputs/finetune/dyn
 DYNC = --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu

@@ -103,13 +103,13 @@ def decide(
     label = max(range(k), key=lambda c: probs[c])
     if score_threshold is not None:
         streak = state.anomaly_streak + 1 if score > score_threshold else 0
-        cls = state.anomaly_class if streak > consecutive else 0
-        if streak == consecutive:
-            cls = 1 + max(range(k - 1), key=lambda c: probs[1 + c])  # the kind: the likeliest anomaly class
+        if streak == consecutive:  # fires: the kind is the likeliest anomaly class now
+            cls = 1 + max(range(k - 1), key=lambda c: probs[1 + c])
+        else:  # the class the streak fired keeps it active; 0 before it fires or after a break
+            cls = state.anomaly_class if streak > consecutive else 0
         fired = (cls,) if streak == consecutive else ()
-        active = (cls,) if streak >= consecutive else ()
-        return (DecisionState((0,) * (k - 1), frame + 1, 0, streak, cls if streak >= consecutive else 0),
-                Decision(label, Reason.KNOWN, fired, active, frame))
+        active = (cls,) if cls else ()
+        return (DecisionState((0,) * (k - 1), frame + 1, 0, streak, cls), Decision(label, Reason.KNOWN, fired, active, frame))
     new = tuple(s + 1 if p > t else 0 for s, p, t in zip(streaks, probs[1:], thresholds))
     active = tuple(c + 1 for c, s in enumerate(new) if s >= consecutive)
     fired = tuple(c + 1 for c, s in enumerate(new) if s == consecutive)

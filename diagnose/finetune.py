@@ -371,6 +371,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
     accelerator.wait_for_everyone()
 
     records: list[dict] | None = None
+    cal = None  # the last epoch's calibration (main process), saved with the final weights
     while state["epoch"] < cfg.epochs:
         if hasattr(data.loader, "set_epoch"):  # a prepared DataLoader: reshuffle per epoch
             data.loader.set_epoch(state["epoch"])
@@ -382,9 +383,11 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         if main_proc:
             m = window_metrics(records)
             # run level, as on test (eval.metrics): the rule calibrated on this epoch's val predictions, replayed on them
-            rep = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes]).report
+            cal = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes])
+            rep = cal.report
             row = {"epoch": state["epoch"], "step": state["step"], "train_loss": stats["train_loss"], "val_loss": val_loss(records),
-                   "val_run_macro_f1": rep["val_run_macro_f1"] if rep["val_run_macro_f1"] is not None else float("nan"), "val_far": rep.get("val_far", float("nan")),
+                   "val_run_macro_f1": float("nan") if rep["val_run_macro_f1"] is None else rep["val_run_macro_f1"],
+                   "val_far": rep.get("val_far", float("nan")),
                    "val_window_macro_f1": m["macro_f1"], "val_accuracy": m["accuracy"], "val_mean_vacuity": m["mean_vacuity"],
                    "clips_per_s": stats["clips"] / max(stats["seconds"], 1e-9), "seconds": stats["seconds"]}
             epoch_log.write(row)
@@ -396,7 +399,8 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
     if records is None:  # resumed after the last epoch: predict once for the calibration
         records = evaluate(model, val, accelerator, cfg.eval_batch_size)
     if main_proc:
-        cal = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes])
+        if cal is None:  # resumed after the last epoch
+            cal = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes])
         final = save_checkpoint(out / "final", model=model, config=to_dict(cfg), step=state["step"], extra={"epoch": state["epoch"]})
         save_calibration(cal, final)
         write_predictions(records, out / PREDICTIONS_FILE)  # the validation windows' predictions (diagnose.crossfit reads them)

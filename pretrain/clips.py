@@ -156,26 +156,8 @@ class _Run:
 
 
 def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run], RunStore]:
-    """One `_Run` per spacing of `cfg.spacings` (the stored cadence alone for "frames")."""
-    run, store = _load_run(corpus, record, cfg)
-    if cfg.spacings == (1,):
-        return [run], store
-    steps, readouts = store.frame_step().numpy(), store.readouts().numpy()[:, [store.readout_names.index(k) for k in CLIP_READOUTS]]
-    levels, patterns = store.levels(), store.patterns()
-    runs = []
-    for k in cfg.spacings:
-        if k == 1:
-            runs.append(run)
-            continue
-        idx = np.arange(0, len(steps), k)
-        target, novel = run_targets(store.attrs, steps[idx], cfg)
-        pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(readouts[idx]), int(store.attrs["num_classes"]))
-        runs.append(_Run(record, store.path, steps[idx], scalars.numpy(), target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
-                         novel.numpy(), run.label, pats, k))
-    return runs, store
-
-
-def _load_run(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[_Run, RunStore]:
+    """One `_Run` per spacing k of `cfg.spacings`: the store's frames 0, k, 2k, ... with their targets, and
+    for the relative representation the run-relative inputs computed on that subsequence (one store read)."""
     store = RunStore(corpus / record["store"])
     names = store.readout_names
     missing = [k for k in CLIP_READOUTS if k not in names]
@@ -183,18 +165,24 @@ def _load_run(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[_Run, RunSto
         raise ValueError(f"run store {store.path}: readouts {missing} missing (it has {names})")
     steps = store.frame_step().numpy()
     readouts = store.readouts().numpy()[:, [names.index(k) for k in CLIP_READOUTS]]
-    target, novel = run_targets(store.attrs, steps, cfg)
     label = store.attrs.get("label") or "unlabeled"
-    patterns = None
-    if cfg.representation == "relative":
+    relative = cfg.representation == "relative"
+    if relative:
         if not store.has_summaries:
             raise ValueError(f"run store {store.path}: no levels / patterns (store layout {store.attrs.get('tevid_layout', 1)}); "
                              "the relative representation needs a corpus captured with them (layout 2)")
-        patterns, scalars = relative_frames(store.levels(), store.patterns(), torch.from_numpy(readouts),
-                                            int(store.attrs["num_classes"]))
-        readouts = scalars.numpy()
-    return _Run(record, store.path, steps, readouts, target.numpy(), run_anomalous(store.attrs, steps).numpy(), novel.numpy(),
-                label, patterns), store
+        levels, patterns = store.levels(), store.patterns()
+    runs = []
+    for k in cfg.spacings:
+        idx = np.arange(0, len(steps), k)
+        target, novel = run_targets(store.attrs, steps[idx], cfg)
+        values, pats = readouts[idx], None
+        if relative:
+            pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(values), int(store.attrs["num_classes"]))
+            values = scalars.numpy()
+        runs.append(_Run(record, store.path, steps[idx], values, target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
+                         novel.numpy(), label, pats, k))
+    return runs, store
 
 
 class CorpusClips(torch.utils.data.Dataset):
@@ -290,7 +278,7 @@ def export_shards(corpus, out_dir, cfg: ClipConfig = ClipConfig(), shard_size: i
             for first in range(0, len(todo), mix_runs):
                 group = []
                 for record in todo[first:first + mix_runs]:
-                    run, store = _load_run(corpus, record, cfg)
+                    [run], store = _load_runs(corpus, record, cfg)  # frames: the stored cadence alone
                     bits = bf16_to_bits(store.frames())  # (n_frames, 6, S, S) uint16
                     group += [(run, bits, t) for t in run.ends(cfg)]
                     bar.update()

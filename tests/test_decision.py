@@ -264,9 +264,9 @@ def test_score_threshold_meets_the_false_alarm_target(tmp_path):
     alarms = [bool(first_alerts(cal.rule().replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
               for s in runs]
     assert 0.5 <= cal.score_threshold < 1 and np.mean(alarms) <= 0.05 and cal.report["val_far"] == np.mean(alarms)
+    assert cal.score_threshold > 0.5 + 2e-6  # fitted by the FAR search here, not clipped to min_threshold
     lower = Rule(tuple(cal.thresholds), 1.0, score_threshold=cal.score_threshold - 2e-6)  # just below: one run too many
-    if cal.score_threshold > 0.5 + 2e-6:
-        assert np.mean([bool(first_alerts(lower.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
-                        for s in runs]) > 0.05
+    assert np.mean([bool(first_alerts(lower.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
+                    for s in runs]) > 0.05
     save_calibration(cal, tmp_path)
     assert load_calibration(tmp_path) == cal  # score_threshold round-trips; files without it load as class mode
