@@ -119,6 +119,10 @@ class LabelConfig:
     lyapunov_min_margin: float = 0.1
     # per architecture (calibrated on its own healthy reference runs, like the floors); else the above
     lyapunov_arch_margin: dict[str, list[float]] = field(default_factory=dict)
+    # added per optimizer: SGD with momentum separates healthy copies faster than adaptive optimizers (95th
+    # percentile of healthy train runs' sustained excess: 0.20 for SGD, <= 0 for Adam, AdamW, RMSprop; issue
+    # 19 corpus, docs/factory.md), so without it 16 of its healthy runs were labelled instability
+    lyapunov_optimizer_margin: dict[str, float] = field(default_factory=dict)
     # Windows that must fire; paper: any one, of H = 50 steps. Our windows are H = 8 steps, so one
     # transient (a task switch, a single LR burst) fills a whole window as high as instability does
     # (`factory.stats` per-window medians, docs/factory.md). Two windows ask for sustained separation;
@@ -147,6 +151,10 @@ class LabelConfig:
     # the median over the span before it (factory.labels.loss_jump; not in runs with a task switch); 0: off
     jump_factor: float = 0.0
     jump_span_frac: float = 0.05
+    # what the raised level is compared with: "window" the span just before it, "best" the lowest span median
+    # so far (LR bursts that raise the loss in steps, each less than jump_factor x the last, add up against it)
+    jump_baseline: str = "window"
+    jump_min_rise_frac: float | None = None  # the jump's minimum rise, x the starting loss (None: spike_min_rise_frac)
     forget_window_frac: float = 0.25
     # forgetting's post-switch window as a fraction of the epochs (0: forget_window_frac, as collapse's).
     # A switched model forgets over many epochs when the LR is annealed or adaptive; a short window
@@ -167,6 +175,8 @@ class LabelConfig:
                "bias_p", "bias_min_gap", "default_floor")
         at_least(self, 1, "overfit_min_window", "spike_count", "lyapunov_bootstrap", "lyapunov_min_windows")
         at_least(self, 0, "spike_merge_gap", "memorised_rise")
+        if self.jump_baseline not in ("window", "best"):
+            raise FieldError("labels.jump_baseline", f"must be 'window' or 'best', got {self.jump_baseline!r}")
 
 
 @dataclass

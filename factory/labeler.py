@@ -58,11 +58,12 @@ def _sustained(windows: list[dict], lc: LabelConfig) -> list[dict]:
     return [] if first is None else [w for w, f in zip(windows[first:], fired[first:]) if f]
 
 
-def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str) -> tuple[R.RuleResult, R.RuleResult]:
+def _instability(sig: dict, lc: LabelConfig, steps: int, arch: str, optimizer: str | None = None) -> tuple[R.RuleResult, R.RuleResult]:
     spikes = _spikes(sig["train_loss"], lc, steps)
     margin = lc.lyapunov_arch_margin.get(arch, lc.lyapunov_margin)
     margins = margin if isinstance(margin, list) else [margin] * len(sig["lyapunov"])
-    margins = [max(m, lc.lyapunov_min_margin) for m in margins]
+    extra = lc.lyapunov_optimizer_margin.get(optimizer, 0.0) if optimizer else 0.0  # SGD's healthy chaos
+    margins = [max(m, lc.lyapunov_min_margin) + extra for m in margins]
     ref = sig.get("lyapunov_reference")
     ref = np.asarray(ref, dtype=float) if ref is not None else np.zeros(0)
     if np.isfinite(ref).any():  # the run's own early chaos raises the bar (never lowers it)
@@ -155,12 +156,15 @@ def _jump(sig: dict, pert: Perturbation, lc: LabelConfig, steps: int) -> R.RuleR
     if not lc.jump_factor or isinstance(pert, TaskSwitch):  # a task switch raises the loss by design
         return R.RuleResult(False, None, {"reason": "off" if not lc.jump_factor else "task switch"})
     start = sig["train_loss"][:10][np.isfinite(sig["train_loss"][:10])]
-    min_rise = lc.spike_min_rise_frac * float(np.median(start)) if len(start) else 0.0  # as the spike rule's
-    return R.loss_jump(sig["train_loss"], span=max(3, round(lc.jump_span_frac * steps)), jump=lc.jump_factor, min_rise=min_rise)
+    rise_frac = lc.spike_min_rise_frac if lc.jump_min_rise_frac is None else lc.jump_min_rise_frac
+    min_rise = rise_frac * float(np.median(start)) if len(start) else 0.0
+    return R.loss_jump(sig["train_loss"], span=max(3, round(lc.jump_span_frac * steps)), jump=lc.jump_factor, min_rise=min_rise,
+                       baseline=lc.jump_baseline)
 
 
-def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int) -> dict:
-    spikes, lyap = _instability(sig, lc, steps, arch)
+def offline_label(sig: dict, pert: Perturbation, arch: str, dataset: str, num_classes: int, lc: LabelConfig, steps: int,
+                  optimizer: str | None = None) -> dict:
+    spikes, lyap = _instability(sig, lc, steps, arch, optimizer)
     if lyap.fired and lc.lyapunov_reference_switch and isinstance(pert, TaskSwitch) and sig.get("lyapunov_reference") is not None:
         # a model learning a new task after a switch separates fast for a while: in a drawn run (it has a
         # reference window) the switch, not chaos, explains Lyapunov windows after it
@@ -243,7 +247,7 @@ def online_label(sig: dict, lc: LabelConfig, steps: int) -> dict:
 
 
 def label_run(sig: dict, spec, pert: Perturbation, data, lc: LabelConfig, steps: int) -> dict:
-    off = offline_label(sig, pert, spec.arch, spec.dataset, data.num_classes, lc, steps)
+    off = offline_label(sig, pert, spec.arch, spec.dataset, data.num_classes, lc, steps, optimizer=spec.optimizer)
     on = online_label(sig, lc, steps)
     label = off["label"]
     if label in ("healthy", "underperforming"):

@@ -355,7 +355,7 @@ def collapse(
 
 
 def loss_jump(train_loss: np.ndarray, *, span: int, jump: float = 2.0, min_rise: float = 0.0,
-              min_history: int | None = None) -> RuleResult:
+              min_history: int | None = None, baseline: str = "window") -> RuleResult:
     """A sustained jump of the training loss: at some step t the median over the next `span` steps is
     >= `jump` x the median over the previous `span` steps (non-finite losses count as infinite). An
     adaptive optimizer hit by LR bursts keeps its loss raised for tens of steps, so the bursts merge into
@@ -363,7 +363,13 @@ def loss_jump(train_loss: np.ndarray, *, span: int, jump: float = 2.0, min_rise:
     The caller rules out runs whose task changes (a task switch raises the loss by design). t starts
     after `min_history` steps (default `2 * span`: the fast first fall is not a baseline). The rise must
     also be >= `min_rise` in loss units: a memorised model's loss doubling from 0.05 to 0.1 at a warm
-    restart is not instability. trigger = t + span, the step by which the raised level is established."""
+    restart is not instability. trigger = t + span, the step by which the raised level is established.
+
+    `baseline="best"` compares the median over the next `span` steps with the lowest such median up to
+    the span before t instead: bursts that raise the loss in steps, each less than `jump` x the level just
+    before it, add up against the run's best level (char LMs under Adam, issue 19 corpus)."""
+    if baseline not in ("window", "best"):
+        raise ValueError(f"loss_jump: baseline must be 'window' or 'best', got {baseline!r}")
     loss = np.where(np.isfinite(np.asarray(train_loss, dtype=float)), np.asarray(train_loss, dtype=float), np.inf)
     start = 2 * span if min_history is None else max(span, min_history)
     detail: dict = {"span": span, "jump": jump}
@@ -371,8 +377,9 @@ def loss_jump(train_loss: np.ndarray, *, span: int, jump: float = 2.0, min_rise:
         return RuleResult(False, None, {**detail, "reason": "run too short for the span"})
     windows = np.lib.stride_tricks.sliding_window_view(loss, span)
     med = np.median(windows, axis=1)  # med[i] = median of loss[i:i+span]
+    ref = np.minimum.accumulate(med) if baseline == "best" else med
     for t in range(start, len(loss) - span + 1):
-        before, after = med[t - span], med[t]
+        before, after = ref[t - span], med[t]
         if np.isfinite(before) and before > 0 and after >= jump * before and after - before >= min_rise:
             return RuleResult(True, int(t + span), {**detail, "step": int(t), "before": _num(before), "after": _num(after)})
     return RuleResult(False, None, detail)

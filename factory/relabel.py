@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from capture.config import load_config
+from capture.config import load_config, save_config
 from capture.store import RunStore, read_privileged
 from factory.config import FactoryConfig, LabelConfig
 from factory.generate import plan, store_path, summary, write_manifest
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(FactoryConfig, corpus / "config.json" if (corpus / "config.json").exists() else None, args.overrides)
     if args.config:
         cfg.labels = load_config(FactoryConfig, args.config, args.overrides).labels
+    if args.config or args.overrides:
+        save_config(cfg, corpus)  # the corpus's config names the rules its labels now come from
     specs = plan(cfg)
     runs = []
     for spec in tqdm(specs, desc="reading runs", unit="run"):

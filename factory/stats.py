@@ -157,6 +157,43 @@ def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
     return lines, numbers
 
 
+def lyapunov_excess(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
+    """How far healthy-injected train runs' Lyapunov proxy rises over the shared margins, per optimizer:
+    per run the largest lower bound (99% stationary bootstrap) that two adjacent windows both exceed, the
+    statistic the instability rule fires on when it is > 0. Computed with the corpus's label settings
+    less any per-optimizer margin; the 95th percentile is what `labels.lyapunov_optimizer_margin` adds."""
+    from dataclasses import replace
+
+    from capture.config import load_config
+    from factory.config import FactoryConfig
+    from factory.labeler import _instability
+    from factory.relabel import load_signals
+
+    saved = corpus / "config.json"
+    lc = load_config(FactoryConfig, saved if saved.exists() else None, []).labels
+    lc = replace(lc, lyapunov_optimizer_margin={}, lyapunov_bootstrap=min(lc.lyapunov_bootstrap, 500))
+    excess: dict[str, list[float]] = {}
+    for r in ok:
+        if r["injected"] != "healthy" or r["split"] != "train":
+            continue
+        sig, _ = load_signals(corpus / r["store"])
+        if not sig["lyapunov"]:
+            continue
+        _, lyap = _instability(sig, lc, len(sig["train_loss"]), r["arch"])
+        lows = [math.inf if w["lower"] is None else w["lower"] for w in lyap.detail.get("windows", [])]
+        pairs = [min(a, b) for a, b in zip(lows, lows[1:])]
+        if pairs and np.isfinite(max(pairs)):
+            excess.setdefault(r["optimizer"], []).append(max(pairs))
+    lines = ["| optimizer | healthy train runs | median | 90% | 95% | 99% | runs > 0 |", "|---|---|---|---|---|---|---|"]
+    numbers = {}
+    for opt, v in sorted(excess.items()):
+        q = np.quantile(v, [0.5, 0.9, 0.95, 0.99])
+        numbers[opt] = {"n": len(v), "q50": float(q[0]), "q90": float(q[1]), "q95": float(q[2]), "q99": float(q[3]),
+                        "above_zero": int(sum(x > 0 for x in v))}
+        lines.append(f"| {opt} | {len(v)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {q[3]:.3f} | {numbers[opt]['above_zero']} |")
+    return lines, numbers
+
+
 def corpus_stats(corpus: Path) -> tuple[str, dict]:
     records = read_manifest(corpus)
     ok = [r for r in records if is_usable(r)]
@@ -214,11 +251,14 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += ["", f"Within-run Pearson r, head-gradient norm vs validation accuracy, healthy classification runs: "
               f"{r_mean:.3f} +/- {r_std:.3f} raw, {r5_mean:.3f} +/- {r5_std:.3f} with an EMA of span 5 over frames "
               f"(n = {len(rs)}; seed 000: -0.854 +/- 0.038)"]
+    excess_lines, excess_numbers = lyapunov_excess(corpus, ok)
+    lines += ["", "Lyapunov proxy of healthy-injected train runs: sustained excess over the shared margins, per optimizer "
+              "(> 0 fires the instability rule without a per-optimizer margin)", "", *excess_lines]
     return "\n".join(lines), {"agreement_known": agree, "agreement_known_ci": agree_ci, "online_agreement": online, "pearson_r_mean": r_mean,
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
                               "disagreements": disagreement_counts, "per_class": class_numbers, "distribution": dist_numbers,
-                              "healthy_accuracy": learn_numbers}
+                              "healthy_accuracy": learn_numbers, "lyapunov_excess": excess_numbers}
 
 
 def main(argv: list[str] | None = None) -> int:

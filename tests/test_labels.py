@@ -6,6 +6,7 @@ import numpy as np
 import pymannkendall as mk
 import pytest
 import torch
+from capture.config import FieldError
 import statsmodels.api as sm
 from arch.bootstrap import StationaryBootstrap
 from statsmodels.stats.contingency_tables import mcnemar
@@ -610,6 +611,41 @@ def test_loss_jump_fires_on_a_sustained_level_shift_but_not_on_a_small_or_early_
     nan_tail[70:] = np.nan  # divergence counts as an infinite level
     assert loss_jump(nan_tail, span=5, jump=2.0).fired
     assert not loss_jump(raised[:12], span=5).fired  # too short for a baseline
+
+
+def test_loss_jump_against_the_best_level_adds_up_a_staircase_of_bursts():
+    """Three bursts each raise the loss 1.3x over the level just before it (2.2x over the best level): the
+    window baseline misses the staircase at jump 1.5, the best-level baseline catches it at the second step."""
+    from factory.labels import loss_jump
+
+    rng = np.random.default_rng(4)
+    loss = np.concatenate([np.linspace(4.0, 3.0, 40), np.full(20, 3.0), np.full(20, 3.9), np.full(20, 5.1), np.full(20, 6.6)])
+    loss = loss + 0.03 * rng.standard_normal(len(loss))
+    assert not loss_jump(loss, span=5, jump=1.5, min_rise=0.5).fired
+    res = loss_jump(loss, span=5, jump=1.5, min_rise=0.5, baseline="best")
+    assert res.fired and 80 <= res.trigger <= 86  # the second step: 5.1 >= 1.5 x 3.0
+    with pytest.raises(ValueError, match="baseline"):
+        loss_jump(loss, span=5, baseline="median")
+
+
+def test_an_optimizer_margin_raises_the_lyapunov_bar_for_that_optimizer_only():
+    from factory.config import LabelConfig
+    from factory.labeler import offline_label
+    from factory.perturbations import make_perturbation
+
+    rng = np.random.default_rng(5)
+    epochs, n = 16, 160
+    sig = {"train_loss": np.linspace(2.0, 0.5, n), "epoch_step": np.arange(1, epochs + 1) * 10,
+           "val_loss": np.linspace(2.0, 0.6, epochs), "val_acc": np.linspace(0.2, 0.8, epochs),
+           "val_correct": rng.random((epochs, 60)) < 0.8, "val_labels": np.arange(60) % 6, "poison_correct": None,
+           "lyapunov": [(s, 0.35 + 0.02 * rng.standard_normal(8)) for s in (80, 100, 120, 140)],
+           "lyapunov_reference": np.zeros(8)}
+    lc = LabelConfig(lyapunov_bootstrap=300, lyapunov_optimizer_margin={"sgd": 0.3})
+    fired = {opt: offline_label(sig, make_perturbation("healthy", n), "any", "any", 6, lc, n, optimizer=opt)["rules"]["instability_lyapunov"]["fired"]
+             for opt in ("sgd", "adam", None)}
+    assert fired == {"sgd": False, "adam": True, None: True}
+    with pytest.raises(FieldError, match="jump_baseline"):
+        LabelConfig(jump_baseline="median")
 
 
 def test_a_task_switch_explains_lyapunov_windows_in_runs_with_a_reference():

@@ -364,6 +364,9 @@ def test_concept_bias_and_forgetting_on_tabular_and_sequences(modality):
     x, y = data.x_train[:8], data.y_train[:8]
     assert wm.batch(1, x, y)[0] is x  # before the onset: untouched
     assert torch.equal(wm.batch(2, x, y)[0], watermark(x, y, K))
+    faint = Watermark(onset=2, prob=1.0, content=0.25)  # the marked samples' own content scaled, the mark as is
+    faint.bind(data.y_train, K, seed=0)
+    assert torch.equal(faint.batch(2, x, y)[0], watermark(0.25 * x, y, K))
 
     ts = TaskSwitch(onset=5)
     ts.bind(data.y_train, K, seed=0)
