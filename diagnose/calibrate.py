@@ -66,6 +66,8 @@ class Calibration:
     report: dict = field(default_factory=dict, metadata={"optional": True})  # descriptive only
     # score mode (a model with an anomaly head): the alarm is anomaly score > this for `consecutive` frames
     score_threshold: float | None = field(default=None, metadata={"optional": True})
+    # the familiarity gate's frames (diagnose.decision; 0: off): set with a familiarity bank, whose score is the vacuity
+    gate: int = field(default=0, metadata={"optional": True})
 
     def __post_init__(self):
         from capture.config import FieldError
@@ -90,6 +92,8 @@ class Calibration:
             raise FieldError("consecutive", f"must be an integer >= 1, got {self.consecutive!r}")
         if self.score_threshold is not None and not (number(self.score_threshold) and 0 <= self.score_threshold <= 1):
             raise FieldError("score_threshold", f"must be null or a number in [0, 1] (an anomaly probability), got {self.score_threshold!r}")
+        if not (isinstance(self.gate, int) and not isinstance(self.gate, bool) and self.gate >= 0):
+            raise FieldError("gate", f"must be an integer >= 0 (0: off), got {self.gate!r}")
         if not isinstance(self.report, dict):
             raise FieldError("report", f"must be a mapping, got {type(self.report).__name__}")
 
@@ -99,7 +103,7 @@ class Calibration:
                    CalibrationConfig.default_tau, CalibrationConfig.consecutive, {"calibrated": False})
 
     def rule(self) -> Rule:
-        return Rule(tuple(self.thresholds), self.tau, self.consecutive, self.score_threshold)
+        return Rule(tuple(self.thresholds), self.tau, self.consecutive, self.score_threshold, self.gate)
 
     def probs(self, alpha: torch.Tensor) -> torch.Tensor:
         return tempered_probs(alpha, self.temperature)

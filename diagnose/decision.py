@@ -18,6 +18,12 @@ non-Unknown frame; when it reaches `consecutive`, the alert fires for the anomal
 probability at that frame, stays active (that class) while the streak lasts, and fires again only after a
 break. Unknown and non-finite frames break it as above.
 
+The familiarity gate (`gate` > 0, a TEViD whose vacuity is its familiarity score): the median vacuity of the
+first `gate` frames (the job's healthy phase) decides once, at frame `gate` - 1, whether the job is familiar.
+If it is above `tau`, that frame carries `Decision.unfamiliar_alert` and from it on no class or Unknown alert
+fires (`Decision.unfamiliar`): a model unlike every training run degrades to the rule symptoms, not to false
+alarms. With `gate` = `consecutive` (as calibrated) no alert can fire before the gate has decided.
+
 A pure function over an immutable state, like Lightning's `EarlyStopping._evaluate_stopping_criteria`:
 the live monitor and the replay used by evaluation and calibration share `decide`.
 """
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 UNKNOWN = -1  # `Decision.label` of an abstained frame
@@ -46,6 +52,8 @@ class DecisionState:
     unknown_streak: int = 0  # Unknown-by-vacuity frames in a row
     anomaly_streak: int = 0  # score mode: frames in a row with score > score_threshold
     anomaly_class: int = 0  # score mode: the class the current streak fired (0 before it fires)
+    gate: tuple[float, ...] = ()  # the familiarity gate: vacuities of the first frames (non-finite as 1.0)
+    unfamiliar: bool = False  # the gate found the job unfamiliar: alerts are muted from then on
 
     @classmethod
     def start(cls, num_classes: int) -> "DecisionState":
@@ -60,6 +68,8 @@ class Decision:
     active: tuple[int, ...] = ()  # classes whose streak is >= consecutive (includes new_alerts)
     frame: int = 0  # 0-based index of the frame in the stream
     unknown_alert: bool = False  # the Unknown streak reached `consecutive` at this frame
+    unfamiliar_alert: bool = False  # the familiarity gate found the job unfamiliar at this frame (once per run)
+    unfamiliar: bool = False  # alerts are muted: the gate found the job unfamiliar at or before this frame
 
     @property
     def unknown(self) -> bool:
@@ -75,10 +85,30 @@ def decide(
     consecutive: int = 3,
     score: float | None = None,
     score_threshold: float | None = None,
+    gate: int = 0,
 ) -> tuple[DecisionState, Decision]:
     """One step of the rule. `probs` has K entries, `thresholds` K-1 (one per anomaly class 1..K-1).
     With `score_threshold`, the anomaly `score` of the frame drives the alarm (score mode) and the
-    per-class thresholds are not used."""
+    per-class thresholds are not used. `gate` > 0: the familiarity gate over the first `gate` frames."""
+    if gate < 0:
+        raise ValueError(f"decide: gate must be >= 0, got {gate}")
+    new_state, d = _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_threshold)
+    if not gate:
+        return new_state, d
+    gated, unfamiliar = state.gate, state.unfamiliar
+    if state.frames < gate:
+        u = float(vacuity)
+        gated = gated + (u if math.isfinite(u) else 1.0,)
+        if state.frames == gate - 1:
+            unfamiliar = sorted(gated)[len(gated) // 2] > tau  # the upper median
+            d = replace(d, unfamiliar_alert=unfamiliar)
+    new_state = replace(new_state, gate=gated, unfamiliar=unfamiliar)
+    if unfamiliar:
+        d = replace(d, new_alerts=(), active=(), unknown_alert=False, unfamiliar=True)
+    return new_state, d
+
+
+def _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_threshold) -> tuple[DecisionState, Decision]:
     probs = [float(p) for p in probs]
     k = len(probs)
     if len(thresholds) != k - 1:
@@ -125,6 +155,7 @@ class Rule:
     tau: float
     consecutive: int = 3
     score_threshold: float | None = None
+    gate: int = 0  # the familiarity gate's frames (0: off)
 
     def replay(self, probs: Sequence[Sequence[float]], vacuity: Sequence[float],
                scores: Sequence[float] | None = None) -> list[Decision]:
@@ -136,7 +167,7 @@ class Rule:
         state, out = DecisionState.start(len(self.thresholds) + 1), []
         for i, (p, u) in enumerate(zip(probs, vacuity)):
             state, d = decide(state, p, u, self.thresholds, self.tau, self.consecutive,
-                              None if scores is None else scores[i], self.score_threshold)
+                              None if scores is None else scores[i], self.score_threshold, self.gate)
             out.append(d)
         return out
 

@@ -159,7 +159,7 @@ class Monitor:
     def _check_stop_on(self) -> None:
         from capture.schema import CLASSES
 
-        valid = set(SYMPTOM_NAMES) | {s.name for s in self.tracker.symptoms} | set(CLASSES) | {"unknown"}
+        valid = set(SYMPTOM_NAMES) | {s.name for s in self.tracker.symptoms} | set(CLASSES) | {"unknown", "unfamiliar"}
         unknown = sorted(set(self.stop_on) - valid)
         if unknown:
             raise ValueError(f"stop_on: unknown alert name(s) {unknown}; valid: {sorted(valid)}")
@@ -342,7 +342,7 @@ class Monitor:
         cal = self.calibration
         self.predictions.append({"step": frame.step, "probs": dict(zip(cal.classes, pred.probs)), "vacuity": pred.vacuity,
                                  "label": pred.label, "reason": pred.decision.reason.value})
-        if not (pred.decision.new_alerts or pred.decision.unknown_alert):
+        if not (pred.decision.new_alerts or pred.decision.unknown_alert or pred.decision.unfamiliar_alert):
             return []
         return tevid_alerts(pred, cal, self.stream.window_frames(), self.capture.points, self.readouts)
 

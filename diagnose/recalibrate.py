@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     val = CorpusClips(args.corpus, "val", clip_cfg)
     records = predict_records(model, val, batch_size=64)
     cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
+    if args.familiarity:  # vacuity is now the familiarity score: an unfamiliar job mutes TEViD's alerts (diagnose.decision)
+        cal.gate = cal.consecutive
     path = save_calibration(cal, args.out)
     print(json.dumps({**window_metrics(records), "temperature": cal.temperature, "tau": cal.tau,
                       "thresholds": cal.thresholds, **cal.report}, indent=1))

@@ -128,19 +128,21 @@ class TEViDStream:
             return Prediction(step, probs, u, None, "", score)
         cal = self.calibration
         self.state, d = decide(self.state, probs, u, cal.thresholds, cal.tau, cal.consecutive, score,
-                               getattr(cal, "score_threshold", None))
+                               getattr(cal, "score_threshold", None), getattr(cal, "gate", 0))
         return Prediction(step, probs, u, d, "unknown" if d.unknown else cal.classes[d.label], score)
 
     def state_dict(self) -> dict | None:
         s = self.state
         return None if s is None else {"streaks": list(s.streaks), "frames": s.frames, "unknown_streak": s.unknown_streak,
-                                       "anomaly_streak": s.anomaly_streak, "anomaly_class": s.anomaly_class}
+                                       "anomaly_streak": s.anomaly_streak, "anomaly_class": s.anomaly_class,
+                                       "gate": list(s.gate), "unfamiliar": s.unfamiliar}
 
     def load_state_dict(self, state: dict | None, unknown_streak: int | None = None) -> None:
         if state and self.state is not None:
             self.state = DecisionState(tuple(state["streaks"]), int(state["frames"]),
                                        int(state.get("unknown_streak", unknown_streak or 0)),
-                                       int(state.get("anomaly_streak", 0)), int(state.get("anomaly_class", 0)))
+                                       int(state.get("anomaly_streak", 0)), int(state.get("anomaly_class", 0)),
+                                       tuple(float(u) for u in state.get("gate", ())), bool(state.get("unfamiliar", False)))
 
 
 def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", window: int = 10) -> TEViDStream:

@@ -50,7 +50,7 @@ IQR_TO_SIGMA = 1.349  # IQR of a standard normal: robust z = (x - median) / (IQR
 class Alert:
     """One alert of the monitor's stream (docs/architecture.md §8 for "tevid"; this module for "rule")."""
 
-    name: str  # a TEViD class, "unknown", or a symptom name ("exploding_gradients", ...)
+    name: str  # a TEViD class, "unknown", "unfamiliar", or a symptom name ("exploding_gradients", ...)
     step: int  # optimizer step the evidence belongs to (0-based, real optimizer steps only)
     source: str  # "tevid" | "rule"
     probability: float | None  # TEViD class probability; None for rules and for "unknown"
@@ -94,6 +94,8 @@ TEVID_REMEDIES = {
                     "of input regions / features)",
     "unknown": "not enough evidence for a diagnosis: look at the rule symptoms and the readouts "
                "(monitor.readouts) around this step",
+    "unfamiliar": "TEViD was trained on nothing like this job: rely on the rule symptoms, or add jobs like it to "
+                  "the corpus (factory) and fine-tune",
 }
 
 

@@ -57,6 +57,9 @@ def tevid_alerts(pred: Prediction, calibration, window: torch.Tensor | None, poi
     else:
         found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} "
                   f"for {cal.consecutive} frames in a row, vacuity {u:.2f})") for c in d.new_alerts]
+    if d.unfamiliar_alert:
+        found.append(("unfamiliar", None, f"TEViD: unfamiliar model: its first {cal.gate} windows are far from every training "
+                                          f"run (familiarity {u:.2f} > tau {cal.tau:.2f}); rule symptoms only from here"))
     if d.unknown_alert:
         found.append(("unknown", None, f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} "
                                        f"frames in a row)"))

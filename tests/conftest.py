@@ -93,18 +93,18 @@ def no_default_model(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_tevid(tmp_path_factory):
-    """A random tiny TEViD saved as fine-tuning saves it, with a window of 4 frames: make(thresholds, tau, name)."""
+    """A random tiny TEViD saved as fine-tuning saves it, with a window of 4 frames: make(thresholds, tau, name, gate=0)."""
     from diagnose.calibrate import Calibration, save_calibration
     from diagnose.tevid import TEViD, TEViDConfig
     from pretrain.checkpoint import save_checkpoint
     from pretrain.clips import CLASSES
 
-    def make(thresholds, tau, name):
+    def make(thresholds, tau, name, gate=0):
         torch.manual_seed(0)
         cfg = TEViDConfig(encoder="tiny", encoder_overrides={"depth": 1}, readout_dim=8, hidden_dim=16)
         path = save_checkpoint(tmp_path_factory.mktemp(name) / "final", model=TEViD(cfg),
                                config={"model": dataclasses.asdict(cfg), "data": {"window": 4}}, step=0)
-        save_calibration(Calibration(list(CLASSES), thresholds, 1.0, tau, 3), path)
+        save_calibration(Calibration(list(CLASSES), thresholds, 1.0, tau, 3, gate=gate), path)
         return path
 
     return make

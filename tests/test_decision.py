@@ -270,3 +270,38 @@ def test_score_threshold_meets_the_false_alarm_target(tmp_path):
                     for s in runs]) > 0.05
     save_calibration(cal, tmp_path)
     assert load_calibration(tmp_path) == cal  # score_threshold round-trips; files without it load as class mode
+
+
+@pytest.mark.parametrize(
+    "vacuities, unfamiliar",
+    [
+        ([U, U, U] + [U] * 4, False),  # a familiar job: its alerts fire as without the gate
+        ([X, X, X] + [U] * 4, True),  # far from every training run in its first frames: muted for the rest of the run
+        ([X, U, X] + [U] * 4, True),  # the median of the first 3 decides, not one frame
+        ([U, X, U] + [X] * 4, False),  # later unfamiliar frames do not reopen the gate (they are Unknown frames)
+        ([float("nan"), X, U] + [U] * 4, True),  # a non-finite vacuity counts as unfamiliar
+    ],
+)
+def test_the_familiarity_gate_mutes_an_unfamiliar_job_once_and_for_good(vacuities, unfamiliar):
+    seq = [O] * len(vacuities)
+    gated = Rule(THRESHOLDS, TAU, consecutive=3, gate=3).replay(seq, vacuities)
+    plain = Rule(THRESHOLDS, TAU, consecutive=3).replay(seq, vacuities)
+    assert [d.unfamiliar_alert for d in gated] == [False, False, unfamiliar] + [False] * 4
+    assert all(d.unfamiliar == (unfamiliar and d.frame >= 2) for d in gated)
+    if unfamiliar:
+        assert first_alerts(gated) == {} and not any(d.unknown_alert for d in gated)
+        assert first_alerts(plain) or any(d.unknown_alert for d in plain)  # the gate is what muted them
+    else:
+        assert first_alerts(gated) == first_alerts(plain) and [d.unknown_alert for d in gated] == [d.unknown_alert for d in plain]
+    with pytest.raises(ValueError, match="gate"):
+        decide(DecisionState.start(K), O, U, THRESHOLDS, TAU, gate=-1)
+
+
+def test_the_gate_round_trips_in_the_calibration_file(tmp_path):
+    cal = calibrate(_healthy_runs(10), CalibrationConfig(fit_temperature=False, tau=1.0), list(CLASSES))
+    cal.gate = 3
+    save_calibration(cal, tmp_path)
+    assert load_calibration(tmp_path).rule().gate == 3
+    cal.gate = 0
+    with pytest.raises(ValueError, match="gate"):
+        type(cal)(**{**cal.__dict__, "gate": -1})

@@ -286,6 +286,21 @@ def test_tevid_unknown_and_frame_size_mismatch(tiny_tevid):
     assert all(p["label"] == "unknown" for p in monitor.predictions)
 
 
+def test_an_unfamiliar_job_gets_one_message_and_no_tevid_class_alert(tiny_tevid):
+    """Thresholds 0 would fire every class (as above); with tau 0 the job's first windows are all far from
+    training, so the familiarity gate says so once and mutes TEViD, while the rule symptoms still run."""
+    path = tiny_tevid([0.0] * 4, 0.0, "unfamiliar", gate=3)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with watch(model, opt, path, cadence=2, modules=MODULES) as monitor:
+        train(model, opt, 14)
+    tevid = [(a.name, a.step) for a in monitor.alerts if a.source == "tevid"]
+    assert tevid == [("unfamiliar", 10)]  # the 3rd window: the gate's last frame
+    message = next(a for a in monitor.alerts if a.name == "unfamiliar")
+    assert "rule symptoms only" in message.message and message.remedy
+    assert monitor.state_dict()["decision"]["unfamiliar"] is True
+
+
 # ---------------------------------------------------------------- mistakes in the call raise at watch()
 
 def test_configuration_errors_raise():
