@@ -563,18 +563,30 @@ def _resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
     return np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
 
 
+def _rows(runs: list[RunResult], metric: Callable) -> Callable[[np.ndarray], np.ndarray]:
+    """The metric on resampled runs: (B, m) run indices -> (B,)."""
+    n, weighted = len(runs), _prepared(metric, runs)
+
+    def rows(idx: np.ndarray) -> np.ndarray:
+        if weighted is None:  # any other metric: call it on each resampled list
+            return np.array([metric([runs[i] for i in row]) for row in idx], dtype=np.float64)
+        return np.concatenate([weighted(_resample_counts(idx[k:k + _ROWS_PER_CHUNK], n))
+                               for k in range(0, len(idx), _ROWS_PER_CHUNK)])
+
+    return rows
+
+
 def _bootstrap(runs: list[RunResult], metric: Callable, n_resamples: int, confidence: float, seed: int):
     """(CI, number of undefined resamples)."""
     n = len(runs)
     if n < 2 or not np.isfinite(metric(runs)):
         return CI(math.nan, math.nan, "undefined"), 0
-    weighted = _prepared(metric, runs)
+    return _interval(n, _rows(runs, metric), n_resamples, confidence, seed)
 
-    def rows(idx: np.ndarray) -> np.ndarray:  # (B, m) -> (B,)
-        if weighted is None:  # any other metric: call it on each resampled list
-            return np.array([metric([runs[i] for i in row]) for row in idx], dtype=np.float64)
-        return np.concatenate([weighted(_resample_counts(idx[k:k + _ROWS_PER_CHUNK], n))
-                               for k in range(0, len(idx), _ROWS_PER_CHUNK)])
+
+def _interval(n: int, rows: Callable[[np.ndarray], np.ndarray], n_resamples: int, confidence: float, seed: int):
+    """BCa interval of a statistic of resampled run indices (`rows`: (B, m) -> (B,)), with the fallbacks of
+    `bootstrap_ci`; (CI, number of undefined resamples)."""
 
     def statistic(idx, axis=-1):  # scipy passes (..., m): resamples, or jackknife samples (m = n - 1)
         idx = np.asarray(idx)
@@ -608,6 +620,33 @@ def bootstrap_ci(runs: Sequence[RunResult], metric: Callable, n_resamples: int =
     functools.partial with keywords) are scored in a vectorised weighted form; any other callable is
     called on each resampled list."""
     return _bootstrap(list(runs), metric, n_resamples, confidence, seed)[0]
+
+
+class Paired(NamedTuple):
+    difference: float  # metric(a) - metric(b) on all runs
+    ci: CI  # of the difference, the same resampled runs for both methods
+    n_runs: int
+
+
+def paired_difference(runs_a: Sequence[RunResult], runs_b: Sequence[RunResult], metric: Callable, n_resamples: int = 2000,
+                      confidence: float = 0.95, seed: int = 0) -> Paired:
+    """metric(a) - metric(b) for two methods scored on the same runs, with a paired bootstrap interval: each
+    resample draws RUNS once and scores both methods on that draw (scipy.stats.bootstrap, BCa, with the
+    fallbacks of `bootstrap_ci`). An interval above 0 says a beats b on these runs beyond resampling noise.
+    The two lists must hold the same run ids (any order)."""
+    a = {r.run_id: r for r in runs_a}
+    b = {r.run_id: r for r in runs_b}
+    if set(a) != set(b) or len(a) != len(runs_a) or len(b) != len(runs_b):
+        only = sorted(set(a) ^ set(b))[:5]
+        raise ValueError(f"paired_difference: the methods were scored on different runs (e.g. {only}); pair them on the same test runs")
+    ids = sorted(a)
+    ra, rb = [a[i] for i in ids], [b[i] for i in ids]
+    diff = float(metric(ra) - metric(rb))
+    if len(ids) < 2 or not np.isfinite(diff):
+        return Paired(diff, CI(math.nan, math.nan, "undefined"), len(ids))
+    rows_a, rows_b = _rows(ra, metric), _rows(rb, metric)
+    ci, _ = _interval(len(ids), lambda idx: rows_a(idx) - rows_b(idx), n_resamples, confidence, seed)
+    return Paired(diff, ci, len(ids))
 
 
 # --------------------------------------------------------------------------- summary

@@ -20,7 +20,9 @@ For each method of `ReportConfig.methods`:
 4. `eval.metrics.summarize` on test (BCa intervals over runs).
 
 Writes into --out: `config.json` (this ReportConfig), `metrics.json` (one entry per method: summarize's
-figures plus `kind`, `threshold` / `rule`, `threshold_split`), `tables.md` (`tables_md`: the paper's Tables
+figures plus `kind`, `threshold` / `rule`, `threshold_split`; a TEViD row also `paired_vs_best_baseline`, and
+`seed_group` when it is one of `seed_groups`), `comparison.json` (`compare`: the best baseline, each seed group's
+mean and sd), `tables.md` (`tables_md`: the paper's Tables
 3, 4, 17, 18, 19 from these runs; Tables 5 and 12 from `--ablations`, the Sec. 5.4 probes from `--probes`),
 `figures/*.png` (eval.figures). JSON has no NaN: undefined figures are null.
 """
@@ -70,6 +72,8 @@ class ReportConfig:
     video_swin: dict = field(default_factory=dict)
     video_dirs: dict = field(default_factory=dict)  # method -> saved VideoDetector dir (then not trained here)
     tevid_checkpoints: dict = field(default_factory=dict)  # more TEViDs: name -> fine-tuned dir (e.g. tevid_scratch)
+    # TEViD rows that are one model trained with different seeds: group -> [method names]; reported as mean +- sd
+    seed_groups: dict = field(default_factory=dict)
     video_checkpoints: dict = field(default_factory=dict)  # more video rows: name -> saved VideoDetector dir (e.g. r2plus1d_defaults)
     ablations: str | None = None  # ablations.json of `python -m eval.ablations` (Tables 5, 12; or --ablations)
     probes: str | None = None  # probes.json of `python -m eval.probes` (Sec. 5.4; or --probes)
@@ -90,6 +94,11 @@ class ReportConfig:
             raise ValueError(f"ReportConfig: {both} named in both tevid_checkpoints and video_checkpoints")
         if not self.all_methods:
             raise ValueError("ReportConfig: no method to evaluate (methods, tevid_checkpoints and video_checkpoints are empty)")
+        for group, members in self.seed_groups.items():
+            bad = [m for m in members if m not in self.all_methods or self.kind(m) != "tevid"] if isinstance(members, list) else members
+            if bad or not members:
+                raise ValueError(f"ReportConfig.seed_groups[{group!r}]: members must be a non-empty list of TEViD rows of this "
+                                 f"report (tevid, tevid_checkpoints), got {bad or members!r}")
 
     @property
     def all_methods(self) -> list[str]:
@@ -189,6 +198,63 @@ def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg:
         info.update(threshold=thr, threshold_split=where)
     summary = M.summarize(test, cfg.n_resamples, horizon_epochs=cfg.horizon_epochs, seed=cfg.seed, progress=progress)
     return test, {**info, **summary}, unknown
+
+
+# ---------------------------------------------------------------- seeds and paired tests
+
+SEED_METRICS = ("event_auprc", "event_base_rate", "far", "detection_rate", "macro_f1", "unknown_auroc")
+
+
+def compare(results: dict[str, list[M.RunResult]], metrics: dict, cfg: ReportConfig) -> dict:
+    """Each TEViD row against the best baseline (the non-TEViD row with the highest test event AUPRC) on the
+    same test runs: the AUPRC difference with a paired bootstrap interval (`eval.metrics.paired_difference`),
+    stored in the row's metrics as `paired_vs_best_baseline`; and per `cfg.seed_groups` group the mean and sd
+    (ddof 1) over its seeds of the main figures and of that difference (the row's metrics get `seed_group`)."""
+    import functools
+
+    baselines = [n for n in results if metrics[n]["kind"] != "tevid" and math.isfinite(metrics[n].get("event_auprc") or math.nan)]
+    best = max(baselines, key=lambda n: metrics[n]["event_auprc"]) if baselines else None
+    out: dict = {"best_baseline": best, "seed_groups": {}}
+    auprc = functools.partial(M.event_auprc, horizon_epochs=cfg.horizon_epochs)
+    for name in results:
+        if metrics[name]["kind"] == "tevid" and best is not None:
+            p = M.paired_difference(results[name], results[best], auprc, cfg.n_resamples, seed=cfg.seed)
+            metrics[name]["paired_vs_best_baseline"] = {"baseline": best, "metric": "event_auprc", "difference": p.difference,
+                                                        "ci": [p.ci.low, p.ci.high], "ci_method": p.ci.method, "runs": p.n_runs}
+    for group, members in cfg.seed_groups.items():
+        summary: dict = {"members": list(members), "n": len(members)}
+        for key in (*SEED_METRICS, "paired_difference"):
+            vals = [metrics[m].get(key) if key != "paired_difference" else (metrics[m].get("paired_vs_best_baseline") or {}).get("difference")
+                    for m in members]
+            vals = [math.nan if v is None else float(v) for v in vals]
+            summary[key] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, "values": vals}
+        summary["paired_ci_above_zero"] = sum(((metrics[m].get("paired_vs_best_baseline") or {}).get("ci") or [math.nan])[0] > 0
+                                              for m in members)
+        for m in members:
+            metrics[m]["seed_group"] = group
+        out["seed_groups"][group] = summary
+    return out
+
+
+def comparison_md(comparison: dict, metrics: dict) -> str:
+    """tables.md's section: each TEViD row's paired test, then each seed group's mean +- sd."""
+    best = comparison["best_baseline"]
+    if best is None:
+        return "(no baseline row: no paired test)"
+    rows = [[name, TAB.fmt(s["event_auprc"]), TAB.fmt(metrics[best]["event_auprc"]),
+             f"{TAB.fmt(s['paired_vs_best_baseline']['difference'])} [{TAB.fmt(s['paired_vs_best_baseline']['ci'][0])}, "
+             f"{TAB.fmt(s['paired_vs_best_baseline']['ci'][1])}]"]
+            for name, s in metrics.items() if "paired_vs_best_baseline" in s]
+    parts = [f"Best baseline by test event AUPRC: `{best}`. Paired bootstrap over the same test runs (each resample scores "
+             "both rows on one draw of runs), 95% BCa.\n",
+             TAB.markdown_table(["TEViD row", "event AUPRC", f"{best}", "difference [95% paired CI]"], rows)]
+    for group, g in comparison["seed_groups"].items():
+        ms = lambda k: f"{TAB.fmt(g[k]['mean'])} +- {TAB.fmt(g[k]['sd'])}"  # noqa: E731
+        parts += ["", f"Seed group `{group}` ({g['n']} seeds: {', '.join(g['members'])}): event AUPRC {ms('event_auprc')} "
+                      f"(constant score {ms('event_base_rate')}), FAR {ms('far')}, detection {ms('detection_rate')}, "
+                      f"run macro-F1 {ms('macro_f1')}, Unknown AUROC {ms('unknown_auroc')}; AUPRC - {best} "
+                      f"{ms('paired_difference')}, paired interval above 0 for {g['paired_ci_above_zero']} of {g['n']} seeds."]
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------- JSON
@@ -314,8 +380,11 @@ def make_report(corpus: str | Path, out: str | Path, cfg: ReportConfig, checkpoi
             unknown[name] = unk
         print(f"{name}: event AUPRC {TAB.fmt(summary['event_auprc'])} (constant score: {TAB.fmt(summary['event_base_rate'])}), FAR {TAB.fmt(summary['far'], 2)}, "
               f"detection {TAB.fmt(summary['detection_rate'], 2)} ({time.time() - t:.1f} s)", file=sys.stderr)
+    comparison = compare(results, metrics, cfg)
     (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1, allow_nan=False) + "\n")
-    (out / "tables.md").write_text(tables_md(corpus, checkpoint, cfg, runs["test"], results, metrics, unknown))
+    (out / "comparison.json").write_text(json.dumps(jsonable(comparison), indent=1, allow_nan=False) + "\n")
+    (out / "tables.md").write_text(tables_md(corpus, checkpoint, cfg, runs["test"], results, metrics, unknown)
+                                   + "## Seeds and paired tests against the best baseline\n\n" + comparison_md(comparison, metrics) + "\n")
     if cfg.figures:
         write_figures(out, corpus, results, metrics, unknown, runs, cfg)
     print(f"wrote {out / 'metrics.json'}, {out / 'tables.md'} ({time.time() - t0:.1f} s)", file=sys.stderr)

@@ -1,4 +1,5 @@
 """eval.metrics against scikit-learn, naive references and hand-made runs (docs/architecture.md §9)."""
+import dataclasses
 import functools
 import math
 
@@ -295,6 +296,22 @@ def test_bootstrap_ci_bca_percentile_and_undefined():
     # undefined on the runs themselves, or too few runs
     assert M.bootstrap_ci(one[1:], M.event_auprc, n_resamples=50).method == "undefined"
     assert M.bootstrap_ci(one[:1], M.event_auprc, n_resamples=50).method == "undefined"
+
+
+def test_paired_difference_resamples_runs_once_for_both_methods():
+    runs = random_runs(6, n_runs=60)
+    same = M.paired_difference(runs, list(reversed(runs)), M.event_auprc, n_resamples=200)
+    assert same.difference == 0 and same.ci.low == same.ci.high == 0 and same.n_runs == 60  # a method against itself
+    # a better score (+0.1 on the anomalous frames) against the original: positive, paired interval above 0
+    better = [dataclasses.replace(r, score=np.where(r.targets()[0] > 0, np.minimum(r.score + 0.1, 1.0), r.score))
+              if r.kind == "anomaly" else r for r in runs]
+    p = M.paired_difference(better, runs, M.event_auprc, n_resamples=300)
+    assert p.difference == pytest.approx(M.event_auprc(better) - M.event_auprc(runs)) and p.difference > 0
+    assert 0 < p.ci.low <= p.difference <= p.ci.high
+    # unpaired intervals overlap where the paired one does not: the pairing is what makes the test sharp
+    assert M.bootstrap_ci(runs, M.event_auprc, 300).high > M.bootstrap_ci(better, M.event_auprc, 300).low
+    with pytest.raises(ValueError, match="different runs"):
+        M.paired_difference(runs[1:], runs[:-1], M.event_auprc)
 
 
 # --------------------------------------------------------------------------- summary

@@ -93,6 +93,21 @@ def test_report_on_a_split_with_anomalies(smoke_corpus, tevid_checkpoint, tmp_pa
         assert len(s["event_auprc_ci"]) == 2
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["cusum"]["event_auprc"] == pytest.approx(m["cusum"]["event_auprc"])
+    # every TEViD row is tested against the best baseline on the same runs
+    assert saved["tevid"]["paired_vs_best_baseline"]["baseline"] == "cusum"
+    assert saved["tevid"]["paired_vs_best_baseline"]["difference"] == pytest.approx(m["tevid"]["event_auprc"] - m["cusum"]["event_auprc"])
+
+
+def test_seed_groups_are_reported_as_mean_and_sd(smoke_corpus, tevid_checkpoint, tmp_path):
+    cfg = ReportConfig(methods=["tevid", "cusum"], test_split="train", n_resamples=100, figures=False,
+                       tevid_checkpoints={"tevid_s1": str(tevid_checkpoint)}, seed_groups={"tevid_seeds": ["tevid", "tevid_s1"]})
+    m = make_report(smoke_corpus, tmp_path, cfg, tevid_checkpoint, progress=False)
+    group = json.loads((tmp_path / "comparison.json").read_text())["seed_groups"]["tevid_seeds"]
+    assert group["n"] == 2 and group["event_auprc"]["mean"] == pytest.approx(m["tevid"]["event_auprc"])
+    assert group["event_auprc"]["sd"] == 0.0  # the same checkpoint twice
+    assert m["tevid_s1"]["seed_group"] == "tevid_seeds" and "Seed group `tevid_seeds`" in (tmp_path / "tables.md").read_text()
+    with pytest.raises(ValueError, match="seed_groups"):
+        ReportConfig(methods=["tevid", "cusum"], seed_groups={"g": ["tevid", "cusum"]})  # a baseline is no seed
 
 
 def test_unknown_method_is_refused():
