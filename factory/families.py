@@ -976,11 +976,17 @@ PROBE_DATASETS = {"image": "textures", "tabular": "tabular_blobs", "sequence": "
 PROBE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float = 2e-3) -> None:
+def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float = 2e-3, optimizer: str | None = None) -> None:
     """Per family and modality: the mean training loss of the last 20 of `steps` AdamW steps at
     `base_lr` times each of PROBE_FACTORS (raw, without the family's lr_scale), on PROBE_DATASETS; "div"
-    when the loss went non-finite. The evidence behind `Family.lr_scale`."""
+    when the loss went non-finite. The evidence behind `Family.lr_scale`.
+
+    With `optimizer` (a name of `factory.job.make_optimizer`): that optimizer, and factor 1 is the rate a
+    drawn corpus gives the family (the geometric centre of `ContextConfig.lr[optimizer]` x `lr_scale`); each
+    cell adds the final validation accuracy as a multiple of chance (< 2: the run learned nothing)."""
+    from factory.contexts import ContextConfig
     from factory.datasets import dataset_info, load_dataset
+    from factory.job import make_optimizer
 
     torch.set_num_threads(1)
     for name, fam in FAMILIES.items():
@@ -990,13 +996,15 @@ def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float
             dataset = PROBE_DATASETS[modality]
             info = dataset_info(dataset)
             kw = {"image_size": info.dims[1], "channels": info.dims[0]} if modality == "image" else {}
-            data = load_dataset(dataset, max_train=3000, max_val=10, **kw)
+            data = load_dataset(dataset, max_train=3000, max_val=256 if optimizer else 10, **kw)
             shape = InputShape(modality, info.dims, info.num_classes)
+            center = float(np.sqrt(np.prod(ContextConfig().lr[optimizer]))) * fam.lr_scale if optimizer else base_lr
             cells = []
             for factor in PROBE_FACTORS:
                 torch.manual_seed(0)
                 model = fam.build(shape, fam.median())
-                opt = torch.optim.AdamW(model.parameters(), lr=base_lr * factor, foreach=True)
+                opt = (make_optimizer(optimizer, model.parameters(), center * factor, 0.0) if optimizer
+                       else torch.optim.AdamW(model.parameters(), lr=base_lr * factor, foreach=True))
                 gen = torch.Generator().manual_seed(0)
                 losses = []
                 for _ in range(steps):
@@ -1014,8 +1022,14 @@ def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float
                     loss.backward()
                     opt.step()
                     losses.append(loss.item())
-                cells.append("div" if len(losses) < steps else f"{np.mean(losses[-20:]):.3f}")
-            print(f"{name:14s} {modality:9s} {dataset:14s} lr_scale {fam.lr_scale:<4}  "
+                cell = "div" if len(losses) < steps else f"{np.mean(losses[-20:]):.3f}"
+                if optimizer and len(losses) == steps and modality != "text":
+                    with torch.no_grad():
+                        acc = (model.eval()(data.x_val).argmax(-1) == data.y_val).float().mean().item()
+                    cell += f" acc {acc * info.num_classes:.1f}x"
+                cells.append(cell)
+            rate = f"{optimizer} lr {center:.3g}" if optimizer else f"lr_scale {fam.lr_scale:<4}"
+            print(f"{name:14s} {modality:9s} {dataset:14s} {rate}  "
                   + "  ".join(f"x{f}: {c}" for f, c in zip(PROBE_FACTORS, cells)), flush=True)
 
 
@@ -1027,14 +1041,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learn", action="store_true", help="validation accuracy of reference families on each built-in "
                    "dataset after 20 / 100 / 300 steps")
     p.add_argument("--lr-probe", action="store_true", help="final training loss per family at 5 learning rates")
-    p.add_argument("--only", nargs="*", default=None, help="family names (--speed) or dataset names (--learn)")
+    p.add_argument("--optimizer", default=None, help="--lr-probe with this optimizer around the rate a drawn corpus gives "
+                   "each family, with validation accuracy (default: AdamW around 2e-3)")
+    p.add_argument("--only", nargs="*", default=None, help="family names (--speed, --lr-probe) or dataset names (--learn)")
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args(argv)
     if args.learn:
         learn_table(args.only)
         return 0
     if args.lr_probe:
-        lr_probe(args.only)
+        lr_probe(args.only, optimizer=args.optimizer)
         return 0
     if not args.speed:
         for fam in FAMILIES.values():
