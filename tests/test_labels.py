@@ -628,18 +628,24 @@ def test_loss_jump_against_the_best_level_adds_up_a_staircase_of_bursts():
         loss_jump(loss, span=5, baseline="median")
 
 
+def _lyapunov_run(seed: int, level: float, epochs: int = 16, n: int = 160) -> dict:
+    """A healthy-looking run's labeler signals whose 4 Lyapunov windows sit at `level` (+- 0.02), with a zero
+    reference window."""
+    rng = np.random.default_rng(seed)
+    return {"train_loss": np.linspace(2.0, 0.5, n), "epoch_step": np.arange(1, epochs + 1) * 10,
+            "val_loss": np.linspace(2.0, 0.6, epochs), "val_acc": np.linspace(0.2, 0.8, epochs),
+            "val_correct": rng.random((epochs, 60)) < 0.8, "val_labels": np.arange(60) % 6, "poison_correct": None,
+            "lyapunov": [(s, level + 0.02 * rng.standard_normal(8)) for s in (80, 100, 120, 140)],
+            "lyapunov_reference": np.zeros(8)}
+
+
 def test_an_optimizer_margin_raises_the_lyapunov_bar_for_that_optimizer_only():
     from factory.config import LabelConfig
     from factory.labeler import offline_label
     from factory.perturbations import make_perturbation
 
-    rng = np.random.default_rng(5)
-    epochs, n = 16, 160
-    sig = {"train_loss": np.linspace(2.0, 0.5, n), "epoch_step": np.arange(1, epochs + 1) * 10,
-           "val_loss": np.linspace(2.0, 0.6, epochs), "val_acc": np.linspace(0.2, 0.8, epochs),
-           "val_correct": rng.random((epochs, 60)) < 0.8, "val_labels": np.arange(60) % 6, "poison_correct": None,
-           "lyapunov": [(s, 0.35 + 0.02 * rng.standard_normal(8)) for s in (80, 100, 120, 140)],
-           "lyapunov_reference": np.zeros(8)}
+    n = 160
+    sig = _lyapunov_run(seed=5, level=0.35)
     lc = LabelConfig(lyapunov_bootstrap=300, lyapunov_optimizer_margin={"sgd": 0.3})
     fired = {opt: offline_label(sig, make_perturbation("healthy", n), "any", "any", 6, lc, n, optimizer=opt)["rules"]["instability_lyapunov"]["fired"]
              for opt in ("sgd", "adam", None)}
@@ -656,13 +662,8 @@ def test_a_task_switch_explains_lyapunov_windows_in_runs_with_a_reference():
     from factory.labeler import offline_label
     from factory.perturbations import make_perturbation
 
-    rng = np.random.default_rng(3)
-    epochs, n = 16, 160
-    sig = {"train_loss": np.linspace(2.0, 0.5, n), "epoch_step": np.arange(1, epochs + 1) * 10,
-           "val_loss": np.linspace(2.0, 0.6, epochs), "val_acc": np.linspace(0.2, 0.8, epochs),
-           "val_correct": rng.random((epochs, 60)) < 0.8, "val_labels": np.arange(60) % 6, "poison_correct": None,
-           "lyapunov": [(s, 0.4 + 0.02 * rng.standard_normal(8)) for s in (80, 100, 120, 140)],
-           "lyapunov_reference": np.zeros(8)}
+    n = 160
+    sig = _lyapunov_run(seed=3, level=0.4)
     lc = LabelConfig(lyapunov_bootstrap=300)
     args = ("any", "any", 6, lc, n)
     assert offline_label(sig, make_perturbation("healthy", n), *args)["rules"]["instability_lyapunov"]["fired"]
