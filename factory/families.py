@@ -85,7 +85,7 @@ Builder = Callable[[InputShape, Size], nn.Module]
 class Family:
     """A model family: its modalities, where its code comes from, its size choices and its builder.
 
-    `lr_scale` multiplies the optimizer's base learning-rate range. `python -m factory.families --lr-probe`
+    `lr_scale` multiplies the optimizer's base learning-rate range. `python -m factory.lr_probe`
     (AdamW, 150 steps at the median size, base 2e-3 x 0.25-4) is the evidence: ViT, DeiT and Swin do best
     at x1 and collapse at x2, ConvNeXt does best at x0.5 -> 0.5; the torch transformer is within 10% of its
     best at x0.5 -> 0.5 (the LR-sensitive kind users warm up); the other families did best at x1 or above
@@ -972,67 +972,6 @@ def learn_table(datasets: list[str] | None = None, steps: int = 300) -> None:
             print(f"{name:14s} {info.modality:9s} {str(info.dims):8s} {family:12s} chance {chance:.3f}  {cells}", flush=True)
 
 
-PROBE_DATASETS = {"image": "textures", "tabular": "tabular_blobs", "sequence": "sines", "text": "pysrc_chars"}
-PROBE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float = 2e-3, optimizer: str | None = None) -> None:
-    """Per family and modality: the mean training loss of the last 20 of `steps` AdamW steps at
-    `base_lr` times each of PROBE_FACTORS (raw, without the family's lr_scale), on PROBE_DATASETS; "div"
-    when the loss went non-finite. The evidence behind `Family.lr_scale`.
-
-    With `optimizer` (a name of `factory.job.make_optimizer`): that optimizer, and factor 1 is the rate a
-    drawn corpus gives the family (the geometric centre of `ContextConfig.lr[optimizer]` x `lr_scale`); each
-    cell adds the final validation accuracy as a multiple of chance (< 2: the run learned nothing)."""
-    from factory.contexts import ContextConfig
-    from factory.datasets import dataset_info, load_dataset
-    from factory.job import make_optimizer
-
-    torch.set_num_threads(1)
-    for name, fam in FAMILIES.items():
-        if families and name not in families:
-            continue
-        for modality in fam.modalities:
-            dataset = PROBE_DATASETS[modality]
-            info = dataset_info(dataset)
-            kw = {"image_size": info.dims[1], "channels": info.dims[0]} if modality == "image" else {}
-            data = load_dataset(dataset, max_train=3000, max_val=256 if optimizer else 10, **kw)
-            shape = InputShape(modality, info.dims, info.num_classes)
-            center = float(np.sqrt(np.prod(ContextConfig().lr[optimizer]))) * fam.lr_scale if optimizer else base_lr
-            cells = []
-            for factor in PROBE_FACTORS:
-                torch.manual_seed(0)
-                model = fam.build(shape, fam.median())
-                opt = (make_optimizer(optimizer, model.parameters(), center * factor, 0.0) if optimizer
-                       else torch.optim.AdamW(model.parameters(), lr=base_lr * factor, foreach=True))
-                gen = torch.Generator().manual_seed(0)
-                losses = []
-                for _ in range(steps):
-                    if modality == "text":
-                        idx = torch.randint(0, len(data.x_train) - info.dims[0] - 1, (32,), generator=gen)
-                        win = idx[:, None] + torch.arange(info.dims[0] + 1)
-                        x, y = data.x_train[win[:, :-1]], data.x_train[win[:, 1:]]
-                    else:
-                        idx = torch.randint(0, len(data.x_train), (32,), generator=gen)
-                        x, y = data.x_train[idx], data.y_train[idx]
-                    loss = loss_of(model(x), y)
-                    if not torch.isfinite(loss):
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.item())
-                cell = "div" if len(losses) < steps else f"{np.mean(losses[-20:]):.3f}"
-                if optimizer and len(losses) == steps and modality != "text":
-                    with torch.no_grad():
-                        acc = (model.eval()(data.x_val).argmax(-1) == data.y_val).float().mean().item()
-                    cell += f" acc {acc * info.num_classes:.1f}x"
-                cells.append(cell)
-            rate = f"{optimizer} lr {center:.3g}" if optimizer else f"lr_scale {fam.lr_scale:<4}"
-            print(f"{name:14s} {modality:9s} {dataset:14s} {rate}  "
-                  + "  ".join(f"x{f}: {c}" for f, c in zip(PROBE_FACTORS, cells)), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description="The factory's model families: list them, or time a training step of each.")
@@ -1040,17 +979,11 @@ def main(argv: list[str] | None = None) -> int:
                    "size on each modality's largest built-in input")
     p.add_argument("--learn", action="store_true", help="validation accuracy of reference families on each built-in "
                    "dataset after 20 / 100 / 300 steps")
-    p.add_argument("--lr-probe", action="store_true", help="final training loss per family at 5 learning rates")
-    p.add_argument("--optimizer", default=None, help="--lr-probe with this optimizer around the rate a drawn corpus gives "
-                   "each family, with validation accuracy (default: AdamW around 2e-3)")
-    p.add_argument("--only", nargs="*", default=None, help="family names (--speed, --lr-probe) or dataset names (--learn)")
+    p.add_argument("--only", nargs="*", default=None, help="family names (--speed) or dataset names (--learn)")
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args(argv)
     if args.learn:
         learn_table(args.only)
-        return 0
-    if args.lr_probe:
-        lr_probe(args.only, optimizer=args.optimizer)
         return 0
     if not args.speed:
         for fam in FAMILIES.values():
