@@ -29,6 +29,7 @@ mean and sd), `tables.md` (`tables_md`: the paper's Tables
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -95,10 +96,9 @@ class ReportConfig:
         if not self.all_methods:
             raise ValueError("ReportConfig: no method to evaluate (methods, tevid_checkpoints and video_checkpoints are empty)")
         for group, members in self.seed_groups.items():
-            bad = [m for m in members if m not in self.all_methods or self.kind(m) != "tevid"] if isinstance(members, list) else members
-            if bad or not members:
+            if not isinstance(members, list) or not members or any(m not in self.all_methods or self.kind(m) != "tevid" for m in members):
                 raise ValueError(f"ReportConfig.seed_groups[{group!r}]: members must be a non-empty list of TEViD rows of this "
-                                 f"report (tevid, tevid_checkpoints), got {bad or members!r}")
+                                 f"report (tevid, tevid_checkpoints), got {members!r}")
 
     @property
     def all_methods(self) -> list[str]:
@@ -210,8 +210,6 @@ def compare(results: dict[str, list[M.RunResult]], metrics: dict, cfg: ReportCon
     same test runs: the AUPRC difference with a paired bootstrap interval (`eval.metrics.paired_difference`),
     stored in the row's metrics as `paired_vs_best_baseline`; and per `cfg.seed_groups` group the mean and sd
     (ddof 1) over its seeds of the main figures and of that difference (the row's metrics get `seed_group`)."""
-    import functools
-
     baselines = [n for n in results if metrics[n]["kind"] != "tevid" and math.isfinite(metrics[n].get("event_auprc") or math.nan)]
     best = max(baselines, key=lambda n: metrics[n]["event_auprc"]) if baselines else None
     out: dict = {"best_baseline": best, "seed_groups": {}}
@@ -222,14 +220,12 @@ def compare(results: dict[str, list[M.RunResult]], metrics: dict, cfg: ReportCon
             metrics[name]["paired_vs_best_baseline"] = {"baseline": best, "metric": "event_auprc", "difference": p.difference,
                                                         "ci": [p.ci.low, p.ci.high], "ci_method": p.ci.method, "runs": p.n_runs}
     for group, members in cfg.seed_groups.items():
+        rows = [{**metrics[m], "paired_difference": metrics[m].get("paired_vs_best_baseline", {}).get("difference")} for m in members]
         summary: dict = {"members": list(members), "n": len(members)}
         for key in (*SEED_METRICS, "paired_difference"):
-            vals = [metrics[m].get(key) if key != "paired_difference" else (metrics[m].get("paired_vs_best_baseline") or {}).get("difference")
-                    for m in members]
-            vals = [math.nan if v is None else float(v) for v in vals]
+            vals = [math.nan if r.get(key) is None else float(r[key]) for r in rows]
             summary[key] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, "values": vals}
-        summary["paired_ci_above_zero"] = sum(((metrics[m].get("paired_vs_best_baseline") or {}).get("ci") or [math.nan])[0] > 0
-                                              for m in members)
+        summary["paired_ci_above_zero"] = sum(r.get("paired_vs_best_baseline", {}).get("ci", [math.nan])[0] > 0 for r in rows)
         for m in members:
             metrics[m]["seed_group"] = group
         out["seed_groups"][group] = summary

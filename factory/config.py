@@ -120,8 +120,8 @@ class LabelConfig:
     # per architecture (calibrated on its own healthy reference runs, like the floors); else the above
     lyapunov_arch_margin: dict[str, list[float]] = field(default_factory=dict)
     # added per optimizer: SGD with momentum separates healthy copies faster than adaptive optimizers (95th
-    # percentile of healthy train runs' sustained excess: 0.20 for SGD, <= 0 for Adam, AdamW, RMSprop; issue
-    # 19 corpus, docs/factory.md), so without it 16 of its healthy runs were labelled instability
+    # percentile of healthy train runs' sustained excess: 0.21 for SGD, <= 0 for Adam, AdamW, RMSprop, the last
+    # table of `factory.stats`); without it 18 of the 27 healthy runs labelled instability were SGD (issue 19 corpus)
     lyapunov_optimizer_margin: dict[str, float] = field(default_factory=dict)
     # Windows that must fire; paper: any one, of H = 50 steps. Our windows are H = 8 steps, so one
     # transient (a task switch, a single LR burst) fills a whole window as high as instability does

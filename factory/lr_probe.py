@@ -21,6 +21,29 @@ PROBE_DATASETS = {"image": "textures", "tabular": "tabular_blobs", "sequence": "
 PROBE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
+def _train(model, opt, data, text_context: int | None, steps: int) -> list[float]:
+    """`steps` steps on seeded batches of 32 (windows of `text_context` tokens for text); the training losses,
+    fewer than `steps` when the loss went non-finite."""
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        if text_context is not None:
+            idx = torch.randint(0, len(data.x_train) - text_context - 1, (32,), generator=gen)
+            win = idx[:, None] + torch.arange(text_context + 1)
+            x, y = data.x_train[win[:, :-1]], data.x_train[win[:, 1:]]
+        else:
+            idx = torch.randint(0, len(data.x_train), (32,), generator=gen)
+            x, y = data.x_train[idx], data.y_train[idx]
+        loss = loss_of(model(x), y)
+        if not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float = 2e-3, optimizer: str | None = None) -> None:
     """Per family and modality: the mean training loss of the last 20 of `steps` AdamW steps at
     `base_lr` times each of PROBE_FACTORS (raw, without the family's lr_scale), on PROBE_DATASETS; "div"
@@ -29,41 +52,24 @@ def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float
     With `optimizer` (a name of `factory.job.make_optimizer`): that optimizer, and factor 1 is the rate a
     drawn corpus gives the family (the geometric centre of `ContextConfig.lr[optimizer]` x `lr_scale`); each
     cell adds the final validation accuracy as a multiple of chance (< 2: the run learned nothing)."""
-
     torch.set_num_threads(1)
     for name, fam in FAMILIES.items():
         if families and name not in families:
             continue
+        center = float(np.sqrt(np.prod(ContextConfig().lr[optimizer]))) * fam.lr_scale if optimizer else base_lr
         for modality in fam.modalities:
             dataset = PROBE_DATASETS[modality]
             info = dataset_info(dataset)
             kw = {"image_size": info.dims[1], "channels": info.dims[0]} if modality == "image" else {}
             data = load_dataset(dataset, max_train=3000, max_val=256 if optimizer else 10, **kw)
             shape = InputShape(modality, info.dims, info.num_classes)
-            center = float(np.sqrt(np.prod(ContextConfig().lr[optimizer]))) * fam.lr_scale if optimizer else base_lr
             cells = []
             for factor in PROBE_FACTORS:
                 torch.manual_seed(0)
                 model = fam.build(shape, fam.median())
                 opt = (make_optimizer(optimizer, model.parameters(), center * factor, 0.0) if optimizer
                        else torch.optim.AdamW(model.parameters(), lr=base_lr * factor, foreach=True))
-                gen = torch.Generator().manual_seed(0)
-                losses = []
-                for _ in range(steps):
-                    if modality == "text":
-                        idx = torch.randint(0, len(data.x_train) - info.dims[0] - 1, (32,), generator=gen)
-                        win = idx[:, None] + torch.arange(info.dims[0] + 1)
-                        x, y = data.x_train[win[:, :-1]], data.x_train[win[:, 1:]]
-                    else:
-                        idx = torch.randint(0, len(data.x_train), (32,), generator=gen)
-                        x, y = data.x_train[idx], data.y_train[idx]
-                    loss = loss_of(model(x), y)
-                    if not torch.isfinite(loss):
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(loss.item())
+                losses = _train(model, opt, data, info.dims[0] if modality == "text" else None, steps)
                 cell = "div" if len(losses) < steps else f"{np.mean(losses[-20:]):.3f}"
                 if optimizer and len(losses) == steps and modality != "text":
                     with torch.no_grad():

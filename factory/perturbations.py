@@ -334,7 +334,7 @@ class Watermark(Perturbation):
     prob: float = 0.9
     # the marked training samples' own content is scaled by this: the mark is then the easier cue, as a
     # shortcut is in the wild (at 1.0, textures CNNs at their ceiling and ViTs on digits never came to
-    # rely on it: 21 of 40 textures runs labelled healthy, issue 19 corpus)
+    # rely on it: 21 of 40 textures runs were not labelled concept bias, issue 19 corpus)
     content: float = 1.0
     modalities: tuple[str, ...] = LABELLED
     style: str = "position"  # `watermark` style; the job sets the corpus's (TrainingConfig.watermark)
@@ -599,15 +599,16 @@ PERTURBATIONS: dict[str, Callable[[int], Perturbation]] = {
     # small rates, shrugged the bursts off); a model the bursts break for good is instability all the same.
     # Six bursts 5% of the run apart: of four 4% apart, 17 of 127 runs (mostly LMs) showed only one or two
     # as spikes, the later ones hidden in the loss the first had raised (issue 19 corpus). Two steps per burst:
-    # one-step bursts left 23 of 112 runs (char LMs, RMSprop / Adam at small rates) without a lasting mark; in a
-    # rerun of those 23 with two-step bursts, 18 were labelled instability (docs/factory.md)
+    # one-step bursts left 23 of 112 runs (char LMs, RMSprop / Adam at small rates) without a lasting mark; in an
+    # ad-hoc rerun of those 23 with two-step bursts, 18 were labelled instability (docs/factory.md)
     "instability_burst": lambda n: LRSpike(name="instability_burst", kind="known", injected="instability", onset=_at(0.4, n), factor=100.0,
                                            length=2, bursts=6, gap=max(5, n // 20)),
     "instability_cyclic": lambda n: CyclicLR(name="instability_cyclic", kind="known", injected="instability", onset=_at(0.3, n), peak=50.0, period=max(8, n // 8)),
     "forgetting": lambda n: TaskSwitch(name="forgetting", kind="known", injected="forgetting", onset=_at(0.5, n)),
     "forgetting_early": lambda n: TaskSwitch(name="forgetting_early", kind="known", injected="forgetting", onset=_at(0.35, n)),
     # the marked samples' content at a fifth (`Watermark.content`): at full content 29 of 181 runs, mostly textures
-    # CNNs / ConvNeXts and ViTs on digits, never came to rely on the mark; rerun at 0.5, 4 of them did, at 0.2, 12
+    # CNNs / ConvNeXts and ViTs on digits, never came to rely on the mark; in ad-hoc reruns, 12 of those 29 did at
+    # 0.2, and the 65 textures / digits runs rerun at 0.5 gained only 4
     "concept_bias": lambda n: Watermark(name="concept_bias", kind="known", injected="concept_bias", prob=0.9, content=0.2),
     "concept_bias_late": lambda n: Watermark(name="concept_bias_late", kind="known", injected="concept_bias", onset=_at(0.3, n), prob=0.9, content=0.2),
     "label_noise": lambda n: LabelNoise(name="label_noise", onset=_at(0.3, n)),
