@@ -10,9 +10,10 @@ drawn is expanded by `expand_drawn` (grid configs by `factory.spec.expand`).
 Draws are deterministic: run i of split s uses the generator `numpy.random.default_rng([seed, s, i])`, so
 adding runs to a split appends specs and leaves the earlier ones as they were. The order of draws within a
 run is dataset -> family (among the split's families that take the dataset's modality) -> size -> optimizer
--> learning rate, weight decay -> perturbation (among the split's presets that apply to the modality and
-family; healthy presets with probability `healthy_share`) -> batch size, schedule, warm-up, label smoothing,
-augmentation -> run length.
+(among the split's optimizers not excluded for the family) -> learning rate (the optimizer's range x the
+family's `lr_scale` x the pair's factor), weight decay -> perturbation (among the split's presets that
+apply to the modality and family; healthy presets with probability `healthy_share`) -> batch size,
+schedule, warm-up, label smoothing, augmentation -> run length.
 
 Folds: the train and validation runs carry a fold id in [0, folds): the fold of the run's family, families
 dealt round-robin in sorted order over train + validation. Leaving fold k out leaves out whole families,
@@ -48,7 +49,18 @@ class ContextConfig:
     lr: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 5e-3], "adam": [1e-3, 5e-3], "nadam": [1e-3, 5e-3], "radam": [1e-3, 5e-3],
         "sgd": [0.02, 0.1], "rmsprop": [3e-4, 2e-3], "adagrad": [1e-2, 5e-2],
-        "lion": [2e-4, 1e-3], "adafactor": [5e-3, 3e-2]})
+        "lion": [8e-4, 4e-3], "adafactor": [5e-3, 3e-2]})
+    # "family/optimizer": a factor on that pair's drawn rate, on top of the family's `lr_scale`. From
+    # `python -m factory.lr_probe --optimizer O`: at the optimizer's rate x lr_scale these pairs learned
+    # slowly or not at all in 150 steps (docs/factory.md, "Learning rates per optimizer")
+    lr_pair_scale: dict[str, float] = field(default_factory=lambda: {
+        "mlp/sgd": 0.3, "conv1d/sgd": 2.0, "regnet/sgd": 3.0,
+        "mlp/adam": 0.5, "mlp/adamw": 0.5, "mlp/nadam": 0.5, "conv1d/adam": 2.0, "conv1d/adamw": 2.0,
+        "gru/adam": 2.0, "gru/adamw": 2.0, "regnet/adamw": 2.5, "regnet/nadam": 2.5,
+        "conv1d/rmsprop": 2.0, "gru/rmsprop": 2.0, "transformer/rmsprop": 2.0, "regnet/rmsprop": 3.0,
+        "deit/adafactor": 4.0, "swin/adafactor": 4.0, "rnn/adafactor": 4.0, "lstm/adafactor": 2.0})
+    # "family/optimizer" pairs never drawn: the family learned nothing with that optimizer at 0.25-4x its rate
+    excluded_pairs: list[str] = field(default_factory=lambda: ["vit/sgd", "convnext/sgd"])
     # weight decay per optimizer, log-uniform in [lo, hi]; a list starting at 0 ([0, hi]) draws 0 half the time
     weight_decay: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 0.1], "adam": [0.0, 1e-4], "nadam": [0.0, 1e-4], "radam": [0.0, 1e-4],
@@ -74,6 +86,20 @@ class ContextConfig:
             for opt, pair in getattr(self, name).items():
                 if len(pair) != 2 or pair[0] < 0 or pair[0] > pair[1] or (name == "lr" and pair[0] <= 0):
                     raise FieldError(f"contexts.{name}.{opt}", f"must be [lo, hi] with 0 {'<' if name == 'lr' else '<='} lo <= hi, got {pair!r}")
+        for pair, factor in self.lr_pair_scale.items():
+            if pair.count("/") != 1 or not factor > 0:
+                raise FieldError(f"contexts.lr_pair_scale.{pair}", f"must map 'family/optimizer' to a factor > 0, got {factor!r}")
+        bad = [pair for pair in self.excluded_pairs if pair.count("/") != 1]
+        if bad:
+            raise FieldError("contexts.excluded_pairs", f"entries must be 'family/optimizer', got {bad}")
+
+    def optimizers_for(self, family: str, optimizers: list[str]) -> list[str]:
+        """The optimizers of `optimizers` a run of `family` may draw (those not in `excluded_pairs`)."""
+        return [o for o in optimizers if f"{family}/{o}" not in self.excluded_pairs]
+
+    def pair_scale(self, family: str, optimizer: str) -> float:
+        """The factor on the drawn learning rate of `family` with `optimizer` (1 unless `lr_pair_scale` has it)."""
+        return self.lr_pair_scale.get(f"{family}/{optimizer}", 1.0)
 
 
 class ContextError(ValueError):
@@ -134,9 +160,19 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
     unknown = [f for f in s.families if f not in FAMILIES]
     if unknown:
         raise ContextError(f"split {split}: unknown families {unknown}; known: {sorted(FAMILIES)}")
+    from factory.job import OPTIMIZERS
+
+    named = [pair.split("/") for pair in [*cc.lr_pair_scale, *cc.excluded_pairs]]
+    unknown = sorted({f"{f}/{o}" for f, o in named if f not in FAMILIES or o not in OPTIMIZERS})
+    if unknown:
+        raise ContextError(f"contexts.lr_pair_scale / excluded_pairs: unknown family or optimizer in {unknown}")
     no_lr = [o for o in s.optimizers if o not in cc.lr or o not in cc.weight_decay]
     if no_lr:
         raise ContextError(f"split {split}: optimizers {no_lr} have no contexts.lr / contexts.weight_decay range")
+    stranded = [f for f in s.families if not cc.optimizers_for(f, s.optimizers)]
+    if stranded:
+        raise ContextError(f"split {split}: families {stranded} have no optimizer: contexts.excluded_pairs leaves out "
+                           f"every one of {s.optimizers}")
     infos = {d: dataset_info(d) for d in s.datasets}
     presets = {p: make_perturbation(p, 100) for p in s.perturbations}
     by_modality: dict[str, list[str]] = {}
@@ -156,8 +192,9 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
         size = family.draw_size(rng)
         shape = InputShape(info.modality, tuple(info.dims), info.num_classes)
         family.check(shape, size)
-        optimizer = s.optimizers[rng.integers(len(s.optimizers))]
-        lr = _log_uniform(rng, *cc.lr[optimizer]) * family.lr_scale
+        optimizers = cc.optimizers_for(family.name, s.optimizers)
+        optimizer = optimizers[rng.integers(len(optimizers))]
+        lr = _log_uniform(rng, *cc.lr[optimizer]) * family.lr_scale * cc.pair_scale(family.name, optimizer)
         weight_decay = _decay(rng, *cc.weight_decay[optimizer])
         fits = [p for p, pert in presets.items() if pert.applies(info.modality, family.name)]
         healthy = [p for p in fits if presets[p].kind == "healthy"]

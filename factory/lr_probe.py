@@ -50,13 +50,19 @@ def lr_probe(families: list[str] | None = None, steps: int = 150, base_lr: float
     when the loss went non-finite. The evidence behind `Family.lr_scale`.
 
     With `optimizer` (a name of `factory.job.make_optimizer`): that optimizer, and factor 1 is the rate a
-    drawn corpus gives the family (the geometric centre of `ContextConfig.lr[optimizer]` x `lr_scale`); each
+    drawn corpus gives the family (the geometric centre of `ContextConfig.lr[optimizer]` x `lr_scale` x the
+    pair's `ContextConfig.lr_pair_scale`; pairs in `excluded_pairs` are skipped); each
     cell adds the final validation accuracy as a multiple of chance (< 2: the run learned nothing)."""
     torch.set_num_threads(1)
+    contexts = ContextConfig()
     for name, fam in FAMILIES.items():
         if families and name not in families:
             continue
-        center = float(np.sqrt(np.prod(ContextConfig().lr[optimizer]))) * fam.lr_scale if optimizer else base_lr
+        if optimizer and not contexts.optimizers_for(name, [optimizer]):
+            print(f"{name:14s} not drawn with {optimizer} (contexts.excluded_pairs)")
+            continue
+        center = (float(np.sqrt(np.prod(contexts.lr[optimizer]))) * fam.lr_scale * contexts.pair_scale(name, optimizer)
+                  if optimizer else base_lr)
         for modality in fam.modalities:
             dataset = PROBE_DATASETS[modality]
             info = dataset_info(dataset)

@@ -80,6 +80,28 @@ def test_a_dataset_no_family_can_take_is_refused_at_plan_time():
         plan(load_config(FactoryConfig, CPU, ["train.families=[resnet,vit,convnext]"]))
 
 
+def test_excluded_pairs_are_never_drawn_and_pair_factors_scale_the_rate(cpu_plan):
+    cfg, specs = cpu_plan
+    pairs = {f"{x.arch}/{x.optimizer}" for x in specs}
+    assert cfg.contexts.excluded_pairs and not pairs & set(cfg.contexts.excluded_pairs)
+    assert {"vit/adamw", "convnext/rmsprop"} <= pairs  # the families still draw their other optimizers
+    mlp_sgd = [x.ctx["lr"] for x in specs if x.arch == "mlp" and x.optimizer == "sgd"]
+    lo, hi = cfg.contexts.lr["sgd"]
+    factor = cfg.contexts.lr_pair_scale["mlp/sgd"]
+    assert mlp_sgd and all(lo * factor * 0.999 <= lr <= hi * factor * 1.001 for lr in mlp_sgd)
+    unscaled = plan(load_config(FactoryConfig, CPU, ["contexts.lr_pair_scale={}", "contexts.excluded_pairs=[]"]))
+    assert any(x.arch == "vit" and x.optimizer == "sgd" for x in unscaled)
+
+
+def test_a_family_left_without_optimizers_or_an_unknown_pair_is_refused():
+    with pytest.raises(ContextError, match=r"split val: families \['vit'\] have no optimizer"):
+        plan(load_config(FactoryConfig, CPU, ["contexts.excluded_pairs=[vit/adamw,vit/sgd,vit/nadam]"]))
+    with pytest.raises(ContextError, match=r"unknown family or optimizer in \['vit/sgdd'\]"):
+        plan(load_config(FactoryConfig, CPU, ["contexts.excluded_pairs=[vit/sgdd]"]))
+    with pytest.raises(ValueError, match="lr_pair_scale"):
+        load_config(FactoryConfig, CPU, ["contexts.lr_pair_scale={mlp/sgd: 0}"])
+
+
 def test_a_family_that_cannot_run_at_a_drawn_size_is_refused_at_plan_time(monkeypatch):
     import dataclasses
 
