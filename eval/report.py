@@ -328,7 +328,9 @@ def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[Loade
              f"({len(test_runs)} runs), thresholds frozen on `{cfg.val_split}` (FAR <= {cfg.far}); "
              f"{cfg.n_resamples} bootstrap resamples over runs, 95% BCa.\n",
              "## Table 3: main results\n", TAB.table3(metrics), "",
-             "## Table 4: per held-out factor (event AUPRC / median lead in epochs, 95% BCa over the slice's runs)\n", t4, ""]
+             "## Table 4: per held-out factor (event AUPRC / median lead in epochs, 95% BCa over the slice's runs)\n", t4, "",
+             "## Per known class (the class's runs and the Healthy runs: event AUPRC (of a constant score) / detection / "
+             "share of its runs whose first alert names the class)\n", TAB.table_by_class(results), ""]
     if ablations is not None:
         parts += [f"## Table 5: window length (from `{cfg.ablations}`)\n", TAB.table5(ablations), "",
                   f"## Table 12: ablations (from `{cfg.ablations}`)\n", TAB.table12(ablations), ""]

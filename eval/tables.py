@@ -4,6 +4,7 @@
 |---|---|---|---|
 | `table3` | Table 3 | method x (AUPRC, lead, FAR, detection, macro F1, Unknown AUROC, AUGRC, cost/100), 95% BCa | metrics.json |
 | `table4` | Table 4 | held-out factor value x method (event AUPRC, median lead), 95% BCa over the slice's runs | replayed test runs |
+| `table_by_class` | - | known class x method (event AUPRC vs its Healthy runs, its constant-score AUPRC, detection, kind named) | replayed test runs |
 | `table5` | Table 5 | window W (steps/frame, GFLOPs/clip, AUPRC, lead, FAR) | ablations.json (`eval.ablations`) |
 | `table12` | Table 12 | ablation variant x (macro F1, AUPRC, lead, FAR, detection) | ablations.json (`eval.ablations`) |
 | `table17` | Table 17 | novel perturbation x predicted outcome, % of runs | replayed test runs + the rule's Unknown frames |
@@ -86,6 +87,28 @@ def table4(results: dict[str, list[M.RunResult]], info: dict[str, dict], horizon
             n_runs = sum(str(info[r.run_id].get(factor)) == value for r in first)
             rows.append([factor, value, str(n_runs), *cells])
     return markdown_table(["factor", "value", "runs", *(f"{n} AUPRC / Lead (ep)" for n in names)], rows)
+
+
+def table_by_class(results: dict[str, list[M.RunResult]]) -> str:
+    """Per known class, where each method wins or loses: the event AUPRC over that class's runs and the
+    Healthy runs (beside the AUPRC of a constant score on the same frames), the detection rate, and the
+    share of its runs whose first alert from onset names the class (methods without probabilities: –).
+    Point values only: the slices are small, the intervals are in Table 3 and 4."""
+    names = list(results)
+    first = next(iter(results.values()), [])
+    rows = []
+    for cls in sorted({r.label for r in first if r.kind == "anomaly"}):
+        n_runs = sum(r.label == cls for r in first)
+        cells = []
+        for n in names:
+            sub = [r for r in results[n] if r.kind == "healthy" or (r.kind == "anomaly" and r.label == cls)]
+            runs = [r for r in sub if r.kind == "anomaly"]
+            named = [M.outcome(r).predicted == cls for r in runs]
+            kind = fmt(float(np.mean(named))) if all(r.probs is not None for r in runs) else "–"
+            cells.append(f"{fmt(M.event_auprc(sub))} ({fmt(M.event_base_rate(sub))}) / "
+                         f"{fmt(M.detection_rate(sub))} / {kind}")
+        rows.append([cls, str(n_runs), *cells])
+    return markdown_table(["class", "runs", *(f"{n} AUPRC (constant) / Det. / named" for n in names)], rows)
 
 
 def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str]) -> str:

@@ -152,3 +152,20 @@ def test_a_small_drawn_corpus_generates_end_to_end(tmp_path):
         store = RunStore(out / r["store"])
         assert store.levels().shape == (store.attrs["n_frames"], 6) and store.patterns().shape[1:] == (6, 8, 8)
         assert store.attrs["training"]["steps"] == r["max_steps"]  # the run's own length, not the config's
+
+
+def test_lr_probe_centres_on_the_drawn_rate_and_skips_excluded_pairs(capsys):
+    import math
+
+    from factory.contexts import ContextConfig
+    from factory.families import FAMILIES
+    from factory.lr_probe import lr_probe
+
+    lr_probe(["vit", "mlp"], steps=2, optimizer="sgd")
+    out = capsys.readouterr().out.splitlines()
+    cc = ContextConfig()
+    assert "vit            not drawn with sgd (contexts.excluded_pairs)" in out
+    mlp = [line for line in out if line.startswith("mlp")]
+    assert len(mlp) == len(FAMILIES["mlp"].modalities)
+    centre = math.sqrt(cc.lr["sgd"][0] * cc.lr["sgd"][1]) * FAMILIES["mlp"].lr_scale * cc.lr_pair_scale["mlp/sgd"]
+    assert all(f"sgd lr {centre:.3g} " in line and line.count(" x") == 5 for line in mlp)

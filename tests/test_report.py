@@ -141,6 +141,29 @@ def test_confusion_counts_by_hand():
     assert cm.sum() == len(runs)
 
 
+def test_per_class_table_by_hand():
+    from eval.tables import table_by_class
+
+    def scored(run_id, label, score, alerts=(), probs=True):
+        n = len(score)
+        p = np.tile(np.eye(len(CLASSES))[0], (n, 1)) if probs else None
+        return RunResult(run_id, label, False, 0 if label != "healthy" else None, None if label == "healthy" else 40, 10.0,
+                         np.arange(n) * 10, np.array(score, float), probs=p, alerts=list(alerts))
+
+    # instability frames all score above the healthy ones: AUPRC 1; one of two runs alerted, naming the class
+    runs = [scored("h0", "healthy", [0.1] * 6), scored("h1", "healthy", [0.2] * 6),
+            scored("i0", "instability", [0.9] * 6, [(20, "instability")]), scored("i1", "instability", [0.8] * 6),
+            scored("f0", "forgetting", [0.0] * 6, [(30, "overfitting")])]
+    table = table_by_class({"m": runs})
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"forgetting", "instability"}
+    assert "| 2 | 1.000 (" in rows["instability"] and " / 0.500 / 0.500 |" in rows["instability"]
+    assert " / 1.000 / 0.000 |" in rows["forgetting"]  # detected, but named overfitting
+    no_probs = table_by_class({"m": [scored("h0", "healthy", [0.1] * 6, probs=False),
+                                     scored("i0", "instability", [0.9] * 6, probs=False)]})
+    assert no_probs.rstrip().endswith("/ 0.000 / – |")
+
+
 def test_pareto_front_by_hand():
     far = np.array([0.0, 0.0, 0.1, 0.2, 0.3, 0.5])
     lead = np.array([-2.0, -1.0, -1.5, 0.5, 0.2, 1.0])
