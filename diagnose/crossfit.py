@@ -12,9 +12,14 @@ out-of-fold predictions: every train + val run is predicted by a model that neve
     python -m diagnose.finetune --config C --corpus D --out O/all 'data.train_splits=[train, val]'
     python -m diagnose.crossfit --folds O/fold0 O/fold1 O/fold2 O/fold3 --checkpoint O/all/final --out O/all/final
 
+or deploy the predictor that was calibrated, the fold models as one (`diagnose.ensemble`; no full model):
+
+    python -m diagnose.crossfit --folds O/fold0 O/fold1 O/fold2 O/fold3 --ensemble --out O/ensemble
+
 The fold models must share the full model's model config (same inputs, representation, heads). The
 calibration written is `diagnose.calibrate.calibrate` on the merged streams; its report adds `crossfit`
-(folds, runs, Healthy runs). Reads only the predictions files and configs, no corpus.
+(folds, runs, Healthy runs). Reads only the predictions files, configs and (--ensemble) the fold models'
+`final` weights, no corpus.
 """
 from __future__ import annotations
 
@@ -60,18 +65,40 @@ def crossfit_records(folds: list[Path], checkpoint: Path) -> tuple[list[dict], l
     return records, fold_ids
 
 
+def save_ensemble(folds: list[Path], out: Path) -> Path:
+    """The fold models' `final` checkpoints as one `TEViDEnsemble` checkpoint at `out` (weights and config)."""
+    from diagnose.ensemble import TEViDEnsemble, ensemble_config
+    from diagnose.tevid import TEViD, tevid_config_from
+    from pretrain.checkpoint import load_checkpoint, save_checkpoint
+
+    members, config = [], None
+    for d in folds:
+        ckpt = load_checkpoint(d / "final")
+        member = TEViD(tevid_config_from(ckpt.config, str(ckpt.path / "config.json")))
+        member.load_state_dict(ckpt.weights, strict=True)
+        members.append(member)
+        config = config or ckpt.config
+    return save_checkpoint(out, model=TEViDEnsemble(members), config=ensemble_config(config, len(members), folds), step=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folds", nargs="+", required=True, help="fine-tuning output directories, one per held-out fold")
-    p.add_argument("--checkpoint", required=True, help="the model trained on every fold (out/final)")
+    p.add_argument("--checkpoint", default=None, help="the model trained on every fold (out/final)")
+    p.add_argument("--ensemble", action="store_true", help="write the fold models as one model to --out, calibrated")
     p.add_argument("--out", default=None, help="where calibration.json goes (default: --checkpoint)")
     p.add_argument("--config", default=None, help="yaml with CalibrationConfig fields")
     p.add_argument("overrides", nargs="*", help="CalibrationConfig overrides, key=value")
     args = p.parse_args(argv)
-    checkpoint = Path(args.checkpoint)
+    if args.ensemble == (args.checkpoint is not None) or (args.ensemble and not args.out):
+        p.error("give --checkpoint (the full model), or --ensemble with --out (the fold models as one model)")
+    folds = [Path(f) for f in args.folds]
+    checkpoint = folds[0] if args.ensemble else Path(args.checkpoint)  # whose model config the folds must share
     cfg = load_config(CalibrationConfig, args.config, args.overrides)
-    records, fold_ids = crossfit_records([Path(f) for f in args.folds], checkpoint)
+    records, fold_ids = crossfit_records(folds, checkpoint)
+    if args.ensemble:
+        checkpoint = save_ensemble(folds, Path(args.out))
     num_classes = int((_config(checkpoint).get("model") or {}).get("num_classes", len(CLASSES)))
     streams = streams_from_records(records)
     cal = calibrate(streams, cfg, CLASSES[:num_classes])
@@ -80,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     path = save_calibration(cal, args.out or checkpoint)
     print(json.dumps({"temperature": cal.temperature, "tau": cal.tau, "thresholds": cal.thresholds,
                       "score_threshold": cal.score_threshold, **cal.report}, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f" and the {len(folds)}-model ensemble beside it" if args.ensemble else ""))
     return 0
 
 

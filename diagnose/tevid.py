@@ -341,7 +341,8 @@ def _check_window(config: dict, cfg: TEViDConfig, where: str) -> None:
 
 
 def load_tevid(path: str | Path, require_calibration: bool = True):
-    """(model in eval mode, Calibration) from a fine-tuning output dir (`out/final`). A shipped model's
+    """(model in eval mode, Calibration) from a fine-tuning output dir (`out/final`), or a fold ensemble's
+    (`diagnose.ensemble`: config.json has an `ensemble` section; the model is then a `TEViDEnsemble`). A shipped model's
     files are first checked against its MANIFEST.json (`verify_manifest`). Weights load strictly from
     safetensors; the config's model section and `data.window` are checked; `calibration.json` must be
     there and complete (`diagnose.calibrate.load_calibration`), for as many classes as the model has,
@@ -354,7 +355,13 @@ def load_tevid(path: str | Path, require_calibration: bool = True):
     ckpt = load_checkpoint(path)
     cfg = tevid_config_from(ckpt.config, str(ckpt.path / "config.json"))
     _check_window(ckpt.config, cfg, str(ckpt.path / "config.json"))
-    model = TEViD(cfg)
+    from diagnose.ensemble import TEViDEnsemble, ensemble_members
+
+    try:
+        members = ensemble_members(ckpt.config, str(ckpt.path / "config.json"))
+    except ValueError as err:
+        raise TEViDLoadError(str(err)) from None
+    model = TEViD(cfg) if members is None else TEViDEnsemble.of_config(cfg, members)
     try:
         model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as err:

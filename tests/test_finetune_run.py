@@ -262,6 +262,29 @@ def test_crossfit_calibrates_on_out_of_fold_predictions(smoke_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"no run .* is in fold 5; folds present: \[0, 1\]"):
         finetune_main([*base(tmp_path / "x"), "data.holdout_fold=5"])
 
+    # the fold models as one model, calibrated on the same out-of-fold predictions
+    from diagnose.ensemble import TEViDEnsemble
+    from diagnose.tevid import load_tevid
+
+    ens_dir = tmp_path / "ensemble"
+    assert crossfit_main(["--folds", str(tmp_path / "fold0"), str(tmp_path / "fold1"), "--ensemble", "--out", str(ens_dir)]) == 0
+    ens, ens_cal = load_tevid(ens_dir)
+    assert isinstance(ens, TEViDEnsemble) and len(ens.members) == 2
+    assert ens_cal.thresholds == cal.thresholds and ens_cal.tau == cal.tau  # the same out-of-fold predictions
+    fold_models = [load_tevid(tmp_path / f"fold{k}" / "final", require_calibration=False)[0] for k in (0, 1)]
+    from capture.relative import RELATIVE_FEATURES
+    from capture.schema import CLIP_READOUTS
+
+    width = len(RELATIVE_FEATURES if ens.cfg.representation == "relative" else CLIP_READOUTS)
+    readouts = torch.randn(3, 4, width, generator=torch.Generator().manual_seed(0))  # (B, T, readouts)
+    outs = [m.predict(None, readouts) for m in fold_models]
+    mean = ens.predict(None, readouts)
+    torch.testing.assert_close(mean["probs"], (outs[0]["probs"] + outs[1]["probs"]) / 2)
+    torch.testing.assert_close(mean["vacuity"], (outs[0]["vacuity"] + outs[1]["vacuity"]) / 2)
+    assert ens.forward_features(None, readouts).shape[-1] == 2 * fold_models[0].forward_features(None, readouts).shape[-1]
+    with pytest.raises(SystemExit):  # --ensemble writes a new model: it needs --out, and takes no --checkpoint
+        crossfit_main(["--folds", str(tmp_path / "fold0"), "--ensemble"])
+
 
 def test_finetune_from_shards(smoke_corpus, tmp_path, capsys):
     from pretrain.clips import export_shards
