@@ -10,7 +10,8 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
                           --minus the previous frame's level-->                d_level     (6,)
     patterns  (6, P, P)   --each map to zero mean, unit spatial sd-->          pattern     (6, P, P)
     readouts  (8,)        --head-gradient sizes and the loss as log ratios to the run reference, loss and
-                            entropy over log C, confidence above chance--> (9,)
+                            entropy over log C, confidence above chance, the smoothed log loss above
+                            its best so far--> (10,)
 
 The run reference of a level (or of a size readout's log) is the mean of its finite values over the run's
 first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it.
@@ -37,7 +38,7 @@ RELATIVE_FEATURES = (
     tuple(f"rel_level_{c}" for c in CHANNELS)
     + tuple(f"d_level_{c}" for c in CHANNELS)
     + tuple(f"log_ratio_{r}" for r in SIZE_READOUTS)
-    + ("gwa", "confidence_above_chance", "entropy_over_log_c", "margin", "loss_over_log_c")
+    + ("gwa", "confidence_above_chance", "entropy_over_log_c", "margin", "loss_over_log_c", "loss_above_best")
 )
 REPRESENTATIONS = ("frames", "relative")  # what TEViD reads: stored frames and raw readouts, or these inputs
 BIG = 1e6  # what +-inf becomes before asinh (asinh(1e6) ~ 14.5)
@@ -49,6 +50,7 @@ _READOUT = {name: i for i, name in enumerate(CLIP_READOUTS)}
 class RelativeConfig:
     reference_frames: int = 4  # the run reference: mean over the run's first frames
     level_scale: float = 0.25  # decades of level per unit before asinh: 0.25 decade (x1.8) ~ 1
+    loss_smoothing: float = 0.5  # EMA weight of the newest frame in the smoothed log loss behind loss_above_best
 
 
 def _squash(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,8 @@ class RunRelative:
         self._sum = torch.zeros(n, dtype=torch.float64)  # finite levels and log sizes of the reference frames
         self._count = torch.zeros(n, dtype=torch.float64)
         self._previous: torch.Tensor | None = None  # the last frame's levels
+        self._loss_ema: float | None = None  # smoothed log loss, and its lowest value so far
+        self._loss_best = math.inf
 
     def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if levels.shape != (len(CHANNELS),) or readouts.shape != (len(CLIP_READOUTS),) or pattern.ndim != 3:
@@ -102,14 +106,27 @@ class RunRelative:
         self._previous = lv
         log_c = math.log(self.num_classes)
         c = 1.0 / self.num_classes
+        above_best = self._above_best(float(r[_READOUT["loss"]]))
         scalars = torch.cat([
             torch.where(torch.isnan(rel_level), torch.zeros_like(rel_level), rel_level),
             torch.where(torch.isnan(d_level), torch.zeros_like(d_level), d_level),
             relative[n:],
             torch.stack([r[_READOUT["gwa"]], (r[_READOUT["confidence"]] - c) / (1.0 - c), r[_READOUT["entropy"]] / log_c,
-                         r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c]),
+                         r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best)]),
         ])
         return unit_patterns(pattern), _squash(scalars).float()
+
+    def _above_best(self, loss: float) -> float:
+        """How far the smoothed log loss sits above its lowest value so far (0 while the run keeps improving):
+        a window-length reader forgets a level shift once the jump leaves its window; this remembers it
+        (a task switch's loss stays above the best it had reached). A non-finite loss gives +inf."""
+        if not math.isfinite(loss):
+            return math.inf
+        log_loss = math.log(abs(loss) + EPS)
+        a = self.cfg.loss_smoothing
+        self._loss_ema = log_loss if self._loss_ema is None else (1 - a) * self._loss_ema + a * log_loss
+        self._loss_best = min(self._loss_best, self._loss_ema)
+        return self._loss_ema - self._loss_best
 
 
 def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,

@@ -12,7 +12,7 @@ every window of a labelled run, the onset-to-trigger stretch the class head igno
 
 With `representation="relative"` the same two branches read the run-relative inputs of `capture.relative`
 (the look of the network taken out): unit patterns (B, T, 6, P, P) in place of the frames (the encoder's
-img_size is then P) and the relative scalars (B, T, 21) in place of the readouts (no readout_features).
+img_size is then P) and the relative scalars (B, T, 22) in place of the readouts (no readout_features).
 
 `inputs` selects the branches: "both" (the model), "video" or "readouts" (the fusion ablation is one
 flag; an unused branch is not built). `channels` selects frame channels for the encoder (the
@@ -61,7 +61,7 @@ class TEViDConfig:
     num_classes: int = 5  # K: Healthy + 4 known anomaly classes (capture.schema.CLASSES)
     channels: list = field(default_factory=lambda: list(CHANNELS))  # frame channels the encoder reads (capture.frames.CHANNELS)
     # "frames": stored frames (B, T, 6, S, S) and raw readouts (B, T, 8); "relative": the run-relative
-    # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 21)
+    # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 22)
     representation: str = "frames"
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
 
@@ -107,7 +107,7 @@ def readout_features(readouts: torch.Tensor) -> torch.Tensor:
 
 class ReadoutEncoder(nn.Module):
     """The window's scalars -> one vector: per-frame embedding, then a 1-layer GRU over T. The scalars are
-    the raw readouts (B, T, 8), made model-ready by `readout_features`, or the relative scalars (B, T, 21)
+    the raw readouts (B, T, 8), made model-ready by `readout_features`, or the relative scalars (B, T, 22)
     of `capture.relative` (already finite and squashed)."""
 
     def __init__(self, dim: int, representation: str = "frames"):

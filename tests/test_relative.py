@@ -89,6 +89,21 @@ def test_divergence_stays_finite_and_unit_patterns():
     assert torch.equal(unit_patterns(torch.zeros(1, 6, 8, 8)), torch.zeros(1, 6, 8, 8))
 
 
+def test_loss_above_best_remembers_a_level_shift_after_it_leaves_the_window():
+    levels, patterns, readouts = _run(12)
+    loss = CLIP_READOUTS.index("loss")
+    readouts[:, loss] = torch.tensor([2.0, 1.0, 0.5, 0.25, 0.25, 0.25, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0])
+    x = relative_frames(levels, patterns, readouts, 5)[1][:, RELATIVE_FEATURES.index("loss_above_best")]
+    assert torch.all(x[:6] < 0.2)  # improving, then flat at its best
+    assert torch.all(x[7:] > 1.0) and x[-1] >= x[7]  # the jump at frame 6 stays remembered, smoothed upward
+    expected, ema, best = [], None, math.inf  # the definition: EMA(0.5) of log loss minus its running minimum
+    for v in readouts[:, loss].tolist():
+        ema = math.log(v) if ema is None else 0.5 * ema + 0.5 * math.log(v)
+        best = min(best, ema)
+        expected.append(math.asinh(ema - best))
+    torch.testing.assert_close(x, torch.tensor(expected), atol=1e-4, rtol=0)
+
+
 def test_bad_shapes_are_named():
     levels, patterns, readouts = _run(5)
     with pytest.raises(ValueError, match="readouts must have the 8 columns"):
