@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diagnose.tevid import TEViD, TEViDConfig
-
 
 class TEViDEnsemble(nn.Module):
-    """K TEViD models of one config behind TEViD's `predict` / `forward_features`; no training."""
+    """K TEViD models of one config behind TEViD's `predict` / `forward_features`; no training. Takes the
+    members built (`diagnose.tevid` imports this module, not the other way round)."""
 
-    def __init__(self, members: list[TEViD]):
+    def __init__(self, members: list[nn.Module]):
         super().__init__()
         if not members:
             raise ValueError("TEViDEnsemble needs at least one member")
@@ -38,17 +37,12 @@ class TEViDEnsemble(nn.Module):
         if len(configs) != 1:
             raise ValueError(f"TEViDEnsemble members must share one TEViDConfig, got {len(configs)} different ones")
         self.members = nn.ModuleList(members)
-        self.cfg: TEViDConfig = members[0].cfg
+        self.cfg = members[0].cfg  # a diagnose.tevid.TEViDConfig
         self.familiarity = None  # over the concatenated features, as for a single TEViD
 
     @property
     def encoder(self):
         return self.members[0].encoder
-
-    @classmethod
-    def of_config(cls, cfg: TEViDConfig, k: int) -> "TEViDEnsemble":
-        """An ensemble of `k` freshly built members (weights to be loaded)."""
-        return cls([TEViD(cfg) for _ in range(k)])
 
     def forward_features(self, frames: torch.Tensor | None, readouts: torch.Tensor | None) -> torch.Tensor:
         return torch.cat([m.forward_features(frames, readouts) for m in self.members], dim=-1)  # (B, K * D)

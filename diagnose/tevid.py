@@ -43,6 +43,7 @@ from timm.layers import Mlp, trunc_normal_
 from capture.frames import CHANNELS
 from capture.relative import RELATIVE_FEATURES, REPRESENTATIONS
 from capture.schema import CLASSES, CLIP_READOUTS
+from diagnose.ensemble import TEViDEnsemble, ensemble_members
 from diagnose.evidential import dirichlet, tempered_probs
 from pretrain.encoder import EncoderConfig, SpaceTimeEncoder, encoder_config
 
@@ -355,13 +356,11 @@ def load_tevid(path: str | Path, require_calibration: bool = True):
     ckpt = load_checkpoint(path)
     cfg = tevid_config_from(ckpt.config, str(ckpt.path / "config.json"))
     _check_window(ckpt.config, cfg, str(ckpt.path / "config.json"))
-    from diagnose.ensemble import TEViDEnsemble, ensemble_members
-
     try:
         members = ensemble_members(ckpt.config, str(ckpt.path / "config.json"))
     except ValueError as err:
         raise TEViDLoadError(str(err)) from None
-    model = TEViD(cfg) if members is None else TEViDEnsemble.of_config(cfg, members)
+    model = TEViD(cfg) if members is None else TEViDEnsemble([TEViD(cfg) for _ in range(members)])
     try:
         model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as err:

@@ -160,10 +160,8 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
     unknown = [f for f in s.families if f not in FAMILIES]
     if unknown:
         raise ContextError(f"split {split}: unknown families {unknown}; known: {sorted(FAMILIES)}")
-    from factory.job import OPTIMIZERS
-
     named = [pair.split("/") for pair in [*cc.lr_pair_scale, *cc.excluded_pairs]]
-    unknown = sorted({f"{f}/{o}" for f, o in named if f not in FAMILIES or o not in OPTIMIZERS})
+    unknown = sorted({f"{f}/{o}" for f, o in named if f not in FAMILIES or o not in cc.lr})  # cc.lr: the drawable optimizers
     if unknown:
         raise ContextError(f"contexts.lr_pair_scale / excluded_pairs: unknown family or optimizer in {unknown}")
     no_lr = [o for o in s.optimizers if o not in cc.lr or o not in cc.weight_decay]
