@@ -914,6 +914,17 @@ LEARN_FAMILIES = {"image": ("cnn", "resnet"), "tabular": ("mlp", "transformer"),
                   "text": ("lstm", "transformer")}  # the reference models of `learn_table`
 
 
+def sample_batch(data, batch: int, gen: torch.Generator, text_context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded training batch of a `load_dataset` result: `batch` random samples, or with `text_context`
+    (text) `batch` random windows of that many tokens and their next tokens."""
+    if text_context is None:
+        idx = torch.randint(0, len(data.x_train), (batch,), generator=gen)
+        return data.x_train[idx], data.y_train[idx]
+    idx = torch.randint(0, len(data.x_train) - text_context - 1, (batch,), generator=gen)
+    win = idx[:, None] + torch.arange(text_context + 1)  # (batch, context + 1)
+    return data.x_train[win[:, :-1]], data.x_train[win[:, 1:]]
+
+
 def learn_curve(dataset: str, family: str, steps: int = 300, batch: int = 32, lr: float = 2e-3,
                 checkpoints: tuple[int, ...] = (20, 100, 300), seed: int = 0) -> dict[int, tuple[float, float]]:
     """Train `family` (median size) on `dataset` (its natural dims, `dataset_info`) with AdamW at
@@ -939,12 +950,7 @@ def learn_curve(dataset: str, family: str, steps: int = 300, batch: int = 32, lr
         xv, yv = data.x_val, data.y_val
     out = {}
     for step in range(1, steps + 1):
-        if info.modality == "text":
-            idx = torch.randint(0, len(data.x_train) - context - 1, (batch,), generator=gen)
-            x, y = data.x_train[idx[:, None] + offsets], data.x_train[idx[:, None] + offsets + 1]
-        else:
-            idx = torch.randint(0, len(data.x_train), (batch,), generator=gen)
-            x, y = data.x_train[idx], data.y_train[idx]
+        x, y = sample_batch(data, batch, gen, context if info.modality == "text" else None)
         loss = loss_of(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

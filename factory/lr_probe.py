@@ -14,7 +14,7 @@ import torch
 
 from factory.contexts import ContextConfig
 from factory.datasets import dataset_info, load_dataset
-from factory.families import FAMILIES, InputShape, loss_of
+from factory.families import FAMILIES, InputShape, loss_of, sample_batch
 from factory.job import make_optimizer
 
 PROBE_DATASETS = {"image": "textures", "tabular": "tabular_blobs", "sequence": "sines", "text": "pysrc_chars"}
@@ -27,13 +27,7 @@ def _train(model, opt, data, text_context: int | None, steps: int) -> list[float
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
-        if text_context is not None:
-            idx = torch.randint(0, len(data.x_train) - text_context - 1, (32,), generator=gen)
-            win = idx[:, None] + torch.arange(text_context + 1)
-            x, y = data.x_train[win[:, :-1]], data.x_train[win[:, 1:]]
-        else:
-            idx = torch.randint(0, len(data.x_train), (32,), generator=gen)
-            x, y = data.x_train[idx], data.y_train[idx]
+        x, y = sample_batch(data, 32, gen, text_context)
         loss = loss_of(model(x), y)
         if not torch.isfinite(loss):
             break
