@@ -14,7 +14,8 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
                             its best so far--> (10,)
 
 The run reference of a level (or of a size readout's log) is the mean of its finite values over the run's
-first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it.
+first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it. With
+`reference_lag = k > 0` the reference is instead the value k frames back, once the run has k earlier frames.
 Every scalar goes through asinh after non-finite values are replaced: near-linear where healthy runs sit,
 logarithmic for a diverging one, never clamped.
 
@@ -25,6 +26,7 @@ causal windows from those per-frame arrays.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,11 @@ class RelativeConfig:
     reference_frames: int = 4  # the run reference: mean over the run's first frames
     level_scale: float = 0.25  # decades of level per unit before asinh: 0.25 decade (x1.8) ~ 1
     loss_smoothing: float = 0.5  # EMA weight of the newest frame in the smoothed log loss behind loss_above_best
+    # 0: levels and sizes relative to the run reference (its first `reference_frames` frames) for ever; k > 0:
+    # relative to the values k frames back once the run has that many (the run reference before). A fixed start
+    # reference drifts without bound over a long run: a healthy 1,500-step job sits far outside the 80-320-step
+    # runs of the corpus; a lagged one measures change over a span the training windows cover
+    reference_lag: int = 0
 
 
 def _squash(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +83,15 @@ class RunRelative:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if cfg.reference_frames < 1:
             raise ValueError(f"reference_frames must be >= 1, got {cfg.reference_frames}")
+        if cfg.reference_lag < 0:
+            raise ValueError(f"reference_lag must be >= 0 (0: the run reference), got {cfg.reference_lag}")
         self.num_classes, self.cfg = num_classes, cfg
         self.frames = 0
         n = len(CHANNELS) + len(SIZE_READOUTS)
         self._sum = torch.zeros(n, dtype=torch.float64)  # finite levels and log sizes of the reference frames
         self._count = torch.zeros(n, dtype=torch.float64)
         self._previous: torch.Tensor | None = None  # the last frame's levels
+        self._history: deque[torch.Tensor] = deque(maxlen=cfg.reference_lag + 1)  # reference_lag > 0: the lagged values
         self._loss_ema: float | None = None  # smoothed log loss, and its lowest value so far
         self._loss_best = math.inf
 
@@ -99,7 +109,12 @@ class RunRelative:
             self._sum += torch.where(ok, values, torch.zeros_like(values))
             self._count += ok.double()
         self.frames += 1
-        relative = (values - self._sum / self._count)  # NaN while a value has no finite reference yet
+        reference = self._sum / self._count  # NaN while a value has no finite reference yet
+        if self.cfg.reference_lag:
+            self._history.append(values)
+            if len(self._history) == self._history.maxlen:  # the values reference_lag frames back, where finite
+                reference = torch.where(torch.isfinite(self._history[0]), self._history[0], reference)
+        relative = values - reference
         n = len(CHANNELS)
         rel_level = relative[:n] / self.cfg.level_scale
         d_level = (lv - self._previous) / self.cfg.level_scale if self._previous is not None else torch.zeros_like(lv)

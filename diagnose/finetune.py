@@ -319,7 +319,8 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
     if checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
-    clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation)
+    clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation,
+                          reference_lag=cfg.model.reference_lag)
     data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings)), accelerator)
     try:  # every window: the rule streams them all
         if cfg.data.holdout_fold is None:

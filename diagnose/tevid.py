@@ -64,6 +64,7 @@ class TEViDConfig:
     # "frames": stored frames (B, T, 6, S, S) and raw readouts (B, T, 8); "relative": the run-relative
     # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 22)
     representation: str = "frames"
+    reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
 
     def __post_init__(self):

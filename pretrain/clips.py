@@ -31,7 +31,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from capture.corpus import corpus_runs
-from capture.relative import REPRESENTATIONS, relative_frames
+from capture.relative import REPRESENTATIONS, RelativeConfig, relative_frames
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -47,6 +47,7 @@ class ClipConfig:
     # frame spacings: k reads every k-th stored frame (0, k, 2k, ...), the run as a monitor with a k times
     # coarser cadence sees it (relative inputs computed on that subsequence); one pass per spacing. Relative only.
     spacings: tuple = (1,)
+    reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
@@ -178,7 +179,8 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
         target, novel = run_targets(store.attrs, steps[idx], cfg)
         values, pats = readouts[idx], None
         if relative:
-            pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(values), int(store.attrs["num_classes"]))
+            pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(values), int(store.attrs["num_classes"]),
+                                            RelativeConfig(reference_lag=cfg.reference_lag))
             values = scalars.numpy()
         runs.append(_Run(record, store.path, steps[idx], values, target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
                          novel.numpy(), label, pats, k))

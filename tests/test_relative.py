@@ -31,6 +31,27 @@ def test_levels_are_relative_to_a_causal_run_reference():
     assert torch.allclose(x[5, d], torch.asinh((levels[5] - levels[4]) / scale), atol=1e-5)
 
 
+def test_a_lagged_reference_measures_change_over_k_frames():
+    """reference_lag=k: levels and size readouts relative to the values k frames back once there are k earlier
+    frames, the run reference before; so a long run whose levels drift by a constant per frame reads the same
+    late as early, where the start reference grows without bound."""
+    levels, patterns, readouts = _run(40)
+    levels = levels + 0.3 * torch.arange(40.0)[:, None]  # a steady drift of 0.3 decades a frame
+    cfg = RelativeConfig(reference_lag=5)
+    _, x = relative_frames(levels, patterns, readouts, 10, cfg)
+    rel = [RELATIVE_FEATURES.index(f"rel_level_{c}") for c in CHANNELS]
+    size = RELATIVE_FEATURES.index("log_ratio_loss")
+    assert torch.allclose(x[3, rel], torch.asinh((levels[3] - levels[:4].mean(0)) / cfg.level_scale), atol=1e-5)
+    for t in (5, 20, 39):
+        assert torch.allclose(x[t, rel], torch.asinh((levels[t] - levels[t - 5]) / cfg.level_scale), atol=1e-5)
+        ratio = torch.log(readouts[t, CLIP_READOUTS.index("loss")] / readouts[t - 5, CLIP_READOUTS.index("loss")])
+        assert torch.isclose(x[t, size], torch.asinh(ratio), atol=1e-4)
+    _, start = relative_frames(levels, patterns, readouts, 10)
+    assert start[39, rel].abs().min() > x[39, rel].abs().max() + 1.0  # the start reference drifts off
+    with pytest.raises(ValueError, match="reference_lag"):
+        RunRelative(10, RelativeConfig(reference_lag=-1))
+
+
 def test_a_missing_level_has_no_reference_until_one_is_seen():
     levels, patterns, readouts = _run(4)
     levels[0, 0] = math.nan

@@ -79,7 +79,7 @@ def test_a_stream_waits_for_a_full_window_unless_padded():
         assert b.vacuity == pytest.approx(np.mean([max(0, s) for s in range(t - 2, t + 1)]))  # frame 0 repeated
 
 
-def _relative_checkpoint(path, window=4):
+def _relative_checkpoint(path, window=4, reference_lag=0):
     """A randomly initialised relative TEViD saved as a fine-tuning output (weights, config, calibration)."""
     from capture.config import to_dict
     from capture.schema import CLASSES
@@ -88,7 +88,8 @@ def _relative_checkpoint(path, window=4):
     from pretrain.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    cfg = TEViDConfig(encoder="tiny", encoder_overrides={"img_size": 8, "patch_size": 2}, representation="relative")
+    cfg = TEViDConfig(encoder="tiny", encoder_overrides={"img_size": 8, "patch_size": 2}, representation="relative",
+                      reference_lag=reference_lag)
     model = TEViD(cfg).eval()
     with torch.no_grad():  # large head weights: outputs that differ from window to window
         for p in model.head.parameters():
@@ -122,6 +123,25 @@ def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path)
             np.testing.assert_allclose(out.probs, list(live["probs"].values()), rtol=1e-5, atol=1e-6)
             probs.append(out.probs)
     assert np.std(probs, axis=0).max() > 1e-3  # the comparison has teeth
+
+
+def test_a_relative_stream_takes_the_reference_its_model_was_trained_with(tmp_path):
+    """The stream computes the relative scalars with the checkpoint's reference_lag, as training did (clips)."""
+    from capture.relative import RelativeConfig, relative_frames
+    from diagnose.stream import open_stream
+
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    levels = torch.randn(n, 6, generator=g) + 0.3 * torch.arange(float(n))[:, None]
+    patterns = torch.randn(n, 6, 8, 8, generator=g)
+    readouts = torch.rand(n, 8, generator=g) + 0.1
+    for lag in (0, 3):
+        stream = open_stream(_relative_checkpoint(tmp_path / f"lag{lag}", reference_lag=lag), frame_size=32)
+        for t in range(n):
+            stream.push(t, None, readouts[t], levels[t], patterns[t], num_classes=10)
+        _, want = relative_frames(levels, patterns, readouts, 10, RelativeConfig(reference_lag=lag))
+        got = torch.stack([v for _, _, v in stream.ring])
+        assert torch.allclose(got, want[-len(got):], atol=1e-6)
 
 
 def test_a_relative_stream_names_what_it_lacks(tmp_path):
