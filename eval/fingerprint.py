@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.frames import CHANNELS
-from capture.relative import pooled, relative_run
+from capture.relative import RelativeConfig, pooled, relative_run
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
 from diagnose.tevid import readout_features
@@ -65,7 +65,9 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
     raw = [pooled(frames[e - window + 1:e + 1], readout_features(readouts[e - window + 1:e + 1]), GRID) for e in ends]
     views = {"raw": torch.stack(raw).numpy()}
     if store.has_summaries:
-        pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window)
+        lag = int(getattr(getattr(model, "cfg", None), "reference_lag", 0))  # a model's own reference (the relative view then is its inputs)
+        pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window,
+                                  RelativeConfig(reference_lag=lag))
         views["relative"] = torch.stack([pooled(pats[e - window + 1], scal[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]
