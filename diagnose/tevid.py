@@ -65,6 +65,9 @@ class TEViDConfig:
     # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 22)
     representation: str = "frames"
     reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
+    # relative: the scalars of capture.relative.RELATIVE_FEATURES the readout branch reads (None: all of them);
+    # the inputs stay (B, T, 22), the branch selects its columns
+    scalars: list | None = None
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
 
     def __post_init__(self):
@@ -77,6 +80,11 @@ class TEViDConfig:
         bad = [c for c in self.channels if c not in CHANNELS]
         if not self.channels or bad or len(set(self.channels)) != len(self.channels):
             raise ValueError(f"TEViDConfig.channels must be distinct names of {CHANNELS}, got {self.channels!r}")
+        if self.scalars is not None:
+            bad = [n for n in self.scalars if n not in RELATIVE_FEATURES]
+            if self.representation != "relative" or not self.scalars or bad or len(set(self.scalars)) != len(self.scalars):
+                raise ValueError(f"TEViDConfig.scalars must be distinct names of {RELATIVE_FEATURES} with representation "
+                                 f"'relative', got {self.scalars!r} (representation {self.representation!r})")
         in_chans = self.encoder_overrides.get("in_chans", len(self.channels))
         if in_chans != len(self.channels):
             raise ValueError(f"TEViDConfig: encoder_overrides.in_chans={in_chans} but {len(self.channels)} channels are "
@@ -112,11 +120,13 @@ class ReadoutEncoder(nn.Module):
     the raw readouts (B, T, 8), made model-ready by `readout_features`, or the relative scalars (B, T, 22)
     of `capture.relative` (already finite and squashed)."""
 
-    def __init__(self, dim: int, representation: str = "frames"):
+    def __init__(self, dim: int, representation: str = "frames", scalars: list | None = None):
         super().__init__()
         self.relative = representation == "relative"
         self.n_inputs = len(RELATIVE_FEATURES) if self.relative else len(CLIP_READOUTS)
-        n_features = self.n_inputs if self.relative else 2 * len(CLIP_READOUTS)  # raw: signed log1p + missing flags
+        # relative: the columns read (None: all); a buffer-free list, so checkpoints of all 22 load as before
+        self.columns = [RELATIVE_FEATURES.index(n) for n in scalars] if self.relative and scalars is not None else None
+        n_features = (len(self.columns) if self.columns is not None else self.n_inputs) if self.relative else 2 * len(CLIP_READOUTS)
         self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.GELU())
         self.gru = nn.GRU(dim, dim, batch_first=True)
 
@@ -124,6 +134,8 @@ class ReadoutEncoder(nn.Module):
         if readouts.ndim != 3 or readouts.shape[-1] != self.n_inputs:
             what = f"relative scalars {RELATIVE_FEATURES}" if self.relative else f"raw {CLIP_READOUTS}"
             raise ValueError(f"TEViD: readouts must be (B, T, {self.n_inputs}) {what}, got {tuple(readouts.shape)}")
+        if self.columns is not None:
+            readouts = readouts[..., self.columns]  # (B, T, F_sel)
         x = self.embed(readouts if self.relative else readout_features(readouts))  # (B, T, E)
         _, h = self.gru(x)  # h (1, B, E): the state after the window's last frame
         return h[-1]
@@ -139,7 +151,7 @@ class TEViD(nn.Module):
             width += self.encoder.cfg.embed_dim
         all_channels = cfg.channel_index == list(range(len(CHANNELS)))
         self.channel_index = None if all_channels else cfg.channel_index  # None: the frames as stored
-        self.readouts = ReadoutEncoder(cfg.readout_dim, cfg.representation) if cfg.uses_readouts else None
+        self.readouts = ReadoutEncoder(cfg.readout_dim, cfg.representation, cfg.scalars) if cfg.uses_readouts else None
         if self.readouts is not None:
             width += cfg.readout_dim
         self.fusion_norm = nn.LayerNorm(width)
