@@ -63,6 +63,9 @@ class DataConfig:
     # representation only); validation, calibration and replay read the stored cadence (spacing 1)
     spacings: list = field(default_factory=lambda: [1])
     horizon_epochs: float = 2.0  # lead horizon H of the positive zone (docs/architecture.md §9)
+    # training windows only: an injected anomaly's class from its onset, not trigger - H (pretrain.clips.ClipConfig);
+    # validation and calibration keep the evaluation's targets
+    class_from_onset: bool = False
     num_workers: int = 0
     shuffle_buffer: int = 1000  # shards only
     label_fraction: float = 1.0  # fraction of the labelled training runs used (per label, seeded by `seed`); zarr only
@@ -115,6 +118,8 @@ class FinetuneConfig:
             raise ValueError("model.representation=relative needs data.source=zarr (shards hold stored frames and raw readouts)")
         if list(self.data.spacings) != [1] and self.model.representation != "relative":
             raise ValueError(f"data.spacings={list(self.data.spacings)} needs model.representation=relative")
+        if self.data.class_from_onset and self.data.source != "zarr":
+            raise ValueError("data.class_from_onset needs data.source=zarr (shards hold the targets of their export)")
         if (self.data.holdout_fold is not None or list(self.data.train_splits) != ["train"]) and self.data.source != "zarr":
             raise ValueError("data.holdout_fold and data.train_splits need data.source=zarr")
         if self.data.holdout_fold is not None and self.data.label_fraction < 1.0:
@@ -321,7 +326,8 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
 
     clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation,
                           reference_lag=cfg.model.reference_lag)
-    data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings)), accelerator)
+    data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings), class_from_onset=cfg.data.class_from_onset),
+                      accelerator)
     try:  # every window: the rule streams them all
         if cfg.data.holdout_fold is None:
             val = CorpusClips(corpus, "val", dataclasses.replace(clip_cfg, stride=1))

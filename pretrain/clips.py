@@ -48,6 +48,10 @@ class ClipConfig:
     # coarser cadence sees it (relative inputs computed on that subsequence); one pass per spacing. Relative only.
     spacings: tuple = (1,)
     reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
+    # a run whose label is the class its perturbation injected: its class from the injection's onset on, not
+    # from trigger - H (the windows between are then that class, not IGNORE): the class head sees the
+    # anomaly's first windows, which the anomaly head alarms on (a task switch's loss jump, say)
+    class_from_onset: bool = False
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
@@ -60,13 +64,14 @@ class ClipConfig:
                              "are read at the stored cadence)")
 
 
-def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, novel, cfg=ClipConfig()):
+def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, novel, cfg=ClipConfig(), from_onset: bool = False):
     """Target of the window ending at each frame (docs/architecture.md §9), and a mask of the novel windows.
 
     novel run: s < onset -> 0, s >= onset -> IGNORE with novel_mask (known-vs-novel AUROC only);
     label healthy -> 0; label None / underperforming -> IGNORE; known anomaly class c with onset o and
     trigger g: s < o -> 0, o <= s < max(o, g - H) -> IGNORE, s >= max(o, g - H) -> c (from o if g is None),
-    with H = horizon_epochs * epoch_steps. An onset of None counts as 0 (from the start).
+    with H = horizon_epochs * epoch_steps. An onset of None counts as 0 (from the start). `from_onset`: a
+    known anomaly's class from o on (no IGNORE stretch).
     """
     s = torch.as_tensor(frame_step, dtype=torch.long)
     target = torch.zeros(len(s), dtype=torch.long)
@@ -80,7 +85,7 @@ def window_targets(frame_step, label, onset_step, trigger_step, epoch_steps, nov
         target[:] = IGNORE
     elif label in CLASSES[1:]:
         start = onset
-        if trigger_step is not None:
+        if trigger_step is not None and not from_onset:
             if not epoch_steps:
                 raise ValueError(f"label {label!r} with a trigger step needs epoch_steps (steps per epoch), got {epoch_steps!r}")
             start = max(onset, trigger_step - cfg.horizon_epochs * epoch_steps)
@@ -124,7 +129,10 @@ def _onset(attrs: dict) -> tuple[int | None, bool]:
 def run_targets(attrs: dict, frame_step, cfg=ClipConfig()):
     """`window_targets` from a store's public attrs."""
     onset, novel = _onset(attrs)
-    return window_targets(frame_step, attrs.get("label"), onset, attrs.get("trigger_step"), attrs.get("epoch_steps"), novel, cfg)
+    injected = (attrs.get("perturbation") or {}).get("injected")
+    from_onset = cfg.class_from_onset and injected is not None and injected == attrs.get("label")
+    return window_targets(frame_step, attrs.get("label"), onset, attrs.get("trigger_step"), attrs.get("epoch_steps"), novel, cfg,
+                          from_onset=from_onset)
 
 
 def run_anomalous(attrs: dict, frame_step) -> torch.Tensor:

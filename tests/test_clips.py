@@ -146,6 +146,18 @@ def test_run_targets_take_a_novel_onset_from_the_perturbation(smoke_corpus):
     assert run_targets(attrs, STEPS)[0].tolist() == [0] * 6 + [I] * 6
 
 
+def test_class_from_onset_names_an_injected_anomaly_from_its_onset():
+    """With class_from_onset, a run labelled the class its perturbation injected is that class from the onset
+    (the stretch before trigger - H too); one whose label differs from the injection keeps trigger - H."""
+    cfg = ClipConfig(horizon_epochs=2.0, class_from_onset=True)
+    attrs = {"label": "instability", "onset_step": 18, "trigger_step": 34, "epoch_steps": 6,
+             "perturbation": {"kind": "known", "injected": "instability"}}
+    assert run_targets(attrs, STEPS, cfg)[0].tolist() == [0, 0, 0, 0] + [2] * 8
+    assert run_targets(attrs, STEPS)[0].tolist() == [0, 0, 0, 0, I, 2, 2, 2, 2, 2, 2, 2]  # default: trigger - H
+    other = {**attrs, "perturbation": {"kind": "healthy", "injected": "healthy"}}
+    assert run_targets(other, STEPS, cfg)[0].tolist() == [0, 0, 0, 0, I, 2, 2, 2, 2, 2, 2, 2]
+
+
 def test_readout_features():
     raw = torch.tensor([0.0, 1.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e12, 2.0])
     out = readout_features(raw.expand(2, 3, 8))
@@ -159,7 +171,7 @@ def test_readout_features():
 def test_export_and_loader_round_trip(smoke_corpus, shards):
     index = json.loads((shards / "index.json").read_text())
     assert index["clip_config"] == {"window": 10, "stride": 1, "horizon_epochs": 2.0, "representation": "frames", "spacings": [1],
-                                   "reference_lag": 0}
+                                   "reference_lag": 0, "class_from_onset": False}
     assert index["shards"]["test"] == [f"clips-{i:06d}.tar" for i in range(4)]
     for split in ("train", "val", "test"):
         expected = {_key(x): x for x in CorpusClips(smoke_corpus, split)}
