@@ -58,6 +58,27 @@ def test_channel_subset_ignores_the_other_channels(one_thread):
         TEViDConfig(channels=ACTS, encoder_overrides={"in_chans": 6})
 
 
+def test_scalar_subset_ignores_the_other_scalars(one_thread):
+    """TEViDConfig.scalars: the readout branch reads only the named relative scalars (inputs stay 22 wide)."""
+    from capture.relative import RELATIVE_FEATURES
+
+    keep = ["gwa", "loss_above_best", "log_ratio_loss"]
+    model = TEViD(TEViDConfig(inputs="readouts", representation="relative", scalars=keep)).eval()
+    assert model.readouts.embed[0].in_features == 3
+    x = torch.randn(2, 10, len(RELATIVE_FEATURES))
+    other = x.clone()
+    drop = [i for i, n in enumerate(RELATIVE_FEATURES) if n not in keep]
+    other[..., drop] = torch.randn(2, 10, len(drop))
+    with torch.no_grad():
+        torch.testing.assert_close(model(None, x), model(None, other), rtol=0, atol=0)
+        changed = x.clone()
+        changed[..., RELATIVE_FEATURES.index("gwa")] += 1.0
+        assert not torch.allclose(model(None, x), model(None, changed))
+    for bad, representation in ((["nope"], "relative"), ([], "relative"), (["gwa", "gwa"], "relative"), (["gwa"], "frames")):
+        with pytest.raises(ValueError, match="scalars"):
+            TEViDConfig(inputs="readouts", representation=representation, scalars=bad)
+
+
 def test_mae_init_keeps_channel_slices_and_resamples_time(mae_checkpoint, one_thread):
     from pretrain.checkpoint import load_checkpoint
 
