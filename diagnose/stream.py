@@ -83,7 +83,7 @@ class TEViDStream:
         self.ring.append((step, frame if self.uses_video else None, vec))
 
     def _relative(self, levels, pattern, vec, num_classes):
-        from capture.relative import RelativeConfig, RunRelative
+        from capture.relative import RunRelative
 
         if levels is None or pattern is None:
             raise ValueError("TEViDStream: this model reads run-relative inputs; push needs the frame's levels (6,) and "
@@ -92,8 +92,7 @@ class TEViDStream:
             if not num_classes:
                 raise ValueError("TEViDStream: this model reads run-relative inputs; the first push needs num_classes "
                                  "(the head's outputs: capture.Frame.num_classes)")
-            lag = int(getattr(getattr(self.model, "cfg", None), "reference_lag", 0))
-            self.run_state = RunRelative(int(num_classes), RelativeConfig(reference_lag=lag))
+            self.run_state = RunRelative(int(num_classes), self.model.cfg.relative_config())  # as its training clips
         return self.run_state.push(levels.float(), pattern.float(), vec.float())
 
     def window_frames(self) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 
 from capture.frames import CHANNELS
-from capture.relative import RELATIVE_FEATURES, REPRESENTATIONS
+from capture.relative import RELATIVE_FEATURES, REPRESENTATIONS, RelativeConfig
 from capture.schema import CLASSES, CLIP_READOUTS
 from diagnose.ensemble import TEViDEnsemble, ensemble_members
 from diagnose.evidential import dirichlet, tempered_probs
@@ -90,6 +90,10 @@ class TEViDConfig:
             raise ValueError(f"TEViDConfig: encoder_overrides.in_chans={in_chans} but {len(self.channels)} channels are "
                              f"selected ({self.channels}); in_chans follows `channels`")
 
+    def relative_config(self) -> RelativeConfig:
+        """The run-relative transform this model's scalars were made with (clips, live stream, probes)."""
+        return RelativeConfig(reference_lag=self.reference_lag)
+
     @property
     def uses_video(self) -> bool:
         return self.inputs in ("both", "video")
@@ -126,7 +130,10 @@ class ReadoutEncoder(nn.Module):
         self.n_inputs = len(RELATIVE_FEATURES) if self.relative else len(CLIP_READOUTS)
         # relative: the columns read (None: all); a buffer-free list, so checkpoints of all 22 load as before
         self.columns = [RELATIVE_FEATURES.index(n) for n in scalars] if self.relative and scalars is not None else None
-        n_features = (len(self.columns) if self.columns is not None else self.n_inputs) if self.relative else 2 * len(CLIP_READOUTS)
+        if not self.relative:
+            n_features = 2 * len(CLIP_READOUTS)  # raw: signed log1p + missing flags
+        else:
+            n_features = self.n_inputs if self.columns is None else len(self.columns)
         self.embed = nn.Sequential(nn.Linear(n_features, dim), nn.GELU())
         self.gru = nn.GRU(dim, dim, batch_first=True)
 

@@ -65,9 +65,8 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
     raw = [pooled(frames[e - window + 1:e + 1], readout_features(readouts[e - window + 1:e + 1]), GRID) for e in ends]
     views = {"raw": torch.stack(raw).numpy()}
     if store.has_summaries:
-        lag = int(getattr(getattr(model, "cfg", None), "reference_lag", 0))  # a model's own reference (the relative view then is its inputs)
-        pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window,
-                                  RelativeConfig(reference_lag=lag))
+        rel_cfg = model.cfg.relative_config() if model is not None else RelativeConfig()  # a model's own inputs
+        pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg)
         views["relative"] = torch.stack([pooled(pats[e - window + 1], scal[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]
