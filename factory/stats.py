@@ -138,22 +138,36 @@ def per_class_agreement(ok: list[dict]) -> tuple[list[str], dict]:
     return lines, numbers
 
 
+def final_loss_over_log_c(store: RunStore) -> float:
+    """The median training loss over a run's last 10% of steps, over log C (C: the head's outputs): 1 is a
+    model that learned nothing, 0 one that fits its training data (public, as TEViD's `loss_over_log_c`)."""
+    loss = store.train_loss().double().numpy()
+    tail = loss[-max(1, len(loss) // 10):]
+    tail = tail[np.isfinite(tail)]
+    return float(np.median(tail)) / math.log(int(store.attrs["num_classes"])) if len(tail) else math.nan
+
+
 def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
     """How far healthy-injected runs learn: median and lower quartile of their final validation accuracy
-    (token accuracy for text) per split and dataset. A split whose healthy runs end near chance has
-    nothing to forget and no fault to show."""
+    (token accuracy for text) per split and dataset, and the median of their final training loss over log C
+    (`final_loss_over_log_c`). A split whose healthy runs end near chance has nothing to forget and no fault
+    to show; a corpus whose healthy runs stop far from fitting their data teaches that fitting is a fault."""
     acc: dict[tuple[str, str], list[float]] = {}
+    fit: dict[tuple[str, str], list[float]] = {}
     for r in ok:
         if r["injected"] == "healthy":
             val = read_privileged(corpus / r["store"]).get("val_acc")
             if val is not None and len(val):
                 acc.setdefault((r["split"], r["dataset"]), []).append(float(val[-1]))
-    lines = ["| split | dataset | healthy runs | median final val acc | lower quartile |", "|---|---|---|---|---|"]
+                fit.setdefault((r["split"], r["dataset"]), []).append(final_loss_over_log_c(RunStore(corpus / r["store"])))
+    lines = ["| split | dataset | healthy runs | median final val acc | lower quartile | median final train loss / log C |",
+             "|---|---|---|---|---|---|"]
     numbers = {}
     for (split, dataset), v in sorted(acc.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
         med, q25 = float(np.median(v)), float(np.quantile(v, 0.25))
-        numbers[f"{split}/{dataset}"] = {"n": len(v), "median": med, "q25": q25}
-        lines.append(f"| {split} | {dataset} | {len(v)} | {med:.3f} | {q25:.3f} |")
+        loss = float(np.nanmedian(fit[split, dataset]))
+        numbers[f"{split}/{dataset}"] = {"n": len(v), "median": med, "q25": q25, "loss_over_log_c": loss}
+        lines.append(f"| {split} | {dataset} | {len(v)} | {med:.3f} | {q25:.3f} | {loss:.2f} |")
     return lines, numbers
 
 
@@ -221,7 +235,7 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     disagreement_lines, disagreement_counts = disagreements(corpus, known)
     lines += disagreement_lines
     learn_lines, learn_numbers = healthy_accuracy(corpus, ok)
-    lines += ["", "Healthy-injected runs' final validation accuracy", "", *learn_lines]
+    lines += ["", "Healthy-injected runs: final validation accuracy and training loss", "", *learn_lines]
     dist_lines, dist_numbers = distribution(records, f"Distribution of the corpus {corpus}")
     lines += ["", *dist_lines]
     merged = lambda l: "overfitting" if l == "concept_bias" else ("healthy" if l == "underperforming" else l)  # noqa: E731

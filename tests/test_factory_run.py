@@ -115,6 +115,13 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     for key, v in numbers["healthy_accuracy"].items():
         accs = [read_privileged(out / r["store"])["val_acc"][-1] for r in healthy if f"{r['split']}/{r['dataset']}" == key]
         assert v["median"] == pytest.approx(float(np.median(accs))) and 0 <= v["q25"] <= v["median"] <= 1
+        fits = []  # the median training loss of each run's last 10% of steps, over log C
+        for r in healthy:
+            if f"{r['split']}/{r['dataset']}" == key:
+                store = RunStore(out / r["store"])
+                loss = store.train_loss().double().numpy()
+                fits.append(np.median(loss[-max(1, len(loss) // 10):]) / np.log(store.attrs["num_classes"]))
+        assert v["loss_over_log_c"] == pytest.approx(float(np.median(fits))) and v["loss_over_log_c"] > 0
     known = [r for r in relabeled if r["injected"] in ("overfitting", "instability", "forgetting", "concept_bias")]
     assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
     lo, hi = numbers["agreement_known_ci"]  # Wilson interval of the proportion, as statsmodels computes it
