@@ -166,6 +166,9 @@ class LabelConfig:
     bias_learned: float = 2.0  # concept bias needs the poisoned set answered at >= this x chance (0: off)
     # and (when > 0) the poisoned set answered at least this much better than the set it is compared with
     bias_min_gap: float = 0.0
+    # and (when set) no class whose own mark it answers worse than another class's mark by more than this (the
+    # injection marks every class; a healthy model's chance reading of marks helps some classes and hurts others)
+    bias_class_tolerance: float | None = None
     floors: dict[str, float] = field(default_factory=dict)  # "arch/dataset" or "dataset" -> min final val accuracy
     default_floor: float = 0.0
 
@@ -173,6 +176,8 @@ class LabelConfig:
         within(self, 0.0, 1.0, "overfit_window_frac", "overfit_alpha", "spike_window_frac", "spike_span_frac",
                "spike_min_history_frac", "lyapunov_confidence", "forget_window_frac", "forget_post_frac", "forget_drop", "forget_p",
                "bias_p", "bias_min_gap", "default_floor")
+        if self.bias_class_tolerance is not None:
+            within(self, 0.0, 1.0, "bias_class_tolerance")
         at_least(self, 1, "overfit_min_window", "spike_count", "lyapunov_bootstrap", "lyapunov_min_windows")
         at_least(self, 0, "spike_merge_gap", "memorised_rise")
         if self.jump_baseline not in ("window", "best"):

@@ -123,10 +123,24 @@ def _concept_bias(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult 
                                           "reason": f"poisoned - {against} accuracy {gap:.3f} < {lc.bias_min_gap}"})
     if not fired[-1].fired:
         return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap})
+    if lc.bias_class_tolerance is not None:
+        worst, gaps = class_gaps(poison[-1], reference[-1], y)
+        if gaps[worst] < -lc.bias_class_tolerance:
+            return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap, "class_gaps": gaps,
+                                              "reason": f"class {worst}: poisoned - {against} accuracy {gaps[worst]:.3f}"
+                                                        f" < -{lc.bias_class_tolerance}"})
     first = len(fired) - 1
     while first > 0 and fired[first - 1].fired:
         first -= 1
     return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first, "against": against, "gap": gap})
+
+
+def class_gaps(poison: np.ndarray, reference: np.ndarray, y: np.ndarray) -> tuple[int, dict[int, float]]:
+    """Per class of `y`: the poisoned set's accuracy minus the reference set's (per-sample 0/1 arrays), and
+    the class with the lowest."""
+    y = np.asarray(y)
+    gaps = {int(k): float(np.mean(poison[y == k]) - np.mean(reference[y == k])) for k in np.unique(y)}
+    return min(gaps, key=gaps.get), gaps
 
 
 def _overfitting(sig: dict, lc: LabelConfig) -> R.RuleResult:
@@ -153,8 +167,8 @@ def floor_for(lc: LabelConfig, arch: str, dataset: str) -> float:
 
 
 def _jump(sig: dict, pert: Perturbation, lc: LabelConfig, steps: int) -> R.RuleResult:
-    if not lc.jump_factor or isinstance(pert, TaskSwitch):  # a task switch raises the loss by design
-        return R.RuleResult(False, None, {"reason": "off" if not lc.jump_factor else "task switch"})
+    if not lc.jump_factor or pert.raises_loss:  # a task switch or a degrading shortcut raises the loss by design
+        return R.RuleResult(False, None, {"reason": "off" if not lc.jump_factor else f"{pert.name} raises the loss by design"})
     start = sig["train_loss"][:10][np.isfinite(sig["train_loss"][:10])]
     rise_frac = lc.spike_min_rise_frac if lc.jump_min_rise_frac is None else lc.jump_min_rise_frac
     min_rise = rise_frac * float(np.median(start)) if len(start) else 0.0

@@ -737,6 +737,46 @@ def test_concept_bias_at_the_ceiling_is_read_from_the_counterfactual_set():
     assert not small.fired and 0.3 < small.detail["gap"] < 0.5 and "0.5" in small.detail["reason"]
 
 
+def test_concept_bias_needs_every_class_to_favour_its_own_mark():
+    """A shortcut learned from marks on every class answers each class's own mark better than another's;
+    a healthy model's chance reading of marks helps some classes and hurts others. With
+    `bias_class_tolerance`, a class whose own mark is answered worse than the other's by more than it
+    keeps the rule quiet, even when the pooled test fires."""
+    from factory.config import LabelConfig
+    from factory.labeler import _concept_bias, class_gaps
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(6), 100)
+    clean = rng.random((3, len(y))) < 0.5
+    poison = np.where(y < 3, rng.random((3, len(y))) < 0.95, rng.random((3, len(y))) < 0.4)  # helps 0-2, hurts 3-5
+    counter = rng.random((3, len(y))) < 0.5
+    sig = {"val_correct": clean, "poison_correct": poison, "counter_correct": counter, "val_labels": y}
+    assert _concept_bias(sig, LabelConfig(), 6).fired  # pooled, the own mark is answered better
+    quiet = _concept_bias(sig, LabelConfig(bias_class_tolerance=0.05), 6)
+    assert not quiet.fired and "class" in quiet.detail["reason"] and min(quiet.detail["class_gaps"].values()) < -0.05
+    every = {**sig, "poison_correct": rng.random((3, len(y))) < 0.95}
+    assert _concept_bias(every, LabelConfig(bias_class_tolerance=0.05), 6).fired
+    worst, gaps = class_gaps(poison[-1], counter[-1], y)
+    assert worst >= 3 and set(gaps) == set(range(6))
+
+
+def test_a_degrading_shortcut_or_a_task_switch_is_not_a_loss_jump():
+    """The loss rises at the onset of a task switch and of a shortcut that degrades the content by design;
+    the loss-jump rule counts that rise for other runs only."""
+    from factory.config import LabelConfig
+    from factory.labeler import _jump
+    from factory.perturbations import Perturbation, TaskSwitch, Watermark
+
+    loss = np.concatenate([np.linspace(2.3, 0.5, 50), np.full(50, 2.0)])
+    sig = {"train_loss": loss}
+    lc = LabelConfig(jump_factor=2.0)
+    assert _jump(sig, Perturbation(), lc, 100).fired
+    assert _jump(sig, Watermark(content=1.0), lc, 100).fired  # marks alone change no content
+    for pert in (TaskSwitch(onset=50), Watermark(content=0.2, onset=50)):
+        res = _jump(sig, pert, lc, 100)
+        assert not res.fired and "by design" in res.detail["reason"]
+
+
 def test_forgetting_post_switch_window_can_be_longer_than_collapses():
     """A model that forgets gradually after the switch (primary accuracy 0.9 falling by 0.05 an epoch)
     has lost under 30% over the 4 epochs right after it, and well over 30% over 8."""

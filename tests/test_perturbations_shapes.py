@@ -16,7 +16,7 @@ from factory.datasets import TaskData
 from factory.job import Batches, Job, evaluate, loss_fn, lr_schedule, make_optimizer, step_lr
 from factory.loop import JobCallback, run_job
 from factory.perturbations import (FP16_MAX, LABELLED, NOVEL, PERTURBATIONS, LossScaleOverflow, Perturbation, RunSettings,
-                                   TaskSwitch, Watermark, make_perturbation, watermark)
+                                   TaskSwitch, Watermark, degrade, make_perturbation, watermark)
 from factory.train import validation_sets
 
 HEALTHY_SHAPES = ("healthy_warmup", "healthy_restarts", "healthy_step", "healthy_small_batch", "healthy_slow",
@@ -350,6 +350,26 @@ def test_sequence_watermark_sets_a_class_coded_time_slot_across_channels():
         watermark(torch.zeros(2, 2, 2, 2, 2), torch.zeros(2, dtype=torch.long), 2)
 
 
+def ts_raises_loss() -> bool:
+    return TaskSwitch(onset=5).raises_loss
+
+
+def test_degrade_keeps_each_samples_mean_and_spread_and_lowers_its_signal_to_noise():
+    """A shortcut's marked samples: the content at `keep` of its signal, noise of the sample's own spread
+    for the rest, so that a network's normalisation (which undoes a plain rescale) cannot restore it."""
+    gen = torch.Generator().manual_seed(0)
+    x = 5.0 + 2.0 * torch.randn(64, 3, 16, 16, generator=gen)
+    d = degrade(x, 0.2, torch.Generator().manual_seed(1))
+    assert d.shape == x.shape
+    assert torch.allclose(d.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.3)  # noise sd 2 over 768 values
+    assert torch.allclose(d.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)), rtol=0.1)
+    corr = torch.stack([torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] for a, b in zip(x, d)])
+    assert 0.1 < corr.mean() < 0.3  # the content's share of the signal: keep = 0.2
+    assert degrade(x, 1.0) is x
+    with pytest.raises(ValueError, match="keep"):
+        degrade(x, 1.5)
+
+
 @pytest.mark.parametrize("modality", ["tabular", "sequence"])
 def test_concept_bias_and_forgetting_on_tabular_and_sequences(modality):
     data = _data(modality)
@@ -364,9 +384,12 @@ def test_concept_bias_and_forgetting_on_tabular_and_sequences(modality):
     x, y = data.x_train[:8], data.y_train[:8]
     assert wm.batch(1, x, y)[0] is x  # before the onset: untouched
     assert torch.equal(wm.batch(2, x, y)[0], watermark(x, y, K))
-    faint = Watermark(onset=2, prob=1.0, content=0.25)  # the marked samples' own content scaled, the mark as is
+    faint = Watermark(onset=2, prob=1.0, content=0.25)  # the marked samples' own content degraded, the mark as is
     faint.bind(data.y_train, K, seed=0)
-    assert torch.equal(faint.batch(2, x, y)[0], watermark(0.25 * x, y, K))
+    gen = torch.Generator().manual_seed(0 + 7)
+    torch.rand(len(y), generator=gen)  # the draw of which samples are marked
+    assert torch.equal(faint.batch(2, x, y)[0], watermark(degrade(x, 0.25, gen), y, K))
+    assert faint.raises_loss and not wm.raises_loss and ts_raises_loss()
 
     ts = TaskSwitch(onset=5)
     ts.bind(data.y_train, K, seed=0)
