@@ -118,21 +118,20 @@ def _concept_bias(sig: dict, lc: LabelConfig, num_classes: int) -> R.RuleResult 
     classes = np.concatenate([y, y])
     fired = [R.concept_bias(np.concatenate([reference[e], poison[e]]), shortcut, classes, p=lc.bias_p) for e in range(len(clean))]
     gap = float(np.mean(poison[-1]) - np.mean(reference[-1]))
+    detail = {"final": fired[-1].detail, "against": against, "gap": gap}
     if lc.bias_min_gap and gap < lc.bias_min_gap:  # significant but small: a healthy model's chance response to marks
-        return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap,
-                                          "reason": f"poisoned - {against} accuracy {gap:.3f} < {lc.bias_min_gap}"})
+        return R.RuleResult(False, None, {**detail, "reason": f"poisoned - {against} accuracy {gap:.3f} < {lc.bias_min_gap}"})
     if not fired[-1].fired:
-        return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap})
+        return R.RuleResult(False, None, detail)
     if lc.bias_class_tolerance is not None:
         worst, gaps = class_gaps(poison[-1], reference[-1], y)
         if gaps[worst] < -lc.bias_class_tolerance:
-            return R.RuleResult(False, None, {"final": fired[-1].detail, "against": against, "gap": gap, "class_gaps": gaps,
-                                              "reason": f"class {worst}: poisoned - {against} accuracy {gaps[worst]:.3f}"
-                                                        f" < -{lc.bias_class_tolerance}"})
+            return R.RuleResult(False, None, {**detail, "class_gaps": gaps, "reason": f"class {worst}: poisoned - {against} "
+                                              f"accuracy {gaps[worst]:.3f} < -{lc.bias_class_tolerance}"})
     first = len(fired) - 1
     while first > 0 and fired[first - 1].fired:
         first -= 1
-    return R.RuleResult(True, first, {"final": fired[-1].detail, "first_epoch": first, "against": against, "gap": gap})
+    return R.RuleResult(True, first, {**detail, "first_epoch": first})
 
 
 def class_gaps(poison: np.ndarray, reference: np.ndarray, y: np.ndarray) -> tuple[int, dict[int, float]]:
