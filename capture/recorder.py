@@ -97,6 +97,9 @@ class Frame:
     levels: torch.Tensor | None = None  # (6,) float32 log10 RMS (>= LEVEL_FLOOR; NaN: map missing)
     patterns: torch.Tensor | None = None  # (6, P, P) bfloat16 per-frame standardised map (zeros: map missing)
     num_classes: int | None = None  # the logits' last axis (classes, or an LM's vocabulary); None: not seen
+    # the training loss of every optimizer step since the previous frame, this frame's step last (what the sink's
+    # per-step losses hold; capture.relative's step-loss features); None: not known (a released frame)
+    step_losses: list[float] | None = None
 
 
 @dataclass
@@ -402,7 +405,7 @@ class Capture:
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         levels, patterns = self._summaries(self._natives)
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},
-                    complete=not absent, levels=levels, patterns=patterns, num_classes=self.num_classes)
+                    complete=not absent, levels=levels, patterns=patterns, num_classes=self.num_classes, step_losses=losses)
         return self._emit(out, losses)
 
     def _finish_released_frame(self, zeros: torch.Tensor, complete: bool = True) -> Frame:

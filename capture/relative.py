@@ -12,6 +12,14 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
     readouts  (8,)        --head-gradient sizes and the loss as log ratios to the run reference, loss and
                             entropy over log C, confidence above chance, the smoothed log loss above
                             its best so far--> (10,)
+    step losses (n,)      --the losses of every optimizer step since the previous frame, in log: the
+                            highest above their median, and the median step-to-step change--> (2,)
+
+A frame's readouts hold the loss of its own step only: at a cadence of 5, four steps in five are unseen,
+and the loss spikes that make a run unstable (the factory's rule reads every step) fall between frames.
+The step losses are what the recorder logged since the last frame (`capture.Frame.step_losses`), and in a
+store `train_loss` between two frames' steps; both are the training loss, nothing privileged. Without them
+(a run store read by frame, a released frame) the two features are 0.
 
 The run reference of a level (or of a size readout's log) is the mean of its finite values over the run's
 first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it. With
@@ -41,7 +49,9 @@ RELATIVE_FEATURES = (
     + tuple(f"d_level_{c}" for c in CHANNELS)
     + tuple(f"log_ratio_{r}" for r in SIZE_READOUTS)
     + ("gwa", "confidence_above_chance", "entropy_over_log_c", "margin", "loss_over_log_c", "loss_above_best")
+    + ("step_loss_spike", "step_loss_noise")
 )
+STEP_LOSS_FEATURES = RELATIVE_FEATURES[-2:]  # read by a model with TEViDConfig.step_losses; older models read the rest
 REPRESENTATIONS = ("frames", "relative")  # what TEViD reads: stored frames and raw readouts, or these inputs
 BIG = 1e6  # what +-inf becomes before asinh (asinh(1e6) ~ 14.5)
 EPS = 1e-12
@@ -73,8 +83,32 @@ def unit_patterns(patterns: torch.Tensor) -> torch.Tensor:
     return torch.where(sd > 1e-6, (p - mean) / sd.clamp_min(1e-6), torch.zeros_like(p))
 
 
+def step_loss_features(losses) -> tuple[float, float]:
+    """The losses of the optimizer steps since the previous frame `(n,)` -> (spike, noise) in log loss: the
+    highest step above the median step, and the median absolute change from one step to the next. Both
+    are ratios of losses, so they do not depend on the loss's scale. A non-finite step loss is a spike
+    of +inf; fewer than 2 steps give (0, 0)."""
+    if losses is None:
+        return 0.0, 0.0
+    x = torch.as_tensor(losses, dtype=torch.float64).flatten()
+    if len(x) < 2:
+        return 0.0, 0.0
+    if not torch.isfinite(x).all():
+        return math.inf, 0.0
+    log = torch.log(x.abs() + EPS)
+    return float(log.max() - log.median()), float((log[1:] - log[:-1]).abs().median())
+
+
+def interval_losses(train_loss, frame_step) -> list:
+    """A store's per-step `train_loss` `(N,)` and the steps of the frames read `(T,)` -> per frame, the losses
+    of the steps after the previous frame read, up to and including its own (the first frame: from step 0)."""
+    loss = torch.as_tensor(train_loss)
+    steps = [int(s) for s in frame_step]
+    return [loss[(steps[t - 1] + 1 if t else 0):s + 1] for t, s in enumerate(steps)]
+
+
 class RunRelative:
-    """Causal per-frame transform of one run: `push(levels, pattern, readouts)` -> (pattern `(6, P, P)`,
+    """Causal per-frame transform of one run: `push(levels, pattern, readouts, step_losses)` -> (pattern `(6, P, P)`,
     scalars `(len(RELATIVE_FEATURES),)`), float32. `num_classes` is the head's output size (classes, or
     the vocabulary of a language model). Keeps only the reference sums and the previous frame's levels."""
 
@@ -95,7 +129,8 @@ class RunRelative:
         self._loss_ema: float | None = None  # smoothed log loss, and its lowest value so far
         self._loss_best = math.inf
 
-    def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor,
+             step_losses=None) -> tuple[torch.Tensor, torch.Tensor]:
         if levels.shape != (len(CHANNELS),) or readouts.shape != (len(CLIP_READOUTS),) or pattern.ndim != 3:
             raise ValueError(f"expected levels ({len(CHANNELS)},), pattern ({len(CHANNELS)}, P, P) and readouts "
                              f"({len(CLIP_READOUTS)},) in {CLIP_READOUTS} order, got {tuple(levels.shape)}, "
@@ -122,12 +157,14 @@ class RunRelative:
         log_c = math.log(self.num_classes)
         c = 1.0 / self.num_classes
         above_best = self._above_best(float(r[_READOUT["loss"]]))
+        spike, noise = step_loss_features(step_losses)
         scalars = torch.cat([
             torch.where(torch.isnan(rel_level), torch.zeros_like(rel_level), rel_level),
             torch.where(torch.isnan(d_level), torch.zeros_like(d_level), d_level),
             relative[n:],
             torch.stack([r[_READOUT["gwa"]], (r[_READOUT["confidence"]] - c) / (1.0 - c), r[_READOUT["entropy"]] / log_c,
-                         r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best)]),
+                         r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best),
+                         r.new_tensor(spike), r.new_tensor(noise)]),
         ])
         return unit_patterns(pattern), _squash(scalars).float()
 
@@ -145,26 +182,30 @@ class RunRelative:
 
 
 def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
-                    cfg: RelativeConfig = RelativeConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+                    cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole stored run, frame by frame through `RunRelative`: levels `(N, 6)`, patterns `(N, 6, P, P)`,
-    readouts `(N, 8)` in CLIP_READOUTS order -> patterns `(N, 6, P, P)` and scalars `(N, F)`."""
+    readouts `(N, 8)` in CLIP_READOUTS order, per frame the step losses since the previous one (N of them,
+    `interval_losses`; None: none) -> patterns `(N, 6, P, P)` and scalars `(N, F)`."""
     if levels.ndim != 2 or readouts.ndim != 2 or patterns.ndim != 4 or not len(levels) == len(readouts) == len(patterns):
         raise ValueError(f"expected levels (N, 6), patterns (N, 6, P, P), readouts (N, {len(CLIP_READOUTS)}) of one N, got "
                          f"{tuple(levels.shape)}, {tuple(patterns.shape)}, {tuple(readouts.shape)}")
     if readouts.shape[1] != len(CLIP_READOUTS):
         raise ValueError(f"readouts must have the {len(CLIP_READOUTS)} columns {CLIP_READOUTS}, got {readouts.shape[1]}")
+    if step_losses is not None and len(step_losses) != len(levels):
+        raise ValueError(f"step_losses must hold one entry per frame ({len(levels)}), got {len(step_losses)}")
     state = RunRelative(num_classes, cfg)
     if len(levels) == 0:
         return unit_patterns(patterns), torch.zeros(0, len(RELATIVE_FEATURES))
-    pats, scal = zip(*(state.push(levels[t], patterns[t], readouts[t]) for t in range(len(levels))))
+    pats, scal = zip(*(state.push(levels[t], patterns[t], readouts[t], None if step_losses is None else step_losses[t])
+                       for t in range(len(levels))))
     return torch.stack(pats), torch.stack(scal)
 
 
 def relative_run(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
-                 window: int, cfg: RelativeConfig = RelativeConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+                 window: int, cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every causal window of a whole run, ending at frames window-1 .. N-1: patterns `(W, T, 6, P, P)` and
     scalars `(W, T, F)`, cut from `relative_frames`."""
-    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg)
+    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses)
     n = len(levels)
     if n < window:
         return pats.new_zeros((0, window, *pats.shape[1:])), scal.new_zeros((0, window, scal.shape[1]))
@@ -179,5 +220,5 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 
 
-__all__ = ["RELATIVE_FEATURES", "REPRESENTATIONS", "RelativeConfig", "RunRelative", "pooled", "relative_frames", "relative_run",
-           "unit_patterns"]
+__all__ = ["RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "RelativeConfig", "RunRelative", "interval_losses",
+           "pooled", "relative_frames", "relative_run", "step_loss_features", "unit_patterns"]

@@ -336,7 +336,8 @@ class Monitor:
                                "grad outside training, or a step without backward): such frames are not given "
                                "to TEViD (reported once)", frame.step)
             return []
-        pred = self.stream.push(frame.step, frame.frame, frame.readouts, frame.levels, frame.patterns, frame.num_classes)
+        pred = self.stream.push(frame.step, frame.frame, frame.readouts, frame.levels, frame.patterns, frame.num_classes,
+                                frame.step_losses)
         if pred is None:
             return []  # fewer than T frames so far
         cal = self.calibration
@@ -409,7 +410,7 @@ class Monitor:
             self._sink.frames.extend(frames)
             if self.stream is not None:
                 for f in frames:
-                    self.stream.add(f.step, f.frame, f.readouts, f.levels, f.patterns, f.num_classes)
+                    self.stream.add(f.step, f.frame, f.readouts, f.levels, f.patterns, f.num_classes, f.step_losses)
         self.step_count = int(state["step_count"])
         if self.capture is not None:
             self.capture.step_count = self.step_count

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.frames import CHANNELS
-from capture.relative import RelativeConfig, pooled, relative_run
+from capture.relative import RelativeConfig, interval_losses, pooled, relative_run
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
 from diagnose.tevid import readout_features
@@ -66,7 +66,8 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
     views = {"raw": torch.stack(raw).numpy()}
     if store.has_summaries:
         rel_cfg = model.cfg.relative_config() if model is not None else RelativeConfig()  # a model's own inputs
-        pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg)
+        pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg,
+                                  interval_losses(store.train_loss(), store.frame_step()))
         views["relative"] = torch.stack([pooled(pats[e - window + 1], scal[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]

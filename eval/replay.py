@@ -339,7 +339,9 @@ class TEViDDiagnoser:
         if self.stream.relative:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
-            pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes)
+            first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
+            pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,
+                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()))
         else:
             pred = self.stream.push(view.t, frame, readouts)
         probs = np.asarray(pred.probs, dtype=np.float64)

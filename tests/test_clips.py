@@ -65,8 +65,9 @@ def test_windows_are_causal_and_match_the_store(smoke_corpus):
 
 def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
     """spacings=(1, 2): the spacing-2 windows are what a stream pushed every second stored frame sees
-    (its own reference and frame-to-frame changes), with the real steps and the targets of those steps."""
-    from capture.relative import relative_frames
+    (its own reference and frame-to-frame changes, the losses of every step since the frame it saw last),
+    with the real steps and the targets of those steps."""
+    from capture.relative import relative_frames, step_loss_features
 
     one = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative"))
     both = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative", spacings=(1, 2)))
@@ -76,8 +77,13 @@ def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
     assert len(both) == len(one) + sum((r["n_frames"] + 1) // 2 - 3 for r in one.runs)
     store = RunStore(smoke_corpus / record["store"])
     cols = [store.readout_names.index(c) for c in CLIP_READOUTS]
+    steps, loss = store.frame_step()[::2].tolist(), store.train_loss()
+    between = [loss[0:steps[0] + 1]] + [loss[a + 1:b + 1] for a, b in zip(steps, steps[1:])]
+    assert all(len(b) == 2 * store.attrs["capture"]["config"]["cadence"] for b in between[1:])  # two stored frames' steps
     pats, scal = relative_frames(store.levels()[::2], store.patterns()[::2], store.readouts()[::2, cols],
-                                 int(store.attrs["num_classes"]))
+                                 int(store.attrs["num_classes"]), step_losses=between)
+    assert scal[1:, -2:].abs().sum() > 0 and torch.allclose(
+        scal[1, -2:], torch.asinh(torch.tensor(step_loss_features(between[1]), dtype=torch.float32)))
     first = [x for x in spaced if x["run_id"] == record["run_id"]]
     assert len(first) == (n + 1) // 2 - 3
     for x in first:

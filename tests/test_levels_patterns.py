@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import zarr
 
 import capture
+from capture.relative import interval_losses
 from capture.frames import LEVEL_FLOOR, map_summary, resize_pattern, summarise_maps
 from capture.readouts import READOUT_NAMES
 from capture.recorder import Frame
@@ -244,6 +245,10 @@ def test_capture_streams_levels_and_patterns_into_a_store(tmp_path):
     assert torch.equal(store.levels(), torch.stack([f.levels for f in emitted])) and torch.isfinite(store.levels()).all()
     assert torch.equal(store.patterns().view(torch.int16), torch.stack([f.patterns for f in emitted]).view(torch.int16))
     assert store.attrs["capture"]["summaries"]["native_hw"][2] == [4, 4]
+    # each frame carries its steps' losses (the monitor's step-loss features): the store's, cut at the frames
+    between = interval_losses(store.train_loss(), store.frame_step())
+    assert [len(f.step_losses) for f in emitted] == [1, 2, 2]
+    assert all(torch.allclose(torch.tensor(f.step_losses), b) for f, b in zip(emitted, between))
 
 
 def test_frames_without_levels_are_stored_as_missing_maps(tmp_path):

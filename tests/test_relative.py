@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from capture.frames import CHANNELS
-from capture.relative import RELATIVE_FEATURES, RelativeConfig, RunRelative, relative_frames, relative_run, unit_patterns
+from capture.relative import (RELATIVE_FEATURES, STEP_LOSS_FEATURES, RelativeConfig, RunRelative, interval_losses, relative_frames,
+                              relative_run, step_loss_features, unit_patterns)
 from capture.schema import CLIP_READOUTS
 
 
@@ -123,6 +124,30 @@ def test_loss_above_best_remembers_a_level_shift_after_it_leaves_the_window():
         best = min(best, ema)
         expected.append(math.asinh(ema - best))
     torch.testing.assert_close(x, torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_step_losses_give_the_spike_and_noise_between_frames():
+    """A spike that falls between two frames shows in the step-loss features of the frame after it, not in
+    the frame's own loss; both features are ratios of losses (scale-free), 0 without step losses."""
+    steady = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05])
+    spiked = torch.tensor([1.0, 1.1, 8.0, 1.0, 1.05])  # step 2 of 5: the frame's own (last) loss is the same
+    s0, n0 = step_loss_features(steady)
+    s1, n1 = step_loss_features(spiked)
+    assert s1 == pytest.approx(math.log(8.0) - math.log(1.05), rel=1e-6) and s1 > 10 * s0
+    assert n0 == pytest.approx(float(torch.log(steady).diff().abs().median()), rel=1e-6)
+    assert step_loss_features(spiked * 1e4) == pytest.approx((s1, n1), rel=1e-5)  # the loss's scale cancels
+    assert step_loss_features(torch.tensor([1.0, math.nan, 1.0]))[0] == math.inf
+    assert step_loss_features(None) == step_loss_features(torch.tensor([2.0])) == (0.0, 0.0)
+
+    levels, patterns, readouts = _run(3)
+    cols = [RELATIVE_FEATURES.index(n) for n in STEP_LOSS_FEATURES]
+    with_losses = relative_frames(levels, patterns, readouts, 10, step_losses=[steady[:1], steady, spiked])[1]
+    without = relative_frames(levels, patterns, readouts, 10)[1]
+    assert torch.equal(with_losses[:, :cols[0]], without[:, :cols[0]]) and torch.all(without[:, cols] == 0)
+    torch.testing.assert_close(with_losses[2, cols], torch.asinh(torch.tensor([s1, n1])))
+    assert interval_losses(torch.arange(10.0), [2, 5, 9])[1].tolist() == [3.0, 4.0, 5.0]  # after the last frame read
+    with pytest.raises(ValueError, match="one entry per frame"):
+        relative_frames(levels, patterns, readouts, 10, step_losses=[steady])
 
 
 def test_bad_shapes_are_named():

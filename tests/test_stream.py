@@ -14,14 +14,14 @@ from diagnose.stream import TEViDStream
 from eval.replay import PastView, TEViDDiagnoser
 
 
-def _watched_job(steps: int, **watch_options):
-    """A small CNN trained `steps` steps under `diagnose.watch(cadence=1)`: (the removed monitor, its frames)."""
+def _watched_job(steps: int, cadence: int = 1, **watch_options):
+    """A small CNN trained `steps` steps under `diagnose.watch(cadence=...)`: (the removed monitor, its frames)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     frames = []
-    monitor = diagnose.watch(model, opt, cadence=1, callbacks=[type("Keep", (), {"on_frame": lambda self, f: frames.append(f)})()],
+    monitor = diagnose.watch(model, opt, cadence=cadence, callbacks=[type("Keep", (), {"on_frame": lambda self, f: frames.append(f)})()],
                              **watch_options)
     for _ in range(steps):
         x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
@@ -79,7 +79,7 @@ def test_a_stream_waits_for_a_full_window_unless_padded():
         assert b.vacuity == pytest.approx(np.mean([max(0, s) for s in range(t - 2, t + 1)]))  # frame 0 repeated
 
 
-def _relative_checkpoint(path, window=4, reference_lag=0):
+def _relative_checkpoint(path, window=4, reference_lag=0, step_losses=False):
     """A randomly initialised relative TEViD saved as a fine-tuning output (weights, config, calibration)."""
     from capture.config import to_dict
     from capture.schema import CLASSES
@@ -89,7 +89,7 @@ def _relative_checkpoint(path, window=4, reference_lag=0):
 
     torch.manual_seed(0)
     cfg = TEViDConfig(encoder="tiny", encoder_overrides={"img_size": 8, "patch_size": 2}, representation="relative",
-                      reference_lag=reference_lag)
+                      reference_lag=reference_lag, step_losses=step_losses)
     model = TEViD(cfg).eval()
     with torch.no_grad():  # large head weights: outputs that differ from window to window
         for p in model.head.parameters():
@@ -101,9 +101,10 @@ def _relative_checkpoint(path, window=4, reference_lag=0):
 
 def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path):
     """A relative TEViD watching a live job (levels, patterns and the class count from the capture) gives the
-    probabilities the replay gives from the same frames' summaries: one RunRelative path for both."""
-    ckpt = _relative_checkpoint(tmp_path / "rel")
-    monitor, frames = _watched_job(9, checkpoint=ckpt)
+    probabilities the replay gives from the same frames' summaries and the same steps' losses: one RunRelative
+    path for both."""
+    ckpt = _relative_checkpoint(tmp_path / "rel", step_losses=True)
+    monitor, frames = _watched_job(25, cadence=3, checkpoint=ckpt)  # 9 frames, each after 3 steps' losses
     assert frames[0].num_classes == 4 and frames[0].levels is not None
     assert len(monitor.predictions) == len(frames) - 4 + 1
 
@@ -112,10 +113,12 @@ def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path)
     names = tuple(frames[0].readouts)
     readouts = np.array([[f.readouts[k] for k in names] for f in frames], dtype=np.float32)
     levels = np.stack([f.levels.numpy() for f in frames]).astype(np.float32)
+    assert frames[0].step == 0 and all(len(f.step_losses) == f.step - g.step for g, f in zip(frames, frames[1:]))
     probs = []
     for t, f in enumerate(frames):
+        losses = np.concatenate([g.step_losses for g in frames[: t + 1]]).astype(np.float32)  # steps 0 .. f.step
         view = PastView(t, np.array([g.step for g in frames[: t + 1]]), torch.stack([f.frame.float()]),
-                        readouts[: t + 1].copy(), names, np.zeros(t + 1, np.float32), np.zeros(t + 1, np.float32),
+                        readouts[: t + 1].copy(), names, losses, np.zeros(len(losses), np.float32),
                         levels=levels[: t + 1].copy(), pattern=f.patterns.float())
         out = replay.step(view)
         if t >= 3:
