@@ -72,6 +72,26 @@ def why(corpus: Path, record: dict) -> str:
     return f"{record['label']} rule fired"
 
 
+def instability_kinds(corpus: Path, runs: list[dict]) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """Runs labelled instability per split, by the rules that fired: the Lyapunov proxy alone (a privileged
+    measurement, often with no mark on the loss), with another rule, or other rules only (loss spikes or jump,
+    validation collapse or blow-up). A split whose instability is mostly of one kind tests that kind."""
+    kinds = ("Lyapunov alone", "Lyapunov and another rule", "other rules only")
+    splits = ("train", "val", "test")
+    counts = {k: dict.fromkeys(splits, 0) for k in kinds}
+    for r in runs:
+        if r["label"] != "instability" or r["split"] not in splits:
+            continue
+        rules = read_labeling(corpus / r["store"])
+        fired = {name for name in INSTABILITY_RULES if rules.get(f"instability_{name}", {}).get("fired")}
+        kind = kinds[2] if "lyapunov" not in fired else kinds[0] if fired == {"lyapunov"} else kinds[1]
+        counts[kind][r["split"]] += 1
+    lines = ["Runs labelled instability, by the rules that fired", "", "| rules \\ split | " + " | ".join(splits) + " |",
+             "|---|" + "---|" * len(splits)]
+    lines += [f"| {k} | " + " | ".join(str(counts[k][s]) for s in splits) + " |" for k in kinds]
+    return lines, counts
+
+
 def disagreements(corpus: Path, runs: list[dict]) -> tuple[list[str], dict[str, int]]:
     """Known injections whose label differs, grouped by (injected -> label), then by the deciding rule and
     by split / arch / optimizer / dataset: where each disagreement class comes from. Returns the lines
@@ -232,6 +252,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
               + f"; healthy-injected labeled healthy: {sum(r['label'] == 'healthy' for r in healthy_inj)}/{len(healthy_inj)}"]
     class_lines, class_numbers = per_class_agreement(ok)
     lines += ["", *class_lines]
+    kind_lines, kind_numbers = instability_kinds(corpus, ok)
+    lines += ["", *kind_lines]
     disagreement_lines, disagreement_counts = disagreements(corpus, known)
     lines += disagreement_lines
     learn_lines, learn_numbers = healthy_accuracy(corpus, ok)
@@ -272,7 +294,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
                               "disagreements": disagreement_counts, "per_class": class_numbers, "distribution": dist_numbers,
-                              "healthy_accuracy": learn_numbers, "lyapunov_excess": excess_numbers}
+                              "healthy_accuracy": learn_numbers, "lyapunov_excess": excess_numbers,
+                              "instability_kinds": kind_numbers}
 
 
 def main(argv: list[str] | None = None) -> int:

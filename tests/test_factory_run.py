@@ -126,6 +126,10 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
     lo, hi = numbers["agreement_known_ci"]  # Wilson interval of the proportion, as statsmodels computes it
     assert 0 <= lo <= numbers["agreement_known"] <= hi <= 1 and hi - lo > 0
+    kinds = numbers["instability_kinds"]  # every instability run counted once, in its split's column
+    for split in ("train", "val", "test"):
+        assert sum(k[split] for k in kinds.values()) == sum(r["label"] == "instability" and r["split"] == split for r in relabeled)
+    assert "| Lyapunov alone |" in text
     wrong = [r for r in known if r["label"] != r["injected"]]
     assert sum(numbers["disagreements"].values()) == len(wrong)
     for key, n in numbers["disagreements"].items():  # each class listed with the rule that decided it
