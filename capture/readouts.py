@@ -24,6 +24,7 @@ READOUT_NAMES = (
     "loss",  # training loss at the capture step
     "lr",  # learning rate (first param group)
     "nonfinite",  # non-finite elements in the captured activations/gradients (+ logits)
+    "weight_step",  # the watched layers' weights: relative movement per step since the previous frame (capture.weights)
 )
 HEAD_READOUTS = ("head_grad_norm", "score_w", "score_z", "gwa")
 SOFTMAX_READOUTS = ("confidence", "entropy", "margin")  # meaningful only when the loss reads the logits through a softmax

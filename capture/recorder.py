@@ -14,7 +14,9 @@ gradient to an `(S, S)` map right away, keeping only that and the small native m
 which the frame's level and `(P, P)` pattern are made (capture.frames.summarise_maps), so nothing large
 is kept alive. The head hook runs every
 step when `gwa_window="frame"` (GWA over all samples since the previous frame, docs/architecture.md §4); it
-adds a few `N x C` element-wise ops that stay on the device. Everything is synced once per frame.
+adds a few `N x C` element-wise ops that stay on the device. At a frame, a fixed strided sample of the
+watched layers' weights (at most 4,096 entries a tensor) is copied and compared with the previous frame's
+(capture.weights: the `weight_step` readout). Everything is synced once per frame.
 
 Nothing here raises inside the user's forward or backward pass: a fault is recorded in
 `cap.faults`, warned about once, and that frame's affected maps/readouts come out as zeros/NaN.
@@ -60,6 +62,7 @@ from capture.readouts import (
     output_stats,
     softmax_gradient,
 )
+from capture.weights import WeightStep
 
 
 @dataclass
@@ -205,6 +208,7 @@ class Capture:
             self.missing.update(HEAD_READOUTS)
             self._warn_once("no_head", f"no linear classifier head found on {type(model).__name__}: "
                             f"readouts {list(HEAD_READOUTS)} are marked missing (pass head=... to attach)")
+        self._weights = WeightStep([p.module for p in self.points] + ([self.head] if self.head is not None else []))
         for i, p in enumerate(self.points):
             self._handles.append(forward_hook(p.module, self._block_hook(i)))
         if self.head is not None:
@@ -402,6 +406,10 @@ class Capture:
         readouts["loss"] = losses[-1]
         readouts["lr"] = self._lrs[-1]
         readouts["nonfinite"] = float(sum(int(b) for b in self._bad.values()))
+        try:
+            readouts["weight_step"] = self._weights.frame(self.step_count)  # NaN at the first frame
+        except Exception as err:  # noqa: BLE001 - the frame keeps its other readouts
+            self._fault("weight_step", err)
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         levels, patterns = self._summaries(self._natives)
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},

@@ -14,12 +14,19 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
                             its best so far--> (10,)
     step losses (n,)      --the losses of every optimizer step since the previous frame, in log: the
                             highest above their median, and the median step-to-step change--> (2,)
+    weight_step           --the weights' movement per step (capture.weights) as a log ratio to the run
+                            reference, and its log above the median of the run's frames so far--> (2,)
 
 A frame's readouts hold the loss of its own step only: at a cadence of 5, four steps in five are unseen,
 and the loss spikes that make a run unstable (the factory's rule reads every step) fall between frames.
 The step losses are what the recorder logged since the last frame (`capture.Frame.step_losses`), and in a
 store `train_loss` between two frames' steps; both are the training loss, nothing privileged. Without them
 (a run store read by frame, a released frame) the two features are 0.
+
+`weight_step` is how fast the weights move (a raised learning rate moves them faster even where the loss
+barely shows it). Its ratio to the reference forgets a change after `reference_lag` frames; its height above
+the run's running median remembers a change for as long as it has lasted less than the run before it. A
+store or frame without it (older corpora, a released frame) gives 0 for both.
 
 The run reference of a level (or of a size readout's log) is the mean of its finite values over the run's
 first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it. With
@@ -50,8 +57,11 @@ RELATIVE_FEATURES = (
     + tuple(f"log_ratio_{r}" for r in SIZE_READOUTS)
     + ("gwa", "confidence_above_chance", "entropy_over_log_c", "margin", "loss_over_log_c", "loss_above_best")
     + ("step_loss_spike", "step_loss_noise")
+    + ("log_ratio_weight_step", "weight_step_above_median")
 )
-STEP_LOSS_FEATURES = RELATIVE_FEATURES[-2:]  # read by a model with TEViDConfig.step_losses; older models read the rest
+STEP_LOSS_FEATURES = ("step_loss_spike", "step_loss_noise")  # read by a model with TEViDConfig.step_losses
+WEIGHT_FEATURES = ("log_ratio_weight_step", "weight_step_above_median")  # read with TEViDConfig.weight_step
+OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES  # models made before them read the other 22
 REPRESENTATIONS = ("frames", "relative")  # what TEViD reads: stored frames and raw readouts, or these inputs
 BIG = 1e6  # what +-inf becomes before asinh (asinh(1e6) ~ 14.5)
 EPS = 1e-12
@@ -107,6 +117,17 @@ def interval_losses(train_loss, frame_step) -> list:
     return [loss[(steps[t - 1] + 1 if t else 0):s + 1] for t, s in enumerate(steps)]
 
 
+def spaced_weight_steps(weight_step, idx) -> torch.Tensor:
+    """A store's per-frame `weight_step` `(N,)` read at frames `idx` (every k-th): per frame read, the mean
+    of the stored per-step rates of the frames since the previous one read (the first: its own value, NaN).
+    Within a run the stored rates span equal steps, so this is the movement per step over the longer gap up
+    to the noise that cancels over it, a factor the ratio to the run's own reference takes out."""
+    ws = torch.as_tensor(weight_step, dtype=torch.float64)
+    idx = [int(i) for i in idx]
+    out = [ws[idx[0]]] + [ws[a + 1:b + 1].nanmean() for a, b in zip(idx, idx[1:])]
+    return torch.stack(out) if out else ws.new_zeros(0)
+
+
 class RunRelative:
     """Causal per-frame transform of one run: `push(levels, pattern, readouts, step_losses)` -> (pattern `(6, P, P)`,
     scalars `(len(RELATIVE_FEATURES),)`), float32. `num_classes` is the head's output size (classes, or
@@ -121,16 +142,17 @@ class RunRelative:
             raise ValueError(f"reference_lag must be >= 0 (0: the run reference), got {cfg.reference_lag}")
         self.num_classes, self.cfg = num_classes, cfg
         self.frames = 0
-        n = len(CHANNELS) + len(SIZE_READOUTS)
+        n = len(CHANNELS) + len(SIZE_READOUTS) + 1  # levels, log sizes, log weight_step
         self._sum = torch.zeros(n, dtype=torch.float64)  # finite levels and log sizes of the reference frames
         self._count = torch.zeros(n, dtype=torch.float64)
         self._previous: torch.Tensor | None = None  # the last frame's levels
         self._history: deque[torch.Tensor] = deque(maxlen=cfg.reference_lag + 1)  # reference_lag > 0: the lagged values
         self._loss_ema: float | None = None  # smoothed log loss, and its lowest value so far
         self._loss_best = math.inf
+        self._weight_logs: list[float] = []  # log weight_step of the frames so far (finite ones)
 
     def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor,
-             step_losses=None) -> tuple[torch.Tensor, torch.Tensor]:
+             step_losses=None, weight_step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if levels.shape != (len(CHANNELS),) or readouts.shape != (len(CLIP_READOUTS),) or pattern.ndim != 3:
             raise ValueError(f"expected levels ({len(CHANNELS)},), pattern ({len(CHANNELS)}, P, P) and readouts "
                              f"({len(CLIP_READOUTS)},) in {CLIP_READOUTS} order, got {tuple(levels.shape)}, "
@@ -138,7 +160,9 @@ class RunRelative:
         lv = levels.double()
         r = readouts.double()
         sizes = torch.log(torch.stack([r[_READOUT[n]] for n in SIZE_READOUTS]).abs() + EPS)
-        values = torch.cat([lv, sizes])
+        ws = math.nan if weight_step is None else float(weight_step)
+        log_ws = math.log(abs(ws) + EPS) if math.isfinite(ws) else math.nan
+        values = torch.cat([lv, sizes, r.new_tensor([log_ws])])
         if self.frames < self.cfg.reference_frames:
             ok = torch.isfinite(values)
             self._sum += torch.where(ok, values, torch.zeros_like(values))
@@ -158,13 +182,16 @@ class RunRelative:
         c = 1.0 / self.num_classes
         above_best = self._above_best(float(r[_READOUT["loss"]]))
         spike, noise = step_loss_features(step_losses)
+        if math.isfinite(log_ws):
+            self._weight_logs.append(log_ws)
+        above_median = log_ws - float(torch.tensor(self._weight_logs).median()) if math.isfinite(log_ws) else math.nan
         scalars = torch.cat([
             torch.where(torch.isnan(rel_level), torch.zeros_like(rel_level), rel_level),
             torch.where(torch.isnan(d_level), torch.zeros_like(d_level), d_level),
-            relative[n:],
+            relative[n:n + len(SIZE_READOUTS)],
             torch.stack([r[_READOUT["gwa"]], (r[_READOUT["confidence"]] - c) / (1.0 - c), r[_READOUT["entropy"]] / log_c,
                          r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best),
-                         r.new_tensor(spike), r.new_tensor(noise)]),
+                         r.new_tensor(spike), r.new_tensor(noise), relative[-1], r.new_tensor(above_median)]),
         ])
         return unit_patterns(pattern), _squash(scalars).float()
 
@@ -182,10 +209,12 @@ class RunRelative:
 
 
 def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
-                    cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None,
+                    weight_steps=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole stored run, frame by frame through `RunRelative`: levels `(N, 6)`, patterns `(N, 6, P, P)`,
     readouts `(N, 8)` in CLIP_READOUTS order, per frame the step losses since the previous one (N of them,
-    `interval_losses`; None: none) -> patterns `(N, 6, P, P)` and scalars `(N, F)`."""
+    `interval_losses`; None: none) and the `weight_step` readout `(N,)` (None: none) -> patterns
+    `(N, 6, P, P)` and scalars `(N, F)`."""
     if levels.ndim != 2 or readouts.ndim != 2 or patterns.ndim != 4 or not len(levels) == len(readouts) == len(patterns):
         raise ValueError(f"expected levels (N, 6), patterns (N, 6, P, P), readouts (N, {len(CLIP_READOUTS)}) of one N, got "
                          f"{tuple(levels.shape)}, {tuple(patterns.shape)}, {tuple(readouts.shape)}")
@@ -193,19 +222,23 @@ def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torc
         raise ValueError(f"readouts must have the {len(CLIP_READOUTS)} columns {CLIP_READOUTS}, got {readouts.shape[1]}")
     if step_losses is not None and len(step_losses) != len(levels):
         raise ValueError(f"step_losses must hold one entry per frame ({len(levels)}), got {len(step_losses)}")
+    if weight_steps is not None and len(weight_steps) != len(levels):
+        raise ValueError(f"weight_steps must hold one value per frame ({len(levels)}), got {len(weight_steps)}")
     state = RunRelative(num_classes, cfg)
     if len(levels) == 0:
         return unit_patterns(patterns), torch.zeros(0, len(RELATIVE_FEATURES))
-    pats, scal = zip(*(state.push(levels[t], patterns[t], readouts[t], None if step_losses is None else step_losses[t])
+    pats, scal = zip(*(state.push(levels[t], patterns[t], readouts[t], None if step_losses is None else step_losses[t],
+                                  None if weight_steps is None else float(weight_steps[t]))
                        for t in range(len(levels))))
     return torch.stack(pats), torch.stack(scal)
 
 
 def relative_run(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
-                 window: int, cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 window: int, cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None,
+                 weight_steps=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every causal window of a whole run, ending at frames window-1 .. N-1: patterns `(W, T, 6, P, P)` and
     scalars `(W, T, F)`, cut from `relative_frames`."""
-    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses)
+    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses, weight_steps)
     n = len(levels)
     if n < window:
         return pats.new_zeros((0, window, *pats.shape[1:])), scal.new_zeros((0, window, scal.shape[1]))
@@ -220,5 +253,6 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 
 
-__all__ = ["RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "RelativeConfig", "RunRelative", "interval_losses",
-           "pooled", "relative_frames", "relative_run", "step_loss_features", "unit_patterns"]
+__all__ = ["OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
+           "RunRelative", "interval_losses", "pooled", "relative_frames", "relative_run", "spaced_weight_steps",
+           "step_loss_features", "unit_patterns"]

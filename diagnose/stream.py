@@ -74,16 +74,20 @@ class TEViDStream:
         return torch.tensor([float(readouts.get(k, math.nan)) for k in self.readout_names], dtype=torch.float32)
 
     def add(self, step: int, frame: torch.Tensor | None, readouts, levels: torch.Tensor | None = None,
-            pattern: torch.Tensor | None = None, num_classes: int | None = None, step_losses=None) -> None:
+            pattern: torch.Tensor | None = None, num_classes: int | None = None, step_losses=None,
+            weight_step: float | None = None) -> None:
         """Put a frame in the ring without predicting (restoring a previous monitor's last frames).
-        `levels` (6,), `pattern` (6, P, P), `num_classes` and `step_losses` (the losses of the optimizer steps
-        since the previous frame, `capture.Frame.step_losses`; None: not known) are read by a relative model only."""
+        `levels` (6,), `pattern` (6, P, P), `num_classes`, `step_losses` (the losses of the optimizer steps
+        since the previous frame, `capture.Frame.step_losses`; None: not known) and `weight_step` (the readout;
+        None: the readouts dict's, if any) are read by a relative model only."""
+        if weight_step is None and isinstance(readouts, dict):
+            weight_step = readouts.get("weight_step")
         vec = readouts if isinstance(readouts, torch.Tensor) else self.readout_vector(readouts)
         if self.relative:
-            frame, vec = self._relative(levels, pattern, vec, num_classes, step_losses)
+            frame, vec = self._relative(levels, pattern, vec, num_classes, step_losses, weight_step)
         self.ring.append((step, frame if self.uses_video else None, vec))
 
-    def _relative(self, levels, pattern, vec, num_classes, step_losses=None):
+    def _relative(self, levels, pattern, vec, num_classes, step_losses=None, weight_step=None):
         from capture.relative import RunRelative
 
         if levels is None or pattern is None:
@@ -94,7 +98,7 @@ class TEViDStream:
                 raise ValueError("TEViDStream: this model reads run-relative inputs; the first push needs num_classes "
                                  "(the head's outputs: capture.Frame.num_classes)")
             self.run_state = RunRelative(int(num_classes), self.model.cfg.relative_config())  # as its training clips
-        return self.run_state.push(levels.float(), pattern.float(), vec.float(), step_losses)
+        return self.run_state.push(levels.float(), pattern.float(), vec.float(), step_losses, weight_step)
 
     def window_frames(self) -> torch.Tensor | None:
         """(T, 6, S, S) frames of the current window (left-padded by repeating the first), or None."""
@@ -110,14 +114,15 @@ class TEViDStream:
         return entries
 
     def push(self, step: int, frame: torch.Tensor | None, readouts, levels: torch.Tensor | None = None,
-             pattern: torch.Tensor | None = None, num_classes: int | None = None, step_losses=None) -> Prediction | None:
+             pattern: torch.Tensor | None = None, num_classes: int | None = None, step_losses=None,
+             weight_step: float | None = None) -> Prediction | None:
         """Add one frame; the prediction for the window ending at it (None until T frames, live)."""
-        self.add(step, frame, readouts, levels, pattern, num_classes, step_losses)
+        self.add(step, frame, readouts, levels, pattern, num_classes, step_losses, weight_step)
         entries = self._entries()
         if len(entries) < self.window:
             return None  # windows are causal and unpadded live: the first T-1 frames get no prediction
         frames = torch.stack([f for _, f, _ in entries])[None] if self.uses_video else None  # (1, T, 6, S, S) or (1, T, 6, P, P)
-        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw, or (1, T, 24) relative
+        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw, or (1, T, 26) relative
         temperature = self.calibration.temperature if self.calibration is not None else self.temperature
         dev = torch.device(self.device)
         with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=False):

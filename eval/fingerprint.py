@@ -67,7 +67,8 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
     if store.has_summaries:
         rel_cfg = model.cfg.relative_config() if model is not None else RelativeConfig()  # a model's own inputs
         pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg,
-                                  interval_losses(store.train_loss(), store.frame_step()))
+                                  interval_losses(store.train_loss(), store.frame_step()),
+                                  store.readouts()[:, names.index("weight_step")] if "weight_step" in names else None)
         views["relative"] = torch.stack([pooled(pats[e - window + 1], scal[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]

@@ -340,8 +340,9 @@ class TEViDDiagnoser:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
             first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
+            ws = float(view.readouts[view.t, view.readout_names.index("weight_step")]) if "weight_step" in view.readout_names else None
             pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,
-                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()))
+                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws)
         else:
             pred = self.stream.push(view.t, frame, readouts)
         probs = np.asarray(pred.probs, dtype=np.float64)

@@ -31,7 +31,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from capture.corpus import corpus_runs
-from capture.relative import REPRESENTATIONS, RelativeConfig, interval_losses, relative_frames
+from capture.relative import REPRESENTATIONS, RelativeConfig, interval_losses, relative_frames, spaced_weight_steps
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -42,7 +42,7 @@ class ClipConfig:
     stride: int = 1  # windows end every `stride` frames
     horizon_epochs: float = 2.0  # H of docs/architecture.md §9, in epochs (store attr epoch_steps = steps per epoch)
     # "frames": the stored frames (T, 6, S, S) and raw readouts (T, 8); "relative": the run-relative inputs
-    # of capture.relative, unit patterns (T, 6, P, P) under `frames` and scalars (T, 24) under `readouts`
+    # of capture.relative, unit patterns (T, 6, P, P) under `frames` and scalars (T, 26) under `readouts`
     representation: str = "frames"
     # frame spacings: k reads every k-th stored frame (0, k, 2k, ...), the run as a monitor with a k times
     # coarser cadence sees it (relative inputs computed on that subsequence); one pass per spacing. Relative only.
@@ -182,6 +182,8 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
                              "the relative representation needs a corpus captured with them (layout 2)")
         levels, patterns = store.levels(), store.patterns()
         train_loss = store.train_loss()  # every step's: the losses between the frames read (capture.relative)
+        all_readouts = store.readouts().numpy()
+        weight_step = all_readouts[:, names.index("weight_step")] if "weight_step" in names else None  # older stores: none
     runs = []
     for k in cfg.spacings:
         idx = np.arange(0, len(steps), k)
@@ -189,7 +191,8 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
         values, pats = readouts[idx], None
         if relative:
             pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(values), int(store.attrs["num_classes"]),
-                                            RelativeConfig(reference_lag=cfg.reference_lag), interval_losses(train_loss, steps[idx]))
+                                            RelativeConfig(reference_lag=cfg.reference_lag), interval_losses(train_loss, steps[idx]),
+                                            None if weight_step is None else spaced_weight_steps(weight_step, idx))
             values = scalars.numpy()
         runs.append(_Run(record, store.path, steps[idx], values, target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
                          novel.numpy(), label, pats, k))
@@ -202,7 +205,7 @@ class CorpusClips(torch.utils.data.Dataset):
     items: frames `(T, 6, S, S)` bf16, readouts `(T, 8)` float32 raw (NaN kept), target, novel,
     run_id, end_frame, end_step, split, label. Batch them with `collate`. With `cfg.representation =
     "relative"`, frames are the unit patterns `(T, 6, P, P)` float32 and readouts the relative scalars
-    `(T, 24)` of `capture.relative` (computed once per run when it is loaded: a few kB a run). Whole runs of frames are
+    `(T, 26)` of `capture.relative` (computed once per run when it is loaded: a few kB a run). Whole runs of frames are
     kept in memory after their first read until `cache_bytes` (per process) is used up: one zarr
     read per window costs ~5 ms, one per run is amortised over all its windows. With `cfg.spacings`
     (relative only), each run is read once per spacing k, every k-th frame, and its windows follow.

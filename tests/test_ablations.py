@@ -59,7 +59,7 @@ def test_channel_subset_ignores_the_other_channels(one_thread):
 
 
 def test_scalar_subset_ignores_the_other_scalars(one_thread):
-    """TEViDConfig.scalars: the readout branch reads only the named relative scalars (inputs stay 24 wide)."""
+    """TEViDConfig.scalars: the readout branch reads only the named relative scalars (inputs stay 26 wide)."""
     from capture.relative import RELATIVE_FEATURES
 
     keep = ["gwa", "loss_above_best", "log_ratio_loss"]
@@ -79,24 +79,26 @@ def test_scalar_subset_ignores_the_other_scalars(one_thread):
             TEViDConfig(inputs="readouts", representation=representation, scalars=bad)
 
 
-def test_step_loss_features_are_read_only_when_asked(one_thread):
-    """TEViDConfig.step_losses: off (and in every config saved before it existed), the branch reads the
-    other 22 scalars as before, so older checkpoints load; on, it reads the step-loss features too."""
-    from capture.relative import RELATIVE_FEATURES, STEP_LOSS_FEATURES
+@pytest.mark.parametrize("flag, names", [("step_losses", "STEP_LOSS_FEATURES"), ("weight_step", "WEIGHT_FEATURES")])
+def test_optional_scalars_are_read_only_when_asked(one_thread, flag, names):
+    """TEViDConfig.step_losses / weight_step: off (and in every config saved before they existed), the
+    branch reads the other 22 scalars as before, so older checkpoints load; on, it reads those too."""
+    import capture.relative as rel
 
-    cols = [RELATIVE_FEATURES.index(n) for n in STEP_LOSS_FEATURES]
-    x = torch.randn(2, 10, len(RELATIVE_FEATURES))
-    spiked = x.clone()
-    spiked[..., cols] += 3.0
+    group = getattr(rel, names)
+    cols = [rel.RELATIVE_FEATURES.index(n) for n in group]
+    x = torch.randn(2, 10, len(rel.RELATIVE_FEATURES))
+    moved = x.clone()
+    moved[..., cols] += 3.0
     off = TEViD(TEViDConfig(inputs="readouts", representation="relative")).eval()
-    on = TEViD(TEViDConfig(inputs="readouts", representation="relative", step_losses=True)).eval()
-    assert off.readouts.embed[0].in_features == len(RELATIVE_FEATURES) - 2 and on.readouts.embed[0].in_features == len(RELATIVE_FEATURES)
-    assert TEViDConfig(representation="relative", scalars=["gwa"], step_losses=True).scalar_names == ["gwa", *STEP_LOSS_FEATURES]
+    on = TEViD(TEViDConfig(inputs="readouts", representation="relative", **{flag: True})).eval()
+    assert off.readouts.embed[0].in_features == 22 and on.readouts.embed[0].in_features == 22 + len(group)
+    assert TEViDConfig(representation="relative", scalars=["gwa"], **{flag: True}).scalar_names == ["gwa", *group]
     with torch.no_grad():
-        torch.testing.assert_close(off(None, x), off(None, spiked), rtol=0, atol=0)
-        assert not torch.allclose(on(None, x), on(None, spiked))
-    with pytest.raises(ValueError, match="step_losses"):
-        TEViDConfig(inputs="readouts", step_losses=True)
+        torch.testing.assert_close(off(None, x), off(None, moved), rtol=0, atol=0)
+        assert not torch.allclose(on(None, x), on(None, moved))
+    with pytest.raises(ValueError, match=flag):
+        TEViDConfig(inputs="readouts", **{flag: True})
 
 
 def test_mae_init_keeps_channel_slices_and_resamples_time(mae_checkpoint, one_thread):

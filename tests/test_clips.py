@@ -67,7 +67,7 @@ def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
     """spacings=(1, 2): the spacing-2 windows are what a stream pushed every second stored frame sees
     (its own reference and frame-to-frame changes, the losses of every step since the frame it saw last),
     with the real steps and the targets of those steps."""
-    from capture.relative import relative_frames, step_loss_features
+    from capture.relative import WEIGHT_FEATURES, RELATIVE_FEATURES, relative_frames, step_loss_features
 
     one = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative"))
     both = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative", spacings=(1, 2)))
@@ -80,10 +80,15 @@ def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
     steps, loss = store.frame_step()[::2].tolist(), store.train_loss()
     between = [loss[0:steps[0] + 1]] + [loss[a + 1:b + 1] for a, b in zip(steps, steps[1:])]
     assert all(len(b) == 2 * store.attrs["capture"]["config"]["cadence"] for b in between[1:])  # two stored frames' steps
+    rates = store.readouts()[:, store.readout_names.index("weight_step")].double()  # per step, over one stored gap
+    spaced_rates = torch.stack([rates[0]] + [rates[a + 1:a + 3].mean() for a in range(0, len(rates) - 2, 2)])
     pats, scal = relative_frames(store.levels()[::2], store.patterns()[::2], store.readouts()[::2, cols],
-                                 int(store.attrs["num_classes"]), step_losses=between)
-    assert scal[1:, -2:].abs().sum() > 0 and torch.allclose(
-        scal[1, -2:], torch.asinh(torch.tensor(step_loss_features(between[1]), dtype=torch.float32)))
+                                 int(store.attrs["num_classes"]), step_losses=between, weight_steps=spaced_rates)
+    w = [RELATIVE_FEATURES.index(n) for n in WEIGHT_FEATURES]
+    assert torch.isfinite(rates[1:]).all() and scal[2:, w].abs().sum() > 0  # the weights' pace, over both gaps
+    sl = [RELATIVE_FEATURES.index(n) for n in ("step_loss_spike", "step_loss_noise")]
+    assert scal[1:, sl].abs().sum() > 0 and torch.allclose(
+        scal[1, sl], torch.asinh(torch.tensor(step_loss_features(between[1]), dtype=torch.float32)))
     first = [x for x in spaced if x["run_id"] == record["run_id"]]
     assert len(first) == (n + 1) // 2 - 3
     for x in first:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from capture.frames import CHANNELS
-from capture.relative import (RELATIVE_FEATURES, STEP_LOSS_FEATURES, RelativeConfig, RunRelative, interval_losses, relative_frames,
-                              relative_run, step_loss_features, unit_patterns)
+from capture.relative import (RELATIVE_FEATURES, STEP_LOSS_FEATURES, WEIGHT_FEATURES, RelativeConfig, RunRelative, interval_losses,
+                              relative_frames, relative_run, spaced_weight_steps, step_loss_features, unit_patterns)
 from capture.schema import CLIP_READOUTS
 
 
@@ -148,6 +148,27 @@ def test_step_losses_give_the_spike_and_noise_between_frames():
     assert interval_losses(torch.arange(10.0), [2, 5, 9])[1].tolist() == [3.0, 4.0, 5.0]  # after the last frame read
     with pytest.raises(ValueError, match="one entry per frame"):
         relative_frames(levels, patterns, readouts, 10, step_losses=[steady])
+
+
+def test_a_raised_pace_of_the_weights_shows_and_is_remembered():
+    """weight_step x30 from frame 12 on: the ratio to the lagged reference jumps and fades once the
+    reference has caught up; the height above the running median stays; scale-free; 0 without it."""
+    levels, patterns, readouts = _run(30)
+    pace = torch.full((30,), 1e-3)
+    pace[0], pace[12:] = math.nan, 3e-2
+    cfg = RelativeConfig(reference_lag=5)
+    cols = [RELATIVE_FEATURES.index(n) for n in WEIGHT_FEATURES]
+    x = relative_frames(levels, patterns, readouts, 10, cfg, weight_steps=pace)[1][:, cols]
+    jump = math.asinh(math.log(30.0))
+    assert torch.all(x[:12].abs() < 1e-4)  # steady (frame 0: no value, 0)
+    assert x[12, 0] == pytest.approx(jump, rel=1e-4) and torch.all(x[17:, 0].abs() < 1e-4)  # forgotten after the lag
+    torch.testing.assert_close(x[12:22, 1], torch.full((10,), jump), rtol=1e-4, atol=0)  # above the median while the raise
+    assert torch.all(x[24:, 1].abs() < 1e-4)  # is the minority of the run's frames; once it is most of them, the new normal
+    torch.testing.assert_close(relative_frames(levels, patterns, readouts, 10, cfg, weight_steps=pace * 1e3)[1][:, cols], x)
+    assert torch.all(relative_frames(levels, patterns, readouts, 10, cfg)[1][:, cols] == 0)
+    # read every 2nd frame: the mean per-step pace of the frames since the previous one read
+    torch.testing.assert_close(spaced_weight_steps(torch.tensor([math.nan, 1.0, 3.0, 5.0, 7.0]), [0, 2, 4]),
+                               torch.tensor([math.nan, 2.0, 6.0], dtype=torch.float64), equal_nan=True)
 
 
 def test_bad_shapes_are_named():

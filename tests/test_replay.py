@@ -187,7 +187,8 @@ def test_tevid_diagnoser_matches_the_clip_windows(smoke_corpus, representation):
 
     overrides = {"img_size": 8, "patch_size": 2} if representation == "relative" else {}
     model = TEViD(TEViDConfig(encoder="tiny", encoder_overrides=overrides, representation=representation,
-                              step_losses=representation == "relative")).eval()  # the losses between frames too
+                              step_losses=representation == "relative",  # the losses between frames and the
+                              weight_step=representation == "relative")).eval()  # weights' pace too
     with torch.no_grad():  # large head weights: outputs that differ from window to window
         for p in model.head.parameters():
             p.normal_(0, 3.0)

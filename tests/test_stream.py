@@ -79,7 +79,7 @@ def test_a_stream_waits_for_a_full_window_unless_padded():
         assert b.vacuity == pytest.approx(np.mean([max(0, s) for s in range(t - 2, t + 1)]))  # frame 0 repeated
 
 
-def _relative_checkpoint(path, window=4, reference_lag=0, step_losses=False):
+def _relative_checkpoint(path, window=4, reference_lag=0, optional=False):
     """A randomly initialised relative TEViD saved as a fine-tuning output (weights, config, calibration)."""
     from capture.config import to_dict
     from capture.schema import CLASSES
@@ -89,7 +89,7 @@ def _relative_checkpoint(path, window=4, reference_lag=0, step_losses=False):
 
     torch.manual_seed(0)
     cfg = TEViDConfig(encoder="tiny", encoder_overrides={"img_size": 8, "patch_size": 2}, representation="relative",
-                      reference_lag=reference_lag, step_losses=step_losses)
+                      reference_lag=reference_lag, step_losses=optional, weight_step=optional)
     model = TEViD(cfg).eval()
     with torch.no_grad():  # large head weights: outputs that differ from window to window
         for p in model.head.parameters():
@@ -101,9 +101,9 @@ def _relative_checkpoint(path, window=4, reference_lag=0, step_losses=False):
 
 def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path):
     """A relative TEViD watching a live job (levels, patterns and the class count from the capture) gives the
-    probabilities the replay gives from the same frames' summaries and the same steps' losses: one RunRelative
-    path for both."""
-    ckpt = _relative_checkpoint(tmp_path / "rel", step_losses=True)
+    probabilities the replay gives from the same frames' summaries, steps' losses and weights' pace: one
+    RunRelative path for both."""
+    ckpt = _relative_checkpoint(tmp_path / "rel", optional=True)
     monitor, frames = _watched_job(25, cadence=3, checkpoint=ckpt)  # 9 frames, each after 3 steps' losses
     assert frames[0].num_classes == 4 and frames[0].levels is not None
     assert len(monitor.predictions) == len(frames) - 4 + 1

@@ -1,0 +1,48 @@
+"""capture.weights: how fast the watched layers' weights move, from the parameters alone."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import capture
+from capture.weights import WeightStep
+
+
+def test_the_pace_is_the_sampled_weights_relative_movement_per_step():
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 200)
+    pace = WeightStep([lin], per_tensor=1000)
+    (w_idx, w_rows), (b, b_rows) = [(p, idx) for p, idx in pace.params]
+    assert len(w_rows) == 1000 and len(b_rows) == 200  # every 60th weight entry, every bias entry
+    assert math.isnan(pace.frame(0))  # nothing to compare with yet
+    before = pace.sample().clone()
+    with torch.no_grad():
+        lin.weight.add_(0.01 * torch.randn_like(lin.weight))
+    after = pace.sample()
+    want = float(torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(after) / 4)
+    assert pace.frame(4) == want > 0  # moved over 4 steps: per step
+    assert pace.frame(8) == 0.0  # no movement since
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    assert WeightStep([frozen]).sample() is None and math.isnan(WeightStep([frozen]).frame(3))
+
+
+def test_a_raised_learning_rate_moves_the_weights_that_much_faster():
+    """SGD's step is lr x gradient: 30x the learning rate, about 30x the pace (the gradients of
+    neighbouring steps barely differ on a fixed batch); the capture hands it out as a readout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+    with capture.attach(model, cadence=4, frame_size=8, optimizer=opt) as cap:
+        for step in range(16):
+            if step == 8:
+                opt.param_groups[0]["lr"] = 3e-3
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            cap.step(loss)
+            opt.step()
+            opt.zero_grad()
+    paces = [f.readouts["weight_step"] for f in cap.frames]  # frames at steps 0, 4, 8, 12
+    assert math.isnan(paces[0]) and not cap.faults
+    assert 20 < paces[3] / paces[2] < 40
