@@ -160,6 +160,18 @@ def _alert_level(score: np.ndarray, consecutive: int) -> float:
     return float(np.lib.stride_tricks.sliding_window_view(s, consecutive).min(axis=1).max())
 
 
+def held_scores(score, consecutive: int = 3) -> np.ndarray:
+    """(T,) the run's alert level so far at each frame: the highest score it has held for `consecutive`
+    frames in a row up to that frame (`_alert_level` of the frames <= t; -inf before `consecutive` frames,
+    NaN frames break a streak). A threshold alerts by frame t exactly when it is below this value, so
+    ranking frames by it ranks the evidence a run has given so far, not only its latest window's."""
+    s = np.where(np.isnan(np.asarray(score, dtype=np.float64)), -np.inf, np.asarray(score, dtype=np.float64))
+    out = np.full(len(s), -np.inf)
+    if len(s) >= consecutive:
+        out[consecutive - 1:] = np.maximum.accumulate(np.lib.stride_tricks.sliding_window_view(s, consecutive).min(axis=1))
+    return out
+
+
 def threshold_for_far(runs: Sequence[RunResult], far: float = 0.05, consecutive: int = 3) -> float:
     """The lowest score threshold at which at most a fraction `far` of the Healthy runs has a confirmed
     alert (`alert_frames`). Set it on validation, then freeze it. -inf if every run may alert."""

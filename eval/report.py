@@ -81,6 +81,9 @@ class ReportConfig:
     figures: bool = True
     timeline_runs: int = 1  # per-run timelines (anomalous runs first)
     threads: int | None = 1  # torch threads (the CPU is shared)
+    # every method's frames scored by the run's alert level so far (eval.metrics.held_scores: the highest score
+    # held for `consecutive` frames up to the frame) in the AUPRC metrics; alerts, FAR and detection unchanged
+    hold: bool = False
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -196,6 +199,9 @@ def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg:
         thr, where = freeze_threshold(val, [r for r in train_res if r.kind == "healthy"], cfg.far, cfg.consecutive)
         test = M.alerts_at_threshold(test, thr, cfg.consecutive)
         info.update(threshold=thr, threshold_split=where)
+    if cfg.hold:  # after the alerts: they come from the frame's own score, as live
+        test = [dataclasses.replace(r, score=M.held_scores(r.score, cfg.consecutive)) for r in test]
+        info["score"] = f"held ({cfg.consecutive} frames)"
     summary = M.summarize(test, cfg.n_resamples, horizon_epochs=cfg.horizon_epochs, seed=cfg.seed, progress=progress)
     return test, {**info, **summary}, unknown
 
@@ -326,7 +332,10 @@ def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[Loade
     t4 = TAB.table4(results, info, cfg.horizon_epochs, cfg.n_resamples, cfg.seed)
     parts = [f"# Evaluation report\n\ncorpus `{corpus}`, checkpoint `{checkpoint}`; test split `{cfg.test_split}` "
              f"({len(test_runs)} runs), thresholds frozen on `{cfg.val_split}` (FAR <= {cfg.far}); "
-             f"{cfg.n_resamples} bootstrap resamples over runs, 95% BCa.\n",
+             f"{cfg.n_resamples} bootstrap resamples over runs, 95% BCa."
+             + (f" Every method's frames are scored by the run's alert level so far (the highest score held for "
+                f"{cfg.consecutive} frames up to the frame: `hold=true`); alerts come from the frame's own score." if cfg.hold else "")
+             + "\n",
              "## Table 3: main results\n", TAB.table3(metrics), "",
              "## Table 4: per held-out factor (event AUPRC / median lead in epochs, 95% BCa over the slice's runs)\n", t4, "",
              "## Per known class (the class's runs and the Healthy runs: event AUPRC (of a constant score) / detection / "

@@ -125,6 +125,22 @@ def test_threshold_for_far_is_the_lowest_threshold_meeting_the_far():
         M.threshold_for_far(runs[-1:])
 
 
+def test_held_scores_are_the_alert_level_so_far():
+    """held_scores(t) > threshold exactly when the run has alerted by frame t (`consecutive` frames above it),
+    for every threshold and frame; it never falls, and one high frame alone does not raise it."""
+    rng = np.random.default_rng(1)
+    for consecutive in (1, 2, 3):
+        for _ in range(20):
+            score = np.round(rng.random(rng.integers(1, 15)), 1)
+            score[rng.random(len(score)) < 0.1] = np.nan
+            held = M.held_scores(score, consecutive)
+            assert all(b >= a for a, b in zip(held, held[1:]))  # never falls (-inf included)
+            for t in range(len(score)):
+                for thr in (-0.05, 0.05, 0.35, 0.55, 0.85):
+                    assert (held[t] > thr) == bool(M.alert_frames(score[:t + 1], thr, consecutive))
+    assert M.held_scores(np.array([0.1, 0.9, 0.1, 0.1]), 3).tolist() == [-np.inf, -np.inf, 0.1, 0.1]
+
+
 def test_alerts_at_threshold_classes_and_steps():
     probs = onehot_probs([0, 0, 3, 3, 3, 3])
     r = run("forgetting", [.1, .2, .9, .9, .9, .1], onset=0, trigger=500, probs=probs)

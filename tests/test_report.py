@@ -98,6 +98,23 @@ def test_report_on_a_split_with_anomalies(smoke_corpus, tevid_checkpoint, tmp_pa
     assert saved["tevid"]["paired_vs_best_baseline"]["difference"] == pytest.approx(m["tevid"]["event_auprc"] - m["cusum"]["event_auprc"])
 
 
+def test_hold_scores_frames_by_the_alert_level_so_far(smoke_corpus, tmp_path):
+    """hold=true: the AUPRC ranks every frame by the run's alert level so far (eval.metrics.held_scores); the
+    alerts, FAR and detection are those of the frame's own score."""
+    from eval import metrics as M
+    from eval.baselines import make_baseline
+    from eval.replay import load_runs, replay_runs
+
+    plain, held = (make_report(smoke_corpus, tmp_path / str(h), ReportConfig(methods=["cusum"], test_split="train", n_resamples=50,
+                                                                                figures=False, hold=h), progress=False)["cusum"]
+                   for h in (False, True))
+    assert (held["far"], held["detection_rate"], held["threshold"]) == (plain["far"], plain["detection_rate"], plain["threshold"])
+    raw = replay_runs(load_runs(smoke_corpus, "train", progress=False), make_baseline("cusum"), progress=False)
+    want = M.event_auprc([dataclasses.replace(r, score=M.held_scores(r.score, 3)) for r in raw])
+    assert held["event_auprc"] == pytest.approx(want) and plain["event_auprc"] == pytest.approx(M.event_auprc(raw))
+    assert held["score"] == "held (3 frames)" and "hold=true" in (tmp_path / "True" / "tables.md").read_text()
+
+
 def test_seed_groups_are_reported_as_mean_and_sd(smoke_corpus, tevid_checkpoint, tmp_path):
     cfg = ReportConfig(methods=["tevid", "cusum"], test_split="train", n_resamples=100, figures=False,
                        tevid_checkpoints={"tevid_s1": str(tevid_checkpoint)}, seed_groups={"tevid_seeds": ["tevid", "tevid_s1"]})
