@@ -27,14 +27,13 @@ class WeightStep:
 
     def __init__(self, modules: list[nn.Module], per_tensor: int = 4096):
         seen: set[int] = set()
-        self.params: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.params: list[tuple[nn.Parameter, int]] = []  # (parameter, stride of its sampled entries)
         for m in modules:
             for p in m.parameters():
                 if id(p) in seen or not p.requires_grad or p.numel() == 0:
                     continue
                 seen.add(id(p))
-                stride = max(1, math.ceil(p.numel() / per_tensor))
-                self.params.append((p, torch.arange(0, p.numel(), stride, device=p.device)))
+                self.params.append((p, max(1, math.ceil(p.numel() / per_tensor))))
         self._previous: torch.Tensor | None = None
         self._step: int | None = None
 
@@ -42,9 +41,9 @@ class WeightStep:
         """The sampled entries now, float32, one vector (None without parameters)."""
         if not self.params:
             return None
-        with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).index_select(0, idx.to(p.device)).float().to(self.params[0][0].device)
-                              for p, idx in self.params])
+        device = self.params[0][0].device
+        with torch.no_grad():  # a strided view of each flattened parameter, copied as float32
+            return torch.cat([p.detach().reshape(-1)[::stride].float().to(device) for p, stride in self.params])
 
     def frame(self, step: int) -> float:
         now = self.sample()

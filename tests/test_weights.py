@@ -13,8 +13,7 @@ def test_the_pace_is_the_sampled_weights_relative_movement_per_step():
     torch.manual_seed(0)
     lin = nn.Linear(300, 200)
     pace = WeightStep([lin], per_tensor=1000)
-    (w_idx, w_rows), (b, b_rows) = [(p, idx) for p, idx in pace.params]
-    assert len(w_rows) == 1000 and len(b_rows) == 200  # every 60th weight entry, every bias entry
+    assert [stride for _, stride in pace.params] == [60, 1] and len(pace.sample()) == 1000 + 200  # every 60th weight, every bias
     assert math.isnan(pace.frame(0))  # nothing to compare with yet
     before = pace.sample().clone()
     with torch.no_grad():
