@@ -22,21 +22,23 @@ test: setup
 bench: setup
 	$(VENV)/bin/python -m capture.bench --out outputs/bench
 
-# The shipped default model from scratch (diagnose/default_checkpoint/; its MANIFEST.json lists these
-# commands). About 2-3 hours on a quiet 2-core CPU; the corpus and checkpoints go to outputs/.
+# The shipped default model from scratch (diagnose/default_checkpoint/; its MANIFEST.json lists these commands):
+# the drawn cpu corpus (~47 min with 2 processes), the dynamics model (configs/finetune/cpu_dynamics.yaml: run-relative
+# scalars and the weights' pace, train split, calibrated on val) at seeds 0, 1, 2 (~2 min each, one thread), the test
+# report of the three beside the baselines (docs/benchmark/README.md), the fingerprint probe, and seed 0 shipped. About 1 hour on a 2-core CPU.
 LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 	--mixed_precision no --dynamo_backend no
+SHIP = outputs/finetune/ship
 reproduce: setup
-	$(LAUNCH2) factory/generate.py --config configs/factory/cpu_grid.yaml --out outputs/corpus/cpu_grid
-	$(VENV)/bin/python -m factory.relabel --corpus outputs/corpus/cpu_grid --calibrate --config configs/factory/cpu_grid.yaml
-	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu_grid
-	$(VENV)/bin/python -m pretrain.clips export --corpus outputs/corpus/cpu_grid --out outputs/shards/cpu --overwrite
-	$(LAUNCH2) pretrain/train.py --config configs/pretrain/cpu.yaml --corpus outputs/shards/cpu --out outputs/pretrain/cpu
-	$(LAUNCH2) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu_grid \
-		--checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu
-	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu_grid --checkpoint outputs/finetune/cpu/final --out outputs/report/cpu
-	$(VENV)/bin/python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid \
-		--report outputs/report/cpu/metrics.json
+	test -f outputs/corpus/cpu/manifest.jsonl || $(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
+	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu
+	for s in 0 1 2; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
+		--corpus outputs/corpus/cpu --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done
+	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/report/ship \
+		'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' \
+		'tevid_checkpoints={tevid_s1: $(SHIP)/s1/final, tevid_s2: $(SHIP)/s2/final}' 'seed_groups={tevid_3seeds: [tevid, tevid_s1, tevid_s2]}'
+	$(VENV)/bin/python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/probes/ship
+	$(VENV)/bin/python -m eval.ship --checkpoint $(SHIP)/s0/final --corpus outputs/corpus/cpu --report outputs/report/ship/metrics.json
 
 # Issue 20's dynamics model on the drawn cpu corpus (docs/benchmark/inputs.md, "After"): the corpus (~55 min with
 # 2 processes), 4 leave-one-family-out fold models and one on train + val (2-3 min each with loading), cross-fitted
@@ -45,8 +47,9 @@ DYN = outputs/finetune/dyn
 DYNC = --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu
 dynamics: setup
 	test -f outputs/corpus/cpu/manifest.jsonl || $(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
-	for k in 0 1 2 3; do $(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/fold$$k data.holdout_fold=$$k || exit 1; done
-	$(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/all
+	for k in 0 1 2 3; do $(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/fold$$k data.holdout_fold=$$k \
+		'data.train_splits=[train,val]' || exit 1; done
+	$(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/all 'data.train_splits=[train,val]'
 	$(VENV)/bin/python -m diagnose.crossfit --folds $(DYN)/fold0 $(DYN)/fold1 $(DYN)/fold2 $(DYN)/fold3 --checkpoint $(DYN)/all/final
 	$(VENV)/bin/python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint $(DYN)/all/final --out outputs/probes/dyn
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(DYN)/all/final --out outputs/report/dyn \

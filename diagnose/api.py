@@ -42,14 +42,16 @@ def _check_watch_args(model, optimizer, head, stop_on, log_dir, symptoms) -> Non
                         f"default_symptoms()) or None, got {symptoms!r}")
 
 
-def watch(model: nn.Module, optimizer=None, checkpoint=None, *, cadence: int = 50, frame_size: int | None = None,
+def watch(model: nn.Module, optimizer=None, checkpoint=None, *, cadence: int | None = None, frame_size: int | None = None,
           callbacks=(), stop_on=None, log_dir=None, symptoms: list[Symptom] | None = None,
           head: nn.Module | None = None, dp=None, **options) -> Monitor:
     """Attach the monitor to `model` and `optimizer` (torch, accelerate- or Lightning-wrapped).
 
     checkpoint: a fine-tuned TEViD directory (weights + calibration.json, `diagnose.tevid.load_tevid`);
       None: `DEFAULT_CHECKPOINT` when it exists, else readouts and rule symptoms only; False: never TEViD.
-    cadence, frame_size: one frame every `cadence` optimizer steps, S x S (S from the checkpoint).
+    cadence, frame_size: one frame every `cadence` optimizer steps, S x S (S from the checkpoint). cadence None:
+      the coarsest cadence the checkpoint was trained on (`diagnose.monitor.default_cadence`; 20 for the
+      shipped model), 50 without one.
     callbacks: callables `f(alert)` or objects with `on_alert(alert)` / `on_frame(frame)` / `close()`
       (`diagnose.callbacks.MonitorCallback`; the sinks of `diagnose.sinks`).
     stop_on: alert names that set `monitor.should_stop` (e.g. {"nan_inf", "instability"}).
@@ -72,7 +74,7 @@ def watch(model: nn.Module, optimizer=None, checkpoint=None, *, cadence: int = 5
         raise TypeError(f"watch(): unknown option(s) {sorted(unknown)}; valid: {sorted(mon_fields | cap_fields)}")
     config = MonitorConfig(cadence=cadence, frame_size=frame_size, **{k: v for k, v in options.items() if k in mon_fields})
     capture_options = {k: v for k, v in options.items() if k in cap_fields}
-    CaptureConfig(cadence=cadence, frame_size=frame_size or 32, **capture_options)  # checks the capture options now
+    CaptureConfig(cadence=cadence or 1, frame_size=frame_size or 32, **capture_options)  # checks the capture options now
     if dp is not None:
         from diagnose.privacy import DPConfig
 

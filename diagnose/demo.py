@@ -31,18 +31,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import diagnose
+from diagnose.monitor import default_cadence
 from capture.config import load_config, save_config
 
 
 @dataclass
 class DemoConfig:
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 32
-    cadence: int = 10  # one frame every `cadence` optimizer steps (the cadence the shipped model was trained on)
+    cadence: int | None = None  # one frame every `cadence` optimizer steps; None: the model's own (`diagnose.watch`)
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_frac: float = 0.05  # linear warm-up over this fraction of the steps, then cosine to 0.1 x lr
-    spike_onset: int = 120
+    spike_onset: int = 360
     spike_factor: float = 50.0
     spike_bursts: int = 4
     spike_gap: int = 12  # steps between two one-step spikes
@@ -133,6 +134,7 @@ def _job(name: str, cfg: DemoConfig, data: Digits, out: Path, checkpoint) -> dic
     with torch.no_grad():
         acc = float((model(data.x_val).argmax(1) == data.y_val).float().mean())
     result = {"job": name, "final_val_acc": acc, "seconds": seconds, "tevid": monitor.tevid is not None,
+              "cadence": monitor.config.cadence,
               "monitor": f"TEViD from {monitor.checkpoint}" if monitor.tevid is not None else "rule symptoms only",
               "alerts": [a.to_dict() for a in monitor.alerts], "predictions": list(monitor.predictions),
               "frames": [{"step": f.step, "frame": f.frame.float()} for f in monitor.frames],
@@ -208,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tevid").setLevel(logging.ERROR)  # alerts are printed by the demo's own callback
     checkpoint = False if cfg.checkpoint == "none" else cfg.checkpoint
     data = load_digits(cfg.seed)
+    cadence = cfg.cadence or default_cadence(checkpoint)
     print(f"TEViD demo: a small ResNet on scikit-learn's digits, {cfg.steps} steps per job, a frame every "
-          f"{cfg.cadence} steps", flush=True)
+          f"{cadence} steps", flush=True)
     results = []
     for name in ("healthy", "lr_spike"):
         extra = (f" (learning rate x{cfg.spike_factor:g} for one step, {cfg.spike_bursts} times from step "

@@ -132,6 +132,16 @@ class FinetuneConfig:
 
 # ---------------------------------------------------------------- pieces
 
+def corpus_cadences(corpus: Path, spacings) -> dict:
+    """{"trained_cadences": [...]}: the frame cadences the windows come at, the corpus's capture cadence (its
+    config.json, as the factory saved it) times each spacing; {} when the corpus does not say (shards)."""
+    try:
+        cadence = json.loads((Path(corpus) / "config.json").read_text())["capture"]["cadence"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {"trained_cadences": sorted({int(cadence) * int(k) for k in spacings})} if isinstance(cadence, int) else {}
+
+
 def balanced_weights(counts: list[int]) -> torch.Tensor:
     """n / (K_present * n_c) for classes present, 0 for absent ones (sklearn's 'balanced')."""
     c = torch.tensor(counts, dtype=torch.float64)
@@ -337,6 +347,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
     except ValueError as err:
         where = "the val split" if cfg.data.holdout_fold is None else f"fold {cfg.data.holdout_fold}"
         raise ValueError(f"{corpus}: fine-tuning validates and calibrates on {where}: {err}") from err
+    trained = corpus_cadences(corpus, cfg.data.spacings)  # read by the live monitor for its default cadence
     class_w = balanced_weights(data.counts).to(accelerator.device) if cfg.class_weights == "balanced" else None
 
     o = cfg.optim
@@ -400,7 +411,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
             epoch_log.write(row)
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
             save_checkpoint(last, model=model, config=to_dict(cfg), step=state["step"], optimizer=optimizer.optimizer,
-                            scheduler=scheduler, extra={"epoch": state["epoch"]})
+                            scheduler=scheduler, extra={"epoch": state["epoch"], **trained})
         accelerator.wait_for_everyone()
 
     if records is None:  # resumed after the last epoch: predict once for the calibration
@@ -408,7 +419,8 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
     if main_proc:
         if cal is None:  # resumed after the last epoch
             cal = calibrate(streams_from_records(records), cfg.calibration, CLASSES[:model_cfg.num_classes])
-        final = save_checkpoint(out / "final", model=model, config=to_dict(cfg), step=state["step"], extra={"epoch": state["epoch"]})
+        final = save_checkpoint(out / "final", model=model, config=to_dict(cfg), step=state["step"],
+                                extra={"epoch": state["epoch"], **trained})
         save_calibration(cal, final)
         write_predictions(records, out / PREDICTIONS_FILE)  # the validation windows' predictions (diagnose.crossfit reads them)
         print(f"calibration: temperature {cal.temperature:.3g}, tau {cal.tau:.3g}, thresholds "

@@ -49,7 +49,7 @@ from capture.hooks import forward_hook, forward_pre_hook, step_post_hook
 from capture.recorder import CaptureConfig, Frame, _first_tensor, attach
 from diagnose.callbacks import CallbackList, JsonlSink, jsonable
 from diagnose.evidence import ReleasedEvidence, StepEvidence
-from diagnose.stream import open_stream
+from diagnose.stream import open_stream, trained_cadences
 from diagnose.layer_stats import LayerStatsHooks, activation_modules, sync_layers
 from diagnose.loss_recovery import loss_from_logits_grad, recover_loss  # noqa: F401 - public from here too
 from diagnose.wrappers import dist_info as _dist_info, unwrap_model, unwrap_optimizer  # noqa: F401 - public here too
@@ -59,12 +59,28 @@ from diagnose.symptoms import SYMPTOM_NAMES, Alert, DeadUnits, SaturatedActivati
 # rules-only monitor point it at nothing)
 DEFAULT_CHECKPOINT = Path(os.environ.get("TEVID_DEFAULT_CHECKPOINT") or Path(__file__).resolve().parent / "default_checkpoint")
 WINDOW = 10  # T frames per TEViD window, unless the checkpoint's data config says otherwise
+DEFAULT_CADENCE = 50  # the cadence of a monitor whose checkpoint does not say what it was trained on (or rules only)
 logger = logging.getLogger("tevid")
+
+
+def default_cadence(checkpoint=None) -> int:
+    """The live cadence for `checkpoint` (None: the shipped model; False: none): the coarsest frame cadence the
+    model was trained on (its corpus's cadence times its windows' largest frame spacing), so a job is read at a
+    pace the model has seen; DEFAULT_CADENCE when there is no model or it does not say."""
+    if checkpoint is False:
+        return DEFAULT_CADENCE
+    try:
+        cadences = trained_cadences(DEFAULT_CHECKPOINT if checkpoint is None else checkpoint)
+    except ValueError as err:  # loading the model reports a damaged checkpoint; the cadence falls back
+        logger.warning("%s; cadence %d", err, DEFAULT_CADENCE)
+        return DEFAULT_CADENCE
+    return max(cadences) if cadences else DEFAULT_CADENCE
 
 
 @dataclass
 class MonitorConfig:
-    cadence: int = 50  # one frame (and one round of checks) every `cadence` optimizer steps
+    cadence: int | None = None  # one frame (and one round of checks) every `cadence` optimizer steps; None: the
+    # coarsest cadence the TEViD checkpoint was trained on (`diagnose.stream.trained_cadences`), else DEFAULT_CADENCE
     frame_size: int | None = None  # S; None: the checkpoint's encoder size, else 32
     grad_every: int | None = None  # gradient statistics every n optimizer steps; None: = cadence
     other_ranks: str = "off"  # ranks > 0 under DDP: "off" (no hooks) | "capture" (capture their shard only)
@@ -73,7 +89,7 @@ class MonitorConfig:
     max_activation_modules: int = 32  # ReLU / tanh / sigmoid modules hooked for dead / saturated units
 
     def __post_init__(self):
-        check_int("cadence", self.cadence, 1)
+        check_int("cadence", self.cadence, 1, optional=True)
         check_int("frame_size", self.frame_size, 2, optional=True)
         check_int("grad_every", self.grad_every, 1, optional=True)
         check_choice("other_ranks", self.other_ranks, ("off", "capture"))
@@ -113,6 +129,8 @@ class Monitor:
         self.log_dir: Path | None = None
         self.rank, self.world_size = _dist_info()
         self.role = "diagnose" if self.rank == 0 else config.other_ranks
+        if config.cadence is None:  # resolved on every rank alike, from the checkpoint's files (not its weights)
+            config.cadence = default_cadence(checkpoint)
         self.model = unwrap_model(model)
         self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.callbacks = CallbackList(callbacks)

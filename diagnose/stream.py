@@ -61,6 +61,7 @@ class TEViDStream:
         self.ring: deque[tuple[int, torch.Tensor | None, torch.Tensor]] = deque(maxlen=window)
         self.state = DecisionState.start(len(calibration.classes)) if calibration is not None else None
         self.frame_size: int | None = None  # the encoder's frame side, when known (`open_stream`)
+        self.trained_cadences: tuple[int, ...] | None = None  # the frame cadences it was trained on (`open_stream`)
         self.temperature = temperature  # used when there is no calibration (the replay tempers, the rule runs later)
 
     def reset(self) -> None:
@@ -151,6 +152,24 @@ class TEViDStream:
                                        tuple(float(u) for u in state.get("gate", ())), bool(state.get("unfamiliar", False)))
 
 
+def trained_cadences(path: str | Path) -> tuple[int, ...] | None:
+    """The frame cadences (optimizer steps between frames) a fine-tuned TEViD directory was trained on: its
+    corpus's capture cadence times each frame spacing of its windows (`state.json`, `extra.trained_cadences`,
+    written by `diagnose.finetune`). None when the directory does not say (models fine-tuned before it did,
+    or no readable `state.json`); a value that is not a list of positive integers is an error naming the file."""
+    state = Path(path) / "state.json"
+    try:
+        extra = json.loads(state.read_text()).get("extra") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = extra.get("trained_cadences")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in value):
+        raise ValueError(f"{state}: extra.trained_cadences must be a non-empty list of positive integers, got {value!r}")
+    return tuple(sorted(set(value)))
+
+
 def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", window: int = 10) -> TEViDStream:
     """The live stream of a fine-tuned TEViD directory (`diagnose.tevid.load_tevid`): its window length from
     the saved data config (default `window`), on `device` (a device, or a callable giving one). The stream's
@@ -172,4 +191,5 @@ def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", w
     device = device() if callable(device) else device
     stream = TEViDStream(model.to(device).eval().requires_grad_(False), cal, window, device)
     stream.frame_size = size
+    stream.trained_cadences = trained_cadences(path)
     return stream

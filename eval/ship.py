@@ -1,8 +1,8 @@
 """Ship a fine-tuned TEViD checkpoint as the default model (`diagnose/default_checkpoint/`), with a
 manifest that says which corpus config, which commit and which commands made it.
 
-    python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid \
-        [--report outputs/report/cpu/metrics.json] [--out diagnose/default_checkpoint]
+    python -m eval.ship --checkpoint outputs/finetune/ship/s0/final --corpus outputs/corpus/cpu \
+        [--report outputs/report/ship/metrics.json] [--out diagnose/default_checkpoint]
 
 Copies the weights (`model.safetensors`), `config.json`, `state.json` and `calibration.json` (no pickle),
 checks that the copy loads (`diagnose.tevid.load_tevid`), and writes `MANIFEST.json`: the corpus's
@@ -29,14 +29,16 @@ from diagnose.tevid import file_sha256
 FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
 # the pipeline behind the shipped model (Makefile target `reproduce` runs exactly these)
 PIPELINE = (
-    "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu_grid.yaml --out outputs/corpus/cpu_grid",
-    "python -m factory.relabel --corpus outputs/corpus/cpu_grid --calibrate --config configs/factory/cpu_grid.yaml",
-    "python -m pretrain.clips export --corpus outputs/corpus/cpu_grid --out outputs/shards/cpu --overwrite",
-    "accelerate launch (2 CPU processes) pretrain/train.py --config configs/pretrain/cpu.yaml --corpus outputs/shards/cpu --out outputs/pretrain/cpu",
-    "accelerate launch (2 CPU processes) diagnose/finetune.py --config configs/finetune/cpu.yaml --corpus outputs/corpus/cpu_grid --checkpoint outputs/pretrain/cpu/final --out outputs/finetune/cpu",
-    "python -m eval.ship --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu_grid --report outputs/report/cpu/metrics.json",
+    "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu",
+    "python -m factory.stats --corpus outputs/corpus/cpu",
+    "for s in 0 1 2: python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu "
+    "--out outputs/finetune/ship/s$s seed=$s threads=1",
+    "python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/s0/final --out outputs/report/ship "
+    "'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' (seeds 1 and 2 as tevid_s1, tevid_s2; seed group tevid_3seeds)",
+    "python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/s0/final --out outputs/probes/ship",
+    "python -m eval.ship --checkpoint outputs/finetune/ship/s0/final --corpus outputs/corpus/cpu --report outputs/report/ship/metrics.json",
 )
-HEADLINE = ("event_auprc", "event_auprc_ci", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc")
+HEADLINE = ("event_auprc", "event_auprc_ci", "event_base_rate", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc")
 
 
 def _git(*args: str) -> str | None:

@@ -218,6 +218,13 @@ def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, t
     assert spaced > int(re.search(r"(\d+) training windows/epoch", capsys.readouterr().out).group(1))  # spacing 2 adds windows
     model, cal = load_tevid(out / "final")
     assert model.cfg.anomaly_head and cal.score_threshold is not None and "score_threshold_source" in cal.report
+    # the frame cadences its windows came at (the corpus's cadence of 5 steps, every frame and every second one),
+    # which the live monitor reads for its default cadence
+    from diagnose.monitor import default_cadence
+    from diagnose.stream import trained_cadences
+
+    assert trained_cadences(out / "final") == (5, 10) and default_cadence(str(out / "final")) == 10
+    assert trained_cadences(tmp_path / "one" / "final") == (5,)
     diagnoser = TEViDDiagnoser.from_checkpoint(out / "final")
     [result] = replay_runs(load_runs(smoke_corpus, "test", progress=False)[:1], diagnoser, progress=False)
     assert np.all((result.score >= 0) & (result.score <= 1))

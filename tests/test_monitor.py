@@ -153,6 +153,30 @@ def test_plain_loop_frames_readouts_and_remove(tmp_path):
     monitor.remove()  # idempotent
 
 
+def test_the_default_cadence_is_the_coarsest_one_the_checkpoint_was_trained_on(tmp_path, caplog):
+    from diagnose.monitor import DEFAULT_CADENCE, default_cadence
+
+    def ckpt(name, extra):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "state.json").write_text(json.dumps({"step": 1, "extra": extra}))
+        return d
+
+    assert default_cadence(ckpt("trained", {"epoch": 8, "trained_cadences": [10, 5, 20]})) == 20
+    assert default_cadence(ckpt("older", {"epoch": 8})) == DEFAULT_CADENCE == 50  # fine-tuned before it was written
+    assert default_cadence(False) == default_cadence(None) == DEFAULT_CADENCE  # rules only; no shipped model here
+    assert default_cadence(tmp_path / "missing") == DEFAULT_CADENCE
+    bad = ckpt("bad", {"trained_cadences": [5, 0]})
+    with caplog.at_level(logging.WARNING, logger="tevid"):
+        assert default_cadence(bad) == DEFAULT_CADENCE
+    assert f"{bad / 'state.json'}: extra.trained_cadences must be a non-empty list of positive integers" in caplog.text
+    model = TinyNet()
+    monitor = diagnose.watch(model, torch.optim.SGD(model.parameters(), lr=0.05), modules=MODULES)
+    train(model, monitor.optimizer, 101)
+    assert monitor.config.cadence == 50 and [r["step"] for r in monitor.readouts] == [0, 50, 100]
+    monitor.remove()
+
+
 def test_observe_overrides_the_head_estimate():
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
