@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagnose.decision import Rule, first_alerts, run_macro_f1
+from diagnose.decision import Rule, alert_names, first_alerts, run_macro_f1
 from diagnose.evidential import IGNORE, tempered_probs
 
 CALIBRATION_FILE = "calibration.json"
@@ -324,7 +324,7 @@ def calibrate(streams: list[RunStream], cfg: CalibrationConfig = CalibrationConf
         report["threshold_source"] = f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs"
     score_threshold = None
     if streams[0].anomaly is not None:  # score mode: the anomaly score alone drives the alarm
-        score_threshold = _fit_score_threshold(healthy, tau, cfg) if healthy else cfg.default_threshold
+        score_threshold = _fit_score_threshold(healthy, cfg) if healthy else cfg.default_threshold
         report["score_threshold_source"] = (f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs" if healthy
                                             else "default (no Healthy validation runs)")
     cal = Calibration(classes, [float(t) for t in thresholds], float(temperature), float(tau), cfg.consecutive, report,
@@ -351,10 +351,10 @@ def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: Cali
     raise AssertionError("unreachable: at the top rank no Healthy run can fire")  # threshold >= every m
 
 
-def _fit_score_threshold(healthy: list[RunStream], tau: float, cfg: CalibrationConfig) -> float:
+def _fit_score_threshold(healthy: list[RunStream], cfg: CalibrationConfig) -> float:
     """The lowest anomaly-score threshold (an order statistic of the runs' peak 3-frame minima, + 1e-6)
     at which at most `far_target` of the Healthy runs alarm; not below `min_threshold`."""
-    m = sorted(_peak_streak_min(s.anomaly, s.vacuity <= tau, cfg.consecutive) for s in healthy)
+    m = sorted(_peak_streak_min(s.anomaly, np.ones(len(s.anomaly), bool), cfg.consecutive) for s in healthy)  # vacuity breaks no streak
     allowed = math.floor(cfg.far_target * len(healthy) + 1e-9)  # Healthy runs that may alarm
     return float(min(1.0, max(cfg.min_threshold, m[len(m) - 1 - allowed] + MARGIN)))
 
@@ -370,15 +370,16 @@ def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> d
         unknown.append(np.mean([d.unknown for d in decisions]))
         if not s.known:
             continue
+        alerts = [(d.frame, name) for d in decisions for name in alert_names(d, cal.classes)]  # Unknown alerts too
         if s.label == "healthy":
-            healthy_alarms += bool(first)
-            pairs.append(("healthy", cal.classes[min(first, key=first.get)] if first else "healthy"))
+            healthy_alarms += bool(alerts)
+            pairs.append(("healthy", alerts[0][1] if alerts else "healthy"))
         elif s.label in cal.classes:
             anomalous[s.label] += 1
             detected[s.label] += cal.classes.index(s.label) in first
             onset = int(np.argmax(s.target != 0)) if (s.target != 0).any() else len(s.target)  # targets leave 0 at the onset
-            after = [d for d in decisions if d.frame >= onset and d.new_alerts]
-            pairs.append((s.label, cal.classes[after[0].new_alerts[0]] if after else "healthy"))
+            after = [name for frame, name in alerts if frame >= onset]
+            pairs.append((s.label, after[0] if after else "healthy"))
     f1 = run_macro_f1(pairs, cal.classes[1:])  # the test split's definition (eval.metrics.macro_f1)
     out = {"val_unknown_fraction": float(np.mean(unknown)), "val_run_macro_f1": f1 if math.isfinite(f1) else None}
     n_healthy = sum(s.known and s.label == "healthy" for s in streams)

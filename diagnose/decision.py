@@ -12,11 +12,13 @@ At each new frame TEViD gives class probabilities `p (K,)` (class 0 = Healthy) a
 - Unknown frames by vacuity have a streak of their own: at the frame where `consecutive` of them in a
   row are reached, `Decision.unknown_alert` is set (once per streak). Any other frame resets it.
 
-With an anomaly score (a TEViD with `anomaly_head`, calibrated with `score_threshold`), the score drives
-the alarm and the class head names the kind: one streak grows while `score > score_threshold` on a
-non-Unknown frame; when it reaches `consecutive`, the alert fires for the anomaly class with the highest
-probability at that frame, stays active (that class) while the streak lasts, and fires again only after a
-break. Unknown and non-finite frames break it as above.
+With an anomaly score (a TEViD with `anomaly_head`, calibrated with `score_threshold`), the score alone
+drives the alarm and the class head names the kind: one streak grows while `score > score_threshold`,
+whatever the vacuity; when it reaches `consecutive` the alarm fires, named for the anomaly class with the
+highest probability at that frame, or named Unknown (`Decision.unknown_alert`) when that frame's vacuity is
+above tau: the model sees something wrong but not which kind. The class stays active while the streak lasts
+and fires again only after a break; non-finite frames break it. High vacuity alone raises no alert in this
+mode (a job unlike the training runs is not by that an anomaly); it still marks the frame Unknown.
 
 The familiarity gate (`gate` > 0, a TEViD whose vacuity is its familiarity score): the median vacuity of the
 first `gate` frames (the job's healthy phase) decides once, at frame `gate` - 1, whether the job is familiar.
@@ -126,24 +128,32 @@ def _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_th
     if not (all(math.isfinite(p) for p in probs) and math.isfinite(float(vacuity))
             and (score_threshold is None or math.isfinite(score))):
         return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.NONFINITE, frame=frame)
+    if score_threshold is not None:
+        return _decide_score(state, probs, float(vacuity) > tau, score > score_threshold, consecutive)
     if float(vacuity) > tau:
         unknown = state.unknown_streak + 1
         return (DecisionState((0,) * (k - 1), frame + 1, unknown),
                 Decision(UNKNOWN, Reason.VACUITY, frame=frame, unknown_alert=unknown == consecutive))
     label = max(range(k), key=lambda c: probs[c])
-    if score_threshold is not None:
-        streak = state.anomaly_streak + 1 if score > score_threshold else 0
-        if streak == consecutive:  # fires: the kind is the likeliest anomaly class now
-            cls = 1 + max(range(k - 1), key=lambda c: probs[1 + c])
-        else:  # the class the streak fired keeps it active; 0 before it fires or after a break
-            cls = state.anomaly_class if streak > consecutive else 0
-        fired = (cls,) if streak == consecutive else ()
-        active = (cls,) if cls else ()
-        return (DecisionState((0,) * (k - 1), frame + 1, 0, streak, cls), Decision(label, Reason.KNOWN, fired, active, frame))
     new = tuple(s + 1 if p > t else 0 for s, p, t in zip(streaks, probs[1:], thresholds))
     active = tuple(c + 1 for c, s in enumerate(new) if s >= consecutive)
     fired = tuple(c + 1 for c, s in enumerate(new) if s == consecutive)
     return DecisionState(new, frame + 1), Decision(label, Reason.KNOWN, fired, active, frame)
+
+
+def _decide_score(state, probs, unknown: bool, above: bool, consecutive) -> tuple[DecisionState, Decision]:
+    """Score mode (module docstring): the anomaly streak fires the alarm; the frame's vacuity names it Unknown."""
+    k, frame = len(probs), state.frames
+    streak = state.anomaly_streak + 1 if above else 0
+    fires = streak == consecutive
+    if fires:  # the kind is the likeliest anomaly class now, unless the model lacks the evidence to say (0)
+        cls = 0 if unknown else 1 + max(range(k - 1), key=lambda c: probs[1 + c])
+    else:  # the class the streak fired keeps it active; 0 before it fires, after a break or for an Unknown alarm
+        cls = state.anomaly_class if streak > consecutive else 0
+    label = UNKNOWN if unknown else max(range(k), key=lambda c: probs[c])
+    decision = Decision(label, Reason.VACUITY if unknown else Reason.KNOWN, (cls,) if fires and cls else (),
+                        (cls,) if cls else (), frame, unknown_alert=fires and unknown)
+    return DecisionState((0,) * (k - 1), frame + 1, 0, streak, cls), decision
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,14 @@ class Rule:
                               None if scores is None else scores[i], self.score_threshold, self.gate)
             out.append(d)
         return out
+
+
+def alert_names(d: Decision, classes: Sequence[str] | None = None) -> list[str]:
+    """The alerts that fire at a decision, by name: its classes' (`classes`, default the corpus's CLASSES), then
+    "unknown" for an Unknown alert."""
+    if classes is None:
+        from capture.schema import CLASSES as classes
+    return [classes[c] for c in d.new_alerts] + ["unknown"] * d.unknown_alert
 
 
 def first_alerts(decisions: Sequence[Decision]) -> dict[int, int]:

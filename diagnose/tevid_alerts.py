@@ -60,7 +60,11 @@ def tevid_alerts(pred: Prediction, calibration, window: torch.Tensor | None, poi
     if d.unfamiliar_alert:
         found.append(("unfamiliar", None, f"TEViD: unfamiliar model: its first {cal.gate} windows are far from every training "
                                           f"run (familiarity {u:.2f} > tau {cal.tau:.2f}); rule symptoms only from here"))
-    if d.unknown_alert:
+    if d.unknown_alert and getattr(cal, "score_threshold", None) is not None:
+        found.append(("unknown", None, f"TEViD: an anomaly of no known kind (anomaly score {pred.anomaly:.2f} > "
+                                       f"{cal.score_threshold:.2f} for {cal.consecutive} frames in a row; vacuity {u:.2f} > "
+                                       f"tau {cal.tau:.2f}: the class head lacks the evidence to name it)"))
+    elif d.unknown_alert:
         found.append(("unknown", None, f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} "
                                        f"frames in a row)"))
     if not found:

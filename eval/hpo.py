@@ -23,7 +23,7 @@ writes config.json (this HPOConfig, resolved), hpo.json (per arm: summary and ev
 (the table, which is also printed). Without --checkpoint the monitor loads the shipped model
 (`diagnose/default_checkpoint/`, with its calibration); `none` (or no shipped model) runs it with rule
 symptoms only, and the output says which. The CUSUM arm's default operating point is the benchmark's
-tuned CUSUM (docs/benchmark/metrics.json, "cusum": `tuned_params` and its FAR <= 5% `threshold`).
+tuned CUSUM (docs/benchmark/issue7/metrics.json, "cusum": `tuned_params` and its FAR <= 5% `threshold`).
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ STUDY_NAME = "tevid-hpo"  # one name for every arm: same Hyperband bracket for t
 
 
 def benchmark_cusum() -> CusumConfig:
-    """The CUSUM of the benchmark report (docs/benchmark/metrics.json, "cusum"."tuned_params": 25 optuna
-    trials on the cpu corpus's validation split, `python -m eval.tune`; docs/benchmark/README.md)."""
+    """The CUSUM of the benchmark report (docs/benchmark/issue7/metrics.json, "cusum"."tuned_params": 25 optuna
+    trials on the cpu corpus's validation split, `python -m eval.tune`; docs/benchmark/issue7/README.md)."""
     return CusumConfig(k=0.35756352466042973, two_sided=True, aggregate="max", reset_at_h=False,
                        residuals=ResidualConfig(span=80.50845643882911, scale_span=16.333216017949866))
 
@@ -85,11 +85,11 @@ class HPOConfig:
     n_startup: int = 10  # TPE's random trials
     seed: int = 0
     threads: int = 1
-    cadence: int = 10  # frames every n steps, for the monitor and CUSUM (the cpu corpus TEViD read: 10)
+    cadence: int = 10  # frames every n steps, for the monitor and CUSUM (one of the cadences the shipped TEViD was trained on)
     checkpoint: str = "auto"  # TEViD directory | "auto" (the shipped model, if present) | "none" (rule symptoms only)
     prune_on: list[str] = field(default_factory=lambda: ["instability", "nan_inf", "exploding_gradients"])
     # the benchmark CUSUM's FAR <= 5% threshold on the cpu corpus's validation split, set by
-    # `python -m eval.report` (docs/benchmark/metrics.json, "cusum"."threshold")
+    # `python -m eval.report` (docs/benchmark/issue7/metrics.json, "cusum"."threshold")
     cusum_threshold: float = 54.512767079482934
     cusum: CusumConfig = field(default_factory=benchmark_cusum)
     consecutive: int = 3  # frames in a row above the CUSUM threshold (the alert rule of docs/architecture.md §8)

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from capture.store import RunStore
-from diagnose.decision import Decision, Rule
+from diagnose.decision import Decision, Rule, alert_names
 from eval.metrics import RunResult, alerts_at_threshold
 from pretrain.clips import CLASSES, CLIP_READOUTS, ClipConfig, corpus_runs
 
@@ -372,11 +372,13 @@ def confirmed_alerts(result: RunResult, *, threshold: float | None = None, rule:
     """Confirmed alerts `(step, class name)` of one run, in order. Exactly one of:
     threshold: score > threshold for `consecutive` frames in a row (score-only detectors; the class is
     the most probable anomaly class when the run has probs, else "anomaly");
-    rule: diagnose.decision with per-class thresholds and tau (class-probability diagnosers)."""
+    rule: diagnose.decision with per-class thresholds and tau (class-probability diagnosers); its Unknown
+    alerts count as alerts named "unknown", as the live monitor raises them (a false alarm on a Healthy run,
+    a detection with the wrong kind on an anomalous one)."""
     if (threshold is None) == (rule is None):
         raise ValueError("confirmed_alerts: give exactly one of threshold= (score-only) or rule= (class probabilities)")
     if rule is not None:
-        return [(int(result.frame_step[d.frame]), CLASSES[c]) for d in decisions(result, rule) for c in d.new_alerts]
+        return [(int(result.frame_step[d.frame]), name) for d in decisions(result, rule) for name in alert_names(d)]
     return alerts_at_threshold([result], threshold, consecutive)[0].alerts
 
 

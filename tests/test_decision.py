@@ -8,7 +8,7 @@ import pytest
 from diagnose.calibrate import (CalibrationConfig, RunStream, _peak_streak_min, calibrate, fit_temperature, load_calibration,
                                 save_calibration, streams_from_records)
 from capture.schema import CLASSES, IGNORE
-from diagnose.decision import UNKNOWN, Decision, DecisionState, Reason, Rule, decide, first_alerts, run_macro_f1
+from diagnose.decision import UNKNOWN, Decision, DecisionState, Reason, Rule, alert_names, decide, first_alerts, run_macro_f1
 
 K = 5
 THRESHOLDS = (0.6, 0.6, 0.6, 0.6)  # anomaly classes 1..4
@@ -236,7 +236,7 @@ def test_validation_macro_f1_is_the_run_level_one_of_the_test_report():
         ([(H, U, 0.9)] * 3, {1: 2}),  # the score alarms though p(healthy) is highest: the kind is the likeliest anomaly class (ties: first)
         ([(I, U, 0.4)] * 5, {}),  # confident class, low score: no alarm (the class thresholds are not used)
         ([(O, U, 0.9), (I, U, 0.9), (I, U, 0.9)], {2: 2}),  # the kind is read at the frame that confirms
-        ([(O, U, 0.9), (O, X, 0.9), (O, U, 0.9), (O, U, 0.9)], {}),  # an Unknown frame breaks the streak
+        ([(O, U, 0.9), (O, X, 0.9), (O, U, 0.9), (O, U, 0.9)], {1: 2}),  # high vacuity breaks no streak
         ([(O, U, 0.9)] * 2 + [(O, U, float("nan"))] + [(O, U, 0.9)] * 3, {1: 5}),  # a non-finite score is Unknown
         ([(F, U, 0.9)] * 3 + [(F, U, 0.1)] + [(B, U, 0.9)] * 3, {3: 2, 4: 6}),  # fires again after a break
     ],
@@ -252,6 +252,20 @@ def test_score_mode(frames, expected):
         assert after is None or after.active in ((), fired[0].new_alerts)
     with pytest.raises(ValueError, match="give scores="):
         rule.replay([H], [U])
+
+
+def test_score_mode_names_an_alarm_unknown_only_when_it_fires_on_high_vacuity():
+    """The anomaly score alarms; a frame above tau names the alarm Unknown instead of a class. High vacuity
+    with a low score raises nothing (a job unlike the training runs is not by that an anomaly)."""
+    rule = Rule((0.99,) * 4, TAU, score_threshold=0.5)
+    quiet = rule.replay([O] * 6, [X] * 6, [0.1] * 6)
+    assert not any(d.new_alerts or d.unknown_alert for d in quiet) and all(d.unknown for d in quiet)
+    frames = [(O, U, 0.9), (O, U, 0.9), (O, X, 0.9), (O, U, 0.9), (O, U, 0.1), (I, U, 0.9), (I, U, 0.9), (I, U, 0.9)]
+    decisions = rule.replay([f[0] for f in frames], [f[1] for f in frames], [f[2] for f in frames])
+    assert [d.frame for d in decisions if d.unknown_alert] == [2]  # fired on a high-vacuity frame: named Unknown
+    assert [d.active for d in decisions[2:4]] == [(), ()]  # an Unknown alarm activates no class
+    assert first_alerts(decisions) == {2: 7}  # after a break the next streak fires with the kind read at frame 7
+    assert [alert_names(d) for d in decisions if d.new_alerts or d.unknown_alert] == [["unknown"], ["instability"]]
 
 
 def test_score_threshold_meets_the_false_alarm_target(tmp_path):

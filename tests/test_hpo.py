@@ -39,7 +39,7 @@ def test_defaults_are_the_shipped_model_and_the_benchmark_cusum():
 
     expected = str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None
     assert resolve_checkpoint(HPOConfig().checkpoint) == expected
-    bench = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmark" / "metrics.json").read_text())["cusum"]
+    bench = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmark" / "issue7" / "metrics.json").read_text())["cusum"]
     cfg = HPOConfig()
     assert cfg.cusum_threshold == bench["threshold"] and bench["threshold_split"] == "val"
     tuned = {**{k: v for k, v in bench["tuned_params"].items() if "." not in k},

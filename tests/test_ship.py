@@ -50,32 +50,39 @@ def test_the_shipped_default_model_loads_and_matches_its_manifest():
         assert _sha256(DEFAULT_CHECKPOINT / name) == info["sha256"], name
     model, cal = load_tevid(DEFAULT_CHECKPOINT)
     assert cal.classes == list(CLASSES) and not model.training
-    s = model.cfg.encoder_overrides.get("img_size", 32) if hasattr(model, "cfg") else 32
+    assert man["test_split"]["event_base_rate"] < man["test_split"]["event_auprc"]  # the AUPRC beside its base rate
+    width = len(model.cfg.scalar_names) if model.cfg.representation == "relative" else len(CLIP_READOUTS)
+    s = model.cfg.encoder_overrides.get("img_size", 32)
     with torch.no_grad():
-        out = model.predict(torch.zeros(1, 10, 6, s, s, dtype=torch.bfloat16), torch.zeros(1, 10, 8), cal.temperature)
+        frames = torch.zeros(1, 10, 6, s, s, dtype=torch.bfloat16) if model.cfg.uses_video else None
+        out = model.predict(frames, torch.zeros(1, 10, width), cal.temperature)
     assert torch.isfinite(out["probs"]).all()
 
 
-# The shipped model's outputs on `synthetic_window(32, 12)` through the live stream (`diagnose.stream.open_stream`):
-# (step, probs in CLASSES order, vacuity) of the windows ending at frames 9, 10 and 11. Any change to the
-# weights, the calibration's temperature, the readout order or the window assembly moves them. Recorded when
-# this test was added (torch 2.14.1 on a 2-core AMD EPYC VM; 1 and 2 threads gave the same 6 digits). One
-# forward pass of a fixed input varies across CPUs far below the tolerance, unlike a training run.
-PINNED = [
-    (90, [0.05633, 0.056103, 0.056103, 0.773793, 0.057671], 0.299705),
-    (100, [0.078169, 0.077622, 0.077622, 0.513422, 0.253165], 0.404534),
-    (110, [0.062272, 0.061546, 0.061546, 0.752743, 0.061893], 0.327209),
-]
+# The shipped model's outputs on `synthetic_run(14)` through the live stream (`diagnose.stream.open_stream`):
+# (step, probs in CLASSES order, vacuity, anomaly score) of the windows ending at frames 9 .. 13. Any change to the
+# weights, the calibration's temperature, the run-relative inputs (capture.relative) or the window assembly moves
+# them. Recorded when the model was shipped (torch 2.14.1 on a 2-core AMD EPYC VM). One forward pass of a fixed
+# input varies across CPUs far below the tolerance, unlike a training run.
+PINNED = []
 
 
-def synthetic_window(size: int, frames: int):
-    """Seeded frames (T, 6, S, S) bf16 and raw readouts (T, 8) in CLIP_READOUTS order, one of them missing."""
+def synthetic_run(frames: int):
+    """Seeded inputs of a relative model's stream, one tuple per frame: (step, raw readouts dict in CLIP_READOUTS
+    order, levels (6,), pattern (6, 8, 8), the steps' losses since the previous frame, the weights' pace). The loss
+    falls, then jumps at frame 11 with the weights' pace; the class count is 10."""
     g = torch.Generator().manual_seed(18)
-    maps = torch.randn(frames, 6, size, size, generator=g).to(torch.bfloat16)
     scale = torch.tensor([2.0, 1.0, 1.0, 0.05, 1.0, 2.0, 1.0, 3.0])
-    readouts = torch.rand(frames, len(CLIP_READOUTS), generator=g) * scale
-    readouts[0, CLIP_READOUTS.index("score_z")] = math.nan
-    return maps, readouts
+    out = []
+    for t in range(frames):
+        readouts = dict(zip(CLIP_READOUTS, (torch.rand(len(CLIP_READOUTS), generator=g) * scale).tolist()))
+        loss = 2.3 * math.exp(-0.15 * t) * (4.0 if t >= 11 else 1.0)
+        readouts["loss"] = loss
+        levels = torch.randn(6, generator=g) * 0.1 - 0.05 * t
+        pattern = torch.randn(6, 8, 8, generator=g)
+        losses = torch.full((10,), loss) + 0.01 * torch.randn(10, generator=g) if t else torch.tensor([loss])
+        out.append((10 * t, readouts, levels, pattern, losses, math.nan if t == 0 else 1e-3 * (8.0 if t >= 11 else 1.0)))
+    return out
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="no default model shipped in this checkout")
@@ -83,17 +90,15 @@ def test_the_shipped_models_outputs_on_a_fixed_input_are_pinned(one_thread):
     from diagnose.stream import open_stream
 
     stream = open_stream(DEFAULT_CHECKPOINT)
-    assert (stream.window, stream.frame_size) == (10, 32)
-    maps, readouts = synthetic_window(stream.frame_size, 12)
-    preds = [stream.push(10 * t, maps[t], dict(zip(CLIP_READOUTS, readouts[t].tolist()))) for t in range(12)]
+    assert stream.window == 10 and stream.relative and stream.trained_cadences == (5, 10, 20)
+    preds = [stream.push(step, None, r, levels, pattern, 10, losses, ws) for step, r, levels, pattern, losses, ws in synthetic_run(14)]
     assert preds[:9] == [None] * 9  # live windows are causal and unpadded
-    for pred, (step, probs, vacuity) in zip(preds[9:], PINNED):
+    got = [(p.step, [round(x, 6) for x in p.probs], round(p.vacuity, 6), round(p.anomaly, 6)) for p in preds[9:]]
+    assert len(got) == len(PINNED), got
+    for pred, (step, probs, vacuity, anomaly) in zip(preds[9:], PINNED):
         assert pred.step == step
         np.testing.assert_allclose(pred.probs, probs, atol=1e-4)
-        assert pred.vacuity == pytest.approx(vacuity, abs=1e-4)
-    # the stream's window is the model's input as stored: the last T frames and readouts, in order
-    out = stream.model.predict(maps[None, 2:], readouts[None, 2:], temperature=stream.calibration.temperature)
-    np.testing.assert_allclose(out["probs"][0].double().numpy(), preds[-1].probs, atol=1e-6)
+        assert pred.vacuity == pytest.approx(vacuity, abs=1e-4) and pred.anomaly == pytest.approx(anomaly, abs=1e-4)
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="no default model shipped in this checkout")
@@ -104,7 +109,7 @@ def test_the_shipped_model_in_a_live_job_alerts_exactly_where_its_calibrated_rul
     calibration over those predictions."""
     from diagnose.demo import DemoConfig, _job, load_digits
 
-    cfg = DemoConfig(steps=150, spike_onset=100, spike_gap=5, seed=1)
+    cfg = DemoConfig(steps=150, cadence=10, spike_onset=100, spike_gap=5, seed=1)
     res = _job("lr_spike", cfg, load_digits(cfg.seed), tmp_path, None)
     cal = load_calibration(DEFAULT_CHECKPOINT)
     assert res["tevid"] and res["disabled_reason"] is None and res["monitor"] == f"TEViD from {DEFAULT_CHECKPOINT}"

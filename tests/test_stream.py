@@ -32,26 +32,38 @@ def _watched_job(steps: int, cadence: int = 1, **watch_options):
     return monitor, frames
 
 
-def test_the_replay_reads_what_the_live_monitor_read():
-    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
-        pytest.skip("no shipped model")
-    monitor, frames = _watched_job(13)
+def _live_and_replayed(checkpoint, steps: int, cadence: int):
+    """A job watched live with `checkpoint`, then its frames replayed through `TEViDDiagnoser` as the benchmark
+    does (readouts, the steps' losses, levels and patterns of each frame): [(replayed probs, live probs)] per
+    frame with a full window, after checking that the vacuity agrees too."""
+    monitor, frames = _watched_job(steps, cadence=cadence, checkpoint=checkpoint)
     window = monitor.window
     assert len(monitor.predictions) == len(frames) - window + 1  # live: a prediction once T frames exist
-
-    replay = TEViDDiagnoser(monitor.tevid, monitor.calibration, window=window)
-    replay.reset({})
+    replay = TEViDDiagnoser.from_checkpoint(checkpoint)
+    replay.reset({"num_classes": frames[0].num_classes})
     names = tuple(frames[0].readouts)
     readouts = np.array([[f.readouts[k] for k in names] for f in frames], dtype=np.float32)
+    levels = np.stack([f.levels.numpy() for f in frames]).astype(np.float32)
+    assert frames[0].step == 0 and all(len(f.step_losses) == f.step - g.step for g, f in zip(frames, frames[1:]))
+    pairs = []
     for t, f in enumerate(frames):
+        losses = np.concatenate([g.step_losses for g in frames[: t + 1]]).astype(np.float32)  # steps 0 .. f.step
         view = PastView(t, np.array([g.step for g in frames[: t + 1]]), torch.stack([f.frame.float()]),
-                        readouts[: t + 1].copy(), names, np.zeros(t + 1, np.float32), np.zeros(t + 1, np.float32))
+                        readouts[: t + 1].copy(), names, losses, np.zeros(len(losses), np.float32),
+                        levels=levels[: t + 1].copy(), pattern=f.patterns.float())
         out = replay.step(view)
         if t >= window - 1:
             live = monitor.predictions[t - window + 1]
-            assert live["step"] == f.step
-            np.testing.assert_allclose(out.probs, list(live["probs"].values()), rtol=1e-5, atol=1e-6)
-            assert out.vacuity == pytest.approx(live["vacuity"], rel=1e-5)
+            assert live["step"] == f.step and out.vacuity == pytest.approx(live["vacuity"], rel=1e-5)
+            pairs.append((out.probs, list(live["probs"].values())))
+    return pairs
+
+
+def test_the_replay_reads_what_the_live_monitor_read():
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        pytest.skip("no shipped model")
+    for replayed, live in _live_and_replayed(DEFAULT_CHECKPOINT, 40, cadence=3):
+        np.testing.assert_allclose(replayed, live, rtol=1e-5, atol=1e-6)
 
 
 def test_the_unknown_streak_lives_in_decide():
@@ -104,28 +116,11 @@ def test_a_relative_model_reads_the_same_inputs_live_and_in_the_replay(tmp_path)
     probabilities the replay gives from the same frames' summaries, steps' losses and weights' pace: one
     RunRelative path for both."""
     ckpt = _relative_checkpoint(tmp_path / "rel", optional=True)
-    monitor, frames = _watched_job(25, cadence=3, checkpoint=ckpt)  # 9 frames, each after 3 steps' losses
-    assert frames[0].num_classes == 4 and frames[0].levels is not None
-    assert len(monitor.predictions) == len(frames) - 4 + 1
-
-    replay = TEViDDiagnoser.from_checkpoint(ckpt)
-    replay.reset({"num_classes": 4})
-    names = tuple(frames[0].readouts)
-    readouts = np.array([[f.readouts[k] for k in names] for f in frames], dtype=np.float32)
-    levels = np.stack([f.levels.numpy() for f in frames]).astype(np.float32)
-    assert frames[0].step == 0 and all(len(f.step_losses) == f.step - g.step for g, f in zip(frames, frames[1:]))
-    probs = []
-    for t, f in enumerate(frames):
-        losses = np.concatenate([g.step_losses for g in frames[: t + 1]]).astype(np.float32)  # steps 0 .. f.step
-        view = PastView(t, np.array([g.step for g in frames[: t + 1]]), torch.stack([f.frame.float()]),
-                        readouts[: t + 1].copy(), names, losses, np.zeros(len(losses), np.float32),
-                        levels=levels[: t + 1].copy(), pattern=f.patterns.float())
-        out = replay.step(view)
-        if t >= 3:
-            live = monitor.predictions[t - 3]
-            np.testing.assert_allclose(out.probs, list(live["probs"].values()), rtol=1e-5, atol=1e-6)
-            probs.append(out.probs)
-    assert np.std(probs, axis=0).max() > 1e-3  # the comparison has teeth
+    pairs = _live_and_replayed(ckpt, 25, cadence=3)  # 9 frames, each after 3 steps' losses
+    assert len(pairs) == 9 - 4 + 1
+    for replayed, live in pairs:
+        np.testing.assert_allclose(replayed, live, rtol=1e-5, atol=1e-6)
+    assert np.std([r for r, _ in pairs], axis=0).max() > 1e-3  # the comparison has teeth
 
 
 def test_a_relative_stream_takes_the_reference_its_model_was_trained_with(tmp_path):
