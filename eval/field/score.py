@@ -22,7 +22,7 @@ import numpy as np
 from eval.field.faults import EXPECTED
 
 SOURCES = ("rule", "tevid")
-NEAR = 250  # steps after the onset for "detected soon": 5 frames at the default cadence, room for TEViD's 3-frame rule
+NEAR = 250  # steps after the onset for "detected soon": 5 frames at cadence 50, 12 at the shipped model's 20; room for TEViD's 3-frame rule
 TWIN = 100  # an alert is the healthy twin's too when the twin raised its name (same source) within this many steps
 
 
