@@ -197,7 +197,8 @@ def test_observe_takes_what_it_documents_and_reports_anything_else_once(caplog):
     ({"log_dir": 123}, TypeError, "log_dir"),
     ({"max_activation_modules": -1}, ValueError, "max_activation_modules"),
     ({"cadence": "5"}, TypeError, "cadence"),
-    ({"cadence": None}, TypeError, "cadence"),
+    ({"cadence": True}, TypeError, "cadence"),  # None is the default: the cadence the model was trained on
+    ({"cadence": 0}, ValueError, "cadence"),
     ({"cadence": 2.5}, TypeError, "cadence"),
     ({"frame_size": "32"}, TypeError, "frame_size"),
     ({"frame_size": 0}, ValueError, "frame_size"),
