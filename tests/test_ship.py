@@ -51,7 +51,7 @@ def test_the_shipped_default_model_loads_and_matches_its_manifest():
     model, cal = load_tevid(DEFAULT_CHECKPOINT)
     assert cal.classes == list(CLASSES) and not model.training
     assert man["test_split"]["event_base_rate"] < man["test_split"]["event_auprc"]  # the AUPRC beside its base rate
-    width = len(model.cfg.scalar_names) if model.cfg.representation == "relative" else len(CLIP_READOUTS)
+    width = model.readouts.n_inputs  # the readout vector it takes: 26 relative scalars (it picks its own), or 8 raw
     s = model.cfg.encoder_overrides.get("img_size", 32)
     with torch.no_grad():
         frames = torch.zeros(1, 10, 6, s, s, dtype=torch.bfloat16) if model.cfg.uses_video else None
