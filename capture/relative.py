@@ -117,6 +117,12 @@ def interval_losses(train_loss, frame_step) -> list:
     return [loss[(steps[t - 1] + 1 if t else 0):s + 1] for t, s in enumerate(steps)]
 
 
+def weight_step_column(readouts, names):
+    """The `weight_step` readout of every frame `(N,)` from readouts `(N, R)` in the order of `names` (a store's
+    `readout_names`); None when the store predates the readout."""
+    return readouts[:, list(names).index("weight_step")] if "weight_step" in names else None
+
+
 def spaced_weight_steps(weight_step, idx) -> torch.Tensor:
     """A store's per-frame `weight_step` `(N,)` read at frames `idx` (every k-th): per frame read, the mean
     of the stored per-step rates of the frames since the previous one read (the first: its own value, NaN).
@@ -255,4 +261,4 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
 
 __all__ = ["OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
            "RunRelative", "interval_losses", "pooled", "relative_frames", "relative_run", "spaced_weight_steps",
-           "step_loss_features", "unit_patterns"]
+           "step_loss_features", "unit_patterns", "weight_step_column"]

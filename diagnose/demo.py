@@ -134,7 +134,6 @@ def _job(name: str, cfg: DemoConfig, data: Digits, out: Path, checkpoint) -> dic
     with torch.no_grad():
         acc = float((model(data.x_val).argmax(1) == data.y_val).float().mean())
     result = {"job": name, "final_val_acc": acc, "seconds": seconds, "tevid": monitor.tevid is not None,
-              "cadence": monitor.config.cadence,
               "monitor": f"TEViD from {monitor.checkpoint}" if monitor.tevid is not None else "rule symptoms only",
               "alerts": [a.to_dict() for a in monitor.alerts], "predictions": list(monitor.predictions),
               "frames": [{"step": f.step, "frame": f.frame.float()} for f in monitor.frames],

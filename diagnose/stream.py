@@ -61,7 +61,6 @@ class TEViDStream:
         self.ring: deque[tuple[int, torch.Tensor | None, torch.Tensor]] = deque(maxlen=window)
         self.state = DecisionState.start(len(calibration.classes)) if calibration is not None else None
         self.frame_size: int | None = None  # the encoder's frame side, when known (`open_stream`)
-        self.trained_cadences: tuple[int, ...] | None = None  # the frame cadences it was trained on (`open_stream`)
         self.temperature = temperature  # used when there is no calibration (the replay tempers, the rule runs later)
 
     def reset(self) -> None:
@@ -191,5 +190,4 @@ def open_stream(path: str | Path, frame_size: int | None = None, device="cpu", w
     device = device() if callable(device) else device
     stream = TEViDStream(model.to(device).eval().requires_grad_(False), cal, window, device)
     stream.frame_size = size
-    stream.trained_cadences = trained_cadences(path)
     return stream

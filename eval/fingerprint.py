@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.frames import CHANNELS
-from capture.relative import RelativeConfig, interval_losses, pooled, relative_run
+from capture.relative import RelativeConfig, interval_losses, pooled, relative_run, weight_step_column
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
 from diagnose.tevid import readout_features
@@ -60,7 +60,8 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
     if not ends:
         return {}
     names = store.readout_names
-    readouts = store.readouts()[:, [names.index(n) for n in CLIP_READOUTS]]
+    all_readouts = store.readouts()
+    readouts = all_readouts[:, [names.index(n) for n in CLIP_READOUTS]]
     frames = store.frames().float()
     raw = [pooled(frames[e - window + 1:e + 1], readout_features(readouts[e - window + 1:e + 1]), GRID) for e in ends]
     views = {"raw": torch.stack(raw).numpy()}
@@ -68,7 +69,7 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
         rel_cfg = model.cfg.relative_config() if model is not None else RelativeConfig()  # a model's own inputs
         pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg,
                                   interval_losses(store.train_loss(), store.frame_step()),
-                                  store.readouts()[:, names.index("weight_step")] if "weight_step" in names else None)
+                                  weight_step_column(all_readouts, names))
         views["relative"] = torch.stack([pooled(pats[e - window + 1], scal[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]

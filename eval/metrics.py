@@ -151,13 +151,19 @@ def alerts_from_scores(score, threshold: float, consecutive: int = 3) -> int | N
     return frames[0] if frames else None
 
 
+def _streak_mins(score, consecutive: int) -> np.ndarray:
+    """(T - consecutive + 1,) the min score of each window of `consecutive` frames (NaN frames count as -inf:
+    they cannot be part of a streak); empty when the run is shorter."""
+    s = np.asarray(score, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    return np.lib.stride_tricks.sliding_window_view(s, consecutive).min(axis=1) if len(s) >= consecutive else s[:0]
+
+
 def _alert_level(score: np.ndarray, consecutive: int) -> float:
     """Largest m such that the run alerts at every threshold < m: max over windows of `consecutive`
     frames of their min score (-inf when shorter; NaN frames cannot be part of a streak)."""
-    s = np.where(np.isnan(score), -np.inf, score)
-    if len(s) < consecutive:
-        return -np.inf
-    return float(np.lib.stride_tricks.sliding_window_view(s, consecutive).min(axis=1).max())
+    mins = _streak_mins(score, consecutive)
+    return float(mins.max()) if len(mins) else -np.inf
 
 
 def held_scores(score, consecutive: int = 3) -> np.ndarray:
@@ -165,10 +171,9 @@ def held_scores(score, consecutive: int = 3) -> np.ndarray:
     frames in a row up to that frame (`_alert_level` of the frames <= t; -inf before `consecutive` frames,
     NaN frames break a streak). A threshold alerts by frame t exactly when it is below this value, so
     ranking frames by it ranks the evidence a run has given so far, not only its latest window's."""
-    s = np.where(np.isnan(np.asarray(score, dtype=np.float64)), -np.inf, np.asarray(score, dtype=np.float64))
-    out = np.full(len(s), -np.inf)
-    if len(s) >= consecutive:
-        out[consecutive - 1:] = np.maximum.accumulate(np.lib.stride_tricks.sliding_window_view(s, consecutive).min(axis=1))
+    out = np.full(len(score), -np.inf)
+    mins = _streak_mins(score, consecutive)
+    out[len(out) - len(mins):] = np.maximum.accumulate(mins)
     return out
 
 

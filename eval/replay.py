@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from capture.relative import weight_step_column
 from capture.store import RunStore
 from diagnose.decision import Decision, Rule, alert_names
 from eval.metrics import RunResult, alerts_at_threshold
@@ -340,7 +341,8 @@ class TEViDDiagnoser:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
             first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
-            ws = float(view.readouts[view.t, view.readout_names.index("weight_step")]) if "weight_step" in view.readout_names else None
+            ws = weight_step_column(view.readouts, view.readout_names)  # a view of the column, then this frame's
+            ws = None if ws is None else float(ws[view.t])
             pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,
                                     torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws)
         else:

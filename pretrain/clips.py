@@ -31,7 +31,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from capture.corpus import corpus_runs
-from capture.relative import REPRESENTATIONS, RelativeConfig, interval_losses, relative_frames, spaced_weight_steps
+from capture.relative import REPRESENTATIONS, RelativeConfig, interval_losses, relative_frames, spaced_weight_steps, weight_step_column
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -173,7 +173,8 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
     if missing:
         raise ValueError(f"run store {store.path}: readouts {missing} missing (it has {names})")
     steps = store.frame_step().numpy()
-    readouts = store.readouts().numpy()[:, [names.index(k) for k in CLIP_READOUTS]]
+    all_readouts = store.readouts().numpy()
+    readouts = all_readouts[:, [names.index(k) for k in CLIP_READOUTS]]
     label = store.attrs.get("label") or "unlabeled"
     relative = cfg.representation == "relative"
     if relative:
@@ -182,8 +183,7 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
                              "the relative representation needs a corpus captured with them (layout 2)")
         levels, patterns = store.levels(), store.patterns()
         train_loss = store.train_loss()  # every step's: the losses between the frames read (capture.relative)
-        all_readouts = store.readouts().numpy()
-        weight_step = all_readouts[:, names.index("weight_step")] if "weight_step" in names else None  # older stores: none
+        weight_step = weight_step_column(all_readouts, names)  # older stores: None
     runs = []
     for k in cfg.spacings:
         idx = np.arange(0, len(steps), k)

@@ -93,10 +93,10 @@ def synthetic_run(frames: int):
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="no default model shipped in this checkout")
 def test_the_shipped_models_outputs_on_a_fixed_input_are_pinned(one_thread):
-    from diagnose.stream import open_stream
+    from diagnose.stream import open_stream, trained_cadences
 
     stream = open_stream(DEFAULT_CHECKPOINT)
-    assert stream.window == 10 and stream.relative and stream.trained_cadences == (5, 10, 20)
+    assert stream.window == 10 and stream.relative and trained_cadences(DEFAULT_CHECKPOINT) == (5, 10, 20)
     preds = [stream.push(step, None, r, levels, pattern, 10, losses, ws) for step, r, levels, pattern, losses, ws in synthetic_run(14)]
     assert preds[:9] == [None] * 9  # live windows are causal and unpadded
     got = [(p.step, [round(x, 6) for x in p.probs], round(p.vacuity, 6), round(p.anomaly, 6)) for p in preds[9:]]
