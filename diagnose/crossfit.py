@@ -32,6 +32,7 @@ from pathlib import Path
 from capture.config import load_config
 from capture.schema import CLASSES
 from diagnose.calibrate import PREDICTIONS_FILE, CalibrationConfig, calibrate, read_predictions, save_calibration, streams_from_records
+from diagnose.tevid import save_ensemble
 
 
 def _config(directory: Path) -> dict:
@@ -65,22 +66,6 @@ def crossfit_records(folds: list[Path], checkpoint: Path) -> tuple[list[dict], l
     return records, fold_ids
 
 
-def save_ensemble(folds: list[Path], out: Path) -> Path:
-    """The fold models' `final` checkpoints as one `TEViDEnsemble` checkpoint at `out` (weights and config)."""
-    from diagnose.ensemble import TEViDEnsemble, ensemble_config
-    from diagnose.tevid import TEViD, tevid_config_from
-    from pretrain.checkpoint import load_checkpoint, save_checkpoint
-
-    members, config = [], None
-    for d in folds:
-        ckpt = load_checkpoint(d / "final")
-        member = TEViD(tevid_config_from(ckpt.config, str(ckpt.path / "config.json")))
-        member.load_state_dict(ckpt.weights, strict=True)
-        members.append(member)
-        config = config or ckpt.config
-    return save_checkpoint(out, model=TEViDEnsemble(members), config=ensemble_config(config, len(members), folds), step=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # bf16 matmuls on AMX-less VMs; entry points only
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CalibrationConfig, args.config, args.overrides)
     records, fold_ids = crossfit_records(folds, checkpoint)
     if args.ensemble:
-        checkpoint = save_ensemble(folds, Path(args.out))
+        checkpoint = save_ensemble([f / "final" for f in folds], Path(args.out))
     num_classes = int((_config(checkpoint).get("model") or {}).get("num_classes", len(CLASSES)))
     streams = streams_from_records(records)
     cal = calibrate(streams, cfg, CLASSES[:num_classes])

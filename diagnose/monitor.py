@@ -360,7 +360,7 @@ class Monitor:
             return []  # fewer than T frames so far
         cal = self.calibration
         self.predictions.append({"step": frame.step, "probs": dict(zip(cal.classes, pred.probs)), "vacuity": pred.vacuity,
-                                 "label": pred.label, "reason": pred.decision.reason.value})
+                                 "anomaly": pred.anomaly, "label": pred.label, "reason": pred.decision.reason.value})
         if not (pred.decision.new_alerts or pred.decision.unknown_alert or pred.decision.unfamiliar_alert):
             return []
         return tevid_alerts(pred, cal, self.stream.window_frames(), self.capture.points, self.readouts)

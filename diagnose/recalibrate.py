@@ -4,9 +4,11 @@ fit temperature, vacuity threshold and alert thresholds (`diagnose.calibrate.cal
 
     python -m diagnose.recalibrate --checkpoint outputs/finetune/cpu/final --corpus outputs/corpus/cpu \
         --out outputs/finetune/cpu/final [--config FILE] [key=value ...]
+    python -m diagnose.recalibrate --members O/s0/final O/s1/final O/s2/final --corpus D --out O/ens   # a seed ensemble
 
 `diagnose.finetune` calibrates at the end of training already; this command redoes it, e.g. with other
-`CalibrationConfig` settings, or (`--familiarity`) after fitting a familiarity bank on the train split's
+`CalibrationConfig` settings, or (`--members`) for several fine-tuned models of one config read as one
+(`diagnose.ensemble`: the mean of their outputs; e.g. three seeds), or (`--familiarity`) after fitting a familiarity bank on the train split's
 windows, so that Unknown and tau come from the distance to the training windows (diagnose.familiarity). It reads the corpus (`pretrain.clips`), so it is a pipeline stage, kept
 apart from `diagnose.calibrate`, which the live monitor loads (docs/architecture.md, "Import rule").
 """
@@ -23,7 +25,7 @@ from capture.config import cli_parser, from_dict, load_config
 from capture.schema import CLASSES
 from diagnose.calibrate import CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records, window_metrics
 from diagnose.familiarity import fit_familiarity, save_familiarity
-from diagnose.tevid import load_tevid
+from diagnose.tevid import load_tevid, save_ensemble
 from pretrain.checkpoint import load_checkpoint
 from pretrain.clips import ClipConfig, CorpusClips
 
@@ -43,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--familiarity", action="store_true",
                    help="first fit a familiarity bank on the train split's windows (diagnose.familiarity): Unknown by distance")
     p.add_argument("--familiarity-k", type=int, default=10)
+    p.add_argument("--members", nargs="+", default=None, metavar="DIR",
+                   help="fine-tuned models (out/final) to write to --out as one ensemble, then calibrate it (no --checkpoint)")
     args = p.parse_args(argv)
+    if args.members:
+        if args.checkpoint is not None or not args.out:
+            p.error("--members writes a new model: give --out, and no --checkpoint")
+        args.checkpoint = str(save_ensemble(args.members, args.out))
+        print(f"wrote the {len(args.members)}-model ensemble to {args.checkpoint}")
     if args.checkpoint is None:
         p.error("--checkpoint DIR (a fine-tuning output, e.g. out/final) is required")
     cfg = load_config(CalibrationConfig, args.config, args.overrides)

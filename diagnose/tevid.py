@@ -43,7 +43,7 @@ from timm.layers import Mlp, trunc_normal_
 from capture.frames import CHANNELS
 from capture.relative import OPTIONAL_FEATURES, RELATIVE_FEATURES, REPRESENTATIONS, STEP_LOSS_FEATURES, WEIGHT_FEATURES, RelativeConfig
 from capture.schema import CLASSES, CLIP_READOUTS
-from diagnose.ensemble import TEViDEnsemble, ensemble_members
+from diagnose.ensemble import TEViDEnsemble, ensemble_config, ensemble_members
 from diagnose.evidential import dirichlet, tempered_probs
 from pretrain.encoder import EncoderConfig, SpaceTimeEncoder, encoder_config
 
@@ -376,6 +376,31 @@ def _check_window(config: dict, cfg: TEViDConfig, where: str) -> None:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1 or (high is not None and window > high):
         raise TEViDLoadError(f"{where}: data.window must be an integer in [1, {high or 'any'}] "
                              f"(the encoder's num_frames), got {window!r}")
+
+
+def save_ensemble(members: list[str | Path], out: str | Path) -> Path:
+    """Fine-tuned TEViD checkpoints (`out/final` directories of one model config: seeds, or cross-fitting's
+    fold models) written as one `TEViDEnsemble` checkpoint at `out`: weights and config, no calibration
+    (`diagnose.recalibrate --members` and `diagnose.crossfit --ensemble` calibrate it). The frame cadences the
+    members were trained on (state.json) are kept when they agree, so the live default cadence stays theirs."""
+    from pretrain.checkpoint import load_checkpoint, save_checkpoint
+
+    if not members:
+        raise ValueError("save_ensemble: no member checkpoints given")
+    models, config, cadences = [], None, set()
+    for d in members:
+        ckpt = load_checkpoint(d)
+        where = str(ckpt.path / "config.json")
+        if ensemble_members(ckpt.config, where) is not None:
+            raise TEViDLoadError(f"{where}: already an ensemble; give the member checkpoints themselves")
+        member = TEViD(tevid_config_from(ckpt.config, where))
+        member.load_state_dict(ckpt.weights, strict=True)
+        models.append(member)
+        config = config or ckpt.config
+        cadences.add(tuple((ckpt.extra or {}).get("trained_cadences") or ()))
+    extra = {"trained_cadences": list(cadences.pop())} if len(cadences) == 1 and () not in cadences else {}
+    return save_checkpoint(out, model=TEViDEnsemble(models), config=ensemble_config(config, len(models), members),
+                           step=0, extra=extra)
 
 
 def load_tevid(path: str | Path, require_calibration: bool = True):

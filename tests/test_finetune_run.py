@@ -225,6 +225,24 @@ def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, t
 
     assert trained_cadences(out / "final") == (5, 10) and default_cadence(str(out / "final")) == 10
     assert trained_cadences(tmp_path / "one" / "final") == (5,)
+    # several fine-tuned models read as one (`diagnose.recalibrate --members`, the shipped seed ensemble): written,
+    # calibrated on val, and the members' cadences kept when they agree (else none: the monitor's default cadence)
+    from diagnose.ensemble import TEViDEnsemble
+    from diagnose.recalibrate import main as recalibrate_main
+
+    twice = tmp_path / "twice"
+    assert recalibrate_main(["--members", str(out / "final"), str(out / "final"), "--corpus", str(smoke_corpus), "--out", str(twice)]) == 0
+    ens, ens_cal = load_tevid(twice)
+    assert isinstance(ens, TEViDEnsemble) and len(ens.members) == 2 and trained_cadences(twice) == (5, 10)
+    assert ens_cal.score_threshold == pytest.approx(cal.score_threshold, rel=1e-5)  # two copies of a model are that model
+    mixed = tmp_path / "mixed"
+    assert recalibrate_main(["--members", str(out / "final"), str(tmp_path / "one" / "final"), "--corpus", str(smoke_corpus),
+                             "--out", str(mixed)]) == 0
+    assert trained_cadences(mixed) is None and load_tevid(mixed)[1].report["calibrated"]
+    with pytest.raises(SystemExit):  # --members writes a new model: no --checkpoint
+        recalibrate_main(["--members", str(out / "final"), "--checkpoint", str(out / "final"), "--corpus", str(smoke_corpus), "--out", str(mixed)])
+    with pytest.raises(TEViDLoadError, match="already an ensemble"):
+        recalibrate_main(["--members", str(twice), "--corpus", str(smoke_corpus), "--out", str(tmp_path / "nested")])
     diagnoser = TEViDDiagnoser.from_checkpoint(out / "final")
     [result] = replay_runs(load_runs(smoke_corpus, "test", progress=False)[:1], diagnoser, progress=False)
     assert np.all((result.score >= 0) & (result.score <= 1))

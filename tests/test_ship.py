@@ -51,7 +51,8 @@ def test_the_shipped_default_model_loads_and_matches_its_manifest():
     model, cal = load_tevid(DEFAULT_CHECKPOINT)
     assert cal.classes == list(CLASSES) and not model.training
     assert man["test_split"]["event_base_rate"] < man["test_split"]["event_auprc"]  # the AUPRC beside its base rate
-    width = model.readouts.n_inputs  # the readout vector it takes: 26 relative scalars (it picks its own), or 8 raw
+    member = getattr(model, "members", [model])[0]  # a seed ensemble's members share one config
+    width = member.readouts.n_inputs  # the readout vector it takes: 26 relative scalars (it picks its own), or 8 raw
     s = model.cfg.encoder_overrides.get("img_size", 32)
     with torch.no_grad():
         frames = torch.zeros(1, 10, 6, s, s, dtype=torch.bfloat16) if model.cfg.uses_video else None
@@ -125,7 +126,8 @@ def test_the_shipped_model_in_a_live_job_alerts_exactly_where_its_calibrated_rul
     for p in preds:
         assert list(p["probs"]) == cal.classes and sum(p["probs"].values()) == pytest.approx(1, abs=1e-6)
         assert 0 < p["vacuity"] <= 1
-        state, d = decide(state, [p["probs"][c] for c in cal.classes], p["vacuity"], cal.thresholds, cal.tau, cal.consecutive)
+        state, d = decide(state, [p["probs"][c] for c in cal.classes], p["vacuity"], cal.thresholds, cal.tau, cal.consecutive,
+                          p["anomaly"], cal.score_threshold, cal.gate)  # score mode when calibrated so
         assert p["label"] == ("unknown" if d.unknown else cal.classes[d.label])
         expected += [(cal.classes[c], p["step"]) for c in d.new_alerts] + [("unknown", p["step"])] * d.unknown_alert
     assert [(a["name"], a["step"]) for a in res["alerts"] if a["source"] == "tevid"] == expected
