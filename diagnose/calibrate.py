@@ -14,9 +14,12 @@ Fitted once on validation, then frozen and saved as `calibration.json` beside th
    is replayed window by window, in order, with the rule. For class c and run r let m_r(c) be the
    largest value such that p_c > m for `consecutive` known frames in a row would need a threshold
    below m_r(c) (the max over runs of 3 consecutive known frames of their min p_c). Thresholds are
-   order statistics of m(c) (plus 1e-6) taken at a common rank k, the smallest k whose replayed FAR
-   (fraction of Healthy runs with any confirmed alert, docs/architecture.md §9) is <= `far_target` (5%); then
-   clipped to [`min_threshold`, 1]. Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
+   order statistics of m(c) (plus 1e-6) taken at a common rank k, the smallest k at which at most
+   `allowed_false_alarms(n, far_target)` of the n Healthy runs alarm (FAR: fraction of Healthy runs with any
+   confirmed alert, docs/architecture.md §9); then clipped to [`min_threshold`, 1]. That count is split
+   conformal: a new run exchangeable with the n alarms with probability <= (allowed + 1) / (n + 1) <=
+   `far_target` (5%). Allowing floor(far_target * n) instead, as this did before, promises only
+   (floor(0.05 n) + 1) / (n + 1), 5.8% for the 85 Healthy runs of the cpu validation split. Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
 
 `python -m diagnose.recalibrate` runs this on a checkpoint (`diagnose.finetune` does at the end of training).
 """
@@ -39,9 +42,18 @@ CALIBRATION_FILE = "calibration.json"
 MARGIN = 1e-6  # thresholds sit just above an order statistic, so float noise between replays cannot flip a tie
 
 
+def allowed_false_alarms(n: int, far: float) -> int:
+    """How many of `n` Healthy calibration runs may alarm at a threshold set on them so that a new run exchangeable
+    with them alarms with probability <= `far`: the largest a with (a + 1) / (n + 1) <= far (split conformal), and
+    0 when even that is too many (n + 1 < 1 / far: the threshold then sits above every run, the best they allow)."""
+    if n < 0 or not 0 <= far <= 1:
+        raise ValueError(f"allowed_false_alarms: need n >= 0 and 0 <= far <= 1, got n={n}, far={far}")
+    return max(0, math.floor(far * (n + 1) + 1e-9) - 1)
+
+
 @dataclass
 class CalibrationConfig:
-    far_target: float = 0.05  # max fraction of Healthy validation runs with a confirmed alert
+    far_target: float = 0.05  # max chance that a new Healthy run alarms (split conformal over the Healthy validation runs)
     fit_temperature: bool = True
     temperature_bounds: list = field(default_factory=lambda: [0.25, 4.0])
     tau: float | None = None  # fixed vacuity threshold; None = the tau_quantile of validation vacuity
@@ -321,11 +333,11 @@ def calibrate(streams: list[RunStream], cfg: CalibrationConfig = CalibrationConf
         report["threshold_source"] = "default (no Healthy validation runs)"
     else:
         thresholds = _fit_thresholds(healthy, probs, tau, cfg)
-        report["threshold_source"] = f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs"
+        report["threshold_source"] = f"FAR <= {cfg.far_target} (split conformal) on {len(healthy)} Healthy runs"
     score_threshold = None
     if streams[0].anomaly is not None:  # score mode: the anomaly score alone drives the alarm
         score_threshold = _fit_score_threshold(healthy, cfg) if healthy else cfg.default_threshold
-        report["score_threshold_source"] = (f"FAR <= {cfg.far_target} on {len(healthy)} Healthy runs" if healthy
+        report["score_threshold_source"] = (f"FAR <= {cfg.far_target} (split conformal) on {len(healthy)} Healthy runs" if healthy
                                             else "default (no Healthy validation runs)")
     cal = Calibration(classes, [float(t) for t in thresholds], float(temperature), float(tau), cfg.consecutive, report,
                       score_threshold)
@@ -343,19 +355,20 @@ def _fit_thresholds(healthy: list[RunStream], probs: dict, tau: float, cfg: Cali
         for c in range(1, k):
             m[r, c - 1] = _peak_streak_min(probs[s.run_id][:, c], known, cfg.consecutive)
     order = np.sort(m, axis=0)  # ascending per class
+    allowed = allowed_false_alarms(len(healthy), cfg.far_target)
     for rank in range(len(healthy)):
         thresholds = [float(min(1.0, max(cfg.min_threshold, order[rank, c] + MARGIN))) for c in range(k - 1)]
         alarms = int(np.any(np.array(thresholds)[None, :] < m, axis=1).sum())  # the closed form of the replayed rule
-        if alarms / len(healthy) <= cfg.far_target:
+        if alarms <= allowed:
             return thresholds
     raise AssertionError("unreachable: at the top rank no Healthy run can fire")  # threshold >= every m
 
 
 def _fit_score_threshold(healthy: list[RunStream], cfg: CalibrationConfig) -> float:
     """The lowest anomaly-score threshold (an order statistic of the runs' peak 3-frame minima, + 1e-6)
-    at which at most `far_target` of the Healthy runs alarm; not below `min_threshold`."""
+    at which at most `allowed_false_alarms` of the Healthy runs alarm; not below `min_threshold`."""
     m = sorted(_peak_streak_min(s.anomaly, np.ones(len(s.anomaly), bool), cfg.consecutive) for s in healthy)  # vacuity breaks no streak
-    allowed = math.floor(cfg.far_target * len(healthy) + 1e-9)  # Healthy runs that may alarm
+    allowed = allowed_false_alarms(len(healthy), cfg.far_target)  # Healthy runs that may alarm
     return float(min(1.0, max(cfg.min_threshold, m[len(m) - 1 - allowed] + MARGIN)))
 
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from capture.schema import CLASSES, IGNORE
 from capture.schema import KNOWN_CLASSES as KNOWN
+from diagnose.calibrate import allowed_false_alarms
 from diagnose.decision import run_macro_f1
 from pretrain.clips import ClipConfig, window_targets
 
@@ -178,12 +179,13 @@ def held_scores(score, consecutive: int = 3) -> np.ndarray:
 
 
 def threshold_for_far(runs: Sequence[RunResult], far: float = 0.05, consecutive: int = 3) -> float:
-    """The lowest score threshold at which at most a fraction `far` of the Healthy runs has a confirmed
-    alert (`alert_frames`). Set it on validation, then freeze it. -inf if every run may alert."""
+    """The lowest score threshold at which a new Healthy run exchangeable with the Healthy runs here has a
+    confirmed alert (`alert_frames`) with probability <= `far`: at most `diagnose.calibrate.allowed_false_alarms`
+    of them alert (split conformal, as TEViD's calibration). Set it on validation, then freeze it. -inf if every run may alert."""
     levels = np.sort([_alert_level(r.score, consecutive) for r in runs if r.kind == "healthy"])[::-1]
     if len(levels) == 0:
         raise ValueError("threshold_for_far: no Healthy (non-novel) run among the runs; the FAR needs Healthy runs")
-    allowed = math.floor(far * len(levels) + 1e-9)  # runs that may alert
+    allowed = allowed_false_alarms(len(levels), far)  # runs that may alert
     # thresholds >= the (allowed+1)-th largest level keep every other run silent; lower ones do not
     return float(levels[allowed]) if allowed < len(levels) else -math.inf
 

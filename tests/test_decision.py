@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from diagnose.calibrate import (CalibrationConfig, RunStream, _peak_streak_min, calibrate, fit_temperature, load_calibration,
+from diagnose.calibrate import (CalibrationConfig, allowed_false_alarms, RunStream, _peak_streak_min, calibrate, fit_temperature, load_calibration,
                                 save_calibration, streams_from_records)
 from capture.schema import CLASSES, IGNORE
 from diagnose.decision import UNKNOWN, Decision, DecisionState, Reason, Rule, alert_names, decide, first_alerts, run_macro_f1
@@ -160,10 +160,11 @@ def test_thresholds_meet_the_false_alarm_target_and_are_minimal(far):
     lower = []
     for c in range(1, K):
         ms = sorted(_peak_streak_min(s.alpha[:, c] / s.alpha.sum(1), K / s.alpha.sum(1) <= 0.6, 3) for s in runs)
-        below = [m for m in ms if m < cal.thresholds[c - 1] - 1e-6]
+        below = [m for m in ms if m < cal.thresholds[c - 1] - 1.5e-6]  # below the order statistic the threshold sits 1e-6 above
         lower.append(below[-1] + 1e-6 if below else cal.thresholds[c - 1])
     low_rule = Rule(tuple(lower), 0.6)
-    assert np.mean([bool(first_alerts(low_rule.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1)))) for s in runs]) > far
+    low = sum(bool(first_alerts(low_rule.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1)))) for s in runs)
+    assert sum(alarms) <= allowed_false_alarms(len(runs), far) < low  # split conformal: (a + 1) / (n + 1) <= far
 
 
 def test_tau_is_the_vacuity_quantile_of_known_runs():
@@ -280,8 +281,8 @@ def test_score_threshold_meets_the_false_alarm_target(tmp_path):
     assert 0.5 <= cal.score_threshold < 1 and np.mean(alarms) <= 0.05 and cal.report["val_far"] == np.mean(alarms)
     assert cal.score_threshold > 0.5 + 2e-6  # fitted by the FAR search here, not clipped to min_threshold
     lower = Rule(tuple(cal.thresholds), 1.0, score_threshold=cal.score_threshold - 2e-6)  # just below: one run too many
-    assert np.mean([bool(first_alerts(lower.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
-                    for s in runs]) > 0.05
+    assert sum(bool(first_alerts(lower.replay(s.alpha / s.alpha.sum(1, keepdims=True), K / s.alpha.sum(1), s.anomaly)))
+               for s in runs) > allowed_false_alarms(len(runs), 0.05) >= sum(alarms)
     save_calibration(cal, tmp_path)
     assert load_calibration(tmp_path) == cal  # score_threshold round-trips; files without it load as class mode
 

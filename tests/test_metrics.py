@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
+from diagnose.calibrate import allowed_false_alarms
 from diagnose.decision import Rule
 from eval import metrics as M
 from eval.metrics import CLASSES, IGNORE, RunResult
@@ -105,21 +106,25 @@ def test_alert_frames_fire_once_per_streak_like_the_decision_rule():
     assert M.alert_frames([.9] * 3 + [.1] + [.9] * 5, .5, 3) == [2, 6]
 
 
-def _naive_far(runs, threshold, consecutive):
+def _naive_alarms(runs, threshold, consecutive):
     healthy = [r for r in runs if r.kind == "healthy"]
-    return np.mean([M.alerts_from_scores(r.score, threshold, consecutive) is not None for r in healthy])
+    return sum(M.alerts_from_scores(r.score, threshold, consecutive) is not None for r in healthy)
 
 
 def test_threshold_for_far_is_the_lowest_threshold_meeting_the_far():
+    """Split conformal: the lowest threshold at which a Healthy runs of n alarm with (a + 1) / (n + 1) <= far."""
     rng = np.random.default_rng(0)
     runs = [run("healthy", np.round(rng.random(n), 2), steps=np.arange(n)) for n in rng.integers(1, 15, size=40)]
     runs += [run("overfitting", np.ones(6), onset=0, trigger=300)]  # anomalous runs do not count
+    n = 40
     for far, consecutive in [(0.05, 3), (0.1, 2), (0.0, 3), (0.5, 1)]:
         thr = M.threshold_for_far(runs, far, consecutive)
         candidates = sorted({-np.inf, *np.concatenate([r.score for r in runs])})
-        naive = next(t for t in candidates if _naive_far(runs, t, consecutive) <= far)
+        ok = lambda a: (a + 1) / (n + 1) <= far or a == 0  # noqa: E731 (0 alarms: the best any threshold can do)
+        naive = next(t for t in candidates if ok(_naive_alarms(runs, t, consecutive)))
         assert thr == naive
-        assert _naive_far(runs, thr, consecutive) <= far < _naive_far(runs, np.nextafter(thr, -np.inf), consecutive)
+        assert ok(_naive_alarms(runs, thr, consecutive)) and not ok(_naive_alarms(runs, np.nextafter(thr, -np.inf), consecutive))
+    assert [allowed_false_alarms(n, 0.05) for n in (18, 19, 39, 85, 300)] == [0, 0, 1, 3, 14]
     assert M.threshold_for_far(runs[:3], far=1.0) == -np.inf
     with pytest.raises(ValueError, match="no Healthy"):
         M.threshold_for_far(runs[-1:])
