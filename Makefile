@@ -23,22 +23,26 @@ bench: setup
 	$(VENV)/bin/python -m capture.bench --out outputs/bench
 
 # The shipped default model from scratch (diagnose/default_checkpoint/; its MANIFEST.json lists these commands):
-# the drawn cpu corpus (~47 min with 2 processes), the dynamics model (configs/finetune/cpu_dynamics.yaml: run-relative
-# scalars and the weights' pace, train split, calibrated on val) at seeds 0, 1, 2 (~2 min each, one thread), the test
-# report of the three beside the baselines (docs/benchmark/README.md), the fingerprint probe, and seed 0 shipped. About 1 hour on a 2-core CPU.
+# the drawn cpu corpus (~52 min with 2 processes), the dynamics model (configs/finetune/cpu_dynamics.yaml: run-relative
+# scalars and the weights' pace, train split) at seeds 0-8 (~3 min each, one thread, two at a time), three seed
+# ensembles of three (0-2, 3-5, 6-8) calibrated on val, the test report of the three beside the baselines
+# (docs/benchmark/README.md), the fingerprint probe, and ensemble 0 shipped. About 1.5 hours on a 2-core CPU.
 LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 	--mixed_precision no --dynamo_backend no
 SHIP = outputs/finetune/ship
+FT = $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu
 reproduce: setup
 	test -f outputs/corpus/cpu/manifest.jsonl || $(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
 	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu
-	for s in 0 1 2; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
-		--corpus outputs/corpus/cpu --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done
-	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/report/ship \
+	for s in 0 2 4 6 8; do $(FT) --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done & \
+	for s in 1 3 5 7; do $(FT) --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done; wait $$! || exit 1
+	for e in 0 1 2; do $(VENV)/bin/python -m diagnose.recalibrate --corpus outputs/corpus/cpu --out $(SHIP)/ens$$e \
+		--members $(SHIP)/s$$((3*e))/final $(SHIP)/s$$((3*e+1))/final $(SHIP)/s$$((3*e+2))/final || exit 1; done
+	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/ens0 --out outputs/report/ship \
 		'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' \
-		'tevid_checkpoints={tevid_s1: $(SHIP)/s1/final, tevid_s2: $(SHIP)/s2/final}' 'seed_groups={tevid_3seeds: [tevid, tevid_s1, tevid_s2]}'
-	$(VENV)/bin/python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/probes/ship
-	$(VENV)/bin/python -m eval.ship --checkpoint $(SHIP)/s0/final --corpus outputs/corpus/cpu --report outputs/report/ship/metrics.json
+		'tevid_checkpoints={tevid_e1: $(SHIP)/ens1, tevid_e2: $(SHIP)/ens2}' 'seed_groups={tevid_3ensembles: [tevid, tevid_e1, tevid_e2]}'
+	$(VENV)/bin/python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint $(SHIP)/ens0 --out outputs/probes/ship
+	$(VENV)/bin/python -m eval.ship --checkpoint $(SHIP)/ens0 --corpus outputs/corpus/cpu --report outputs/report/ship/metrics.json
 
 # Issue 20's dynamics model on the drawn cpu corpus (docs/benchmark/inputs.md, "After"): the corpus (~55 min with
 # 2 processes), 4 leave-one-family-out fold models and one on train + val (2-3 min each with loading), cross-fitted

@@ -1,7 +1,7 @@
 """Ship a fine-tuned TEViD checkpoint as the default model (`diagnose/default_checkpoint/`), with a
 manifest that says which corpus config, which commit and which commands made it.
 
-    python -m eval.ship --checkpoint outputs/finetune/ship/s0/final --corpus outputs/corpus/cpu \
+    python -m eval.ship --checkpoint outputs/finetune/ship/ens0 --corpus outputs/corpus/cpu \
         [--report outputs/report/ship/metrics.json] [--out diagnose/default_checkpoint]
 
 Copies the weights (`model.safetensors`), `config.json`, `state.json` and `calibration.json` (no pickle),
@@ -31,12 +31,14 @@ FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
 PIPELINE = (
     "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu",
     "python -m factory.stats --corpus outputs/corpus/cpu",
-    "for s in 0 1 2: python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu "
+    "for s in 0 .. 8: python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu "
     "--out outputs/finetune/ship/s$s seed=$s threads=1",
-    "python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/s0/final --out outputs/report/ship "
-    "'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' (seeds 1 and 2 as tevid_s1, tevid_s2; seed group tevid_3seeds)",
-    "python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/s0/final --out outputs/probes/ship",
-    "python -m eval.ship --checkpoint outputs/finetune/ship/s0/final --corpus outputs/corpus/cpu --report outputs/report/ship/metrics.json",
+    "for e in 0 1 2: python -m diagnose.recalibrate --corpus outputs/corpus/cpu --out outputs/finetune/ship/ens$e "
+    "--members outputs/finetune/ship/s{3e,3e+1,3e+2}/final",
+    "python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/ens0 --out outputs/report/ship "
+    "'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' (ensembles 1 and 2 as tevid_e1, tevid_e2; seed group tevid_3ensembles)",
+    "python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/ens0 --out outputs/probes/ship",
+    "python -m eval.ship --checkpoint outputs/finetune/ship/ens0 --corpus outputs/corpus/cpu --report outputs/report/ship/metrics.json",
 )
 HEADLINE = ("event_auprc", "event_auprc_ci", "event_base_rate", "median_lead_epochs", "far", "detection_rate", "macro_f1", "unknown_auroc")
 
