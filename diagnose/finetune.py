@@ -98,6 +98,10 @@ class FinetuneConfig:
     kl_anneal_epochs: float = 10.0  # lambda of the KL term ramps 0 -> 1 over these epochs (0: 1 from the start)
     class_weights: str = "balanced"  # "balanced" | "none"
     anomaly_weight: float = 1.0  # weight of the anomaly head's binary cross-entropy (model.anomaly_head)
+    # domain-adversarial training: heads predict these manifest fields of the window's run (e.g. [family, dataset])
+    # through a gradient reversal, weighted by adversary_weight (0: off); model.adversary gets their sizes
+    adversary: list = field(default_factory=list)
+    adversary_weight: float = 0.0
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval_batch_size: int = 64
     log_every: int = 10  # optimizer steps between train.csv rows
@@ -126,6 +130,9 @@ class FinetuneConfig:
             raise ValueError("data.holdout_fold and data.label_fraction < 1 do not combine")
         if not self.data.train_splits:
             raise ValueError("data.train_splits must name at least one split")
+        if bool(self.adversary) != (self.adversary_weight > 0):
+            raise ValueError(f"adversary (manifest fields, got {list(self.adversary)}) and adversary_weight > 0 (got "
+                             f"{self.adversary_weight}) go together")
         if self.data.label_fraction < 1.0 and self.data.source != "zarr":
             raise ValueError("data.label_fraction < 1 needs data.source=zarr (shards hold every training run)")
 
@@ -149,6 +156,19 @@ def balanced_weights(counts: list[int]) -> torch.Tensor:
     w = torch.zeros_like(c)
     w[present] = c.sum() / (present.sum() * c[present])
     return w.float()
+
+
+def run_contexts(records: list[dict], fields) -> dict[str, dict[str, int]]:
+    """{field: {run_id: index of the run's value among the sorted values of `records`}}: the targets of the
+    adversary heads. A record without the field is an error naming it."""
+    out = {}
+    for name in fields:
+        missing = [r["run_id"] for r in records if r.get(name) is None]
+        if missing:
+            raise ValueError(f"adversary: manifest field {name!r} missing on {len(missing)} runs (e.g. {missing[0]})")
+        values = sorted({str(r[name]) for r in records})
+        out[name] = {r["run_id"]: values.index(str(r[name])) for r in records}
+    return out
 
 
 def fold_runs(corpus: Path, splits, fold: int | None, inside: bool) -> list[dict]:
@@ -260,7 +280,7 @@ def val_loss(records: list[dict]) -> float:
 # ---------------------------------------------------------------- training
 
 def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, cfg: FinetuneConfig, state: dict,
-                    class_w: torch.Tensor | None, log: CsvLog) -> dict:
+                    class_w: torch.Tensor | None, log: CsvLog, contexts: dict | None = None) -> dict:
     """One pass over the training clips through the project's training engine (`pretrain.engine`);
     returns mean loss (over processes), clips and seconds."""
     clips, start = 0, time.time()
@@ -272,14 +292,23 @@ def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, c
 
     anomaly = unwrap(model).cfg.anomaly_head
 
+    adversary = bool(contexts)
+
     def forward(model, batch):
-        return model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device), with_anomaly=anomaly)
+        return model(batch["frames"].to(accelerator.device), batch["readouts"].to(accelerator.device), with_anomaly=anomaly,
+                     with_adversary=adversary)
 
     def criterion(out, batch):
-        logits, a = out if anomaly else (out, None)
+        out = list(out) if isinstance(out, tuple) else [out]
+        logits = out.pop(0)
+        a = out.pop(0) if anomaly else None
         loss = evidential_loss(logits.float(), batch["target"].to(accelerator.device), kl_weight(), class_w)
         if a is not None:
             loss = loss + cfg.anomaly_weight * anomaly_loss(a.float(), batch["anomalous"].to(accelerator.device))
+        if adversary:  # the heads learn the run's context; the reversed gradient unlearns it from the features
+            for name, ctx_logits in out.pop(0).items():
+                target = torch.tensor([contexts[name][r] for r in batch["run_id"]], device=accelerator.device)
+                loss = loss + cfg.adversary_weight * F.cross_entropy(ctx_logits.float(), target)
         return loss
 
     def step_done(step: int, losses: list[torch.Tensor], batches: list) -> None:
@@ -329,8 +358,14 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         model = TEViD(model_cfg)
         model.load_state_dict(resumed.weights, strict=True)
     else:
+        if cfg.adversary:  # one head per field, as wide as the training runs' values
+            sizes = {name: len(set(ix.values())) for name, ix in run_contexts(fold_runs(
+                corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=False), cfg.adversary).items()}
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adversary=sizes))
         model, model_cfg = build_tevid(cfg.model, checkpoint)
     cfg = dataclasses.replace(cfg, model=model_cfg)
+    contexts = run_contexts(fold_runs(corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=False),
+                            cfg.adversary) if cfg.adversary else None
     if checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
@@ -395,7 +430,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
             data.loader.set_epoch(state["epoch"])
         elif hasattr(data.loader, "epoch"):  # a ClipLoader: its epoch seeds the stream
             data.loader.epoch = state["epoch"]
-        stats = train_one_epoch(model, data, optimizer, scheduler, accelerator, cfg, state, class_w, train_log)
+        stats = train_one_epoch(model, data, optimizer, scheduler, accelerator, cfg, state, class_w, train_log, contexts)
         state["epoch"] += 1
         records = evaluate(model, val, accelerator, cfg.eval_batch_size)
         if main_proc:

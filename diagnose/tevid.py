@@ -73,6 +73,10 @@ class TEViDConfig:
     step_losses: bool = False
     weight_step: bool = False  # relative: also read capture.relative.WEIGHT_FEATURES (how fast the weights move)
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
+    # training only: heads that predict the watched run's context (a manifest field -> its number of values, e.g.
+    # {family: 13, dataset: 5}) from the fused features through a gradient reversal (Ganin & Lempitsky 2015), so the
+    # features are pushed to carry less of what the network and data look like (diagnose.finetune, adversary_weight)
+    adversary: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
@@ -181,8 +185,10 @@ class TEViD(nn.Module):
         self.fusion_norm = nn.LayerNorm(width)
         self.head = Mlp(width, hidden_features=cfg.hidden_dim, out_features=cfg.num_classes, drop=cfg.dropout)
         self.anomaly = Mlp(width, hidden_features=cfg.hidden_dim, out_features=1, drop=cfg.dropout) if cfg.anomaly_head else None
+        self.adversary = nn.ModuleDict({name: Mlp(width, hidden_features=cfg.hidden_dim, out_features=int(n))
+                                        for name, n in cfg.adversary.items()}) if cfg.adversary else None
         self.familiarity = None  # a diagnose.familiarity.Familiarity (not a parameter: saved beside the weights)
-        for m in (self.fusion_norm, self.head, self.anomaly, self.readouts):
+        for m in (self.fusion_norm, self.head, self.anomaly, self.readouts, self.adversary):
             if m is not None:
                 m.apply(_init_linear)
 
@@ -219,15 +225,23 @@ class TEViD(nn.Module):
         return self.head(features)  # (B, K) evidence logits f
 
     def forward(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None,
-                with_anomaly: bool = False):
+                with_anomaly: bool = False, with_adversary: bool = False):
         """Evidence logits f (B, K); `alpha = softplus(f) + 1` (diagnose.evidential). `with_anomaly=True`
-        returns (f, anomaly logit (B,)) and needs `anomaly_head` (one forward through a DDP wrapper for both)."""
+        returns (f, anomaly logit (B,)) and needs `anomaly_head`; `with_adversary=True` appends {name: context
+        logits (B, n)} computed through the gradient reversal (needs `adversary`). One forward through a DDP
+        wrapper for all of them."""
         features = self.forward_features(frames, readouts)
-        if not with_anomaly:
-            return self.forward_head(features)
-        if self.anomaly is None:
-            raise ValueError("TEViD: with_anomaly=True needs TEViDConfig.anomaly_head=True")
-        return self.forward_head(features), self.anomaly(features)[:, 0]
+        out = [self.forward_head(features)]
+        if with_anomaly:
+            if self.anomaly is None:
+                raise ValueError("TEViD: with_anomaly=True needs TEViDConfig.anomaly_head=True")
+            out.append(self.anomaly(features)[:, 0])
+        if with_adversary:
+            if self.adversary is None:
+                raise ValueError("TEViD: with_adversary=True needs TEViDConfig.adversary (context heads)")
+            reversed_ = GradientReversal.apply(features)
+            out.append({name: head(reversed_) for name, head in self.adversary.items()})
+        return out[0] if len(out) == 1 else tuple(out)
 
     @torch.no_grad()
     def predict(self, frames: torch.Tensor | None = None, readouts: torch.Tensor | None = None, temperature: float = 1.0) -> dict:
@@ -245,6 +259,19 @@ class TEViD(nn.Module):
         if self.familiarity is not None:  # Unknown from the distance to the training windows (diagnose.familiarity)
             out["evidential_vacuity"], out["vacuity"] = d.vacuity, self.familiarity.score(features)
         return out
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward, negated gradient backward: the heads after it learn to predict, the layers before it
+    learn to make that prediction fail (domain-adversarial training)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -48,6 +48,34 @@ def mae_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def test_adversary_heads_predict_the_context_through_a_reversed_gradient():
+    """The context heads (domain-adversarial training) see the fused features; the gradient reaching the features
+    from their loss is the negative of what it would be without the reversal, while the heads' own is unchanged."""
+    from diagnose.tevid import GradientReversal
+
+    cfg = TEViDConfig(inputs="readouts", representation="relative", anomaly_head=True, adversary={"family": 3, "dataset": 2})
+    model = TEViD(cfg).eval()  # no dropout: the same input gives the same logits
+    from capture.relative import RELATIVE_FEATURES
+
+    readouts = torch.randn(4, 5, len(RELATIVE_FEATURES), generator=torch.Generator().manual_seed(0))
+    f, a, adv = model(None, readouts, with_anomaly=True, with_adversary=True)
+    assert f.shape == (4, 5) and a.shape == (4,) and {k: v.shape for k, v in adv.items()} == {"family": (4, 3), "dataset": (4, 2)}
+    assert torch.equal(model(None, readouts), f)  # the class logits do not depend on asking for the heads
+    x = torch.randn(4, 6, requires_grad=True)
+    GradientReversal.apply(x).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, -2 * x.detach())
+    with pytest.raises(ValueError, match="adversary"):
+        TEViD(TEViDConfig(inputs="readouts"))(None, torch.randn(2, 3, 8), with_adversary=True)
+    with pytest.raises(ValueError, match="adversary_weight"):
+        FinetuneConfig(adversary=["family"])  # a field without a weight trains nothing
+    from diagnose.finetune import run_contexts
+
+    records = [{"run_id": "a", "family": "mlp"}, {"run_id": "b", "family": "cnn"}, {"run_id": "c", "family": "mlp"}]
+    assert run_contexts(records, ["family"]) == {"family": {"a": 1, "b": 0, "c": 1}}
+    with pytest.raises(ValueError, match="'dataset' missing"):
+        run_contexts(records, ["dataset"])
+
+
 @pytest.mark.parametrize("inputs", ["both", "video", "readouts"])
 def test_model_inputs_shapes_and_backward(inputs):
     model = TEViD(TEViDConfig(encoder="tiny", inputs=inputs))
