@@ -291,7 +291,6 @@ def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, c
         return kl_anneal(state["step"] / data.steps_per_epoch, cfg.kl_anneal_epochs)
 
     anomaly = unwrap(model).cfg.anomaly_head
-
     adversary = bool(contexts)
 
     def forward(model, batch):
@@ -350,6 +349,10 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
     set_seed(cfg.seed)
 
+    # the adversary heads' targets: each training run's context (their sizes go into the model config)
+    contexts = run_contexts(fold_runs(corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=False),
+                            cfg.adversary) if cfg.adversary else None
+
     # model: resume from out/last, else from the MAE checkpoint (or scratch)
     last = out / "last"
     resumed = load_checkpoint(last) if cfg.resume and checkpoint_exists(last) else None
@@ -358,14 +361,11 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         model = TEViD(model_cfg)
         model.load_state_dict(resumed.weights, strict=True)
     else:
-        if cfg.adversary:  # one head per field, as wide as the training runs' values
-            sizes = {name: len(set(ix.values())) for name, ix in run_contexts(fold_runs(
-                corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=False), cfg.adversary).items()}
+        if contexts:  # one head per field, as wide as the training runs' values
+            sizes = {name: len(set(ix.values())) for name, ix in contexts.items()}
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adversary=sizes))
         model, model_cfg = build_tevid(cfg.model, checkpoint)
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    contexts = run_contexts(fold_runs(corpus, cfg.data.train_splits, cfg.data.holdout_fold, inside=False),
-                            cfg.adversary) if cfg.adversary else None
     if checkpoint and not model_cfg.uses_video and accelerator.is_main_process:
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 

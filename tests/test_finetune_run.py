@@ -49,8 +49,8 @@ def mae_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_adversary_heads_predict_the_context_through_a_reversed_gradient():
-    """The context heads (domain-adversarial training) see the fused features; the gradient reaching the features
-    from their loss is the negative of what it would be without the reversal, while the heads' own is unchanged."""
+    """The context heads (domain-adversarial training) return one logit row per context value beside the class
+    and anomaly outputs, which do not change when they are asked for; the reversal negates the gradient."""
     from diagnose.tevid import GradientReversal
 
     cfg = TEViDConfig(inputs="readouts", representation="relative", anomaly_head=True, adversary={"family": 3, "dataset": 2})
@@ -277,6 +277,21 @@ def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, t
     assert not np.allclose(result.score, 1 - result.probs[:, 0])  # the score is the anomaly head's, not 1 - p(healthy)
     with pytest.raises(ValueError, match="data.spacings.*relative"):
         finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(tmp_path / "x"), "data.spacings=[1, 2]"])
+
+
+def test_finetune_with_the_context_adversary(smoke_corpus, tmp_path):
+    """Fine-tuning with `adversary`: one head per manifest field, as wide as the training runs' values, trained
+    and saved with the weights; the saved model loads and predicts as any other."""
+    from pretrain.clips import corpus_runs
+
+    out = tmp_path / "adv"
+    assert finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out), *FAST, "epochs=1",
+                          "model.inputs=readouts", "data.window=4", "adversary=[perturbation]", "adversary_weight=1.0"]) == 0
+    model, cal = load_tevid(out / "final")
+    # any manifest field: the smoke corpus has no `family` and one architecture in train, but two perturbations
+    values = {r["perturbation"] for r in corpus_runs(smoke_corpus, "train")}
+    assert len(values) > 1 and model.cfg.adversary == {"perturbation": len(values)} and cal.report["calibrated"]
+    assert model.adversary["perturbation"].fc2.out_features == len(values)
 
 
 def test_crossfit_calibrates_on_out_of_fold_predictions(smoke_corpus, tmp_path):
