@@ -48,7 +48,7 @@ class ContextConfig:
     # learning rate per optimizer, log-uniform in [lo, hi] times the family's `lr_scale`: the stable range
     lr: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 5e-3], "adam": [1e-3, 5e-3], "nadam": [1e-3, 5e-3], "radam": [1e-3, 5e-3],
-        "sgd": [0.02, 0.1], "rmsprop": [3e-4, 2e-3], "adagrad": [1e-2, 5e-2],
+        "sgd": [0.02, 0.1], "rmsprop": [3e-4, 2e-3], "adagrad": [1e-2, 5e-2], "lamb": [2e-3, 1e-2],
         "lion": [8e-4, 4e-3], "adafactor": [5e-3, 3e-2]})
     # "family/optimizer": a factor on that pair's drawn rate, on top of the family's `lr_scale`. From
     # `python -m factory.lr_probe --optimizer O`: at the optimizer's rate x lr_scale these pairs learned
@@ -58,13 +58,16 @@ class ContextConfig:
         "mlp/adam": 0.5, "mlp/adamw": 0.5, "mlp/nadam": 0.5, "conv1d/adam": 2.0, "conv1d/adamw": 2.0,
         "gru/adam": 2.0, "gru/adamw": 2.0, "regnet/adamw": 2.5, "regnet/nadam": 2.5,
         "conv1d/rmsprop": 2.0, "gru/rmsprop": 2.0, "transformer/rmsprop": 2.0, "regnet/rmsprop": 3.0,
-        "deit/adafactor": 4.0, "swin/adafactor": 4.0, "rnn/adafactor": 4.0, "lstm/adafactor": 2.0})
+        "deit/adafactor": 4.0, "swin/adafactor": 4.0, "rnn/adafactor": 4.0, "lstm/adafactor": 2.0,
+        "mlp/radam": 0.5, "conv1d/radam": 2.0, "gru/radam": 2.0,  # as Adam
+        "mlp/lamb": 0.3, "conv1d/lamb": 2.0, "gru/lamb": 2.0, "vit/lamb": 0.5,
+        "mlp/adagrad": 0.3, "conv1d/adagrad": 2.0, "gru/adagrad": 2.0, "vit/adagrad": 0.5})
     # "family/optimizer" pairs never drawn: the family learned nothing with that optimizer at 0.25-4x its rate
-    excluded_pairs: list[str] = field(default_factory=lambda: ["vit/sgd", "convnext/sgd"])
+    excluded_pairs: list[str] = field(default_factory=lambda: ["vit/sgd", "convnext/sgd", "convnext/lamb", "convnext/adagrad"])
     # weight decay per optimizer, log-uniform in [lo, hi]; a list starting at 0 ([0, hi]) draws 0 half the time
     weight_decay: dict[str, list[float]] = field(default_factory=lambda: {
         "adamw": [1e-3, 0.1], "adam": [0.0, 1e-4], "nadam": [0.0, 1e-4], "radam": [0.0, 1e-4],
-        "sgd": [1e-5, 1e-3], "rmsprop": [0.0, 1e-4], "adagrad": [0.0, 1e-4],
+        "sgd": [1e-5, 1e-3], "rmsprop": [0.0, 1e-4], "adagrad": [0.0, 1e-4], "lamb": [1e-3, 0.1],
         "lion": [1e-2, 0.5], "adafactor": [0.0, 1e-3]})
     folds: int = 4
 

@@ -45,7 +45,7 @@ def cached_dataset(name: str, image_size: int, max_train: int, max_val: int, roo
     return load_dataset(name, image_size=image_size, channels=channels, seed=0, root=root, max_train=max_train, max_val=max_val)
 
 
-OPTIMIZERS = ("adamw", "adam", "nadam", "radam", "sgd", "rmsprop", "adagrad", "lion", "adafactor")
+OPTIMIZERS = ("adamw", "adam", "nadam", "radam", "sgd", "rmsprop", "adagrad", "lamb", "lion", "adafactor")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -65,6 +65,10 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if name == "lamb":  # Adam's direction, each layer's step scaled to its weight norm (timm's LAMB)
+        from timm.optim import Lamb
+
+        return Lamb(params, lr=lr, weight_decay=weight_decay)
     if name == "lion":
         from timm.optim import Lion
 

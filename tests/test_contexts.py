@@ -59,7 +59,7 @@ def test_draws_are_deterministic_and_appending_runs_keeps_earlier_ones(cpu_plan)
     cfg, specs = cpu_plan
     again = plan(load_config(FactoryConfig, CPU))
     assert [s.run_id for s in again] == [s.run_id for s in specs]
-    more = plan(load_config(FactoryConfig, CPU, ["train.runs=1010"]))
+    more = plan(load_config(FactoryConfig, CPU, [f"train.runs={cfg.splits['train'].runs + 10}"]))
     train = [s.run_id for s in specs if s.split == "train"]
     assert [s.run_id for s in more if s.split == "train"][: len(train)] == train
     other = plan(load_config(FactoryConfig, CPU, ["contexts.seed=1"]))

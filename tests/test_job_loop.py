@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from factory.archs import build_arch
 from factory.config import TrainingConfig
-from factory.job import Batches, build_job, cached_dataset, loss_fn, lr_schedule, make_optimizer, run_settings, step_lr
+from factory.job import OPTIMIZERS, Batches, build_job, cached_dataset, loss_fn, lr_schedule, make_optimizer, run_settings, step_lr
 from factory.loop import JobCallback, StepLoop, run_job
 from factory.perturbations import Perturbation, RunSettings, make_perturbation
 
@@ -138,3 +138,23 @@ def test_a_privacy_curve_job_trains_as_its_own_loop_did(digits, preset):
 def test_a_perturbation_that_does_not_fit_the_data_is_refused(digits):
     with pytest.raises(ValueError, match="does not apply to image data"):
         build_job("resnet", digits, "adamw", Perturbation(name="text_only", modalities=("text",)), TC, seed=0)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_steps(name):
+    """Each optimizer a config may name builds from `make_optimizer` and moves the weights by a finite step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(name, model.parameters(), 1e-3, 1e-4)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,)))
+    loss.backward()
+    opt.step()
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_unknown_optimizer_is_named():
+    with pytest.raises(ValueError, match="unknown optimizer 'adamm'.*lamb"):
+        make_optimizer("adamm", torch.nn.Linear(2, 2).parameters(), 1e-3, 0.0)
