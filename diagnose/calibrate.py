@@ -19,7 +19,7 @@ Fitted once on validation, then frozen and saved as `calibration.json` beside th
    confirmed alert, docs/architecture.md §9); then clipped to [`min_threshold`, 1]. That count is split
    conformal: a new run exchangeable with the n alarms with probability <= (allowed + 1) / (n + 1) <=
    `far_target` (5%). Allowing floor(far_target * n) instead, as this did before, promises only
-   (floor(0.05 n) + 1) / (n + 1), 5.8% for the 85 Healthy runs of the cpu validation split. Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
+   (floor(0.05 n) + 1) / (n + 1): 5.8% for the 85 Healthy runs the cpu validation split once had (it has 330). Without Healthy validation runs: `default_threshold` (0.9, App. E.1).
 
 `python -m diagnose.recalibrate` runs this on a checkpoint (`diagnose.finetune` does at the end of training).
 """
