@@ -147,7 +147,7 @@ def test_every_optimizer_steps(name):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     before = [p.detach().clone() for p in model.parameters()]
     opt = make_optimizer(name, model.parameters(), 1e-3, 1e-4)
-    loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,)))
+    loss = F.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,)))
     loss.backward()
     opt.step()
     after = list(model.parameters())
