@@ -166,8 +166,8 @@ def run_contexts(records: list[dict], fields) -> dict[str, dict[str, int]]:
         missing = [r["run_id"] for r in records if r.get(name) is None]
         if missing:
             raise ValueError(f"adversary: manifest field {name!r} missing on {len(missing)} runs (e.g. {missing[0]})")
-        values = sorted({str(r[name]) for r in records})
-        out[name] = {r["run_id"]: values.index(str(r[name])) for r in records}
+        index = {v: i for i, v in enumerate(sorted({str(r[name]) for r in records}))}
+        out[name] = {r["run_id"]: index[str(r[name])] for r in records}
     return out
 
 
@@ -298,14 +298,13 @@ def train_one_epoch(model, data: TrainData, optimizer, scheduler, accelerator, c
                      with_adversary=adversary)
 
     def criterion(out, batch):
-        out = list(out) if isinstance(out, tuple) else [out]
-        logits = out.pop(0)
-        a = out.pop(0) if anomaly else None
+        parts = out if isinstance(out, tuple) else (out,)  # (logits[, anomaly logit][, context logits])
+        logits, a = parts[0], parts[1] if anomaly else None
         loss = evidential_loss(logits.float(), batch["target"].to(accelerator.device), kl_weight(), class_w)
         if a is not None:
             loss = loss + cfg.anomaly_weight * anomaly_loss(a.float(), batch["anomalous"].to(accelerator.device))
         if adversary:  # the heads learn the run's context; the reversed gradient unlearns it from the features
-            for name, ctx_logits in out.pop(0).items():
+            for name, ctx_logits in parts[-1].items():
                 target = torch.tensor([contexts[name][r] for r in batch["run_id"]], device=accelerator.device)
                 loss = loss + cfg.adversary_weight * F.cross_entropy(ctx_logits.float(), target)
         return loss

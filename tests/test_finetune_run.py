@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from capture.relative import RELATIVE_FEATURES
 from diagnose.calibrate import Calibration, load_calibration, save_calibration
 from diagnose.evidential import IGNORE as LOSS_IGNORE
-from diagnose.finetune import FinetuneConfig, balanced_weights, main as finetune_main, warmup_cosine
-from diagnose.tevid import TEViD, TEViDConfig, TEViDLoadError, build_tevid, load_tevid
+from diagnose.finetune import FinetuneConfig, balanced_weights, main as finetune_main, run_contexts, warmup_cosine
+from diagnose.tevid import GradientReversal, TEViD, TEViDConfig, TEViDLoadError, build_tevid, load_tevid
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.clips import CLASSES, IGNORE
+from pretrain.clips import CLASSES, IGNORE, corpus_runs
 from pretrain.encoder import encoder_config
 from pretrain.mae import DynamicsMAE
 
@@ -51,12 +52,8 @@ def mae_checkpoint(tmp_path_factory) -> Path:
 def test_adversary_heads_predict_the_context_through_a_reversed_gradient():
     """The context heads (domain-adversarial training) return one logit row per context value beside the class
     and anomaly outputs, which do not change when they are asked for; the reversal negates the gradient."""
-    from diagnose.tevid import GradientReversal
-
     cfg = TEViDConfig(inputs="readouts", representation="relative", anomaly_head=True, adversary={"family": 3, "dataset": 2})
     model = TEViD(cfg).eval()  # no dropout: the same input gives the same logits
-    from capture.relative import RELATIVE_FEATURES
-
     readouts = torch.randn(4, 5, len(RELATIVE_FEATURES), generator=torch.Generator().manual_seed(0))
     f, a, adv = model(None, readouts, with_anomaly=True, with_adversary=True)
     assert f.shape == (4, 5) and a.shape == (4,) and {k: v.shape for k, v in adv.items()} == {"family": (4, 3), "dataset": (4, 2)}
@@ -68,8 +65,6 @@ def test_adversary_heads_predict_the_context_through_a_reversed_gradient():
         TEViD(TEViDConfig(inputs="readouts"))(None, torch.randn(2, 3, 8), with_adversary=True)
     with pytest.raises(ValueError, match="adversary_weight"):
         FinetuneConfig(adversary=["family"])  # a field without a weight trains nothing
-    from diagnose.finetune import run_contexts
-
     records = [{"run_id": "a", "family": "mlp"}, {"run_id": "b", "family": "cnn"}, {"run_id": "c", "family": "mlp"}]
     assert run_contexts(records, ["family"]) == {"family": {"a": 1, "b": 0, "c": 1}}
     with pytest.raises(ValueError, match="'dataset' missing"):
@@ -282,8 +277,6 @@ def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, t
 def test_finetune_with_the_context_adversary(smoke_corpus, tmp_path):
     """Fine-tuning with `adversary`: one head per manifest field, as wide as the training runs' values, trained
     and saved with the weights; the saved model loads and predicts as any other."""
-    from pretrain.clips import corpus_runs
-
     out = tmp_path / "adv"
     assert finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out), *FAST, "epochs=1",
                           "model.inputs=readouts", "data.window=4", "adversary=[perturbation]", "adversary_weight=1.0"]) == 0
@@ -301,7 +294,6 @@ def test_crossfit_calibrates_on_out_of_fold_predictions(smoke_corpus, tmp_path):
     import shutil
 
     from diagnose.crossfit import main as crossfit_main
-    from pretrain.clips import corpus_runs
 
     corpus = tmp_path / "corpus"
     shutil.copytree(smoke_corpus, corpus)
@@ -340,7 +332,6 @@ def test_crossfit_calibrates_on_out_of_fold_predictions(smoke_corpus, tmp_path):
     assert isinstance(ens, TEViDEnsemble) and len(ens.members) == 2
     assert ens_cal.thresholds == cal.thresholds and ens_cal.tau == cal.tau  # the same out-of-fold predictions
     fold_models = [load_tevid(tmp_path / f"fold{k}" / "final", require_calibration=False)[0] for k in (0, 1)]
-    from capture.relative import RELATIVE_FEATURES
     from capture.schema import CLIP_READOUTS
 
     width = len(RELATIVE_FEATURES if ens.cfg.representation == "relative" else CLIP_READOUTS)
