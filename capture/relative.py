@@ -16,6 +16,7 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
                             highest above their median, and the median step-to-step change--> (2,)
     weight_step           --the weights' movement per step (capture.weights) as a log ratio to the run
                             reference, and its log above the median of the run's frames so far--> (2,)
+    the 26 above          --each one's slow average over the run so far (EWMA) and its leaky peak--> (52,)
 
 A frame's readouts hold the loss of its own step only: at a cadence of 5, four steps in five are unseen,
 and the loss spikes that make a run unstable (the factory's rule reads every step) fall between frames.
@@ -34,6 +35,13 @@ first `reference_frames` frames seen so far: frame 0 is its own reference, later
 Every scalar goes through asinh after non-finite values are replaced: near-linear where healthy runs sit,
 logarithmic for a diverging one, never clamped.
 
+A window of `ClipConfig.window` frames forgets what happened before it. The history features keep a trace
+of the run so far at a cost that does not grow with it: `slow_<f>` is an exponential moving average of
+scalar f (weight `history_rate` per frame, about 1/history_rate frames of memory) and `peak_<f>` its leaky
+peak, which jumps to a new high at once and decays towards the current value by `peak_decay` per frame.
+Both start at the run's first value and are the same for a run of any length once it is a few memories long
+(a running maximum over the whole run would drift up with its length, as a fixed start reference did).
+
 `RunRelative` is the one implementation: `push` one frame at a time (the live stream, the replay), and
 `relative_frames` pushes a stored run's frames through it (clips, probes). `relative_run` cuts a run's
 causal windows from those per-frame arrays.
@@ -51,7 +59,7 @@ from capture.frames import CHANNELS
 from capture.schema import CLIP_READOUTS
 
 SIZE_READOUTS = ("head_grad_norm", "score_w", "score_z", "loss")  # scale with width, classes, tokens: ratios only
-RELATIVE_FEATURES = (
+FRAME_FEATURES = (  # one frame's own scalars; the history of each follows them (TEViDConfig.history)
     tuple(f"rel_level_{c}" for c in CHANNELS)
     + tuple(f"d_level_{c}" for c in CHANNELS)
     + tuple(f"log_ratio_{r}" for r in SIZE_READOUTS)
@@ -61,7 +69,9 @@ RELATIVE_FEATURES = (
 )
 STEP_LOSS_FEATURES = ("step_loss_spike", "step_loss_noise")  # read by a model with TEViDConfig.step_losses
 WEIGHT_FEATURES = ("log_ratio_weight_step", "weight_step_above_median")  # read with TEViDConfig.weight_step
-OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES  # models made before them read the other 22
+HISTORY_FEATURES = tuple(f"slow_{n}" for n in FRAME_FEATURES) + tuple(f"peak_{n}" for n in FRAME_FEATURES)
+RELATIVE_FEATURES = FRAME_FEATURES + HISTORY_FEATURES
+OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES + HISTORY_FEATURES  # models made before them read the other 22
 REPRESENTATIONS = ("frames", "relative")  # what TEViD reads: stored frames and raw readouts, or these inputs
 BIG = 1e6  # what +-inf becomes before asinh (asinh(1e6) ~ 14.5)
 EPS = 1e-12
@@ -78,6 +88,8 @@ class RelativeConfig:
     # reference drifts without bound over a long run: a healthy 1,500-step job sits far outside the 80-320-step
     # runs of the corpus; a lagged one measures change over a span the training windows cover
     reference_lag: int = 0
+    history_rate: float = 0.03  # slow_<f>: EWMA weight of the newest frame (memory ~ 1 / history_rate frames)
+    peak_decay: float = 0.05  # peak_<f>: per frame, how far the peak falls towards the current value
 
 
 def _squash(x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +158,9 @@ class RunRelative:
             raise ValueError(f"reference_frames must be >= 1, got {cfg.reference_frames}")
         if cfg.reference_lag < 0:
             raise ValueError(f"reference_lag must be >= 0 (0: the run reference), got {cfg.reference_lag}")
+        for name in ("history_rate", "peak_decay"):
+            if not 0.0 < getattr(cfg, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(cfg, name)}")
         self.num_classes, self.cfg = num_classes, cfg
         self.frames = 0
         n = len(CHANNELS) + len(SIZE_READOUTS) + 1  # levels, log sizes, log weight_step
@@ -156,6 +171,8 @@ class RunRelative:
         self._loss_ema: float | None = None  # smoothed log loss, and its lowest value so far
         self._loss_best = math.inf
         self._weight_logs: list[float] = []  # log weight_step of the frames so far (finite ones)
+        self._slow: torch.Tensor | None = None  # the frame scalars' EWMA and leaky peak (HISTORY_FEATURES)
+        self._peak: torch.Tensor | None = None
 
     def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor,
              step_losses=None, weight_step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +216,17 @@ class RunRelative:
                          r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best),
                          r.new_tensor(spike), r.new_tensor(noise), relative[-1], r.new_tensor(above_median)]),
         ])
-        return unit_patterns(pattern), _squash(scalars).float()
+        frame = _squash(scalars)
+        return unit_patterns(pattern), torch.cat([frame, *self._history_of(frame)]).float()
+
+    def _history_of(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run so far in two traces of the frame's squashed scalars `(F,)`: their EWMA and leaky peak."""
+        if self._slow is None:
+            self._slow, self._peak = frame.clone(), frame.clone()
+        else:
+            self._slow = self._slow + self.cfg.history_rate * (frame - self._slow)
+            self._peak = torch.maximum(frame, self._peak + self.cfg.peak_decay * (frame - self._peak))
+        return self._slow, self._peak
 
     def _above_best(self, loss: float) -> float:
         """How far the smoothed log loss sits above its lowest value so far (0 while the run keeps improving):
@@ -259,6 +286,6 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 
 
-__all__ = ["OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
+__all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
            "RunRelative", "interval_losses", "pooled", "relative_frames", "relative_run", "spaced_weight_steps",
            "step_loss_features", "unit_patterns", "weight_step_column"]

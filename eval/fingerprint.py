@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.frames import CHANNELS
-from capture.relative import RelativeConfig, interval_losses, pooled, relative_run, weight_step_column
+from capture.relative import FRAME_FEATURES, RelativeConfig, interval_losses, pooled, relative_run, weight_step_column
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
 from diagnose.tevid import readout_features
@@ -70,6 +70,7 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
         pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg,
                                   interval_losses(store.train_loss(), store.frame_step()),
                                   weight_step_column(all_readouts, names))
+        scal = scal[..., :len(FRAME_FEATURES)]  # each frame's own scalars; the history traces are functions of them
         views["relative"] = torch.stack([pooled(pats[e - window + 1], scal[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID
         views["relative_patterns"], views["relative_scalars"] = views["relative"][:, :n_pat], views["relative"][:, n_pat:]

@@ -101,6 +101,27 @@ def test_optional_scalars_are_read_only_when_asked(one_thread, flag, names):
         TEViDConfig(inputs="readouts", **{flag: True})
 
 
+def test_history_traces_are_read_for_the_scalars_read(one_thread):
+    """TEViDConfig.history: the slow average and leaky peak of each scalar the branch reads, after them
+    (off: none of the history columns matters, as in every config saved before they existed)."""
+    import capture.relative as rel
+
+    cols = [rel.RELATIVE_FEATURES.index(n) for n in rel.HISTORY_FEATURES]
+    x = torch.randn(2, 10, len(rel.RELATIVE_FEATURES))
+    moved = x.clone()
+    moved[..., cols] += 3.0
+    off = TEViD(TEViDConfig(inputs="readouts", representation="relative", weight_step=True)).eval()
+    on = TEViD(TEViDConfig(inputs="readouts", representation="relative", weight_step=True, history=True)).eval()
+    assert off.readouts.embed[0].in_features == 24 and on.readouts.embed[0].in_features == 3 * 24
+    cfg = TEViDConfig(representation="relative", scalars=["gwa", "margin"], history=True)
+    assert cfg.scalar_names == ["gwa", "margin", "slow_gwa", "slow_margin", "peak_gwa", "peak_margin"]
+    with torch.no_grad():
+        torch.testing.assert_close(off(None, x), off(None, moved), rtol=0, atol=0)
+        assert not torch.allclose(on(None, x), on(None, moved))
+    with pytest.raises(ValueError, match="history"):
+        TEViDConfig(history=True)  # frames representation: no relative scalars
+
+
 def test_mae_init_keeps_channel_slices_and_resamples_time(mae_checkpoint, one_thread):
     from pretrain.checkpoint import load_checkpoint
 

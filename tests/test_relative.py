@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from capture.frames import CHANNELS
-from capture.relative import (RELATIVE_FEATURES, STEP_LOSS_FEATURES, WEIGHT_FEATURES, RelativeConfig, RunRelative, interval_losses,
+from capture.relative import (FRAME_FEATURES, HISTORY_FEATURES, RELATIVE_FEATURES, STEP_LOSS_FEATURES, WEIGHT_FEATURES, RelativeConfig, RunRelative, interval_losses,
                               relative_frames, relative_run, spaced_weight_steps, step_loss_features, unit_patterns)
 from capture.schema import CLIP_READOUTS
 
@@ -169,6 +169,33 @@ def test_a_raised_pace_of_the_weights_shows_and_is_remembered():
     # read every 2nd frame: the mean per-step pace of the frames since the previous one read
     torch.testing.assert_close(spaced_weight_steps(torch.tensor([math.nan, 1.0, 3.0, 5.0, 7.0]), [0, 2, 4]),
                                torch.tensor([math.nan, 2.0, 6.0], dtype=torch.float64), equal_nan=True)
+
+
+def test_the_history_traces_remember_a_spike_and_forget_it_slowly():
+    """slow_<f> is the EWMA of the frame scalar f from its first value on; peak_<f> jumps to a new high at
+    once and then falls towards the current value by peak_decay a frame; a steady run leaves both equal to it."""
+    levels, patterns, readouts = _run(40)
+    step_losses = [torch.ones(5)] * 40
+    step_losses[10] = torch.tensor([1.0, 1.0, 50.0, 1.0, 1.0])  # one step's loss x50 between frames 9 and 10
+    cfg = RelativeConfig(history_rate=0.1, peak_decay=0.2)
+    x = relative_frames(levels, patterns, readouts, 10, cfg, step_losses=step_losses)[1]
+    assert x.shape == (40, len(FRAME_FEATURES) + len(HISTORY_FEATURES)) and len(RELATIVE_FEATURES) == 3 * len(FRAME_FEATURES)
+    f = FRAME_FEATURES.index("step_loss_spike")
+    own, slow, peak = x[:, f], x[:, RELATIVE_FEATURES.index("slow_step_loss_spike")], x[:, RELATIVE_FEATURES.index("peak_step_loss_spike")]
+    spike = math.asinh(math.log(50.0))
+    assert own[10] == pytest.approx(spike, rel=1e-5) and torch.all(own[11:] == 0) and torch.all(own[:10] == 0)
+    assert torch.all(slow[:10] == 0) and torch.all(peak[:10] == 0)
+    assert peak[10] == pytest.approx(spike, rel=1e-5)  # a new high at once
+    torch.testing.assert_close(peak[11:15], spike * 0.8 ** torch.arange(1.0, 5.0), rtol=1e-5, atol=0)  # then decays
+    torch.testing.assert_close(slow[10:15], 0.1 * spike * 0.9 ** torch.arange(0.0, 5.0), rtol=1e-5, atol=0)
+    # every frame scalar has its two traces, computed the same way
+    i = FRAME_FEATURES.index("rel_level_act_early")
+    ewma = x[0, i].clone()
+    for t in range(1, 40):
+        ewma = ewma + 0.1 * (x[t, i] - ewma)
+    assert x[-1, RELATIVE_FEATURES.index("slow_rel_level_act_early")] == pytest.approx(float(ewma), abs=1e-5)
+    with pytest.raises(ValueError, match="history_rate"):
+        RunRelative(10, RelativeConfig(history_rate=0.0))
 
 
 def test_bad_shapes_are_named():
