@@ -314,11 +314,13 @@ def _frames(runs, horizon_epochs) -> _Frames:
 
 
 def _per_frame(runs, name: str) -> np.ndarray:
-    """Concatenate a per-frame output of every run; a clear error when the method has none."""
-    missing = [r.run_id for r in runs if getattr(r, name) is None]
+    """Concatenate a per-frame output of every run; a clear error when the method has none. A run with no
+    scored frame (shorter than a window) has nothing to give and adds nothing."""
+    missing = [r.run_id for r in runs if getattr(r, name) is None and len(r.score)]
     if missing:
         raise ValueError(f"runs {missing[:5]} have no {name}: this metric needs the method's {name}")
-    return np.concatenate([getattr(r, name) for r in runs] or [np.zeros((0,) if name != "probs" else (0, len(CLASSES)))])
+    empty = np.zeros((0,) if name != "probs" else (0, len(CLASSES)))
+    return np.concatenate([getattr(r, name) if len(r.score) else empty for r in runs] or [empty])
 
 
 def _vacuity(runs) -> np.ndarray:

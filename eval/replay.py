@@ -356,7 +356,9 @@ class TEViDDiagnoser:
 
 def decisions(result: RunResult, rule: Rule) -> list[Decision]:
     """The streaming rule (diagnose.decision) over a replayed run's probs and vacuity (no vacuity:
-    never Unknown). Decision.frame indexes the result's frames."""
+    never Unknown). Decision.frame indexes the result's frames; a run with no scored frame has none."""
+    if len(result.score) == 0:
+        return []
     if result.probs is None:
         raise ValueError(f"run {result.run_id}: the decision rule needs class probabilities; this method gives a score only "
                          f"(use a score threshold)")

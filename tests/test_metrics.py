@@ -218,6 +218,9 @@ def test_unknown_auroc_matches_sklearn():
     assert math.isnan(M.unknown_auroc(runs[:2]))
     with pytest.raises(ValueError, match="have no vacuity"):
         M.unknown_auroc([run("healthy", np.zeros(6))])
+    # a run shorter than a window (a diverged one) has no scored frame, so nothing to give: it adds nothing
+    short = run("instability", np.zeros(0), steps=STEPS[:0], onset=0, trigger=10)
+    assert M.unknown_auroc(runs + [short]) == M.unknown_auroc(runs)
 
 
 def test_risk_coverage_and_augrc_by_hand():

@@ -164,6 +164,7 @@ def test_confirmed_alerts_with_the_decision_rule():
     assert [x.alerts for x in out] == [[(60, "instability")], [(30, "instability")]] and r.alerts == []
     with pytest.raises(ValueError, match="class probabilities"):
         confirmed_alerts(_result([0.1, 0.2]), rule=rule)
+    assert confirmed_alerts(_result(np.zeros(0)), rule=rule) == []  # shorter than a window: no frame, no alert
     assert CLASSES[2] == "instability"
 
 
