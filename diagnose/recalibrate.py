@@ -14,6 +14,7 @@ apart from `diagnose.calibrate`, which the live monitor loads (docs/architecture
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         bank = fit_bank(model, CorpusClips(args.corpus, "train", clip_cfg), args.familiarity_k)
         print(f"wrote {save_familiarity(bank, args.checkpoint)}: bank {tuple(bank.bank.shape)}, k {bank.k}, scale {bank.scale:.4g}")
         model.familiarity = bank
-    val = CorpusClips(args.corpus, "val", clip_cfg)
+    # every window, as fine-tuning calibrates: the rule's 3 frames in a row are 3 consecutive frames in the live
+    # stream and the replay; windows at the training stride would space them `stride` frames apart, and a
+    # threshold fitted on those alarms more often on healthy runs than it promised
+    val = CorpusClips(args.corpus, "val", dataclasses.replace(clip_cfg, stride=1))
     records = predict_records(model, val, batch_size=64)
     cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
     if args.familiarity:  # vacuity is now the familiarity score: an unfamiliar job mutes TEViD's alerts (diagnose.decision)

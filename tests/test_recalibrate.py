@@ -15,9 +15,12 @@ from pretrain.checkpoint import save_checkpoint
 def test_recalibrate_writes_a_calibration_for_the_checkpoint(tmp_path, smoke_corpus, capsys):
     cfg = TEViDConfig(encoder="tiny", encoder_overrides={"depth": 1, "img_size": 16})
     ckpt = tmp_path / "final"
-    save_checkpoint(ckpt, model=TEViD(cfg).eval(), config={"model": dataclasses.asdict(cfg), "data": {"window": 10}}, step=1)
+    # trained on windows every 2nd frame; calibrated on every window all the same (the rule streams them all)
+    save_checkpoint(ckpt, model=TEViD(cfg).eval(), config={"model": dataclasses.asdict(cfg), "data": {"window": 10, "stride": 2}}, step=1)
     assert main(["--checkpoint", str(ckpt), "--corpus", str(smoke_corpus), "--out", str(ckpt), "tau=0.5"]) == 0
     cal = load_calibration(ckpt)
+    from pretrain.clips import ClipConfig, CorpusClips
+    assert cal.report["windows"] == len(CorpusClips(smoke_corpus, "val", ClipConfig(window=10, stride=1)))
     assert cal.classes == list(CLASSES) and cal.tau == 0.5 and len(cal.thresholds) == len(CLASSES) - 1
     assert cal.report["calibrated"] and cal.report["tau_source"] == "fixed"
     printed = capsys.readouterr().out
