@@ -369,7 +369,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
     clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation,
-                          reference_lag=cfg.model.reference_lag)
+                          reference_lag=cfg.model.reference_lag, history_rate=cfg.model.history_rate, peak_decay=cfg.model.peak_decay)
     data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings), class_from_onset=cfg.data.class_from_onset),
                       accelerator)
     try:  # every window: the rule streams them all

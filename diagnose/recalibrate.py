@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     saved = load_checkpoint(args.checkpoint).config.get("data", {})
     clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
     clip_cfg.representation = model.cfg.representation
-    clip_cfg.reference_lag = model.cfg.reference_lag
+    for name in ("reference_lag", "history_rate", "peak_decay"):  # the run-relative transform it was trained with
+        setattr(clip_cfg, name, getattr(model.cfg, name))
     if args.familiarity:
         bank = fit_bank(model, CorpusClips(args.corpus, "train", clip_cfg), args.familiarity_k)
         print(f"wrote {save_familiarity(bank, args.checkpoint)}: bank {tuple(bank.bank.shape)}, k {bank.k}, scale {bank.scale:.4g}")

@@ -76,6 +76,8 @@ class TEViDConfig:
     # relative: also read the run-so-far trace (capture.relative.HISTORY_FEATURES: slow average and leaky peak) of
     # every scalar it reads, so a window remembers what happened before it
     history: bool = False
+    history_rate: float = 0.03  # relative: RelativeConfig.history_rate (the slow average's weight per frame)
+    peak_decay: float = 0.05  # relative: RelativeConfig.peak_decay (the leaky peak's fall per frame)
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
     # training only: heads that predict the watched run's context (a manifest field -> its number of values, e.g.
     # {family: 13, dataset: 5}) from the fused features through a gradient reversal (Ganin & Lempitsky 2015), so the
@@ -121,7 +123,7 @@ class TEViDConfig:
 
     def relative_config(self) -> RelativeConfig:
         """The run-relative transform this model's scalars were made with (clips, live stream, probes)."""
-        return RelativeConfig(reference_lag=self.reference_lag)
+        return RelativeConfig(reference_lag=self.reference_lag, history_rate=self.history_rate, peak_decay=self.peak_decay)
 
     @property
     def uses_video(self) -> bool:

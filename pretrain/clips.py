@@ -48,10 +48,15 @@ class ClipConfig:
     # coarser cadence sees it (relative inputs computed on that subsequence); one pass per spacing. Relative only.
     spacings: tuple = (1,)
     reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
+    history_rate: float = 0.03  # relative: RelativeConfig.history_rate and peak_decay (the run-so-far traces)
+    peak_decay: float = 0.05
     # a run whose label is the class its perturbation injected: its class from the injection's onset on, not
     # from trigger - H (the windows between are then that class, not IGNORE): the class head sees the
     # anomaly's first windows, which the anomaly head alarms on (a task switch's loss jump, say)
     class_from_onset: bool = False
+
+    def relative_config(self) -> RelativeConfig:
+        return RelativeConfig(reference_lag=self.reference_lag, history_rate=self.history_rate, peak_decay=self.peak_decay)
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
@@ -191,7 +196,7 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
         values, pats = readouts[idx], None
         if relative:
             pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(values), int(store.attrs["num_classes"]),
-                                            RelativeConfig(reference_lag=cfg.reference_lag), interval_losses(train_loss, steps[idx]),
+                                            cfg.relative_config(), interval_losses(train_loss, steps[idx]),
                                             None if weight_step is None else spaced_weight_steps(weight_step, idx))
             values = scalars.numpy()
         runs.append(_Run(record, store.path, steps[idx], values, target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
