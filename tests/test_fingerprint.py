@@ -30,3 +30,21 @@ def test_probe_on_the_smoke_corpus(smoke_corpus, tmp_path):
 def test_too_few_runs_is_refused(smoke_corpus):
     with pytest.raises(ValueError, match="healthy runs"):
         fingerprint(smoke_corpus, splits=("val",), folds=50, progress=False)
+
+
+def test_a_relative_model_reads_its_whole_inputs_while_the_view_pools_each_frames_own(smoke_corpus):
+    """A model reading the history traces gets its full relative scalars; the `relative_scalars` view stays the
+    frame's own scalars (mean and last), so the probe's input columns mean the same with or without traces."""
+    from capture.relative import FRAME_FEATURES
+    from capture.store import RunStore
+    from diagnose.tevid import TEViD, TEViDConfig
+    from eval.fingerprint import run_views
+    from pretrain.clips import corpus_runs
+
+    record = corpus_runs(smoke_corpus, "train")[0]
+    store = RunStore(smoke_corpus / record["store"])
+    model = TEViD(TEViDConfig(inputs="readouts", representation="relative", weight_step=True, history=True)).eval()
+    views = run_views(store, 3, [2, 3], model)
+    assert views["tevid"].shape == (2, model.cfg.readout_dim)
+    assert views["relative_scalars"].shape == (2, 2 * len(FRAME_FEATURES))
+
