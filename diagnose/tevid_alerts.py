@@ -51,8 +51,8 @@ def tevid_alerts(pred: Prediction, calibration, window: torch.Tensor | None, poi
     """The alerts a prediction fires: each class whose streak reached `consecutive`, and Unknown."""
     cal, d, probs, u = calibration, pred.decision, pred.probs, pred.vacuity
     if getattr(cal, "score_threshold", None) is not None:  # score mode: the anomaly score alarms, the class head names it
-        found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (anomaly score {pred.anomaly:.2f} > "
-                  f"{cal.score_threshold:.2f} for {cal.consecutive} frames in a row; kind: p = {probs[c]:.2f}, vacuity {u:.2f})")
+        found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (anomaly score {pred.anomaly:.4f} > "
+                  f"{cal.score_threshold:.4f} for {cal.consecutive} frames in a row; kind: p = {probs[c]:.2f}, vacuity {u:.2f})")
                  for c in d.new_alerts]
     else:
         found = [(cal.classes[c], probs[c], f"TEViD: {cal.classes[c]} (p = {probs[c]:.2f} > {cal.thresholds[c - 1]:.2f} "
@@ -61,8 +61,8 @@ def tevid_alerts(pred: Prediction, calibration, window: torch.Tensor | None, poi
         found.append(("unfamiliar", None, f"TEViD: unfamiliar model: its first {cal.gate} windows are far from every training "
                                           f"run (familiarity {u:.2f} > tau {cal.tau:.2f}); rule symptoms only from here"))
     if d.unknown_alert and getattr(cal, "score_threshold", None) is not None:
-        found.append(("unknown", None, f"TEViD: an anomaly of no known kind (anomaly score {pred.anomaly:.2f} > "
-                                       f"{cal.score_threshold:.2f} for {cal.consecutive} frames in a row; vacuity {u:.2f} > "
+        found.append(("unknown", None, f"TEViD: an anomaly of no known kind (anomaly score {pred.anomaly:.4f} > "
+                                       f"{cal.score_threshold:.4f} for {cal.consecutive} frames in a row; vacuity {u:.2f} > "
                                        f"tau {cal.tau:.2f}: the class head lacks the evidence to name it)"))
     elif d.unknown_alert:
         found.append(("unknown", None, f"TEViD: unknown (vacuity {u:.2f} > tau {cal.tau:.2f} for {cal.consecutive} "

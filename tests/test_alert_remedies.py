@@ -164,3 +164,19 @@ def test_moved_channel_on_a_scripted_window():
     readouts = [{"step": s, "score_w": v} for s, v in [(0, 5.0), (10, 1.0), (20, 0.9), (30, 4.0), (40, 6.0)]]
     assert "stop at step 20 where" in tevid_remedy("overfitting", readouts)
     monitor.remove()
+
+
+def test_a_score_mode_alert_shows_the_score_and_threshold_apart():
+    """The shipped thresholds sit at 0.99x: the message prints the anomaly score and its threshold to 4 places,
+    so a user reads 0.9991 > 0.9955, not 1.00 > 1.00."""
+    from diagnose.calibrate import Calibration
+    from diagnose.decision import Decision, Reason
+    from diagnose.stream import Prediction
+    from diagnose.tevid_alerts import tevid_alerts
+
+    classes = ["healthy", "overfitting", "instability", "forgetting", "concept_bias"]
+    cal = Calibration(classes, [0.6] * 4, 1.0, 0.7, 3, {}, 0.99547)
+    probs = [0.1, 0.1, 0.6, 0.1, 0.1]
+    pred = Prediction(200, probs, 0.2, Decision(2, Reason.KNOWN, new_alerts=(2,)), "instability", anomaly=0.99912)
+    [alert] = tevid_alerts(pred, cal, None, [], [])
+    assert alert.name == "instability" and "anomaly score 0.9991 > 0.9955" in alert.message
