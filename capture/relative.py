@@ -38,7 +38,8 @@ logarithmic for a diverging one, never clamped.
 A window of `ClipConfig.window` frames forgets what happened before it. The history features keep a trace
 of the run so far at a cost that does not grow with it: `slow_<f>` is an exponential moving average of
 scalar f (weight `history_rate` per frame, about 1/history_rate frames of memory) and `peak_<f>` its leaky
-peak, which jumps to a new high at once and decays towards the current value by `peak_decay` per frame.
+peak, which jumps to a new high at once and then closes a fraction `peak_decay` of its gap to the current
+value each frame.
 Both start at the run's first value and are the same for a run of any length once it is a few memories long
 (a running maximum over the whole run would drift up with its length, as a fixed start reference did).
 
@@ -89,7 +90,7 @@ class RelativeConfig:
     # runs of the corpus; a lagged one measures change over a span the training windows cover
     reference_lag: int = 0
     history_rate: float = 0.03  # slow_<f>: EWMA weight of the newest frame (memory ~ 1 / history_rate frames)
-    peak_decay: float = 0.05  # peak_<f>: per frame, how far the peak falls towards the current value
+    peak_decay: float = 0.05  # peak_<f>: the fraction of its gap to the current value the peak closes per frame
 
 
 def _squash(x: torch.Tensor) -> torch.Tensor:
