@@ -67,7 +67,7 @@ class TEViDConfig:
     representation: str = "frames"
     reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
     # relative: the scalars of capture.relative.RELATIVE_FEATURES the readout branch reads;
-    # the inputs stay (B, T, 78), the branch selects its columns; None: all but the optional ones (step losses, weights)
+    # the inputs stay (B, T, 78), the branch selects its columns; None: all but the optional ones (step losses, weights, history)
     scalars: list | None = None
     # relative: also read capture.relative.STEP_LOSS_FEATURES (the losses of the steps between frames); off, the
     # branch reads the other scalars only, as every model made before those features existed
@@ -77,7 +77,7 @@ class TEViDConfig:
     # every scalar it reads, so a window remembers what happened before it
     history: bool = False
     history_rate: float = 0.03  # relative: RelativeConfig.history_rate (the slow average's weight per frame)
-    peak_decay: float = 0.05  # relative: RelativeConfig.peak_decay (the leaky peak's fall per frame)
+    peak_decay: float = 0.05  # relative: RelativeConfig.peak_decay (the share of its gap the leaky peak closes per frame)
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
     # training only: heads that predict the watched run's context (a manifest field -> its number of values, e.g.
     # {family: 13, dataset: 5}) from the fused features through a gradient reversal (Ganin & Lempitsky 2015), so the
