@@ -93,6 +93,16 @@ class RelativeConfig:
     peak_decay: float = 0.05  # peak_<f>: the fraction of its gap to the current value the peak closes per frame
 
 
+# the RelativeConfig fields a model's config and its clips' config carry (TEViDConfig, ClipConfig), so that
+# fine-tuning, calibration, the replay and the live stream make the same inputs; the rest keep their defaults
+MODEL_FIELDS = ("reference_lag", "history_rate", "peak_decay")
+
+
+def relative_config_of(cfg) -> RelativeConfig:
+    """The RelativeConfig of a config that carries `MODEL_FIELDS` (a TEViDConfig or a ClipConfig)."""
+    return RelativeConfig(**{name: getattr(cfg, name) for name in MODEL_FIELDS})
+
+
 def _squash(x: torch.Tensor) -> torch.Tensor:
     return torch.asinh(torch.nan_to_num(x, nan=0.0, posinf=BIG, neginf=-BIG))
 
@@ -287,6 +297,6 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 
 
-__all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
-           "RunRelative", "interval_losses", "pooled", "relative_frames", "relative_run", "spaced_weight_steps",
+__all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
+           "RunRelative", "interval_losses", "pooled", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps",
            "step_loss_features", "unit_patterns", "weight_step_column"]

@@ -42,7 +42,7 @@ from timm.layers import Mlp, trunc_normal_
 
 from capture.frames import CHANNELS
 from capture.relative import (HISTORY_FEATURES, OPTIONAL_FEATURES, RELATIVE_FEATURES, REPRESENTATIONS, STEP_LOSS_FEATURES, WEIGHT_FEATURES,
-                              RelativeConfig)
+                              RelativeConfig, relative_config_of)
 from capture.schema import CLASSES, CLIP_READOUTS
 from diagnose.ensemble import TEViDEnsemble, ensemble_config, ensemble_members
 from diagnose.evidential import dirichlet, tempered_probs
@@ -123,7 +123,7 @@ class TEViDConfig:
 
     def relative_config(self) -> RelativeConfig:
         """The run-relative transform this model's scalars were made with (clips, live stream, probes)."""
-        return RelativeConfig(reference_lag=self.reference_lag, history_rate=self.history_rate, peak_decay=self.peak_decay)
+        return relative_config_of(self)
 
     @property
     def uses_video(self) -> bool:

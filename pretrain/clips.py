@@ -31,7 +31,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from capture.corpus import corpus_runs
-from capture.relative import REPRESENTATIONS, RelativeConfig, interval_losses, relative_frames, spaced_weight_steps, weight_step_column
+from capture.relative import (REPRESENTATIONS, RelativeConfig, interval_losses, relative_config_of, relative_frames, spaced_weight_steps,
+                              weight_step_column)
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -56,7 +57,7 @@ class ClipConfig:
     class_from_onset: bool = False
 
     def relative_config(self) -> RelativeConfig:
-        return RelativeConfig(reference_lag=self.reference_lag, history_rate=self.history_rate, peak_decay=self.peak_decay)
+        return relative_config_of(self)
 
     def __post_init__(self):
         if self.representation not in REPRESENTATIONS:
