@@ -257,11 +257,16 @@ def _stack(outputs: list[FrameOutput], what: str, name: str, run_id: str) -> np.
 
 
 def to_result(run: LoadedRun, outputs: list[FrameOutput], name: str = "diagnoser", score_from: int = SCORE_FROM) -> RunResult:
-    """A RunResult of the frames >= score_from; the truth is attached here, after the outputs exist."""
+    """A RunResult of the frames >= score_from; the truth is attached here, after the outputs exist. A run
+    shorter than that (a diverged one) has no scored frame: its probs and vacuity are then empty arrays if the
+    method gives them at its earlier frames, so it looks like every other run of the method."""
     kept = outputs[score_from:]
     score = np.array([float(o.score) for o in kept], dtype=np.float64)
-    return RunResult.from_attrs(run.run_id, run.truth, run.frame_step[score_from:], score,
-                                _stack(kept, "probs", name, run.run_id), _stack(kept, "vacuity", name, run.run_id))
+    probs, vacuity = _stack(kept, "probs", name, run.run_id), _stack(kept, "vacuity", name, run.run_id)
+    if not kept and outputs:
+        probs = np.zeros((0, len(CLASSES))) if outputs[0].probs is not None else None
+        vacuity = np.zeros(0) if outputs[0].vacuity is not None else None
+    return RunResult.from_attrs(run.run_id, run.truth, run.frame_step[score_from:], score, probs, vacuity)
 
 
 def replay_runs(runs: Sequence[LoadedRun], diagnoser: Diagnoser, *, score_from: int = SCORE_FROM,

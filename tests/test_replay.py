@@ -133,6 +133,29 @@ def test_diagnoser_errors_are_named(smoke_corpus):
         replay_runs(runs, Peeker(), progress=False)
 
 
+def test_a_run_shorter_than_a_window_has_empty_outputs_of_the_methods_kind(smoke_corpus):
+    """No scored frame: a class-probability method's run still has probs (0, K) and vacuity (0,), so the
+    summary treats it as every other run of the method (a diverged val run once stopped the report)."""
+    runs = load_runs(smoke_corpus, "val", frames=False, progress=False)
+
+    class Probs:
+        name, kind, frame_window = "probs", "scalar", 0
+
+        def reset(self, info):
+            pass
+
+        def step(self, view):
+            return FrameOutput(score=0.5, probs=np.full(len(CLASSES), 1 / len(CLASSES)), vacuity=0.2)
+
+    longest = max(len(r.frame_step) for r in runs)
+    short = replay_runs(runs, Probs(), score_from=longest, progress=False)  # every run shorter than the window
+    assert all(r.probs.shape == (0, len(CLASSES)) and r.vacuity.shape == (0,) for r in short)
+    full = replay_runs(runs, Probs(), progress=False)
+    from eval.metrics import summarize
+    both, alone = summarize(full + short, n_resamples=20, progress=False), summarize(full, n_resamples=20, progress=False)
+    assert both["event_auprc"] == alone["event_auprc"] and both["macro_f1"] is not None
+
+
 def _result(score, probs=None, vacuity=None):
     t = len(score)
     return RunResult("r", "instability", False, 0, 40, 10, np.arange(t) * 10, score, probs, vacuity)
