@@ -339,7 +339,9 @@ def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[Loade
              "## Table 3: main results\n", TAB.table3(metrics), "",
              "## Table 4: per held-out factor (event AUPRC / median lead in epochs, 95% BCa over the slice's runs)\n", t4, "",
              "## Per known class (the class's runs and the Healthy runs: event AUPRC (of a constant score) / detection / "
-             "share of its runs whose first alert names the class)\n", TAB.table_by_class(results), ""]
+             "share of its runs whose first alert names the class)\n", TAB.table_by_class(results), "",
+             "## Healthy runs per held-out factor (FAR on them / the split's event AUPRC without them)\n",
+             TAB.table_healthy_by_factor(results, info, cfg.horizon_epochs), ""]
     if ablations is not None:
         parts += [f"## Table 5: window length (from `{cfg.ablations}`)\n", TAB.table5(ablations), "",
                   f"## Table 12: ablations (from `{cfg.ablations}`)\n", TAB.table12(ablations), ""]

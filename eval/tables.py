@@ -5,6 +5,7 @@
 | `table3` | Table 3 | method x (AUPRC, lead, FAR, detection, macro F1, Unknown AUROC, AUGRC, cost/100), 95% BCa | metrics.json |
 | `table4` | Table 4 | held-out factor value x method (event AUPRC, median lead), 95% BCa over the slice's runs | replayed test runs |
 | `table_by_class` | - | known class x method (event AUPRC vs its Healthy runs, its constant-score AUPRC, detection, kind named) | replayed test runs |
+| `table_healthy_by_factor` | - | held-out factor value x method (FAR on its Healthy runs, the split's event AUPRC without them) | replayed test runs |
 | `table5` | Table 5 | window W (steps/frame, GFLOPs/clip, AUPRC, lead, FAR) | ablations.json (`eval.ablations`) |
 | `table12` | Table 12 | ablation variant x (macro F1, AUPRC, lead, FAR, detection) | ablations.json (`eval.ablations`) |
 | `table17` | Table 17 | novel perturbation x predicted outcome, % of runs | replayed test runs + the rule's Unknown frames |
@@ -109,6 +110,31 @@ def table_by_class(results: dict[str, list[M.RunResult]]) -> str:
                          f"{fmt(M.detection_rate(sub))} / {kind}")
         rows.append([cls, str(n_runs), *cells])
     return markdown_table(["class", "runs", *(f"{n} AUPRC (constant) / Det. / named" for n in names)], rows)
+
+
+def table_healthy_by_factor(results: dict[str, list[M.RunResult]], info: dict[str, dict],
+                            horizon_epochs: float = M.HORIZON_EPOCHS) -> str:
+    """Where the false alarms and the costly negatives come from: for each architecture, dataset and optimizer
+    of the test split, its Healthy runs, each method's FAR on them and the whole split's event AUPRC with them
+    left out (every other run kept). Table 4 ranks a slice's frames among themselves; this column shows what
+    the slice's healthy frames cost the split's ranking, e.g. a family whose healthy runs score like anomalies.
+    Point values only: the slices are small."""
+    names = list(results)
+    first = next(iter(results.values()), [])
+    rows = []
+    for factor in FACTORS:
+        for value in sorted({str(info[r.run_id].get(factor)) for r in first}):
+            def inside(r):
+                return r.kind == "healthy" and str(info[r.run_id].get(factor)) == value
+            n_healthy = sum(inside(r) for r in first)
+            if not n_healthy:
+                continue
+            cells = [f"{fmt(M.far([r for r in results[n] if inside(r)]))} / "
+                     f"{fmt(M.event_auprc([r for r in results[n] if not inside(r)], horizon_epochs))}" for n in names]
+            rows.append([factor, value, str(n_healthy), *cells])
+    if not rows:
+        return "(no Healthy run in the test split)"
+    return markdown_table(["factor", "value", "Healthy runs", *(f"{n} FAR / AUPRC without them" for n in names)], rows)
 
 
 def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str]) -> str:

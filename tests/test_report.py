@@ -181,6 +181,27 @@ def test_per_class_table_by_hand():
     assert no_probs.rstrip().endswith("/ 0.000 / – |")
 
 
+def test_healthy_by_factor_table_by_hand():
+    """One family's healthy runs score like the anomalies: its FAR is 1 and the split's AUPRC without them is 1."""
+    from eval.tables import table_healthy_by_factor
+
+    def scored(run_id, label, score, alerts=()):
+        return RunResult(run_id, label, False, 0 if label != "healthy" else None, None if label == "healthy" else 40, 10.0,
+                         np.arange(len(score)) * 10, np.array(score, float), alerts=list(alerts))
+
+    runs = [scored("h_a", "healthy", [0.1] * 6), scored("h_b", "healthy", [0.9] * 6, [(20, "instability")]),
+            scored("i_a", "instability", [0.8] * 6, [(20, "instability")])]
+    info = {"h_a": {"arch": "a", "dataset": "d", "optimizer": "o"}, "h_b": {"arch": "b", "dataset": "d", "optimizer": "o"},
+            "i_a": {"arch": "a", "dataset": "d", "optimizer": "o"}}
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table_healthy_by_factor({"m": runs}, info).splitlines()[2:]}
+    assert set(rows) == {("arch", "a"), ("arch", "b"), ("dataset", "d"), ("optimizer", "o")}
+    assert rows[("arch", "b")].endswith("| 1 | 1.000 / 1.000 |")  # b's healthy run alarms; without it the ranking is perfect
+    # without a's quiet run, b's 6 frames outrank the anomaly's 4 positive ones (from trigger - 2 epochs): AP 4 / 10
+    assert rows[("arch", "a")].endswith("| 1 | 0.000 / 0.400 |")
+    assert rows[("dataset", "d")].endswith("| 2 | 0.500 / 1.000 |")  # only the anomaly's scored frames are left
+    assert table_healthy_by_factor({"m": [runs[2]]}, info) == "(no Healthy run in the test split)"
+
+
 def test_pareto_front_by_hand():
     far = np.array([0.0, 0.0, 0.1, 0.2, 0.3, 0.5])
     lead = np.array([-2.0, -1.0, -1.5, 0.5, 0.2, 1.0])
