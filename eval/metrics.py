@@ -160,7 +160,7 @@ def _streak_mins(score, consecutive: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(s, consecutive).min(axis=1) if len(s) >= consecutive else s[:0]
 
 
-def _alert_level(score: np.ndarray, consecutive: int) -> float:
+def alert_level(score: np.ndarray, consecutive: int) -> float:
     """Largest m such that the run alerts at every threshold < m: max over windows of `consecutive`
     frames of their min score (-inf when shorter; NaN frames cannot be part of a streak)."""
     mins = _streak_mins(score, consecutive)
@@ -169,7 +169,7 @@ def _alert_level(score: np.ndarray, consecutive: int) -> float:
 
 def held_scores(score, consecutive: int = 3) -> np.ndarray:
     """(T,) the run's alert level so far at each frame: the highest score it has held for `consecutive`
-    frames in a row up to that frame (`_alert_level` of the frames <= t; -inf before `consecutive` frames,
+    frames in a row up to that frame (`alert_level` of the frames <= t; -inf before `consecutive` frames,
     NaN frames break a streak). A threshold alerts by frame t exactly when it is below this value, so
     ranking frames by it ranks the evidence a run has given so far, not only its latest window's."""
     out = np.full(len(score), -np.inf)
@@ -182,7 +182,7 @@ def threshold_for_far(runs: Sequence[RunResult], far: float = 0.05, consecutive:
     """The lowest score threshold at which a new Healthy run exchangeable with the Healthy runs here has a
     confirmed alert (`alert_frames`) with probability <= `far`: at most `diagnose.calibrate.allowed_false_alarms`
     of them alert (split conformal, as TEViD's calibration). Set it on validation, then freeze it. -inf if every run may alert."""
-    levels = np.sort([_alert_level(r.score, consecutive) for r in runs if r.kind == "healthy"])[::-1]
+    levels = np.sort([alert_level(r.score, consecutive) for r in runs if r.kind == "healthy"])[::-1]
     if len(levels) == 0:
         raise ValueError("threshold_for_far: no Healthy (non-novel) run among the runs; the FAR needs Healthy runs")
     allowed = allowed_false_alarms(len(levels), far)  # runs that may alert

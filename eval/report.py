@@ -186,7 +186,8 @@ def evaluate_method(name: str, diagnoser, runs: dict[str, list[LoadedRun]], cfg:
         rule = diagnoser.calibration.rule()
         test = with_alerts(test, rule=rule)
         unknown = {r.run_id: unknown_mask(r, rule) for r in test}
-        info.update(rule={"thresholds": list(rule.thresholds), "tau": rule.tau, "consecutive": rule.consecutive},
+        info.update(rule={"thresholds": list(rule.thresholds), "tau": rule.tau, "consecutive": rule.consecutive,
+                          "score_threshold": rule.score_threshold, "gate": rule.gate},
                     threshold=None, threshold_split="calibration")
     else:
         val = replay_runs(runs["val"], diagnoser, **kw)
@@ -326,7 +327,8 @@ def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[Loade
     """tables.md: the paper's Tables 3, 4, 17, 18-19 from this report's runs; Tables 5 and 12 and the Sec. 5.4
     probes from `cfg.ablations` / `cfg.probes` when given, else the command that produces them."""
     info = {r.run_id: r.info for r in test_runs}
-    novel_type = {r.run_id: str((r.truth.get("perturbation") or {}).get("name", "novel")) for r in test_runs}
+    perturbation = {r.run_id: str((r.truth.get("perturbation") or {}).get("name", "-")) for r in test_runs}
+    novel_type = {k: ("novel" if v == "-" else v) for k, v in perturbation.items()}
     main = next((n for n in results if metrics[n]["kind"] == "tevid"), next(iter(results)))
     ablations, probes = _read_json(cfg.ablations, "ablations"), _read_json(cfg.probes, "probes")
     t4 = TAB.table4(results, info, cfg.horizon_epochs, cfg.n_resamples, cfg.seed)
@@ -349,6 +351,10 @@ def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[Loade
         parts += ["## Table 5: window length; Table 12: ablations\n",
                   "Not computed by the report: `python -m eval.ablations --corpus DIR --out DIR --pretrained CKPT` writes "
                   "ablations.json; pass it with `--ablations FILE`.", ""]
+    rule = metrics[main].get("rule") or {}
+    threshold = rule.get("score_threshold") if rule else metrics[main].get("threshold")
+    parts += [f"## Missed known anomalies ({main}: its known-anomaly runs without an alert from the onset)\n",
+              TAB.table_missed(results[main], info, perturbation, rule.get("consecutive", cfg.consecutive), threshold), ""]
     parts += [f"## Table 17: novel anomaly types vs predicted outcome ({main}, % of runs)\n",
               TAB.table17(results[main], unknown.get(main), novel_type), "",
               "## Table 18: counts per 100 runs at the frozen operating point\n", TAB.table18(results, metrics), "",

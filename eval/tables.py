@@ -8,6 +8,7 @@
 | `table_healthy_by_factor` | - | held-out factor value x method (FAR on its Healthy runs, the split's event AUPRC without them) | replayed test runs |
 | `table5` | Table 5 | window W (steps/frame, GFLOPs/clip, AUPRC, lead, FAR) | ablations.json (`eval.ablations`) |
 | `table12` | Table 12 | ablation variant x (macro F1, AUPRC, lead, FAR, detection) | ablations.json (`eval.ablations`) |
+| `table_missed` | - | the first TEViD method's missed known-anomaly runs (class, perturbation, family, frames from onset, alert level) | replayed test runs |
 | `table17` | Table 17 | novel perturbation x predicted outcome, % of runs | replayed test runs + the rule's Unknown frames |
 | `table18` | Table 18 | method x (N_FA, N_MD per 100 runs, mean lead) at the frozen operating point | replayed test runs |
 | `table19` | Table 19 | method x expected cost per 100 runs (95% BCa) | metrics.json |
@@ -135,6 +136,29 @@ def table_healthy_by_factor(results: dict[str, list[M.RunResult]], info: dict[st
     if not rows:
         return "(no Healthy run in the test split)"
     return markdown_table(["factor", "value", "Healthy runs", *(f"{n} FAR / AUPRC without them" for n in names)], rows)
+
+
+def table_missed(runs: list[M.RunResult], info: dict[str, dict], perturbation: dict[str, str], consecutive: int,
+                 threshold: float | None) -> str:
+    """The known-anomaly runs with no alert from the onset, one row each: its class, the perturbation injected,
+    its architecture, the scored frames from the onset on, and the highest score it held for `consecutive`
+    frames in a row from the onset (`eval.metrics.alert_level`; a run alarms when that exceeds the threshold,
+    given in the last column when the method's alarm is one score threshold). How far below, and how few
+    frames, tells a near miss from a run the method does not see."""
+    rows = []
+    for r in runs:
+        o = M.outcome(r)
+        if r.kind != "anomaly" or o is None or o.detected:
+            continue
+        after = np.asarray(r.score)[np.asarray(r.frame_step) >= r.onset]
+        level = M.alert_level(after, consecutive)
+        rows.append([r.run_id, r.label, perturbation.get(r.run_id, "-"), str(info[r.run_id].get("arch")), str(len(after)),
+                     fmt(level) if math.isfinite(level) else "–", fmt(threshold) if threshold is not None else "–"])
+    if not rows:
+        return "(every known-anomaly run was detected)"
+    rows.sort(key=lambda row: (row[1], row[2], row[0]))
+    return markdown_table(["run", "class", "perturbation", "arch", "frames from onset",
+                           f"score held {consecutive} frames (max)", "threshold"], rows)
 
 
 def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str]) -> str:

@@ -202,6 +202,26 @@ def test_healthy_by_factor_table_by_hand():
     assert table_healthy_by_factor({"m": [runs[2]]}, info) == "(no Healthy run in the test split)"
 
 
+def test_missed_table_by_hand():
+    """A missed run's row gives the score it held for 3 frames from its onset; detected runs have no row."""
+    from eval.tables import table_missed
+
+    def scored(run_id, label, score, onset=0, alerts=()):
+        return RunResult(run_id, label, False, onset, 40, 10.0, np.arange(len(score)) * 10, np.array(score, float),
+                         alerts=list(alerts))
+
+    runs = [scored("near", "instability", [0.99, 0.9, 0.8, 0.9, 0.7, 0.2], onset=10),  # 0.99 is before the onset
+            scored("caught", "forgetting", [0.9] * 6, alerts=[(20, "forgetting")]),
+            scored("short", "overfitting", [0.5, 0.6])]
+    info = {k: {"arch": "a"} for k in ("near", "caught", "short")}
+    table = table_missed(runs, info, {"near": "instability_lr"}, 3, 0.95)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"near", "short"}
+    assert rows["near"] == "| near | instability | instability_lr | a | 5 | 0.800 | 0.950 |"
+    assert rows["short"] == "| short | overfitting | - | a | 2 | – | 0.950 |"  # fewer frames than a streak
+    assert table_missed(runs[1:2], info, {}, 3, None) == "(every known-anomaly run was detected)"
+
+
 def test_pareto_front_by_hand():
     far = np.array([0.0, 0.0, 0.1, 0.2, 0.3, 0.5])
     lead = np.array([-2.0, -1.0, -1.5, 0.5, 0.2, 1.0])
