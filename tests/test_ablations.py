@@ -122,9 +122,9 @@ def test_history_traces_are_read_for_the_scalars_read(one_thread):
         TEViDConfig(history=True)  # frames representation: no relative scalars
     # the traces' rates travel with the model, to its clips (fine-tuning, calibration) and its live stream
     from pretrain.clips import ClipConfig
-    slow = TEViDConfig(representation="relative", history=True, history_rate=0.01, peak_decay=0.02).relative_config()
-    assert (slow.history_rate, slow.peak_decay) == (0.01, 0.02)
-    assert ClipConfig(representation="relative", history_rate=0.01, peak_decay=0.02).relative_config() == slow
+    slow = TEViDConfig(representation="relative", history=True, history_rate=0.01, peak_decay=0.02, best_decay=0.05).relative_config()
+    assert (slow.history_rate, slow.peak_decay, slow.best_decay) == (0.01, 0.02, 0.05)
+    assert ClipConfig(representation="relative", history_rate=0.01, peak_decay=0.02, best_decay=0.05).relative_config() == slow
 
 
 def test_mae_init_keeps_channel_slices_and_resamples_time(mae_checkpoint, one_thread):

@@ -126,6 +126,30 @@ def test_loss_above_best_remembers_a_level_shift_after_it_leaves_the_window():
     torch.testing.assert_close(x, torch.tensor(expected), atol=1e-4, rtol=0)
 
 
+def test_a_leaky_best_forgets_a_dip_and_does_not_fall_with_the_run_length():
+    """best_decay > 0: the low closes that share of its gap to the smoothed loss each frame (by hand below);
+    0 keeps the run's lowest value, which a long noisy run drives ever lower."""
+    n = 8
+    levels, patterns, readouts = _run(n)
+    loss = CLIP_READOUTS.index("loss")
+    readouts[:, loss] = torch.tensor([1.0, math.exp(-1.0)] + [1.0] * (n - 2))  # log loss 0, a dip to -1, back to 0
+    col = RELATIVE_FEATURES.index("loss_above_best")
+    above = lambda cfg: relative_frames(levels, patterns, readouts, 5, cfg)[1][:, col]  # noqa: E731
+    leaky = above(RelativeConfig(loss_smoothing=1.0, best_decay=0.5))
+    gaps = [0.0, 0.0] + [0.5 ** k for k in range(1, n - 1)]  # the low -1 closes half its gap to 0 a frame
+    torch.testing.assert_close(leaky, torch.asinh(torch.tensor(gaps)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(above(RelativeConfig(loss_smoothing=1.0)), torch.asinh(torch.tensor([0.0, 0.0] + [1.0] * (n - 2))),
+                               atol=1e-5, rtol=0)  # the default remembers the dip for ever
+    g = torch.Generator().manual_seed(0)  # a noisy flat loss: the running low keeps falling, the leaky one does not
+    long = _run(400)
+    long[2][:, loss] = torch.exp(0.5 * torch.randn(400, generator=g))
+    run_low = relative_frames(*long, 5)[1][:, col]
+    leaky_low = relative_frames(*long, 5, RelativeConfig(best_decay=0.05))[1][:, col]
+    assert run_low[300:].mean() > run_low[50:100].mean() + 0.1 and abs(leaky_low[300:].mean() - leaky_low[50:100].mean()) < 0.1
+    with pytest.raises(ValueError, match="best_decay"):
+        RunRelative(5, RelativeConfig(best_decay=1.5))
+
+
 def test_step_losses_give_the_spike_and_noise_between_frames():
     """A spike that falls between two frames shows in the step-loss features of the frame after it, not in
     the frame's own loss; both features are ratios of losses (scale-free), 0 without step losses."""
