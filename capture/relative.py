@@ -96,11 +96,15 @@ class RelativeConfig:
     # lowest value of a noisy loss keeps falling as a run goes on, so the first form grows with the run's
     # length: a healthy 1,500-step job with batch-16 losses sits at the corpus's 99th percentile of it
     best_decay: float = 0.0
+    # loss_above_best from the median loss of the steps since the previous frame (a frame's step losses, a store's
+    # train_loss; its own step's loss when it has none) instead of its own step's: one batch's loss is as noisy as
+    # the batch is small, and the lowest of a noisy series sits far below its level
+    best_from_steps: bool = False
 
 
 # the RelativeConfig fields a model's config and its clips' config carry (TEViDConfig, ClipConfig), so that
 # fine-tuning, calibration, the replay and the live stream make the same inputs; the rest keep their defaults
-MODEL_FIELDS = ("reference_lag", "history_rate", "peak_decay", "best_decay")
+MODEL_FIELDS = ("reference_lag", "history_rate", "peak_decay", "best_decay", "best_from_steps")
 
 
 def relative_config_of(cfg) -> RelativeConfig:
@@ -221,7 +225,7 @@ class RunRelative:
         self._previous = lv
         log_c = math.log(self.num_classes)
         c = 1.0 / self.num_classes
-        above_best = self._above_best(float(r[_READOUT["loss"]]))
+        above_best = self._above_best(self._best_loss(float(r[_READOUT["loss"]]), step_losses))
         spike, noise = step_loss_features(step_losses)
         if math.isfinite(log_ws):
             self._weight_logs.append(log_ws)
@@ -245,6 +249,15 @@ class RunRelative:
             self._slow = self._slow + self.cfg.history_rate * (frame - self._slow)
             self._peak = torch.maximum(frame, self._peak + self.cfg.peak_decay * (frame - self._peak))
         return self._slow, self._peak
+
+    def _best_loss(self, loss: float, step_losses) -> float:
+        """The loss `loss_above_best` reads: the frame's own (default) or, with `best_from_steps`, the median of the
+        finite step losses since the previous frame (non-finite when every one of them is)."""
+        if not self.cfg.best_from_steps or step_losses is None or len(step_losses) == 0:
+            return loss
+        x = torch.as_tensor(step_losses, dtype=torch.float64).flatten()
+        finite = x[torch.isfinite(x)]
+        return float(finite.median()) if len(finite) == len(x) else math.inf
 
     def _above_best(self, loss: float) -> float:
         """How far the smoothed log loss sits above its lowest value so far (0 while the run keeps improving):

@@ -79,6 +79,7 @@ class TEViDConfig:
     history_rate: float = 0.03  # relative: RelativeConfig.history_rate (the slow average's weight per frame)
     peak_decay: float = 0.05  # relative: RelativeConfig.peak_decay (the share of its gap the leaky peak closes per frame)
     best_decay: float = 0.0  # relative: RelativeConfig.best_decay (loss_above_best's low: 0 the run's lowest, > 0 leaky)
+    best_from_steps: bool = False  # relative: RelativeConfig.best_from_steps (loss_above_best from the steps' median loss)
     anomaly_head: bool = False  # a binary anomaly score beside the class evidence (see the module docstring)
     # training only: heads that predict the watched run's context (a manifest field -> its number of values, e.g.
     # {family: 13, dataset: 5}) from the fused features through a gradient reversal (Ganin & Lempitsky 2015), so the

@@ -52,6 +52,7 @@ class ClipConfig:
     history_rate: float = 0.03  # relative: RelativeConfig.history_rate and peak_decay (the run-so-far traces)
     peak_decay: float = 0.05
     best_decay: float = 0.0  # relative: RelativeConfig.best_decay (0: loss_above_best against the run's lowest loss)
+    best_from_steps: bool = False  # relative: RelativeConfig.best_from_steps (loss_above_best from the steps' median loss)
     # a run whose label is the class its perturbation injected: its class from the injection's onset on, not
     # from trigger - H (the windows between are then that class, not IGNORE): the class head sees the
     # anomaly's first windows, which the anomaly head alarms on (a task switch's loss jump, say)

@@ -150,6 +150,23 @@ def test_a_leaky_best_forgets_a_dip_and_does_not_fall_with_the_run_length():
         RunRelative(5, RelativeConfig(best_decay=1.5))
 
 
+def test_loss_above_best_can_read_the_median_of_the_steps_between_frames():
+    """best_from_steps: one noisy step at a frame (its own loss) does not move the low; the steps' median does."""
+    levels, patterns, readouts = _run(4)
+    loss = CLIP_READOUTS.index("loss")
+    readouts[:, loss] = torch.tensor([1.0, 0.1, 1.0, 1.0])  # frame 1's own step is a lucky batch
+    steps = [[1.0], [1.0, 1.0, 0.1], [1.0, 1.0, 1.0], [2.0, 2.0, 1.0]]
+    col = RELATIVE_FEATURES.index("loss_above_best")
+    own = relative_frames(levels, patterns, readouts, 5, RelativeConfig(loss_smoothing=1.0), step_losses=steps)[1][:, col]
+    med = relative_frames(levels, patterns, readouts, 5, RelativeConfig(loss_smoothing=1.0, best_from_steps=True),
+                          step_losses=steps)[1][:, col]
+    torch.testing.assert_close(own, torch.asinh(torch.tensor([0.0, 0.0, math.log(10), math.log(10)])), atol=1e-5, rtol=0)
+    torch.testing.assert_close(med, torch.asinh(torch.tensor([0.0, 0.0, 0.0, math.log(2)])), atol=1e-5, rtol=0)
+    nan_steps = [[1.0], [math.nan, 1.0], [1.0], [1.0]]  # a non-finite step loss is as the non-finite own loss: +inf
+    med = relative_frames(levels, patterns, readouts, 5, RelativeConfig(best_from_steps=True), step_losses=nan_steps)[1][:, col]
+    assert med[1] > 10
+
+
 def test_step_losses_give_the_spike_and_noise_between_frames():
     """A spike that falls between two frames shows in the step-loss features of the frame after it, not in
     the frame's own loss; both features are ratios of losses (scale-free), 0 without step losses."""
