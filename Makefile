@@ -24,7 +24,7 @@ bench: setup
 
 # The shipped default model from scratch (diagnose/default_checkpoint/; its MANIFEST.json lists these commands):
 # the drawn cpu corpus (~67 min with 2 processes), the dynamics model (configs/finetune/cpu_dynamics.yaml: run-relative
-# scalars, the weights' pace and the run-so-far traces of both, train split) at seeds 0-8 (~3.5 min each, one thread, two at a time), three seed
+# scalars without the activation levels, the weights' pace and the run-so-far traces of both, train split) at seeds 0-8 (~3.5 min each, one thread, two at a time), three seed
 # ensembles of three (0-2, 3-5, 6-8) calibrated on val, the test report of the three beside the baselines
 # (docs/benchmark/README.md), the fingerprint probe, and ensemble 0 shipped. About 1.9 hours on a 2-core CPU.
 LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
