@@ -84,6 +84,7 @@ def record(job: str, fault, seed: int, steps: int, result, seconds: float) -> di
                "where": getattr(a, "where", None), "remedy": getattr(a, "remedy", None), "message": a.message}
               for a in m.alerts]
     preds = [{"step": int(p["step"]), "label": p["label"], "vacuity": round(float(p["vacuity"]), 4),
+              "anomaly": None if p.get("anomaly") is None else round(float(p["anomaly"]), 4),  # score mode's alarm score
               "probs": {k: round(float(v), 4) for k, v in p["probs"].items()}} for p in m.predictions]
     cap = m.capture
     losses = [r.get("loss", math.nan) for r in m.readouts]
