@@ -30,6 +30,7 @@ class StepEvidence:
         self.grads = GradStatsReader(model, optimizer) if optimizer is not None and read_grads else None
         self.grad_every = grad_every
         self.warn_unknown_loss = warn_unknown_loss
+        self.step_losses: list[float] = []  # the losses of the steps the last `observations` drained (NaN: unknown)
 
     def on_step(self, step: int, armed: bool):
         """At optimizer step `step`: record its loss and gradient statistics; the loss for a frame built now."""
@@ -42,6 +43,7 @@ class StepEvidence:
         """The observations of every step since the last frame (`frame` None: the steps after the last one)."""
         losses = self.losses.drain()
         self._warn_if_unknown(losses)
+        self.step_losses = [math.nan if loss is None else float(loss) for _, loss in losses]
         grads = self.grads.sync() if self.grads is not None else {}
         out = []
         for st, loss in losses:
@@ -50,6 +52,14 @@ class StepEvidence:
                                    nonfinite=frame.readouts.get("nonfinite") if at_frame else None))
         out += [Observation(st, grads=grads[st]) for st in sorted(grads)]  # a gradient check with no loss entry
         return out
+
+    def frame_step_losses(self, frame: Frame) -> list | None:
+        """The losses of the steps since the previous frame, up to and including `frame`'s, as a store's
+        `train_loss` holds them (`capture.relative.interval_losses`): the capture only syncs the frame's own
+        step, so its `step_losses` are NaN before it; the ones `observations` drained for this frame are
+        the steps' real losses (observed, or recovered from the head). Call after `observations(frame, ...)`."""
+        n = len(frame.step_losses or ())
+        return self.step_losses[-n:] if n and len(self.step_losses) >= n else frame.step_losses
 
     def pending(self) -> bool:
         return self.losses.pending() or bool(self.grads is not None and self.grads.pending)
@@ -83,6 +93,10 @@ class ReleasedEvidence:
         loss, nonfinite = frame.readouts.get("loss", math.nan), frame.readouts.get("nonfinite", math.nan)
         flagged = math.isfinite(nonfinite) and nonfinite > (self.dp.batch or 0) / 2
         return [Observation(frame.step, loss=loss if math.isfinite(loss) else None, nonfinite=nonfinite if flagged else 0.0)]
+
+    def frame_step_losses(self, frame: Frame) -> list | None:
+        """Per-step losses are not released: the frame's own (NaN), as a released run's store holds them."""
+        return frame.step_losses
 
     def pending(self) -> bool:
         return False

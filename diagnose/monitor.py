@@ -33,6 +33,7 @@ checkpoint that does not load) raise at `watch()`, before any hook is attached.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -329,6 +330,9 @@ class Monitor:
         alerts: list[Alert] = []
         if self.role == "diagnose":
             alerts += self._run_symptoms(frame, sync_layers(layers))
+            # the capture synced only this step's loss; the symptoms' evidence just drained every step's since the
+            # last frame (StepEvidence.frame_step_losses): TEViD and the callbacks get those, as a store holds them
+            frame = dataclasses.replace(frame, step_losses=self.evidence.frame_step_losses(frame))
             if self.stream is not None:
                 alerts += self._run_tevid(frame)
         else:

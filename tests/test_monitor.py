@@ -298,6 +298,19 @@ def test_tevid_alerts_with_a_checkpoint(tiny_tevid):
     again.remove()
 
 
+def test_tevid_reads_every_steps_loss_since_the_last_frame(tiny_tevid):
+    """The capture syncs only a frame's own loss; TEViD's stream gets the losses of every step since the previous
+    frame (observed here), as a stored run's train_loss gives them to its clips (capture.relative.interval_losses)."""
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = watch(model, opt, tiny_tevid([0.5] * 4, 1.0, "always"), cadence=2, modules=MODULES)
+    got, push = [], monitor.stream.push
+    monitor.stream.push = lambda *a, **k: got.append(list(a[6])) or push(*a, **k)
+    true = train(model, opt, 5, observe=monitor)
+    monitor.remove()
+    assert got == [pytest.approx([true[0]], rel=1e-6), pytest.approx(true[1:3], rel=1e-6), pytest.approx(true[3:5], rel=1e-6)]
+
+
 def test_tevid_unknown_and_frame_size_mismatch(tiny_tevid):
     path = tiny_tevid([0.9] * 4, 0.0, "vacuous")  # tau 0: every frame abstains
     model = TinyNet()
