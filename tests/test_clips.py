@@ -183,6 +183,7 @@ def test_export_and_loader_round_trip(smoke_corpus, shards):
     index = json.loads((shards / "index.json").read_text())
     assert index["clip_config"] == {"window": 10, "stride": 1, "horizon_epochs": 2.0, "representation": "frames", "spacings": [1],
                                    "reference_lag": 0, "history_rate": 0.03, "peak_decay": 0.05, "best_decay": 0.0,
+                                   "best_from_steps": False,
                                    "class_from_onset": False}
     assert index["shards"]["test"] == [f"clips-{i:06d}.tar" for i in range(4)]
     for split in ("train", "val", "test"):
