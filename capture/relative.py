@@ -92,13 +92,12 @@ class RelativeConfig:
     history_rate: float = 0.03  # slow_<f>: EWMA weight of the newest frame (memory ~ 1 / history_rate frames)
     peak_decay: float = 0.05  # peak_<f>: the fraction of its gap to the current value the peak closes per frame
     # loss_above_best: 0 = above the lowest smoothed log loss of the run so far; > 0 = above a leaky low that
-    # jumps to a new low at once and closes this fraction of its gap to the current value each frame. The
-    # lowest value of a noisy loss keeps falling as a run goes on, so the first form grows with the run's
-    # length: a healthy 1,500-step job with batch-16 losses sits at the corpus's 99th percentile of it
+    # jumps to a new low at once and closes this fraction of its gap to the current value each frame (the lowest
+    # value of a noisy loss keeps falling as a run goes on). Tried against the field's long small-batch jobs,
+    # not adopted (docs/benchmark/inputs.md, "The loss above its best on long small-batch jobs")
     best_decay: float = 0.0
     # loss_above_best from the median loss of the steps since the previous frame (a frame's step losses, a store's
-    # train_loss; its own step's loss when it has none) instead of its own step's: one batch's loss is as noisy as
-    # the batch is small, and the lowest of a noisy series sits far below its level
+    # train_loss; its own step's loss when it has none) instead of its own step's, one batch's. Tried, not adopted
     best_from_steps: bool = False
 
 
