@@ -106,9 +106,14 @@ class RelativeConfig:
 MODEL_FIELDS = ("reference_lag", "history_rate", "peak_decay", "best_decay", "best_from_steps")
 
 
+def model_fields(cfg) -> dict:
+    """`MODEL_FIELDS` of a config that carries them (a TEViDConfig or a ClipConfig), to pass on to another."""
+    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+
+
 def relative_config_of(cfg) -> RelativeConfig:
     """The RelativeConfig of a config that carries `MODEL_FIELDS` (a TEViDConfig or a ClipConfig)."""
-    return RelativeConfig(**{name: getattr(cfg, name) for name in MODEL_FIELDS})
+    return RelativeConfig(**model_fields(cfg))
 
 
 def _squash(x: torch.Tensor) -> torch.Tensor:
@@ -320,5 +325,5 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
 
 
 __all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
-           "RunRelative", "interval_losses", "pooled", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps",
+           "RunRelative", "interval_losses", "model_fields", "pooled", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps",
            "step_loss_features", "unit_patterns", "weight_step_column"]

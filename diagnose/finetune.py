@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from capture.config import cli_parser, load_config, save_config, to_dict
-from capture.relative import MODEL_FIELDS
+from capture.relative import model_fields
 from diagnose.calibrate import (PREDICTIONS_FILE, CalibrationConfig, calibrate, predict_records, save_calibration,
                                 streams_from_records, window_metrics, write_predictions)
 from diagnose.evidential import evidential_loss, kl_anneal
@@ -370,7 +370,7 @@ def finetune(cfg: FinetuneConfig, corpus: str | Path, out: str | Path, checkpoin
         print(f"note: inputs={model_cfg.inputs!r} has no encoder; --checkpoint {checkpoint} is not used", flush=True)
 
     clip_cfg = ClipConfig(cfg.data.window, cfg.data.stride, cfg.data.horizon_epochs, cfg.model.representation,
-                          **{name: getattr(cfg.model, name) for name in MODEL_FIELDS})  # the model's run-relative transform
+                          **model_fields(cfg.model))  # the model's run-relative transform
     data = train_data(cfg, corpus, dataclasses.replace(clip_cfg, spacings=tuple(cfg.data.spacings), class_from_onset=cfg.data.class_from_onset),
                       accelerator)
     try:  # every window: the rule streams them all

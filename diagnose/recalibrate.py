@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from capture.config import cli_parser, from_dict, load_config
-from capture.relative import MODEL_FIELDS
+from capture.relative import model_fields
 from capture.schema import CLASSES
 from diagnose.calibrate import CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records, window_metrics
 from diagnose.familiarity import fit_familiarity, save_familiarity
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = load_checkpoint(args.checkpoint).config.get("data", {})
     clip_cfg = from_dict(ClipConfig, {k: saved[k] for k in ("window", "stride", "horizon_epochs") if k in saved}, "data")
     clip_cfg.representation = model.cfg.representation
-    for name in MODEL_FIELDS:  # the run-relative transform it was trained with
-        setattr(clip_cfg, name, getattr(model.cfg, name))
+    clip_cfg = dataclasses.replace(clip_cfg, **model_fields(model.cfg))  # the run-relative transform it was trained with
     if args.familiarity:
         bank = fit_bank(model, CorpusClips(args.corpus, "train", clip_cfg), args.familiarity_k)
         print(f"wrote {save_familiarity(bank, args.checkpoint)}: bank {tuple(bank.bank.shape)}, k {bank.k}, scale {bank.scale:.4g}")

@@ -147,8 +147,7 @@ def table_missed(runs: list[M.RunResult], info: dict[str, dict], perturbation: d
     frames, tells a near miss from a run the method does not see."""
     rows = []
     for r in runs:
-        o = M.outcome(r)
-        if r.kind != "anomaly" or o is None or o.detected:
+        if r.kind != "anomaly" or M.outcome(r).detected:
             continue
         after = np.asarray(r.score)[np.asarray(r.frame_step) >= r.onset]
         level = M.alert_level(after, consecutive)

@@ -115,20 +115,26 @@ def test_replay_shapes_and_no_privileged_read(smoke_corpus, tmp_path, privileged
     assert [r.score.tolist() for r in intact] == [r.score.tolist() for r in results["cusum"]]
 
 
-def test_diagnoser_errors_are_named(smoke_corpus):
-    runs = load_runs(smoke_corpus, "val", frames=False, progress=False)
-
-    class Bad:
-        name, kind, frame_window = "bad", "scalar", 0
+def _constant(name, output):
+    """A scalar diagnoser named `name` that gives `output` at every frame."""
+    class Constant:
+        kind, frame_window = "scalar", 0
 
         def reset(self, info):
             pass
 
         def step(self, view):
-            return 0.5
+            return output
 
+    diagnoser = Constant()
+    diagnoser.name = name
+    return diagnoser
+
+
+def test_diagnoser_errors_are_named(smoke_corpus):
+    runs = load_runs(smoke_corpus, "val", frames=False, progress=False)
     with pytest.raises(TypeError, match="bad.*FrameOutput"):
-        replay_runs(runs, Bad(), progress=False)
+        replay_runs(runs, _constant("bad", 0.5), progress=False)
     with pytest.raises(ValueError, match="loaded without frames"):
         replay_runs(runs, Peeker(), progress=False)
 
@@ -137,20 +143,11 @@ def test_a_run_shorter_than_a_window_has_empty_outputs_of_the_methods_kind(smoke
     """No scored frame: a class-probability method's run still has probs (0, K) and vacuity (0,), so the
     summary treats it as every other run of the method (a diverged val run once stopped the report)."""
     runs = load_runs(smoke_corpus, "val", frames=False, progress=False)
-
-    class Probs:
-        name, kind, frame_window = "probs", "scalar", 0
-
-        def reset(self, info):
-            pass
-
-        def step(self, view):
-            return FrameOutput(score=0.5, probs=np.full(len(CLASSES), 1 / len(CLASSES)), vacuity=0.2)
-
+    probs = _constant("probs", FrameOutput(score=0.5, probs=np.full(len(CLASSES), 1 / len(CLASSES)), vacuity=0.2))
     longest = max(len(r.frame_step) for r in runs)
-    short = replay_runs(runs, Probs(), score_from=longest, progress=False)  # every run shorter than the window
+    short = replay_runs(runs, probs, score_from=longest, progress=False)  # every run shorter than the window
     assert all(r.probs.shape == (0, len(CLASSES)) and r.vacuity.shape == (0,) for r in short)
-    full = replay_runs(runs, Probs(), progress=False)
+    full = replay_runs(runs, probs, progress=False)
     from eval.metrics import summarize
     both, alone = summarize(full + short, n_resamples=20, progress=False), summarize(full, n_resamples=20, progress=False)
     assert both["event_auprc"] == alone["event_auprc"] and both["macro_f1"] is not None
