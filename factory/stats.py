@@ -191,6 +191,27 @@ def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
     return lines, numbers
 
 
+FITTED = 0.2  # a run "fits its training data" when its final training loss is below this share of log C
+
+
+def fit_by_label(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
+    """How far runs of each label fit their training data, per split: the share whose final training loss
+    (`final_loss_over_log_c`) ends below FITTED and the median. A label that alone reaches a low loss teaches
+    TEViD that a fitted network is that fault: a user's healthy job trained to convergence then alarms."""
+    fit: dict[tuple[str, str], list[float]] = {}
+    for r in ok:
+        fit.setdefault((r["split"], r["label"]), []).append(final_loss_over_log_c(RunStore(corpus / r["store"])))
+    lines = [f"| split | label | runs | final train loss < {FITTED} log C | median final train loss / log C |",
+             "|---|---|---|---|---|"]
+    numbers = {}
+    for (split, label), v in sorted(fit.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
+        x = np.asarray(v, dtype=float)
+        share, med = float(np.mean(x[np.isfinite(x)] < FITTED)) if np.isfinite(x).any() else math.nan, float(np.nanmedian(x))
+        numbers[f"{split}/{label}"] = {"n": len(v), "fitted_share": share, "median": med}
+        lines.append(f"| {split} | {label} | {len(v)} | {100 * share:.0f}% | {med:.2f} |")
+    return lines, numbers
+
+
 def lyapunov_excess(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
     """How far healthy-injected train runs' Lyapunov proxy rises over the shared margins, per optimizer:
     per run the largest lower bound (99% stationary bootstrap) that two adjacent windows both exceed, the
@@ -258,6 +279,8 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += disagreement_lines
     learn_lines, learn_numbers = healthy_accuracy(corpus, ok)
     lines += ["", "Healthy-injected runs: final validation accuracy and training loss", "", *learn_lines]
+    fit_lines, fit_numbers = fit_by_label(corpus, ok)
+    lines += ["", "How far the runs of each label fit their training data", "", *fit_lines]
     dist_lines, dist_numbers = distribution(records, f"Distribution of the corpus {corpus}")
     lines += ["", *dist_lines]
     merged = lambda l: "overfitting" if l == "concept_bias" else ("healthy" if l == "underperforming" else l)  # noqa: E731
@@ -294,7 +317,7 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
                               "pearson_r_std": r_std, "pearson_n": len(rs),
                               "pearson_r_ema5_mean": r5_mean, "pearson_r_ema5_std": r5_std, "train_share": share,
                               "disagreements": disagreement_counts, "per_class": class_numbers, "distribution": dist_numbers,
-                              "healthy_accuracy": learn_numbers, "lyapunov_excess": excess_numbers,
+                              "healthy_accuracy": learn_numbers, "fit_by_label": fit_numbers, "lyapunov_excess": excess_numbers,
                               "instability_kinds": kind_numbers}
 
 

@@ -106,7 +106,8 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
     for r in relabeled:
         assert RunStore(out / r["store"]).attrs["label"] == r["label"]
 
-    from factory.stats import corpus_stats
+    from capture.corpus import is_usable
+    from factory.stats import corpus_stats, final_loss_over_log_c
 
     text, numbers = corpus_stats(out)
     assert "| split \\ label |" in text and "Agreement, known injected perturbations" in text
@@ -122,6 +123,13 @@ def test_smoke_corpus_and_resume(tmp_path, capsys):
                 loss = store.train_loss().double().numpy()
                 fits.append(np.median(loss[-max(1, len(loss) // 10):]) / np.log(store.attrs["num_classes"]))
         assert v["loss_over_log_c"] == pytest.approx(float(np.median(fits))) and v["loss_over_log_c"] > 0
+    fit = numbers["fit_by_label"]  # every run once, under its split and label; the share below 0.2 log C by hand
+    usable = [r for r in relabeled if is_usable(r)]
+    assert sum(v["n"] for v in fit.values()) == len(usable)
+    for key, v in fit.items():
+        split, label = key.split("/")
+        x = [final_loss_over_log_c(RunStore(out / r["store"])) for r in usable if r["split"] == split and r["label"] == label]
+        assert v["n"] == len(x) and v["fitted_share"] == pytest.approx(np.mean(np.asarray(x) < 0.2))
     known = [r for r in relabeled if r["injected"] in ("overfitting", "instability", "forgetting", "concept_bias")]
     assert numbers["agreement_known"] == pytest.approx(sum(r["label"] == r["injected"] for r in known) / len(known))
     lo, hi = numbers["agreement_known_ci"]  # Wilson interval of the proportion, as statsmodels computes it
