@@ -38,6 +38,7 @@ class ContextConfig:
 
     seed: int = 0  # the draw's base seed: another value gives another corpus of the same shape
     steps: list[int] = field(default_factory=lambda: [80, 320])  # run length, log-uniform in [lo, hi]
+    long_steps: list[int] = field(default_factory=lambda: [640, 1600])  # the same for a split's `long_runs`
     epochs: int = 16  # validation points per run: a run of n steps evaluates every n // epochs steps
     batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
     schedules: list[str] = field(default_factory=lambda: list(SCHEDULES))
@@ -72,12 +73,13 @@ class ContextConfig:
     folds: int = 4
 
     def __post_init__(self):
-        for name in ("steps", "warmup", "long_warmup"):
+        for name in ("steps", "long_steps", "warmup", "long_warmup"):
             pair = getattr(self, name)
             if len(pair) != 2 or not pair[0] <= pair[1]:
                 raise FieldError(f"contexts.{name}", f"must be [lo, hi] with lo <= hi, got {pair!r}")
-        if self.steps[0] < 1:
-            raise FieldError("contexts.steps", f"must be >= 1, got {self.steps!r}")
+        for name in ("steps", "long_steps"):
+            if getattr(self, name)[0] < 1:
+                raise FieldError(f"contexts.{name}", f"must be >= 1, got {getattr(self, name)!r}")
         at_least(self, 1, "epochs", "folds")
         within(self, 0.0, 1.0, "augment_prob")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -151,7 +153,8 @@ def expand_drawn(splits: dict[str, SplitConfig], novel: set[str], contexts: Cont
 
 
 def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, int]) -> list[RunSpec]:
-    """The `s.runs` drawn specs of one split (see the module docstring for the order of draws).
+    """The `s.runs` + `s.long_runs` drawn specs of one split (see the module docstring for the order of draws;
+    the long runs, indices `s.runs` on, draw their length from `cc.long_steps`).
     Raises `ContextError` when a dataset has no family, an optimizer no learning-rate range, or a
     modality no perturbation; a family's size check (`Family.check`) failing is a `FamilyError`."""
     from factory.datasets import dataset_info
@@ -185,7 +188,7 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
 
     specs = []
     split_index = SPLITS.index(split)
-    for i in range(s.runs):
+    for i in range(s.runs + s.long_runs):
         rng = np.random.default_rng([cc.seed, split_index, i])
         dataset = s.datasets[rng.integers(len(s.datasets))]
         info = infos[dataset]
@@ -212,7 +215,7 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
             "warmup_frac": round(float(rng.uniform(*(cc.long_warmup if schedule == "warmup" else cc.warmup))), 3),
             "label_smoothing": float(cc.label_smoothing[rng.integers(len(cc.label_smoothing))]),
             "augment": bool(rng.random() < cc.augment_prob),
-            "max_steps": int(round(_log_uniform(rng, *cc.steps))),
+            "max_steps": int(round(_log_uniform(rng, *(cc.long_steps if i >= s.runs else cc.steps)))),
         }
         specs.append(RunSpec(split, family.name, dataset, optimizer, perturbation, i,
                              context=tuple(sorted(context.items())), fold=folds.get(family.name, -1) if split != "test" else -1))

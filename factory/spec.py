@@ -28,9 +28,15 @@ class SplitConfig:
     families: list[str] = field(default_factory=list)  # drawn splits
     runs: int = 0
     healthy_share: float = 0.45
+    # drawn splits: this many more runs after the `runs`, drawn the same way but for their length, log-uniform
+    # in `contexts.long_steps`: jobs trained long enough to fit their data (docs/factory.md, "Long runs").
+    # The first `runs` draws stay as they were, so a corpus made without them resumes into one with them
+    long_runs: int = 0
 
     def __post_init__(self):
-        at_least(self, 0, "runs")
+        at_least(self, 0, "runs", "long_runs")
+        if self.long_runs and not self.runs:
+            raise FieldError("long_runs", f"draws long runs ({self.long_runs}) after the drawn ones: set `runs` > 0 too")
         within(self, 0.0, 1.0, "healthy_share")
         if self.runs and self.archs:
             raise FieldError("archs", f"a drawn split (runs: {self.runs}) draws from `families`; `archs` {self.archs} is for grids")

@@ -66,6 +66,29 @@ def test_draws_are_deterministic_and_appending_runs_keeps_earlier_ones(cpu_plan)
     assert len({s.run_id for s in other} & {s.run_id for s in specs}) == 0
 
 
+def test_long_runs_follow_the_drawn_ones_and_only_their_length_range_differs(cpu_plan):
+    cfg, specs = cpu_plan
+    n = cfg.splits["train"].runs
+    longer = plan(load_config(FactoryConfig, CPU, [f"train.long_runs={cfg.splits['train'].long_runs + 30}",
+                                                   "contexts.long_steps=[700, 900]"]))
+    train = [s for s in specs if s.split == "train"]
+    extra = [s for s in longer if s.split == "train"]
+    assert [s.run_id for s in extra[:n]] == [s.run_id for s in train[:n]]  # the drawn runs are untouched
+    tail = extra[n:]
+    assert len(tail) == cfg.splits["train"].long_runs + 30
+    assert all(700 <= s.ctx["max_steps"] <= 900 for s in tail)
+    assert max(s.ctx["max_steps"] for s in train[:n]) <= cfg.contexts.steps[1]
+    # the same draw as a plain run of that index but for its length
+    plain = plan(load_config(FactoryConfig, CPU, [f"train.runs={n + 1}", "train.long_runs=0"]))
+    a, b = [s for s in plain if s.split == "train"][n], tail[0]
+    assert (a.arch, a.dataset, a.optimizer, a.perturbation) == (b.arch, b.dataset, b.optimizer, b.perturbation)
+    assert {k: v for k, v in a.ctx.items() if k != "max_steps"} == {k: v for k, v in b.ctx.items() if k != "max_steps"}
+    for bad, match in ((["train.runs=0", "val.runs=0", "test.runs=0", "train.long_runs=5"], "long_runs"),
+                       (["contexts.long_steps=[900, 700]"], "long_steps")):
+        with pytest.raises(ValueError, match=match):
+            plan(load_config(FactoryConfig, CPU, bad))
+
+
 def test_a_config_whose_splits_overlap_on_a_held_out_factor_is_refused():
     with pytest.raises(SplitError, match=r"families \['resnet'\] appear in both test and train"):
         plan(load_config(FactoryConfig, CPU, ["test.families=[densenet,resnet]"]))
