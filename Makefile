@@ -32,7 +32,7 @@ LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --nu
 SHIP = outputs/finetune/ship
 FT = $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu
 reproduce: setup
-	test -f outputs/corpus/cpu/manifest.jsonl || $(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
+	$(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu  # resumes: runs only what is missing
 	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu
 	for s in 0 2 4 6 8; do $(FT) --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done & \
 	for s in 1 3 5 7; do $(FT) --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done; wait $$! || exit 1
@@ -50,7 +50,7 @@ reproduce: setup
 DYN = outputs/finetune/dyn
 DYNC = --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu
 dynamics: setup
-	test -f outputs/corpus/cpu/manifest.jsonl || $(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu
+	$(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu  # resumes: runs only what is missing
 	for k in 0 1 2 3; do $(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/fold$$k data.holdout_fold=$$k \
 		'data.train_splits=[train,val]' || exit 1; done
 	$(VENV)/bin/python -m diagnose.finetune $(DYNC) --out $(DYN)/all 'data.train_splits=[train,val]'

@@ -30,7 +30,8 @@ class SplitConfig:
     healthy_share: float = 0.45
     # drawn splits: this many more runs after the `runs`, drawn the same way but for their length, log-uniform
     # in `contexts.long_steps`: jobs trained long enough to fit their data (docs/factory.md, "Long runs").
-    # The first `runs` draws stay as they were, so a corpus made without them resumes into one with them
+    # The first `runs` draws stay as they were, so a corpus made without them resumes into one with them; the long
+    # runs take the indices after `runs`, so a change of `runs` redraws them
     long_runs: int = 0
 
     def __post_init__(self):
