@@ -205,8 +205,10 @@ def fit_by_label(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
              "|---|---|---|---|---|"]
     numbers = {}
     for (split, label), v in sorted(fit.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1])):
-        x = np.asarray(v, dtype=float)
-        share, med = float(np.mean(x[np.isfinite(x)] < FITTED)) if np.isfinite(x).any() else math.nan, float(np.nanmedian(x))
+        finite = np.asarray(v, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        share = float(np.mean(finite < FITTED)) if len(finite) else math.nan
+        med = float(np.median(finite)) if len(finite) else math.nan
         numbers[f"{split}/{label}"] = {"n": len(v), "fitted_share": share, "median": med}
         lines.append(f"| {split} | {label} | {len(v)} | {100 * share:.0f}% | {med:.2f} |")
     return lines, numbers
