@@ -196,8 +196,8 @@ FITTED = 0.2  # a run "fits its training data" when its final training loss is b
 
 def fit_by_label(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
     """How far runs of each label fit their training data, per split: the share whose final training loss
-    (`final_loss_over_log_c`) ends below FITTED and the median. A label that alone reaches a low loss teaches
-    TEViD that a fitted network is that fault: a user's healthy job trained to convergence then alarms."""
+    (`final_loss_over_log_c`) ends below FITTED and the median. A label that alone reaches a low loss can teach
+    TEViD that a fitted network is that fault, and a user's healthy job trained to a low loss then alarms."""
     fit: dict[tuple[str, str], list[float]] = {}
     for r in ok:
         fit.setdefault((r["split"], r["label"]), []).append(final_loss_over_log_c(RunStore(corpus / r["store"])))
