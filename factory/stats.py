@@ -167,10 +167,15 @@ def final_loss_over_log_c(store: RunStore) -> float:
     return float(np.median(tail)) / math.log(int(store.attrs["num_classes"])) if len(tail) else math.nan
 
 
-def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
+def final_losses(corpus: Path, ok: list[dict]) -> dict[str, float]:
+    """`final_loss_over_log_c` of every run, by run id: read once, shared by the tables that use it."""
+    return {r["run_id"]: final_loss_over_log_c(RunStore(corpus / r["store"])) for r in ok}
+
+
+def healthy_accuracy(corpus: Path, ok: list[dict], final: dict[str, float]) -> tuple[list[str], dict]:
     """How far healthy-injected runs learn: median and lower quartile of their final validation accuracy
     (token accuracy for text) per split and dataset, and the median of their final training loss over log C
-    (`final_loss_over_log_c`). A split whose healthy runs end near chance has nothing to forget and no fault
+    (`final_losses`). A split whose healthy runs end near chance has nothing to forget and no fault
     to show; a corpus whose healthy runs stop far from fitting their data teaches that fitting is a fault."""
     acc: dict[tuple[str, str], list[float]] = {}
     fit: dict[tuple[str, str], list[float]] = {}
@@ -179,7 +184,7 @@ def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
             val = read_privileged(corpus / r["store"]).get("val_acc")
             if val is not None and len(val):
                 acc.setdefault((r["split"], r["dataset"]), []).append(float(val[-1]))
-                fit.setdefault((r["split"], r["dataset"]), []).append(final_loss_over_log_c(RunStore(corpus / r["store"])))
+                fit.setdefault((r["split"], r["dataset"]), []).append(final[r["run_id"]])
     lines = ["| split | dataset | healthy runs | median final val acc | lower quartile | median final train loss / log C |",
              "|---|---|---|---|---|---|"]
     numbers = {}
@@ -194,13 +199,13 @@ def healthy_accuracy(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
 FITTED = 0.2  # a run "fits its training data" when its final training loss is below this share of log C
 
 
-def fit_by_label(corpus: Path, ok: list[dict]) -> tuple[list[str], dict]:
+def fit_by_label(ok: list[dict], final: dict[str, float]) -> tuple[list[str], dict]:
     """How far runs of each label fit their training data, per split: the share whose final training loss
-    (`final_loss_over_log_c`) ends below FITTED and the median. A label that alone reaches a low loss can teach
+    (`final_losses`) ends below FITTED and the median. A label that alone reaches a low loss can teach
     TEViD that a fitted network is that fault, and a user's healthy job trained to a low loss then alarms."""
     fit: dict[tuple[str, str], list[float]] = {}
     for r in ok:
-        fit.setdefault((r["split"], r["label"]), []).append(final_loss_over_log_c(RunStore(corpus / r["store"])))
+        fit.setdefault((r["split"], r["label"]), []).append(final[r["run_id"]])
     lines = [f"| split | label | runs | final train loss < {FITTED} log C | median final train loss / log C |",
              "|---|---|---|---|---|"]
     numbers = {}
@@ -279,9 +284,10 @@ def corpus_stats(corpus: Path) -> tuple[str, dict]:
     lines += ["", *kind_lines]
     disagreement_lines, disagreement_counts = disagreements(corpus, known)
     lines += disagreement_lines
-    learn_lines, learn_numbers = healthy_accuracy(corpus, ok)
+    final = final_losses(corpus, ok)
+    learn_lines, learn_numbers = healthy_accuracy(corpus, ok, final)
     lines += ["", "Healthy-injected runs: final validation accuracy and training loss", "", *learn_lines]
-    fit_lines, fit_numbers = fit_by_label(corpus, ok)
+    fit_lines, fit_numbers = fit_by_label(ok, final)
     lines += ["", "How far the runs of each label fit their training data", "", *fit_lines]
     dist_lines, dist_numbers = distribution(records, f"Distribution of the corpus {corpus}")
     lines += ["", *dist_lines]
