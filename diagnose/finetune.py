@@ -74,6 +74,9 @@ class DataConfig:
     # cross-fitting (diagnose.crossfit): train on the train_splits' runs outside this fold and validate and
     # calibrate on the fold's runs (the manifest's `fold`) instead of the val split; None: off
     holdout_fold: int | None = None
+    # at most this many training windows per run (evenly spaced over its kept windows, all spacings together), so
+    # that a few long runs do not outweigh the many short ones; None: every window (zarr only)
+    max_windows_per_run: int | None = None
 
 
 @dataclass
@@ -129,6 +132,9 @@ class FinetuneConfig:
             raise ValueError("data.holdout_fold and data.train_splits need data.source=zarr")
         if self.data.holdout_fold is not None and self.data.label_fraction < 1.0:
             raise ValueError("data.holdout_fold and data.label_fraction < 1 do not combine")
+        if self.data.max_windows_per_run is not None and (self.data.source != "zarr" or self.data.max_windows_per_run < 1):
+            raise ValueError(f"data.max_windows_per_run must be None or an integer >= 1 with data.source=zarr, got "
+                             f"{self.data.max_windows_per_run!r} with source {self.data.source!r}")
         if not self.data.train_splits:
             raise ValueError("data.train_splits must name at least one split")
         if bool(self.adversary) != (self.adversary_weight > 0):
@@ -212,6 +218,17 @@ class TrainData:
     runs: list | None = None  # the training runs read when data.label_fraction < 1
 
 
+def cap_windows(runs: np.ndarray, keep: np.ndarray, cap: int) -> np.ndarray:
+    """`keep` (window indices, with `runs` the run of each) with at most `cap` windows of any run: a run with
+    more keeps `cap` of them evenly spaced in `keep`'s order (its first and last when cap >= 2), the others all of theirs."""
+    _, group = np.unique(runs.astype(str), return_inverse=True)
+    out = []
+    for g in range(group.max() + 1):
+        mine = keep[group == g]
+        out.append(mine if len(mine) <= cap else mine[np.unique(np.linspace(0, len(mine) - 1, cap).round().astype(int))])
+    return np.sort(np.concatenate(out))
+
+
 def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelerator) -> TrainData:
     k = cfg.model.num_classes
     if cfg.data.source == "zarr":
@@ -225,6 +242,8 @@ def train_data(cfg: FinetuneConfig, corpus: Path, clip_cfg: ClipConfig, accelera
         keep = np.flatnonzero(targets != IGNORE)
         if len(keep) == 0:
             raise ValueError(f"{corpus}: the train split has no window with a known target (all IGNORE)")
+        if cfg.data.max_windows_per_run is not None:
+            keep = cap_windows(ds.window_runs()[keep], keep, cfg.data.max_windows_per_run)
         counts = np.bincount(targets[keep], minlength=k).tolist()
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, keep.tolist()), batch_size=cfg.batch_size, shuffle=True,
                                              collate_fn=collate, num_workers=cfg.data.num_workers, drop_last=False)

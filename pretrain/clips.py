@@ -237,6 +237,10 @@ class CorpusClips(torch.utils.data.Dataset):
         """(len,) int64: the target of every window, in item order, without reading any frame."""
         return np.array([int(self._runs[i].target[t]) for i, t in self.index], dtype=np.int64)
 
+    def window_runs(self) -> np.ndarray:
+        """(len,) object: the run_id of every window, in item order."""
+        return np.array([self._runs[i].record["run_id"] for i, _ in self.index], dtype=object)
+
     def __getitem__(self, k: int) -> dict:
         i, t = self.index[k]
         start = t - self.cfg.window + 1

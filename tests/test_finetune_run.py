@@ -16,7 +16,7 @@ import torch
 from capture.relative import RELATIVE_FEATURES
 from diagnose.calibrate import Calibration, load_calibration, save_calibration
 from diagnose.evidential import IGNORE as LOSS_IGNORE
-from diagnose.finetune import FinetuneConfig, balanced_weights, main as finetune_main, run_contexts, warmup_cosine
+from diagnose.finetune import FinetuneConfig, balanced_weights, cap_windows, main as finetune_main, run_contexts, warmup_cosine
 from diagnose.tevid import GradientReversal, TEViD, TEViDConfig, TEViDLoadError, build_tevid, load_tevid
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.clips import CLASSES, IGNORE, corpus_runs
@@ -168,6 +168,19 @@ def test_schedule_and_class_weights():
         FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, source="clips"))
 
 
+def test_cap_windows_keeps_evenly_spaced_windows_of_long_runs_only():
+    runs = np.array(["a"] * 3 + ["b"] * 9 + ["c"] * 4, dtype=object)
+    keep = np.arange(100, 116)
+    out = cap_windows(runs, keep, 4)
+    assert out.tolist() == [100, 101, 102, 103, 106, 108, 111, 112, 113, 114, 115]  # b: 103, 106, 108, 111 of 103..111
+    assert cap_windows(runs, keep, 9).tolist() == keep.tolist()
+    assert cap_windows(runs, keep, 1).tolist() == [100, 103, 112]
+    with pytest.raises(ValueError, match="max_windows_per_run"):
+        FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, max_windows_per_run=0))
+    with pytest.raises(ValueError, match="max_windows_per_run"):
+        FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, source="shards", max_windows_per_run=5))
+
+
 # ---------------------------------------------------------------- end to end
 
 def _launch(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -225,6 +238,20 @@ def test_finetune_in_process_resume_and_inputs(smoke_corpus, tmp_path, capsys, i
     assert load_checkpoint(out / "last").step == 2 * steps and load_checkpoint(out / "last").extra["epoch"] == 2
     model, cal = load_tevid(out / "final")
     assert model.cfg.inputs == inputs and cal.report["calibrated"]
+
+
+def test_finetune_caps_the_windows_of_each_run(smoke_corpus, tmp_path, capsys):
+    from pretrain.clips import ClipConfig, CorpusClips
+
+    clips = CorpusClips(smoke_corpus, "train", ClipConfig())
+    targets, runs = clips.targets(), clips.window_runs()
+    kept = {run: int(np.sum((runs == run) & (targets != IGNORE))) for run in set(runs)}
+    assert max(kept.values()) > 2  # the cap bites
+    out = tmp_path / "ft"
+    assert finetune_main(["--config", str(TINY), "--corpus", str(smoke_corpus), "--out", str(out), *FAST, "model.inputs=readouts",
+                          "epochs=1", "data.max_windows_per_run=2"]) == 0
+    printed = re.search(r"(\d+) training windows/epoch", capsys.readouterr().out)
+    assert int(printed.group(1)) == sum(min(n, 2) for n in kept.values())
 
 
 def test_finetune_relative_with_anomaly_head_at_several_spacings(smoke_corpus, tmp_path, capsys):
