@@ -158,19 +158,23 @@ def test_stats_prints_the_plan_distribution(capsys):
 
 
 def test_a_small_drawn_corpus_generates_end_to_end(tmp_path):
-    """Five drawn runs of the cpu config, shortened: each is stored complete with its family, fold and
-    context in the manifest, levels and patterns in the store, and a label."""
+    """Five drawn runs of the cpu config and one of its long runs, shortened: each is stored complete with its
+    family, fold and context in the manifest, levels and patterns in the store, and a label."""
     from capture.corpus import read_manifest
     from capture.store import RunStore
 
     out = tmp_path / "drawn"
-    overrides = ["train.runs=2", "val.runs=1", "test.runs=2", "contexts.steps=[24,32]", "contexts.epochs=4",
+    overrides = ["train.runs=2", "train.long_runs=1", "val.runs=1", "test.runs=2", "contexts.steps=[24,32]",
+                 "contexts.long_steps=[40,48]", "contexts.epochs=4",
                  "training.lyapunov_windows=2", "training.lyapunov_horizon=3", "training.max_train=200", "training.max_val=64"]
     assert generate_main(["--config", str(CPU), "--out", str(out), *overrides]) == 0
     records = read_manifest(out)
-    assert len(records) == 5 and all(r["status"] in ("complete", "diverged") for r in records), records
+    assert len(records) == 6 and all(r["status"] in ("complete", "diverged") for r in records), records
+    train = [r for r in records if r["split"] == "train"]
+    assert 40 <= train[-1]["max_steps"] <= 48  # the long run follows the drawn ones
     for r in records:
-        assert r["family"] == r["arch"] and 24 <= r["max_steps"] <= 32 and r["label"] is not None
+        assert r["family"] == r["arch"] and r["label"] is not None
+        assert 24 <= r["max_steps"] <= 32 or r is train[-1]
         assert (r["fold"] >= 0) == (r["split"] != "test")
         store = RunStore(out / r["store"])
         assert store.levels().shape == (store.attrs["n_frames"], 6) and store.patterns().shape[1:] == (6, 8, 8)
