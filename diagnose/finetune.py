@@ -132,7 +132,8 @@ class FinetuneConfig:
             raise ValueError("data.holdout_fold and data.train_splits need data.source=zarr")
         if self.data.holdout_fold is not None and self.data.label_fraction < 1.0:
             raise ValueError("data.holdout_fold and data.label_fraction < 1 do not combine")
-        if self.data.max_windows_per_run is not None and (self.data.source != "zarr" or self.data.max_windows_per_run < 1):
+        cap = self.data.max_windows_per_run
+        if cap is not None and (self.data.source != "zarr" or not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise ValueError(f"data.max_windows_per_run must be None or an integer >= 1 with data.source=zarr, got "
                              f"{self.data.max_windows_per_run!r} with source {self.data.source!r}")
         if not self.data.train_splits:

@@ -175,8 +175,9 @@ def test_cap_windows_keeps_evenly_spaced_windows_of_long_runs_only():
     assert out.tolist() == [100, 101, 102, 103, 106, 108, 111, 112, 113, 114, 115]  # b: 103, 106, 108, 111 of 103..111
     assert cap_windows(runs, keep, 9).tolist() == keep.tolist()
     assert cap_windows(runs, keep, 1).tolist() == [100, 103, 112]
-    with pytest.raises(ValueError, match="max_windows_per_run"):
-        FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, max_windows_per_run=0))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_windows_per_run"):
+            FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, max_windows_per_run=bad))
     with pytest.raises(ValueError, match="max_windows_per_run"):
         FinetuneConfig(data=dataclasses.replace(FinetuneConfig().data, source="shards", max_windows_per_run=5))
 
