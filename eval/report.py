@@ -356,7 +356,7 @@ def tables_md(corpus: Path, checkpoint, cfg: ReportConfig, test_runs: list[Loade
     parts += [f"## Missed known anomalies ({main}: its known-anomaly runs without an alert from the onset)\n",
               TAB.table_missed(results[main], info, perturbation, rule.get("consecutive", cfg.consecutive), threshold), ""]
     parts += [f"## Table 17: novel anomaly types vs predicted outcome ({main}, % of runs)\n",
-              TAB.table17(results[main], unknown.get(main), novel_type), "",
+              TAB.table17(results[main], unknown.get(main), novel_type, cfg.horizon_epochs), "",
               "## Table 18: counts per 100 runs at the frozen operating point\n", TAB.table18(results, metrics), "",
               f"## Table 19: expected cost per 100 runs, (C_FA, C_MD, C_lead) = {tuple(M.COSTS)}\n", TAB.table19(metrics), ""]
     if probes is not None:

@@ -9,7 +9,7 @@
 | `table5` | Table 5 | window W (steps/frame, GFLOPs/clip, AUPRC, lead, FAR) | ablations.json (`eval.ablations`) |
 | `table12` | Table 12 | ablation variant x (macro F1, AUPRC, lead, FAR, detection) | ablations.json (`eval.ablations`) |
 | `table_missed` | - | the first TEViD method's missed known-anomaly runs (class, perturbation, family, frames from onset, alert level) | replayed test runs |
-| `table17` | Table 17 | novel perturbation x predicted outcome, % of runs | replayed test runs + the rule's Unknown frames |
+| `table17` | Table 17 | novel perturbation x predicted outcome, % of runs; each type's Unknown AUROC | replayed test runs + the rule's Unknown frames |
 | `table18` | Table 18 | method x (N_FA, N_MD per 100 runs, mean lead) at the frozen operating point | replayed test runs |
 | `table19` | Table 19 | method x expected cost per 100 runs (95% BCa) | metrics.json |
 | `probes_table` | Sec. 5.4 | probe x R^2 | probes.json (`eval.probes`) |
@@ -160,19 +160,31 @@ def table_missed(runs: list[M.RunResult], info: dict[str, dict], perturbation: d
                            f"score held {consecutive} frames (max)", "threshold"], rows)
 
 
-def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str]) -> str:
+def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, novel_type: dict[str, str],
+            horizon_epochs: float = M.HORIZON_EPOCHS) -> str:
     """Novel anomaly types (rows) vs predicted outcome (paper Table 17), % of that type's test runs. One
     outcome per run (`eval.figures.run_outcome_class`, as the confusion figure): Unknown when the rule
     abstained on at least half of the frames from onset, else the class of the first confirmed alert
-    from onset ("other": a score-only alert), else healthy."""
+    from onset ("other": a score-only alert), else healthy. The last column is the Unknown AUROC of the
+    type alone (`metrics.unknown_auroc` over its runs and every non-novel run; "–" without vacuity): which
+    kinds the Unknown score sees."""
     by_type: dict[str, list[str]] = {}
+    runs_of: dict[str, list[M.RunResult]] = {}
     for r in results:
         if r.kind == "novel":
-            by_type.setdefault(novel_type.get(r.run_id, "novel"), []).append(run_outcome_class(r, (unknown or {}).get(r.run_id)))
+            t = novel_type.get(r.run_id, "novel")
+            by_type.setdefault(t, []).append(run_outcome_class(r, (unknown or {}).get(r.run_id)))
+            runs_of.setdefault(t, []).append(r)
     if not by_type:
         return "(no novel run in the test split)"
-    rows = [[t, str(len(v)), *(f"{100.0 * v.count(o) / len(v):.1f}" for o in OUTCOMES)] for t, v in sorted(by_type.items())]
-    return markdown_table(["True novel anomaly", "runs", *(f"{o} (%)" for o in OUTCOMES)], rows)
+    others = [r for r in results if not r.novel]
+    has_vacuity = all(r.vacuity is not None for r in results)
+
+    def auroc(t: str) -> str:
+        return fmt(M.unknown_auroc(others + runs_of[t], horizon_epochs), 3) if has_vacuity else "–"
+
+    rows = [[t, str(len(v)), *(f"{100.0 * v.count(o) / len(v):.1f}" for o in OUTCOMES), auroc(t)] for t, v in sorted(by_type.items())]
+    return markdown_table(["True novel anomaly", "runs", *(f"{o} (%)" for o in OUTCOMES), "Unknown AUROC"], rows)
 
 
 def table18(results: dict[str, list[M.RunResult]], metrics: dict) -> str:

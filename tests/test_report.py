@@ -222,6 +222,26 @@ def test_missed_table_by_hand():
     assert table_missed(runs[1:2], info, {}, 3, None) == "(every known-anomaly run was detected)"
 
 
+def test_table17_unknown_auroc_per_novel_type_by_hand():
+    """Each novel type's Unknown AUROC against every non-novel run: a type whose vacuity is above every known
+    frame's scores 1, one whose vacuity ties the known frames' 0.5; without vacuity the column is "–"."""
+    from eval.tables import table17
+
+    def run(run_id, label, novel, vacuity, onset=None):
+        n = len(vacuity)
+        return RunResult(run_id, label, novel, onset, None if label == "healthy" else 40, 10.0, np.arange(n) * 10,
+                         np.zeros(n), vacuity=np.array(vacuity, float))
+
+    runs = [run("h0", "healthy", False, [0.2] * 6), run("a0", "instability", False, [0.2] * 6, onset=0),
+            run("seen", "healthy", True, [0.2, 0.9, 0.9, 0.9, 0.9, 0.9], onset=10),
+            run("unseen", "healthy", True, [0.2] * 6, onset=10)]
+    table = table17(runs, None, {"seen": "fp16_overflow", "unseen": "frozen_layers"})
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert rows["fp16_overflow"].endswith("| 1.000 |") and rows["frozen_layers"].endswith("| 0.500 |")
+    no_vacuity = [dataclasses.replace(r, vacuity=None) for r in runs]
+    assert all(line.endswith("| – |") for line in table17(no_vacuity, None, {"seen": "a"}).splitlines()[2:])
+
+
 def test_pareto_front_by_hand():
     far = np.array([0.0, 0.0, 0.1, 0.2, 0.3, 0.5])
     lead = np.array([-2.0, -1.0, -1.5, 0.5, 0.2, 1.0])
