@@ -372,6 +372,14 @@ def _fit_score_threshold(healthy: list[RunStream], cfg: CalibrationConfig) -> fl
     return float(min(1.0, max(cfg.min_threshold, m[len(m) - 1 - allowed] + MARGIN)))
 
 
+def replay_report(streams: list[RunStream], cal: Calibration) -> dict:
+    """`_replay_report` of streams under a calibration fitted elsewhere (its temperature applied here): FAR,
+    per-class detection, run macro-F1 and the Unknown fraction of those runs (`eval.folds` scores two fold
+    models on the runs both held out)."""
+    probs = {s.run_id: tempered_probs(torch.from_numpy(s.alpha), cal.temperature).numpy() for s in streams}
+    return _replay_report(streams, probs, cal)
+
+
 def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> dict:
     """FAR on Healthy runs, per-class detection on anomalous runs and the Unknown fraction, replayed
     with the calibrated rule on the validation streams themselves (optimistic: fitted on them)."""
