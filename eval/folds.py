@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from diagnose.calibrate import load_calibration, read_predictions, replay_report, streams_from_records
-from eval.tables import markdown_table
+from eval.tables import fmt, markdown_table
 
 
 def fold_scores(before: Path, after: Path) -> dict:
@@ -45,26 +45,31 @@ def fold_scores(before: Path, after: Path) -> dict:
     return out
 
 
+def _mean(values: list) -> float | None:
+    """Mean of the defined values (a fold without Healthy runs has no FAR, one without anomalies no macro-F1)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
 def compare(before: Path, after: Path, folds: list[int], prefix: str = "fold") -> dict:
     """Every fold's `fold_scores` and the pooled figures."""
     per = {k: fold_scores(before / f"{prefix}{k}", after / f"{prefix}{k}") for k in folds}
     pooled = {}
     for name in ("before", "after"):
         rows = [p[name] for p in per.values()]
-        pooled[name] = {"run_macro_f1": float(np.mean([r["run_macro_f1"] for r in rows])),
-                        "far": float(np.mean([r["far"] for r in rows])),
+        pooled[name] = {"run_macro_f1": _mean([r["run_macro_f1"] for r in rows]), "far": _mean([r["far"] for r in rows]),
                         "detection": sum(r["detected"] for r in rows) / max(1, sum(r["anomalous"] for r in rows))}
     return {"before": str(before), "after": str(after), "folds": per, "pooled": pooled}
 
 
 def table(result: dict) -> str:
-    f = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-    rows = [[str(k), str(p["runs"]), f"{f(p['before']['run_macro_f1'])} / {f(p['after']['run_macro_f1'])}",
+    """The comparison as a markdown table: one row per fold, then the pooled figures."""
+    rows = [[str(k), str(p["runs"]), f"{fmt(p['before']['run_macro_f1'])} / {fmt(p['after']['run_macro_f1'])}",
              f"{p['before']['detected']}/{p['before']['anomalous']} / {p['after']['detected']}/{p['after']['anomalous']}",
-             f"{f(p['before']['far'])} / {f(p['after']['far'])}"] for k, p in result["folds"].items()]
+             f"{fmt(p['before']['far'])} / {fmt(p['after']['far'])}"] for k, p in result["folds"].items()]
     b, a = result["pooled"]["before"], result["pooled"]["after"]
-    rows.append(["all", str(sum(p["runs"] for p in result["folds"].values())), f"mean {f(b['run_macro_f1'])} / {f(a['run_macro_f1'])}",
-                 f"{f(b['detection'])} / {f(a['detection'])}", f"mean {f(b['far'])} / {f(a['far'])}"])
+    rows.append(["all", str(sum(p["runs"] for p in result["folds"].values())), f"mean {fmt(b['run_macro_f1'])} / {fmt(a['run_macro_f1'])}",
+                 f"{fmt(b['detection'])} / {fmt(a['detection'])}", f"mean {fmt(b['far'])} / {fmt(a['far'])}"])
     return markdown_table(["held-out fold", "runs both hold out", "run macro-F1, before / after",
                            "detection, before / after", "FAR, before / after"], rows)
 

@@ -168,22 +168,19 @@ def table17(results: list[M.RunResult], unknown: dict[str, np.ndarray] | None, n
     from onset ("other": a score-only alert), else healthy. The last column is the Unknown AUROC of the
     type alone (`metrics.unknown_auroc` over its runs and every non-novel run; "–" without vacuity): which
     kinds the Unknown score sees."""
-    by_type: dict[str, list[str]] = {}
     runs_of: dict[str, list[M.RunResult]] = {}
     for r in results:
         if r.kind == "novel":
-            t = novel_type.get(r.run_id, "novel")
-            by_type.setdefault(t, []).append(run_outcome_class(r, (unknown or {}).get(r.run_id)))
-            runs_of.setdefault(t, []).append(r)
-    if not by_type:
+            runs_of.setdefault(novel_type.get(r.run_id, "novel"), []).append(r)
+    if not runs_of:
         return "(no novel run in the test split)"
     others = [r for r in results if not r.novel]
     has_vacuity = all(r.vacuity is not None for r in results)
-
-    def auroc(t: str) -> str:
-        return fmt(M.unknown_auroc(others + runs_of[t], horizon_epochs), 3) if has_vacuity else "–"
-
-    rows = [[t, str(len(v)), *(f"{100.0 * v.count(o) / len(v):.1f}" for o in OUTCOMES), auroc(t)] for t, v in sorted(by_type.items())]
+    rows = []
+    for t, runs in sorted(runs_of.items()):
+        outcomes = [run_outcome_class(r, (unknown or {}).get(r.run_id)) for r in runs]
+        auroc = fmt(M.unknown_auroc(others + runs, horizon_epochs), 3) if has_vacuity else "–"
+        rows.append([t, str(len(runs)), *(f"{100.0 * outcomes.count(o) / len(runs):.1f}" for o in OUTCOMES), auroc])
     return markdown_table(["True novel anomaly", "runs", *(f"{o} (%)" for o in OUTCOMES), "Unknown AUROC"], rows)
 
 

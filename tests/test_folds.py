@@ -47,3 +47,14 @@ def test_errors_name_the_missing_file_and_disjoint_folds(tmp_path, capsys):
         compare(tmp_path / "a", tmp_path / "b", [0])
     assert main(["--before", str(tmp_path / "a"), "--after", str(tmp_path / "c")]) == 2
     assert "c/fold0/val_predictions.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_fold_without_healthy_runs_has_no_far(tmp_path):
+    from eval.folds import table
+
+    loud = [0.1] * 3 + [0.99] * 5
+    for side in ("before", "after"):
+        _fold(tmp_path / side / "fold0", {"a0": ("instability", loud, 3)})
+    result = compare(tmp_path / "before", tmp_path / "after", [0])
+    assert result["folds"][0]["before"]["far"] is None and result["pooled"]["after"]["far"] is None
+    assert table(result).splitlines()[-1].endswith("| mean – / – |")
