@@ -325,7 +325,7 @@ def calibrate(streams: list[RunStream], cfg: CalibrationConfig = CalibrationConf
     else:
         tau, report["tau_source"] = cfg.default_tau, "default (no known validation windows)"
 
-    probs = {s.run_id: tempered_probs(torch.from_numpy(s.alpha), temperature).numpy() for s in streams}
+    probs = _stream_probs(streams, temperature)
     healthy = [s for s in known if s.label == "healthy"]
     report["healthy_runs"] = len(healthy)
     if not healthy:
@@ -376,8 +376,12 @@ def replay_report(streams: list[RunStream], cal: Calibration) -> dict:
     """`_replay_report` of streams under a calibration fitted elsewhere (its temperature applied here): FAR,
     per-class detection, run macro-F1 and the Unknown fraction of those runs (`eval.folds` scores two fold
     models on the runs both held out)."""
-    probs = {s.run_id: tempered_probs(torch.from_numpy(s.alpha), cal.temperature).numpy() for s in streams}
-    return _replay_report(streams, probs, cal)
+    return _replay_report(streams, _stream_probs(streams, cal.temperature), cal)
+
+
+def _stream_probs(streams: list[RunStream], temperature: float) -> dict[str, np.ndarray]:
+    """Each run's tempered class probabilities `(N, K)` by run id."""
+    return {s.run_id: tempered_probs(torch.from_numpy(s.alpha), temperature).numpy() for s in streams}
 
 
 def _replay_report(streams: list[RunStream], probs: dict, cal: Calibration) -> dict:

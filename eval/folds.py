@@ -1,8 +1,8 @@
 """Two sets of leave-family-out fold models compared on the runs both held out (issue 20).
 
-A change to the training corpus is chosen on folds of whole families (`data.holdout_fold=k` with
-`data.train_splits=[train, val]`), which agreed with the test split where the validation split did not
-(docs/benchmark/inputs.md). Each fold model's own figures (its `calibration.json` report) are scored on its
+A change to the training corpus can be judged on folds of whole families (`data.holdout_fold=k` with
+`data.train_splits=[train, val]`) as well as on the validation split (docs/benchmark/inputs.md: the folds agreed
+with the test split on the capped long runs and did not on 300 long runs). Each fold model's own figures (its `calibration.json` report) are scored on its
 held-out fold, and a corpus that adds runs adds them to the folds too, so before and after would score
 different runs. Here each fold model's calibrated rule (`final/calibration.json`: thresholds, tau and
 temperature as fitted on its whole fold) is replayed on its validation predictions (`val_predictions.jsonl`)
@@ -30,11 +30,11 @@ from eval.tables import fmt, markdown_table
 def fold_scores(before: Path, after: Path) -> dict:
     """One fold: the two fine-tuning outputs' rules replayed on the held-out runs both have."""
     records = {name: read_predictions(d / "val_predictions.jsonl") for name, d in (("before", before), ("after", after))}
-    common = set.intersection(*({r["run_id"] for r in rs} for rs in records.values()))
+    ids = {name: {r["run_id"] for r in rs} for name, rs in records.items()}
+    common = ids["before"] & ids["after"]
     if not common:
         raise ValueError(f"{before} and {after} held out no run in common: are they folds of the same families?")
-    out = {"runs": len(common), "only_before": len({r["run_id"] for r in records["before"]} - common),
-           "only_after": len({r["run_id"] for r in records["after"]} - common)}
+    out = {"runs": len(common), "only_before": len(ids["before"] - common), "only_after": len(ids["after"] - common)}
     for name, d in (("before", before), ("after", after)):
         report = replay_report(streams_from_records([r for r in records[name] if r["run_id"] in common]),
                                load_calibration(d / "final"))
