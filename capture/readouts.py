@@ -25,6 +25,7 @@ READOUT_NAMES = (
     "lr",  # learning rate (first param group)
     "nonfinite",  # non-finite elements in the captured activations/gradients (+ logits)
     "weight_step",  # the watched layers' weights: relative movement per step since the previous frame (capture.weights)
+    "weight_still",  # the share of the watched weight tensors that stopped moving while the others move (capture.weights)
 )
 HEAD_READOUTS = ("head_grad_norm", "score_w", "score_z", "gwa")
 SOFTMAX_READOUTS = ("confidence", "entropy", "margin")  # meaningful only when the loss reads the logits through a softmax

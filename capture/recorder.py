@@ -16,7 +16,7 @@ is kept alive. The head hook runs every
 step when `gwa_window="frame"` (GWA over all samples since the previous frame, docs/architecture.md §4); it
 adds a few `N x C` element-wise ops that stay on the device. At a frame, a fixed strided sample of the
 watched layers' weights (at most 4,096 entries a tensor) is copied and compared with the previous frame's
-(capture.weights: the `weight_step` readout). Everything is synced once per frame.
+(capture.weights: the `weight_step` and `weight_still` readouts). Everything is synced once per frame.
 
 Nothing here raises inside the user's forward or backward pass: a fault is recorded in
 `cap.faults`, warned about once, and that frame's affected maps/readouts come out as zeros/NaN.
@@ -407,7 +407,7 @@ class Capture:
         readouts["lr"] = self._lrs[-1]
         readouts["nonfinite"] = float(sum(int(b) for b in self._bad.values()))
         try:
-            readouts["weight_step"] = self._weights.frame(self.step_count)  # NaN at the first frame
+            readouts.update(self._weights.readouts(self.step_count))  # NaN at the first frame
         except Exception as err:  # noqa: BLE001 - the frame keeps its other readouts
             self._fault("weight_step", err)
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]

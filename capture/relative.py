@@ -16,7 +16,8 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
                             highest above their median, and the median step-to-step change--> (2,)
     weight_step           --the weights' movement per step (capture.weights) as a log ratio to the run
                             reference, and its log above the median of the run's frames so far--> (2,)
-    the 26 above          --each one's slow average over the run so far (EWMA) and its leaky peak--> (52,)
+    weight_still          --the share of watched weight tensors that stopped moving, as it is--> (1,)
+    the 27 above          --each one's slow average over the run so far (EWMA) and its leaky peak--> (54,)
 
 A frame's readouts hold the loss of its own step only: at a cadence of 5, four steps in five are unseen,
 and the loss spikes that make a run unstable (the factory's rule reads every step) fall between frames.
@@ -27,7 +28,9 @@ store `train_loss` between two frames' steps; both are the training loss, nothin
 `weight_step` is how fast the weights move (a raised learning rate moves them faster even where the loss
 barely shows it). Its ratio to the reference forgets a change after `reference_lag` frames; its height above
 the run's running median remembers a change for as long as it has lasted less than the run before it. A
-store or frame without it (older corpora, a released frame) gives 0 for both.
+store or frame without it (older corpora, a released frame) gives 0 for both. `weight_still` is already a share
+that no network's size sets (0 in a run whose every watched tensor moves), so it is read as it is; a store or
+frame without it gives 0.
 
 The run reference of a level (or of a size readout's log) is the mean of its finite values over the run's
 first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it. With
@@ -67,12 +70,14 @@ FRAME_FEATURES = (  # one frame's own scalars; the history of each follows them 
     + ("gwa", "confidence_above_chance", "entropy_over_log_c", "margin", "loss_over_log_c", "loss_above_best")
     + ("step_loss_spike", "step_loss_noise")
     + ("log_ratio_weight_step", "weight_step_above_median")
+    + ("weight_still",)
 )
 STEP_LOSS_FEATURES = ("step_loss_spike", "step_loss_noise")  # read by a model with TEViDConfig.step_losses
 WEIGHT_FEATURES = ("log_ratio_weight_step", "weight_step_above_median")  # read with TEViDConfig.weight_step
+STILL_FEATURES = ("weight_still",)  # read with TEViDConfig.weight_still
 HISTORY_FEATURES = tuple(f"slow_{n}" for n in FRAME_FEATURES) + tuple(f"peak_{n}" for n in FRAME_FEATURES)
 RELATIVE_FEATURES = FRAME_FEATURES + HISTORY_FEATURES
-OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES + HISTORY_FEATURES  # models made before them read the other 22
+OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES + STILL_FEATURES + HISTORY_FEATURES  # models made before them read the other 22
 REPRESENTATIONS = ("frames", "relative")  # what TEViD reads: stored frames and raw readouts, or these inputs
 BIG = 1e6  # what +-inf becomes before asinh (asinh(1e6) ~ 14.5)
 EPS = 1e-12
@@ -153,10 +158,24 @@ def interval_losses(train_loss, frame_step) -> list:
     return [loss[(steps[t - 1] + 1 if t else 0):s + 1] for t, s in enumerate(steps)]
 
 
-def weight_step_column(readouts, names):
-    """The `weight_step` readout of every frame `(N,)` from readouts `(N, R)` in the order of `names` (a store's
-    `readout_names`); None when the store predates the readout."""
-    return readouts[:, list(names).index("weight_step")] if "weight_step" in names else None
+def weight_step_column(readouts, names, name: str = "weight_step"):
+    """The `weight_step` readout (or another named column, e.g. `weight_still`) of every frame `(N,)` from
+    readouts `(N, R)` in the order of `names` (a store's `readout_names`); None when the store predates it."""
+    return readouts[:, list(names).index(name)] if name in names else None
+
+
+def _over_gaps(values, idx, reduce) -> torch.Tensor:
+    """Per-frame values `(N,)` read at frames `idx`: the first its own value, each later one `reduce` of the
+    stored values since the previous frame read (a 1-d float64 tensor without NaNs -> a 0-d one; NaN if none)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    idx = [int(i) for i in idx]
+
+    def finite(a, b):
+        gap = v[a + 1:b + 1]
+        gap = gap[~torch.isnan(gap)]
+        return reduce(gap) if len(gap) else v.new_tensor(math.nan)
+    out = [v[idx[0]]] + [finite(a, b) for a, b in zip(idx, idx[1:])]
+    return torch.stack(out) if out else v.new_zeros(0)
 
 
 def spaced_weight_steps(weight_step, idx) -> torch.Tensor:
@@ -164,10 +183,14 @@ def spaced_weight_steps(weight_step, idx) -> torch.Tensor:
     of the stored per-step rates of the frames since the previous one read (the first: its own value, NaN).
     Within a run the stored rates span equal steps, so this is the movement per step over the longer gap up
     to the noise that cancels over it, a factor the ratio to the run's own reference takes out."""
-    ws = torch.as_tensor(weight_step, dtype=torch.float64)
-    idx = [int(i) for i in idx]
-    out = [ws[idx[0]]] + [ws[a + 1:b + 1].nanmean() for a, b in zip(idx, idx[1:])]
-    return torch.stack(out) if out else ws.new_zeros(0)
+    return _over_gaps(weight_step, idx, torch.mean)
+
+
+def spaced_weight_still(weight_still, idx) -> torch.Tensor:
+    """A store's per-frame `weight_still` `(N,)` read at frames `idx`: per frame read, the least share of the
+    frames since the previous one read. A tensor still over the longer gap was still in each shorter one, so
+    this bounds the share over the gap from above; the two agree when the same tensors stay still (a freeze)."""
+    return _over_gaps(weight_still, idx, torch.min)
 
 
 class RunRelative:
@@ -201,7 +224,8 @@ class RunRelative:
         self._peak: torch.Tensor | None = None
 
     def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor,
-             step_losses=None, weight_step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             step_losses=None, weight_step: float | None = None,
+             weight_still: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if levels.shape != (len(CHANNELS),) or readouts.shape != (len(CLIP_READOUTS),) or pattern.ndim != 3:
             raise ValueError(f"expected levels ({len(CHANNELS)},), pattern ({len(CHANNELS)}, P, P) and readouts "
                              f"({len(CLIP_READOUTS)},) in {CLIP_READOUTS} order, got {tuple(levels.shape)}, "
@@ -234,13 +258,15 @@ class RunRelative:
         if math.isfinite(log_ws):
             self._weight_logs.append(log_ws)
         above_median = log_ws - float(torch.tensor(self._weight_logs).median()) if math.isfinite(log_ws) else math.nan
+        still = math.nan if weight_still is None else float(weight_still)  # NaN (first frame, none) -> 0 below
         scalars = torch.cat([
             torch.where(torch.isnan(rel_level), torch.zeros_like(rel_level), rel_level),
             torch.where(torch.isnan(d_level), torch.zeros_like(d_level), d_level),
             relative[n:n + len(SIZE_READOUTS)],
             torch.stack([r[_READOUT["gwa"]], (r[_READOUT["confidence"]] - c) / (1.0 - c), r[_READOUT["entropy"]] / log_c,
                          r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best),
-                         r.new_tensor(spike), r.new_tensor(noise), relative[-1], r.new_tensor(above_median)]),
+                         r.new_tensor(spike), r.new_tensor(noise), relative[-1], r.new_tensor(above_median),
+                         r.new_tensor(still)]),
         ])
         frame = _squash(scalars)
         return unit_patterns(pattern), torch.cat([frame, *self._history_of(frame)]).float()
@@ -281,11 +307,11 @@ class RunRelative:
 
 def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
                     cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None,
-                    weight_steps=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    weight_steps=None, weight_still=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole stored run, frame by frame through `RunRelative`: levels `(N, 6)`, patterns `(N, 6, P, P)`,
     readouts `(N, 8)` in CLIP_READOUTS order, per frame the step losses since the previous one (N of them,
-    `interval_losses`; None: none) and the `weight_step` readout `(N,)` (None: none) -> patterns
-    `(N, 6, P, P)` and scalars `(N, F)`."""
+    `interval_losses`; None: none), the `weight_step` and `weight_still` readouts `(N,)` (None: none) ->
+    patterns `(N, 6, P, P)` and scalars `(N, F)`."""
     if levels.ndim != 2 or readouts.ndim != 2 or patterns.ndim != 4 or not len(levels) == len(readouts) == len(patterns):
         raise ValueError(f"expected levels (N, 6), patterns (N, 6, P, P), readouts (N, {len(CLIP_READOUTS)}) of one N, got "
                          f"{tuple(levels.shape)}, {tuple(patterns.shape)}, {tuple(readouts.shape)}")
@@ -293,23 +319,25 @@ def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torc
         raise ValueError(f"readouts must have the {len(CLIP_READOUTS)} columns {CLIP_READOUTS}, got {readouts.shape[1]}")
     if step_losses is not None and len(step_losses) != len(levels):
         raise ValueError(f"step_losses must hold one entry per frame ({len(levels)}), got {len(step_losses)}")
-    if weight_steps is not None and len(weight_steps) != len(levels):
-        raise ValueError(f"weight_steps must hold one value per frame ({len(levels)}), got {len(weight_steps)}")
+    for name, values in (("weight_steps", weight_steps), ("weight_still", weight_still)):
+        if values is not None and len(values) != len(levels):
+            raise ValueError(f"{name} must hold one value per frame ({len(levels)}), got {len(values)}")
     state = RunRelative(num_classes, cfg)
     if len(levels) == 0:
         return unit_patterns(patterns), torch.zeros(0, len(RELATIVE_FEATURES))
     pats, scal = zip(*(state.push(levels[t], patterns[t], readouts[t], None if step_losses is None else step_losses[t],
-                                  None if weight_steps is None else float(weight_steps[t]))
+                                  None if weight_steps is None else float(weight_steps[t]),
+                                  None if weight_still is None else float(weight_still[t]))
                        for t in range(len(levels))))
     return torch.stack(pats), torch.stack(scal)
 
 
 def relative_run(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
                  window: int, cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None,
-                 weight_steps=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 weight_steps=None, weight_still=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every causal window of a whole run, ending at frames window-1 .. N-1: patterns `(W, T, 6, P, P)` and
     scalars `(W, T, F)`, cut from `relative_frames`."""
-    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses, weight_steps)
+    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses, weight_steps, weight_still)
     n = len(levels)
     if n < window:
         return pats.new_zeros((0, window, *pats.shape[1:])), scal.new_zeros((0, window, scal.shape[1]))
@@ -324,6 +352,6 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 
 
-__all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
-           "RunRelative", "interval_losses", "model_fields", "pooled", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps",
+__all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "STILL_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
+           "RunRelative", "interval_losses", "model_fields", "pooled", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps", "spaced_weight_still",
            "step_loss_features", "unit_patterns", "weight_step_column"]

@@ -12,7 +12,7 @@ every window of a labelled run, the onset-to-trigger stretch the class head igno
 
 With `representation="relative"` the same two branches read the run-relative inputs of `capture.relative`
 (the look of the network taken out): unit patterns (B, T, 6, P, P) in place of the frames (the encoder's
-img_size is then P) and the relative scalars (B, T, 78) in place of the readouts (no readout_features).
+img_size is then P) and the relative scalars (B, T, 81) in place of the readouts (no readout_features).
 
 `inputs` selects the branches: "both" (the model), "video" or "readouts" (the fusion ablation is one
 flag; an unused branch is not built). `channels` selects frame channels for the encoder (the
@@ -41,7 +41,8 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 
 from capture.frames import CHANNELS
-from capture.relative import (HISTORY_FEATURES, OPTIONAL_FEATURES, RELATIVE_FEATURES, REPRESENTATIONS, STEP_LOSS_FEATURES, WEIGHT_FEATURES,
+from capture.relative import (HISTORY_FEATURES, OPTIONAL_FEATURES, RELATIVE_FEATURES, REPRESENTATIONS, STEP_LOSS_FEATURES, STILL_FEATURES,
+                              WEIGHT_FEATURES,
                               RelativeConfig, relative_config_of)
 from capture.schema import CLASSES, CLIP_READOUTS
 from diagnose.ensemble import TEViDEnsemble, ensemble_config, ensemble_members
@@ -63,16 +64,17 @@ class TEViDConfig:
     num_classes: int = 5  # K: Healthy + 4 known anomaly classes (capture.schema.CLASSES)
     channels: list = field(default_factory=lambda: list(CHANNELS))  # frame channels the encoder reads (capture.frames.CHANNELS)
     # "frames": stored frames (B, T, 6, S, S) and raw readouts (B, T, 8); "relative": the run-relative
-    # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 78)
+    # inputs of capture.relative, unit patterns (B, T, 6, P, P) and scalars (B, T, 81)
     representation: str = "frames"
     reference_lag: int = 0  # relative: capture.relative.RelativeConfig.reference_lag (0: the run's start)
     # relative: the scalars of capture.relative.RELATIVE_FEATURES the readout branch reads;
-    # the inputs stay (B, T, 78), the branch selects its columns; None: all but the optional ones (step losses, weights, history)
+    # the inputs stay (B, T, 81), the branch selects its columns; None: all but the optional ones (step losses, weights, history)
     scalars: list | None = None
     # relative: also read capture.relative.STEP_LOSS_FEATURES (the losses of the steps between frames); off, the
     # branch reads the other scalars only, as every model made before those features existed
     step_losses: bool = False
     weight_step: bool = False  # relative: also read capture.relative.WEIGHT_FEATURES (how fast the weights move)
+    weight_still: bool = False  # relative: also read capture.relative.STILL_FEATURES (the share of weight tensors that stopped)
     # relative: also read the run-so-far trace (capture.relative.HISTORY_FEATURES: slow average and leaky peak) of
     # every scalar it reads, so a window remembers what happened before it
     history: bool = False
@@ -106,17 +108,18 @@ class TEViDConfig:
             raise ValueError(f"TEViDConfig: encoder_overrides.in_chans={in_chans} but {len(self.channels)} channels are "
                              f"selected ({self.channels}); in_chans follows `channels`")
 
-        for flag in ("step_losses", "weight_step", "history"):
+        for flag in ("step_losses", "weight_step", "weight_still", "history"):
             if getattr(self, flag) and self.representation != "relative":
                 raise ValueError(f"TEViDConfig.{flag} needs representation 'relative' (they are relative scalars)")
 
     @property
     def scalar_names(self) -> list[str]:
         """relative: the scalars the readout branch reads, in input order (`scalars`, else all but the optional
-        ones, and the step-loss features with `step_losses`, the weight features with `weight_step`; with
+        ones, and the step-loss features with `step_losses`, the weight features with `weight_step` and `weight_still`; with
         `history`, then the slow average and leaky peak of each of those)."""
         names = list(self.scalars) if self.scalars is not None else [n for n in RELATIVE_FEATURES if n not in OPTIONAL_FEATURES]
-        extra = (STEP_LOSS_FEATURES if self.step_losses else ()) + (WEIGHT_FEATURES if self.weight_step else ())
+        extra = ((STEP_LOSS_FEATURES if self.step_losses else ()) + (WEIGHT_FEATURES if self.weight_step else ())
+                 + (STILL_FEATURES if self.weight_still else ()))
         names = names + [n for n in extra if n not in names]
         if self.history:
             names += [f"{trace}_{n}" for trace in ("slow", "peak") for n in names if f"{trace}_{n}" in HISTORY_FEATURES
@@ -154,7 +157,7 @@ def readout_features(readouts: torch.Tensor) -> torch.Tensor:
 
 class ReadoutEncoder(nn.Module):
     """The window's scalars -> one vector: per-frame embedding, then a 1-layer GRU over T. The scalars are
-    the raw readouts (B, T, 8), made model-ready by `readout_features`, or the relative scalars (B, T, 78)
+    the raw readouts (B, T, 8), made model-ready by `readout_features`, or the relative scalars (B, T, 81)
     of `capture.relative` (already finite and squashed)."""
 
     def __init__(self, dim: int, representation: str = "frames", scalars: list | None = None):

@@ -346,10 +346,11 @@ class TEViDDiagnoser:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
             first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
-            ws = weight_step_column(view.readouts, view.readout_names)  # a view of the column, then this frame's
-            ws = None if ws is None else float(ws[view.t])
+            ws, still = (weight_step_column(view.readouts, view.readout_names, name)  # views of the columns, then this frame's
+                         for name in ("weight_step", "weight_still"))
+            ws, still = (None if c is None else float(c[view.t]) for c in (ws, still))
             pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,
-                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws)
+                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws, still)
         else:
             pred = self.stream.push(view.t, frame, readouts)
         probs = np.asarray(pred.probs, dtype=np.float64)

@@ -45,3 +45,33 @@ def test_a_raised_learning_rate_moves_the_weights_that_much_faster():
     paces = [f.readouts["weight_step"] for f in cap.frames]  # frames at steps 0, 4, 8, 12
     assert math.isnan(paces[0]) and not cap.faults
     assert 20 < paces[3] / paces[2] < 40
+
+
+def test_weight_still_is_the_share_of_tensors_that_stopped_while_others_move():
+    """A freeze of the input-side half (factory.perturbations.FrozenLayers: their gradients dropped before the
+    step) under AdamW with weight decay: before it every watched tensor moves (0), after it the frozen ones
+    read as still; a frame where nothing moved at all reads 0 (the pace says that)."""
+    from factory.perturbations import FrozenLayers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    freeze = FrozenLayers(name="frozen_layers", onset=8)
+    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+    with capture.attach(model, cadence=4, frame_size=8, optimizer=opt) as cap:
+        for step in range(16):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            cap.step(loss)
+            freeze.before_step(step, model, opt)
+            opt.step()
+            opt.zero_grad()
+    still = [f.readouts["weight_still"] for f in cap.frames]  # frames at steps 0, 4, 8, 12
+    assert math.isnan(still[0]) and still[1] == 0.0 and not cap.faults
+    watched = cap._weights.params  # the sampled tensors; the frozen ones are the first 3 of the model's 6
+    frozen = {id(p) for p in freeze.frozen(model)}
+    want = sum(id(p) in frozen for p, _ in watched) / len(watched)
+    assert 0 < want < 1 and still[3] == want  # steps 9-12: every step after the onset
+    pace = WeightStep([model])
+    pace.frame(0)
+    assert pace.frame(1) == 0.0 and pace.still == 0.0  # nothing moved: not "all still"
