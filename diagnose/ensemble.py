@@ -56,7 +56,8 @@ class TEViDEnsemble(nn.Module):
         outs = [m.predict(frames, readouts, temperature=temperature) for m in self.members]
         out = {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
         if self.familiarity is not None:
-            out["evidential_vacuity"], out["vacuity"] = out["vacuity"], self.familiarity.score(self.forward_features(frames, readouts))
+            features = self.forward_features(frames, readouts)
+            out["evidential_vacuity"], out["vacuity"] = out["vacuity"], self.familiarity.score_window(features, readouts)
         return out
 
 

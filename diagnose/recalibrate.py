@@ -26,19 +26,20 @@ from capture.config import cli_parser, from_dict, load_config
 from capture.relative import model_fields
 from capture.schema import CLASSES
 from diagnose.calibrate import CalibrationConfig, calibrate, predict_records, save_calibration, streams_from_records, window_metrics
-from diagnose.familiarity import fit_familiarity, save_familiarity
+from diagnose.familiarity import READS, familiarity_rows, fit_familiarity, save_familiarity
 from diagnose.tevid import load_tevid, save_ensemble
 from pretrain.checkpoint import load_checkpoint
 from pretrain.clips import ClipConfig, CorpusClips
 
 
 @torch.no_grad()
-def fit_bank(model, dataset, k: int = 10, batch_size: int = 256):
-    """A familiarity bank from the fused features of every window of `dataset`."""
+def fit_bank(model, dataset, k: int = 10, batch_size: int = 256, reads: str = "features"):
+    """A familiarity bank of every window of `dataset`: its fused features, its pooled inputs or both (`reads`)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    feats = [model.forward_features(b["frames"] if model.cfg.uses_video else None, b["readouts"])
-             for b in tqdm(loader, desc="familiarity: training windows' features", unit="batch", file=sys.stderr)]
-    return fit_familiarity(torch.cat(feats), k)
+    rows = [familiarity_rows(reads, model.forward_features(b["frames"] if model.cfg.uses_video else None, b["readouts"])
+                             if reads != "inputs" else None, b["readouts"])
+            for b in tqdm(loader, desc=f"familiarity: training windows' {reads}", unit="batch", file=sys.stderr)]
+    return fit_familiarity(torch.cat(rows), k, reads=reads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--familiarity", action="store_true",
                    help="first fit a familiarity bank on the train split's windows (diagnose.familiarity): Unknown by distance")
     p.add_argument("--familiarity-k", type=int, default=10)
+    p.add_argument("--familiarity-reads", choices=READS, default="features",
+                   help="what the bank compares: the fused features, the window's run-relative inputs, or both")
+    p.add_argument("--no-gate", action="store_true",
+                   help="with --familiarity: no familiarity gate (the score still drives Unknown and tau)")
     p.add_argument("--members", nargs="+", default=None, metavar="DIR",
                    help="fine-tuned models (out/final) to write to --out as one ensemble, then calibrate it (no --checkpoint)")
     args = p.parse_args(argv)
@@ -64,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     clip_cfg.representation = model.cfg.representation
     clip_cfg = dataclasses.replace(clip_cfg, **model_fields(model.cfg))  # the run-relative transform it was trained with
     if args.familiarity:
-        bank = fit_bank(model, CorpusClips(args.corpus, "train", clip_cfg), args.familiarity_k)
-        print(f"wrote {save_familiarity(bank, args.checkpoint)}: bank {tuple(bank.bank.shape)}, k {bank.k}, scale {bank.scale:.4g}")
+        if args.familiarity_reads != "features" and model.cfg.representation != "relative":
+            p.error("--familiarity-reads inputs/both needs a model that reads the run-relative inputs")
+        bank = fit_bank(model, CorpusClips(args.corpus, "train", clip_cfg), args.familiarity_k, reads=args.familiarity_reads)
+        print(f"wrote {save_familiarity(bank, args.checkpoint)}: bank {tuple(bank.bank.shape)} of {bank.reads}, k {bank.k}, "
+              f"scale {bank.scale:.4g}")
         model.familiarity = bank
     # every window, as fine-tuning calibrates: the rule's 3 frames in a row are 3 consecutive frames in the live
     # stream and the replay; windows at the training stride would space them `stride` frames apart, and a
@@ -73,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     val = CorpusClips(args.corpus, "val", dataclasses.replace(clip_cfg, stride=1))
     records = predict_records(model, val, batch_size=64)
     cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
-    if args.familiarity:  # vacuity is now the familiarity score: an unfamiliar job mutes TEViD's alerts (diagnose.decision)
-        cal.gate = cal.consecutive
+    if args.familiarity and not args.no_gate:  # vacuity is now the familiarity score: an unfamiliar job mutes TEViD's alerts
+        cal.gate = cal.consecutive                                                # (diagnose.decision)
     path = save_calibration(cal, args.out)
     print(json.dumps({**window_metrics(records), "temperature": cal.temperature, "tau": cal.tau,
                       "thresholds": cal.thresholds, **cal.report}, indent=1))

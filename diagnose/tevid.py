@@ -273,7 +273,7 @@ class TEViD(nn.Module):
         if self.anomaly is not None:
             out["anomaly"] = torch.sigmoid(self.anomaly(features)[:, 0].float())
         if self.familiarity is not None:  # Unknown from the distance to the training windows (diagnose.familiarity)
-            out["evidential_vacuity"], out["vacuity"] = d.vacuity, self.familiarity.score(features)
+            out["evidential_vacuity"], out["vacuity"] = d.vacuity, self.familiarity.score_window(features, readouts)
         return out
 
 

@@ -45,3 +45,38 @@ def test_predict_reads_unknown_from_the_bank():
     torch.testing.assert_close(out["vacuity"], model.familiarity.score(model.forward_features(None, r[:4])))
     torch.testing.assert_close(out["evidential_vacuity"], 5 / out["alpha"].sum(-1))
     assert (far["vacuity"] > out["vacuity"]).all()
+
+
+def test_an_inputs_bank_standardises_and_sees_a_scalar_training_never_moved(tmp_path):
+    """reads="inputs": rows are the window's scalars' mean and last value; each column is centred and scaled by
+    the bank (a column constant in training by `floor`), so a window that moves only that column, which a
+    features bank barely sees, is far; the center and spread survive the round trip."""
+    from capture.relative import RELATIVE_FEATURES
+    from diagnose.familiarity import familiarity_rows, window_inputs
+
+    g = torch.Generator().manual_seed(0)
+    f = len(RELATIVE_FEATURES)
+    train = torch.randn(400, 10, f, generator=g)
+    train[..., RELATIVE_FEATURES.index("weight_still")] = 0.0  # every training run moves all its weights
+    rows = window_inputs(train)
+    assert rows.shape == (400, 2 * f)
+    torch.testing.assert_close(rows[:, f:], train[:, -1])
+    bank = fit_familiarity(rows, k=5, reads="inputs")
+    col = RELATIVE_FEATURES.index("weight_still")
+    assert bank.spread[col] == 0.1 and bank.center[col] == 0.0  # the floor: constant in training
+    test = torch.randn(50, 10, f, generator=torch.Generator().manual_seed(1))
+    test[..., col] = 0.0
+    frozen = test.clone()
+    frozen[..., col] = 0.48  # asinh(0.5): half the watched tensors still
+    s_near, s_far = bank.score_window(None, test), bank.score_window(None, frozen)
+    assert s_near.median() == pytest.approx(0.5, abs=0.1) and (s_far > s_near).all()
+    save_familiarity(bank, tmp_path)
+    again = load_familiarity(tmp_path)
+    assert again.reads == "inputs" and torch.equal(again.spread, bank.spread)
+    torch.testing.assert_close(again.score_window(None, frozen), s_far)
+    both = familiarity_rows("both", torch.ones(50, 3), test)
+    assert both.shape == (50, 3 + 2 * f)
+    with pytest.raises(ValueError, match="reads must be one of"):
+        Familiarity(bank.bank, 5, 1.0, reads="weights")
+    with pytest.raises(ValueError, match="scalars \\(B, T, F\\)"):
+        window_inputs(torch.zeros(3, 4))
