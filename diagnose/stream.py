@@ -123,7 +123,7 @@ class TEViDStream:
         if len(entries) < self.window:
             return None  # windows are causal and unpadded live: the first T-1 frames get no prediction
         frames = torch.stack([f for _, f, _ in entries])[None] if self.uses_video else None  # (1, T, 6, S, S) or (1, T, 6, P, P)
-        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw, or (1, T, 78) relative
+        vecs = torch.stack([v for _, _, v in entries])[None]  # (1, T, 8) raw, or (1, T, 81) relative
         temperature = self.calibration.temperature if self.calibration is not None else self.temperature
         dev = torch.device(self.device)
         with torch.inference_mode(), torch.autocast(device_type=dev.type, enabled=False):

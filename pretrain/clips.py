@@ -43,7 +43,7 @@ class ClipConfig:
     stride: int = 1  # windows end every `stride` frames
     horizon_epochs: float = 2.0  # H of docs/architecture.md §9, in epochs (store attr epoch_steps = steps per epoch)
     # "frames": the stored frames (T, 6, S, S) and raw readouts (T, 8); "relative": the run-relative inputs
-    # of capture.relative, unit patterns (T, 6, P, P) under `frames` and scalars (T, 78) under `readouts`
+    # of capture.relative, unit patterns (T, 6, P, P) under `frames` and scalars (T, 81) under `readouts`
     representation: str = "frames"
     # frame spacings: k reads every k-th stored frame (0, k, 2k, ...), the run as a monitor with a k times
     # coarser cadence sees it (relative inputs computed on that subsequence); one pass per spacing. Relative only.
@@ -215,7 +215,7 @@ class CorpusClips(torch.utils.data.Dataset):
     items: frames `(T, 6, S, S)` bf16, readouts `(T, 8)` float32 raw (NaN kept), target, novel,
     run_id, end_frame, end_step, split, label. Batch them with `collate`. With `cfg.representation =
     "relative"`, frames are the unit patterns `(T, 6, P, P)` float32 and readouts the relative scalars
-    `(T, 78)` of `capture.relative` (computed once per run when it is loaded: a few kB a run). Whole runs of frames are
+    `(T, 81)` of `capture.relative` (computed once per run when it is loaded: a few kB a run). Whole runs of frames are
     kept in memory after their first read until `cache_bytes` (per process) is used up: one zarr
     read per window costs ~5 ms, one per run is amortised over all its windows. With `cfg.spacings`
     (relative only), each run is read once per spacing k, every k-th frame, and its windows follow.
