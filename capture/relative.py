@@ -158,10 +158,15 @@ def interval_losses(train_loss, frame_step) -> list:
     return [loss[(steps[t - 1] + 1 if t else 0):s + 1] for t, s in enumerate(steps)]
 
 
-def weight_step_column(readouts, names, name: str = "weight_step"):
-    """The `weight_step` readout (or another named column, e.g. `weight_still`) of every frame `(N,)` from
-    readouts `(N, R)` in the order of `names` (a store's `readout_names`); None when the store predates it."""
+def readout_column(readouts, names, name: str):
+    """The readout `name` of every frame `(N,)` from readouts `(N, R)` in the order of `names` (a store's
+    `readout_names`); None when the store predates the readout."""
     return readouts[:, list(names).index(name)] if name in names else None
+
+
+def weight_step_column(readouts, names):
+    """`readout_column(readouts, names, "weight_step")`."""
+    return readout_column(readouts, names, "weight_step")
 
 
 def _over_gaps(values, idx, reduce) -> torch.Tensor:
@@ -353,5 +358,5 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
 
 
 __all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "STILL_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
-           "RunRelative", "interval_losses", "model_fields", "pooled", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps", "spaced_weight_still",
+           "RunRelative", "interval_losses", "model_fields", "pooled", "readout_column", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps", "spaced_weight_still",
            "step_loss_features", "unit_patterns", "weight_step_column"]

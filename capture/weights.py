@@ -18,11 +18,10 @@ the others move:
                    `still_ratio` (1e-6) times the fastest tensor's
 
 Healthy layers' paces lie within a few orders of magnitude of each other, so this counts the tensors that did
-not move. 0 when nothing
-moved at all (a learning rate of 0, skipped steps): the pace says that. The fastest tensor, not the median: when
-half the network is frozen the median tensor may be one of them. A share, not a size, so
-the network's width and depth do not set it. Parameters frozen before the capture attached (`requires_grad`
-False) are not in the sample: a fine-tune of a head on a frozen backbone reads 0.
+not move. 0 when nothing moved at all (a learning rate of 0, skipped steps): the pace says that. The fastest
+tensor, not the median: when half the network is frozen the median tensor may be one of them. A share, not a
+size, so the network's width and depth do not set it. Parameters frozen before the capture attached
+(`requires_grad` False) are not in the sample: a fine-tune of a head on a frozen backbone reads 0.
 
 The sample: every k-th entry of each parameter of the hook points' modules and the head (at most
 `per_tensor` entries a tensor), chosen once when the capture attaches, snapshotted at every frame (a few kB
@@ -82,8 +81,7 @@ class WeightStep:
 
     def _still(self, now: torch.Tensor, previous: torch.Tensor) -> float:
         """The share of sampled tensors moving less than `still_ratio` x the fastest tensor's relative movement."""
-        index = self._tensor_of.to(now.device)
-        n = int(len(self.params))
+        index, n = self._tensor_of.to(now.device), len(self.params)
         moved_sq = now.new_zeros(n).index_add_(0, index, (now - previous) ** 2)
         size_sq = now.new_zeros(n).index_add_(0, index, now ** 2)
         moved = moved_sq.sqrt() / (size_sq.sqrt() + 1e-12)  # (tensors,) relative movement

@@ -56,7 +56,7 @@ class TEViDEnsemble(nn.Module):
         outs = [m.predict(frames, readouts, temperature=temperature) for m in self.members]
         out = {key: torch.stack([o[key] for o in outs]).mean(dim=0) for key in outs[0]}
         if self.familiarity is not None:
-            features = self.forward_features(frames, readouts)
+            features = self.forward_features(frames, readouts) if self.familiarity.reads != "inputs" else None
             out["evidential_vacuity"], out["vacuity"] = out["vacuity"], self.familiarity.score_window(features, readouts)
         return out
 

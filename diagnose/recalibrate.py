@@ -36,9 +36,10 @@ from pretrain.clips import ClipConfig, CorpusClips
 def fit_bank(model, dataset, k: int = 10, batch_size: int = 256, reads: str = "features"):
     """A familiarity bank of every window of `dataset`: its fused features, its pooled inputs or both (`reads`)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    rows = [familiarity_rows(reads, model.forward_features(b["frames"] if model.cfg.uses_video else None, b["readouts"])
-                             if reads != "inputs" else None, b["readouts"])
-            for b in tqdm(loader, desc=f"familiarity: training windows' {reads}", unit="batch", file=sys.stderr)]
+    rows = []
+    for b in tqdm(loader, desc=f"familiarity: training windows' {reads}", unit="batch", file=sys.stderr):
+        features = None if reads == "inputs" else model.forward_features(b["frames"] if model.cfg.uses_video else None, b["readouts"])
+        rows.append(familiarity_rows(reads, features, b["readouts"]))
     return fit_familiarity(torch.cat(rows), k, reads=reads)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from capture.relative import weight_step_column
+from capture.relative import readout_column
 from capture.store import RunStore
 from diagnose.decision import Decision, Rule, alert_names
 from eval.metrics import RunResult, alerts_at_threshold
@@ -346,7 +346,7 @@ class TEViDDiagnoser:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
             first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
-            ws, still = (weight_step_column(view.readouts, view.readout_names, name)  # views of the columns, then this frame's
+            ws, still = (readout_column(view.readouts, view.readout_names, name)  # views of the columns, then this frame's
                          for name in ("weight_step", "weight_still"))
             ws, still = (None if c is None else float(c[view.t]) for c in (ws, still))
             pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,

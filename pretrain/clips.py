@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.relative import (REPRESENTATIONS, RelativeConfig, interval_losses, relative_config_of, relative_frames, spaced_weight_steps,
-                              spaced_weight_still, weight_step_column)
+                              readout_column, spaced_weight_still, weight_step_column)
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -192,7 +192,7 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
         levels, patterns = store.levels(), store.patterns()
         train_loss = store.train_loss()  # every step's: the losses between the frames read (capture.relative)
         weight_step = weight_step_column(all_readouts, names)  # older stores: None
-        weight_still = weight_step_column(all_readouts, names, "weight_still")  # older stores: None
+        weight_still = readout_column(all_readouts, names, "weight_still")  # older stores: None
     runs = []
     for k in cfg.spacings:
         idx = np.arange(0, len(steps), k)

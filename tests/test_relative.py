@@ -212,6 +212,25 @@ def test_a_raised_pace_of_the_weights_shows_and_is_remembered():
                                torch.tensor([math.nan, 2.0, 6.0], dtype=torch.float64), equal_nan=True)
 
 
+def test_the_share_of_still_weights_is_read_as_it_is_and_its_peak_remembers_it():
+    """weight_still 0.5 from frame 12 on: the feature is asinh(0.5) there and 0 before (and without it); its
+    leaky peak keeps it; read every 2nd frame, the least share of the frames since the previous one read."""
+    from capture.relative import spaced_weight_still
+
+    levels, patterns, readouts = _run(30)
+    still = torch.zeros(30)
+    still[0], still[12:] = math.nan, 0.5
+    x = relative_frames(levels, patterns, readouts, 10, weight_still=still)[1]
+    col = RELATIVE_FEATURES.index("weight_still")
+    assert torch.all(x[:12, col] == 0) and torch.allclose(x[12:, col], torch.full((18,), math.asinh(0.5)))
+    assert torch.allclose(x[12:, RELATIVE_FEATURES.index("peak_weight_still")], torch.full((18,), math.asinh(0.5)))
+    assert torch.all(relative_frames(levels, patterns, readouts, 10)[1][:, col] == 0)
+    torch.testing.assert_close(spaced_weight_still(torch.tensor([math.nan, 0.0, 0.5, 0.5, 0.5]), [0, 2, 4]),
+                               torch.tensor([math.nan, 0.0, 0.5], dtype=torch.float64), equal_nan=True)
+    with pytest.raises(ValueError, match="weight_still must hold one value per frame"):
+        relative_frames(levels, patterns, readouts, 10, weight_still=still[:3])
+
+
 def test_the_history_traces_remember_a_spike_and_forget_it_slowly():
     """slow_<f> is the EWMA of the frame scalar f from its first value on; peak_<f> jumps to a new high at
     once and then falls towards the current value by peak_decay a frame; a steady run leaves both equal to it."""
