@@ -71,24 +71,27 @@ class WeightStep:
         if now is None or previous is None or last is None or step <= last:
             self.still = math.nan
             return math.nan
-        self.still = self._still(now, previous)
-        return float(torch.linalg.vector_norm(now - previous) / (torch.linalg.vector_norm(now) + 1e-12) / (step - last))
+        diff = now - previous  # once, for both readouts
+        pace = torch.linalg.vector_norm(diff) / (torch.linalg.vector_norm(now) + 1e-12) / (step - last)
+        pace, self.still = torch.stack([pace.double(), self._still(diff, now)]).tolist()  # the one sync
+        return pace
 
     def readouts(self, step: int) -> dict[str, float]:
         """`frame(step)` as the recorder's readouts: {weight_step, weight_still}."""
         pace = self.frame(step)
         return {"weight_step": pace, "weight_still": self.still}
 
-    def _still(self, now: torch.Tensor, previous: torch.Tensor) -> float:
-        """The share of sampled tensors moving less than `still_ratio` x the fastest tensor's relative movement."""
-        index, n = self._tensor_of.to(now.device), len(self.params)
-        moved_sq = now.new_zeros(n).index_add_(0, index, (now - previous) ** 2)
-        size_sq = now.new_zeros(n).index_add_(0, index, now ** 2)
+    def _still(self, diff: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
+        """The share of sampled tensors moving less than `still_ratio` x the fastest tensor's relative movement,
+        a 0-d float64 tensor on the sample's device (0 when no tensor moved or the movement is not finite)."""
+        if self._tensor_of.device != now.device:  # moved to the parameters' device once
+            self._tensor_of = self._tensor_of.to(now.device)
+        n = len(self.params)
+        moved_sq = now.new_zeros(n).index_add_(0, self._tensor_of, diff ** 2)
+        size_sq = now.new_zeros(n).index_add_(0, self._tensor_of, now ** 2)
         moved = moved_sq.sqrt() / (size_sq.sqrt() + 1e-12)  # (tensors,) relative movement
-        fastest = float(moved.max())
-        if not math.isfinite(fastest) or fastest <= 0.0:
-            return 0.0
-        return float((moved < self.still_ratio * fastest).double().mean())
-
+        fastest = moved.max()
+        share = (moved < self.still_ratio * fastest).double().mean()
+        return torch.where(torch.isfinite(fastest) & (fastest > 0), share, torch.zeros_like(share))
 
 __all__ = ["WeightStep"]

@@ -346,9 +346,8 @@ class TEViDDiagnoser:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
             first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
-            ws, still = (readout_column(view.readouts, view.readout_names, name)  # views of the columns, then this frame's
-                         for name in ("weight_step", "weight_still"))
-            ws, still = (None if c is None else float(c[view.t]) for c in (ws, still))
+            columns = [readout_column(view.readouts, view.readout_names, n) for n in ("weight_step", "weight_still")]
+            ws, still = (None if c is None else float(c[view.t]) for c in columns)  # this frame's, if the store has them
             pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,
                                     torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws, still)
         else:
