@@ -11,6 +11,8 @@ For mean-reduced softmax cross-entropy G = (P - Y) / N, so `g = G^T Z` is the pa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 READOUT_NAMES = (
@@ -26,9 +28,11 @@ READOUT_NAMES = (
     "nonfinite",  # non-finite elements in the captured activations/gradients (+ logits)
     "weight_step",  # the watched layers' weights: relative movement per step since the previous frame (capture.weights)
     "weight_still",  # the share of the watched weight tensors that stopped moving while the others move (capture.weights)
+    "batch_repeat",  # 1 when the capture batch is one an earlier frame saw, else 0 (capture.batches)
+    "confident_miss",  # share of the capture batch's rows whose label the model contradicts at p >= 0.5
 )
 HEAD_READOUTS = ("head_grad_norm", "score_w", "score_z", "gwa")
-SOFTMAX_READOUTS = ("confidence", "entropy", "margin")  # meaningful only when the loss reads the logits through a softmax
+SOFTMAX_READOUTS = ("confidence", "entropy", "margin", "confident_miss")  # meaningful only when the loss reads the logits through a softmax
 EPS = 1e-12
 GWA_BETA = 1.2
 GWA_MIN_DENOMINATOR = 0.1
@@ -110,6 +114,40 @@ def softmax_gradient(grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.T
     g = _flat(grad_logits.detach().float())
     probs = torch.softmax(_flat(logits.detach().float()), dim=-1)
     return ~torch.isfinite(g).all() | softmax_rows(g, probs, grad_logits.dtype).all()
+
+
+def gradient_labels(grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Each row's training label `(rows,)` (long), read from dL/dlogits of a softmax loss without the labels.
+
+    For cross-entropy a row's gradient is `(p_i - t_i) / s` with t_i the (possibly label-smoothed) one-hot
+    target and s the loss's scale (N rows for a mean, 1 for a sum, N k under gradient accumulation over k), so
+    `t_i = p_i - s G_i` and the label is its argmax. The scale comes from the batch: every entry with G > 0
+    has `p / G = s p / (p - t) >= s`, with equality where the target is 0, so the least such ratio is s (a
+    little above it under label smoothing, whose targets are never 0: the argmax is unchanged). Rows with
+    an all-zero gradient (ignored tokens) read as their prediction."""
+    g = _flat(grad_logits.detach().float())
+    probs = torch.softmax(_flat(logits.detach().float()), dim=-1)
+    ratio = torch.where(g > 0, probs / g, torch.full_like(g, math.inf)).amin()
+    scale = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float(len(g))))
+    return (probs - scale * g).argmax(dim=-1)
+
+
+def confident_miss(grad_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None,
+                   confidence: float = 0.5) -> torch.Tensor:
+    """The share of rows whose label (`gradient_labels`) the model contradicts: its top class is another one,
+    with probability >= `confidence`. A 0-d tensor (no sync); rows with an all-zero gradient (ignored
+    tokens, padding) are left out, NaN when none is left.
+
+    Healthy training drives it down as the model fits; labels flipped at random raise it at once by about
+    the flipped share times the model's accuracy, and keep it there, since a model that generalises keeps
+    answering the true class."""
+    g = _flat(grad_logits.detach().float())
+    probs = torch.softmax(_flat(logits.detach().float()), dim=-1)
+    labels = gradient_labels(grad_logits, logits) if labels is None else labels
+    top_p, top = probs.max(dim=-1)
+    counted = (g != 0).any(dim=-1)
+    miss = (top != labels) & (top_p >= confidence) & counted
+    return miss.double().sum() / counted.double().sum()
 
 
 def output_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,7 +16,9 @@ is kept alive. The head hook runs every
 step when `gwa_window="frame"` (GWA over all samples since the previous frame, docs/architecture.md §4); it
 adds a few `N x C` element-wise ops that stay on the device. At a frame, a fixed strided sample of the
 watched layers' weights (at most 4,096 entries a tensor) is copied and compared with the previous frame's
-(capture.weights: the `weight_step` and `weight_still` readouts). Everything is synced once per frame.
+(capture.weights: the `weight_step` and `weight_still` readouts). At a capture step a forward pre-hook on the
+model fingerprints its input and the head's gradient gives each row's label, for `batch_repeat`
+(capture.batches) and `confident_miss` (capture.readouts). Each part is synced once per frame.
 
 Nothing here raises inside the user's forward or backward pass: a fault is recorded in
 `cap.faults`, warned about once, and that frame's affected maps/readouts come out as zeros/NaN.
@@ -50,13 +52,16 @@ from capture.frames import (
     resize_map,
     summarise_maps,
 )
-from capture.hooks import forward_hook
+from capture.batches import BatchRecurrence
+from capture.hooks import forward_hook, forward_pre_hook
 from capture.hookpoints import HookPoint, find_head, find_hook_points, resolve_layout
 from capture.readouts import (
     HEAD_READOUTS,
     READOUT_NAMES,
     SOFTMAX_READOUTS,
+    confident_miss,
     gwa_aggregate,
+    gradient_labels,
     gwa_alignments,
     head_gradient_scores,
     output_stats,
@@ -209,6 +214,8 @@ class Capture:
             self._warn_once("no_head", f"no linear classifier head found on {type(model).__name__}: "
                             f"readouts {list(HEAD_READOUTS)} are marked missing (pass head=... to attach)")
         self._weights = WeightStep([p.module for p in self.points] + ([self.head] if self.head is not None else []))
+        self._batches = BatchRecurrence()
+        self._handles.append(forward_pre_hook(model, self._input_hook))
         for i, p in enumerate(self.points):
             self._handles.append(forward_hook(p.module, self._block_hook(i)))
         if self.head is not None:
@@ -303,6 +310,17 @@ class Capture:
         levels, patterns = summarise_maps(natives, self.config.pattern_size, self._cells)
         return levels, patterns.to(torch.bfloat16)
 
+    def _input_hook(self, module, args):
+        """The model's input at a capture step, for the batch's fingerprint (capture.batches)."""
+        if not self._armed or self.release is not None or not torch.is_grad_enabled():
+            return
+        try:
+            x = _first_tensor(args)
+            if x is not None:
+                self._batches.observe("input", x)
+        except Exception as err:  # noqa: BLE001
+            self._fault("input hook", err)
+
     def _head_hook(self, module, args, output):
         capture_step = self._armed
         if (not capture_step and self.config.gwa_window == "step") or self._head_paired:
@@ -340,6 +358,9 @@ class Capture:
                 if capture_step:
                     self._head.update(head_gradient_scores(zf, g, w))
                     self._head["softmax_loss"] = softmax_gradient(grad, logits)
+                    labels = gradient_labels(grad, logits)
+                    self._head["confident_miss"] = confident_miss(grad, logits, labels)
+                    self._batches.observe("labels", labels)
             except Exception as err:  # noqa: BLE001
                 self._fault("head gradient hook", err)
 
@@ -398,6 +419,7 @@ class Capture:
         readouts = {k: float(v) for k, v in self._head.items()}
         if readouts.pop("softmax_loss", 1.0) < 0.5:  # MSE, BCE, a 1-logit head: softmax statistics would mislead
             readouts = {k: v for k, v in readouts.items() if k not in SOFTMAX_READOUTS}
+            self._batches.discard("labels")  # not labels: a gradient that moves with the weights
             self._warn_once("not_softmax", f"the loss on the head's output is not a softmax loss (dL/dlogits rows do "
                             f"not sum to 0: MSE, BCE, a single logit, ...): readouts {list(SOFTMAX_READOUTS)} are "
                             f"marked missing; the head-gradient readouts hold for any loss")
@@ -410,6 +432,10 @@ class Capture:
             readouts.update(self._weights.readouts(self.step_count))  # NaN at the first frame
         except Exception as err:  # noqa: BLE001 - the frame keeps its other readouts
             self._fault("weight_step", err)
+        try:
+            readouts["batch_repeat"] = self._batches.readout()
+        except Exception as err:  # noqa: BLE001
+            self._fault("batch_repeat", err)
         missing = [k for k in READOUT_NAMES if k not in readouts or (k in self.missing)]
         levels, patterns = self._summaries(self._natives)
         out = Frame(self.step_count, frame, {k: (math.nan if k in missing else readouts[k]) for k in READOUT_NAMES},

@@ -17,7 +17,9 @@ pattern (`capture.frames.summarise_maps`), and the live monitor's frames hold th
     weight_step           --the weights' movement per step (capture.weights) as a log ratio to the run
                             reference, and its log above the median of the run's frames so far--> (2,)
     weight_still          --the share of watched weight tensors that stopped moving, as it is--> (1,)
-    the 27 above          --each one's slow average over the run so far (EWMA) and its leaky peak--> (54,)
+    batch_repeat,         --whether the batch came back (capture.batches) and the share of the batch's
+      confident_miss        labels the model contradicts (capture.readouts), as they are--> (2,)
+    the 29 above          --each one's slow average over the run so far (EWMA) and its leaky peak--> (58,)
 
 A frame's readouts hold the loss of its own step only: at a cadence of 5, four steps in five are unseen,
 and the loss spikes that make a run unstable (the factory's rule reads every step) fall between frames.
@@ -30,7 +32,8 @@ barely shows it). Its ratio to the reference forgets a change after `reference_l
 the run's running median remembers a change for as long as it has lasted less than the run before it. A
 store or frame without it (older corpora, a released frame) gives 0 for both. `weight_still` is already a share
 that no network's size sets (0 in a run whose every watched tensor moves), so it is read as it is; a store or
-frame without it gives 0.
+frame without it gives 0. So are `batch_repeat` (0 or 1) and `confident_miss` (a share of rows): the three are the
+`SHARE_READOUTS`, passed as `shares` by name; a store or frame without one gives 0 for it.
 
 The run reference of a level (or of a size readout's log) is the mean of its finite values over the run's
 first `reference_frames` frames seen so far: frame 0 is its own reference, later frames never move it. With
@@ -71,13 +74,16 @@ FRAME_FEATURES = (  # one frame's own scalars; the history of each follows them 
     + ("step_loss_spike", "step_loss_noise")
     + ("log_ratio_weight_step", "weight_step_above_median")
     + ("weight_still",)
+    + ("batch_repeat", "confident_miss")
 )
 STEP_LOSS_FEATURES = ("step_loss_spike", "step_loss_noise")  # read by a model with TEViDConfig.step_losses
 WEIGHT_FEATURES = ("log_ratio_weight_step", "weight_step_above_median")  # read with TEViDConfig.weight_step
 STILL_FEATURES = ("weight_still",)  # read with TEViDConfig.weight_still
+BATCH_FEATURES = ("batch_repeat", "confident_miss")  # read with TEViDConfig.batch_features
+SHARE_READOUTS = STILL_FEATURES + BATCH_FEATURES  # readouts that are shares already: read as they are
 HISTORY_FEATURES = tuple(f"slow_{n}" for n in FRAME_FEATURES) + tuple(f"peak_{n}" for n in FRAME_FEATURES)
 RELATIVE_FEATURES = FRAME_FEATURES + HISTORY_FEATURES
-OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES + STILL_FEATURES + HISTORY_FEATURES  # models made before them read the other 22
+OPTIONAL_FEATURES = STEP_LOSS_FEATURES + WEIGHT_FEATURES + STILL_FEATURES + BATCH_FEATURES + HISTORY_FEATURES  # models made before them read the other 22
 REPRESENTATIONS = ("frames", "relative")  # what TEViD reads: stored frames and raw readouts, or these inputs
 BIG = 1e6  # what +-inf becomes before asinh (asinh(1e6) ~ 14.5)
 EPS = 1e-12
@@ -191,11 +197,21 @@ def spaced_weight_steps(weight_step, idx) -> torch.Tensor:
     return _over_gaps(weight_step, idx, torch.mean)
 
 
-def spaced_weight_still(weight_still, idx) -> torch.Tensor:
-    """A store's per-frame `weight_still` `(N,)` read at frames `idx`: per frame read, the least share of the
-    frames since the previous one read. A tensor still over the longer gap was still in each shorter one, so
-    this bounds the share over the gap from above; the two agree when the same tensors stay still (a freeze)."""
-    return _over_gaps(weight_still, idx, torch.min)
+# how a share readout's frames between two frames read combine (`spaced_shares`): a tensor still over the longer gap
+# was still in each shorter one, so the least share bounds the share over the gap from above (the two agree when the
+# same tensors stay still, a freeze); a batch that came back in any frame of the gap came back; the misses average
+SHARE_OVER_GAPS = {"weight_still": torch.min, "batch_repeat": torch.max, "confident_miss": torch.mean}
+
+
+def share_columns(readouts, names) -> dict:
+    """The `SHARE_READOUTS` a store has, by name: each one's per-frame column `(N,)` (`readout_column`)."""
+    return {n: readout_column(readouts, names, n) for n in SHARE_READOUTS if n in names}
+
+
+def spaced_shares(columns: dict, idx) -> dict:
+    """`share_columns` of a store read at frames `idx` (every k-th): per frame read, each share over the frames
+    since the previous one read, combined by `SHARE_OVER_GAPS`."""
+    return {n: _over_gaps(c, idx, SHARE_OVER_GAPS[n]) for n, c in columns.items()}
 
 
 class RunRelative:
@@ -230,7 +246,7 @@ class RunRelative:
 
     def push(self, levels: torch.Tensor, pattern: torch.Tensor, readouts: torch.Tensor,
              step_losses=None, weight_step: float | None = None,
-             weight_still: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             shares: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if levels.shape != (len(CHANNELS),) or readouts.shape != (len(CLIP_READOUTS),) or pattern.ndim != 3:
             raise ValueError(f"expected levels ({len(CHANNELS)},), pattern ({len(CHANNELS)}, P, P) and readouts "
                              f"({len(CLIP_READOUTS)},) in {CLIP_READOUTS} order, got {tuple(levels.shape)}, "
@@ -263,15 +279,16 @@ class RunRelative:
         if math.isfinite(log_ws):
             self._weight_logs.append(log_ws)
         above_median = log_ws - float(torch.tensor(self._weight_logs).median()) if math.isfinite(log_ws) else math.nan
-        still = math.nan if weight_still is None else float(weight_still)  # NaN (first frame, none) -> 0 below
+        shares = shares or {}
+        as_is = [math.nan if shares.get(n) is None else float(shares[n]) for n in SHARE_READOUTS]  # NaN, none -> 0 below
         scalars = torch.cat([
             torch.where(torch.isnan(rel_level), torch.zeros_like(rel_level), rel_level),
             torch.where(torch.isnan(d_level), torch.zeros_like(d_level), d_level),
             relative[n:n + len(SIZE_READOUTS)],
             torch.stack([r[_READOUT["gwa"]], (r[_READOUT["confidence"]] - c) / (1.0 - c), r[_READOUT["entropy"]] / log_c,
                          r[_READOUT["margin"]], r[_READOUT["loss"]] / log_c, r.new_tensor(above_best),
-                         r.new_tensor(spike), r.new_tensor(noise), relative[-1], r.new_tensor(above_median),
-                         r.new_tensor(still)]),
+                         r.new_tensor(spike), r.new_tensor(noise), relative[-1], r.new_tensor(above_median)]),
+            r.new_tensor(as_is),
         ])
         frame = _squash(scalars)
         return unit_patterns(pattern), torch.cat([frame, *self._history_of(frame)]).float()
@@ -312,11 +329,11 @@ class RunRelative:
 
 def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
                     cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None,
-                    weight_steps=None, weight_still=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    weight_steps=None, shares: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole stored run, frame by frame through `RunRelative`: levels `(N, 6)`, patterns `(N, 6, P, P)`,
     readouts `(N, 8)` in CLIP_READOUTS order, per frame the step losses since the previous one (N of them,
-    `interval_losses`; None: none), the `weight_step` and `weight_still` readouts `(N,)` (None: none) ->
-    patterns `(N, 6, P, P)` and scalars `(N, F)`."""
+    `interval_losses`; None: none), the `weight_step` readout `(N,)` (None: none) and `SHARE_READOUTS` by name,
+    each `(N,)` (`share_columns`; a name left out: none) -> patterns `(N, 6, P, P)` and scalars `(N, F)`."""
     if levels.ndim != 2 or readouts.ndim != 2 or patterns.ndim != 4 or not len(levels) == len(readouts) == len(patterns):
         raise ValueError(f"expected levels (N, 6), patterns (N, 6, P, P), readouts (N, {len(CLIP_READOUTS)}) of one N, got "
                          f"{tuple(levels.shape)}, {tuple(patterns.shape)}, {tuple(readouts.shape)}")
@@ -324,7 +341,11 @@ def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torc
         raise ValueError(f"readouts must have the {len(CLIP_READOUTS)} columns {CLIP_READOUTS}, got {readouts.shape[1]}")
     if step_losses is not None and len(step_losses) != len(levels):
         raise ValueError(f"step_losses must hold one entry per frame ({len(levels)}), got {len(step_losses)}")
-    for name, values in (("weight_steps", weight_steps), ("weight_still", weight_still)):
+    shares = {n: v for n, v in (shares or {}).items() if v is not None}
+    unknown = set(shares) - set(SHARE_READOUTS)
+    if unknown:
+        raise ValueError(f"shares must be named from {SHARE_READOUTS}, got {sorted(unknown)}")
+    for name, values in (("weight_steps", weight_steps), *shares.items()):
         if values is not None and len(values) != len(levels):
             raise ValueError(f"{name} must hold one value per frame ({len(levels)}), got {len(values)}")
     state = RunRelative(num_classes, cfg)
@@ -332,17 +353,17 @@ def relative_frames(levels: torch.Tensor, patterns: torch.Tensor, readouts: torc
         return unit_patterns(patterns), torch.zeros(0, len(RELATIVE_FEATURES))
     pats, scal = zip(*(state.push(levels[t], patterns[t], readouts[t], None if step_losses is None else step_losses[t],
                                   None if weight_steps is None else float(weight_steps[t]),
-                                  None if weight_still is None else float(weight_still[t]))
+                                  {n: float(v[t]) for n, v in shares.items()})
                        for t in range(len(levels))))
     return torch.stack(pats), torch.stack(scal)
 
 
 def relative_run(levels: torch.Tensor, patterns: torch.Tensor, readouts: torch.Tensor, num_classes: int,
                  window: int, cfg: RelativeConfig = RelativeConfig(), step_losses: list | None = None,
-                 weight_steps=None, weight_still=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 weight_steps=None, shares: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every causal window of a whole run, ending at frames window-1 .. N-1: patterns `(W, T, 6, P, P)` and
     scalars `(W, T, F)`, cut from `relative_frames`."""
-    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses, weight_steps, weight_still)
+    pats, scal = relative_frames(levels, patterns, readouts, num_classes, cfg, step_losses, weight_steps, shares)
     n = len(levels)
     if n < window:
         return pats.new_zeros((0, window, *pats.shape[1:])), scal.new_zeros((0, window, scal.shape[1]))
@@ -357,6 +378,6 @@ def pooled(patterns: torch.Tensor, scalars: torch.Tensor, grid: int = 4) -> torc
     return torch.cat([p, scalars.mean(0), scalars[-1]])
 
 
-__all__ = ["FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "STEP_LOSS_FEATURES", "STILL_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
-           "RunRelative", "interval_losses", "model_fields", "pooled", "readout_column", "relative_config_of", "relative_frames", "relative_run", "spaced_weight_steps", "spaced_weight_still",
+__all__ = ["BATCH_FEATURES", "FRAME_FEATURES", "HISTORY_FEATURES", "MODEL_FIELDS", "OPTIONAL_FEATURES", "RELATIVE_FEATURES", "REPRESENTATIONS", "SHARE_OVER_GAPS", "SHARE_READOUTS", "STEP_LOSS_FEATURES", "STILL_FEATURES", "WEIGHT_FEATURES", "RelativeConfig",
+           "RunRelative", "interval_losses", "model_fields", "pooled", "readout_column", "relative_config_of", "relative_frames", "relative_run", "share_columns", "spaced_shares", "spaced_weight_steps",
            "step_loss_features", "unit_patterns", "weight_step_column"]
