@@ -75,20 +75,22 @@ class TEViDStream:
 
     def add(self, step: int, frame: torch.Tensor | None, readouts, levels: torch.Tensor | None = None,
             pattern: torch.Tensor | None = None, num_classes: int | None = None, step_losses=None,
-            weight_step: float | None = None, weight_still: float | None = None) -> None:
+            weight_step: float | None = None, shares: dict | None = None) -> None:
         """Put a frame in the ring without predicting (restoring a previous monitor's last frames).
         `levels` (6,), `pattern` (6, P, P), `num_classes`, `step_losses` (the losses of the optimizer steps
-        since the previous frame, `capture.Frame.step_losses`; None: not known), `weight_step` and `weight_still`
-        (the readouts; None: the readouts dict's, if any) are read by a relative model only."""
+        since the previous frame, `capture.Frame.step_losses`; None: not known), `weight_step` and `shares`
+        (`capture.relative.SHARE_READOUTS` by name; None: the readouts dict's, if any) are read by a relative model only."""
         if isinstance(readouts, dict):
+            from capture.relative import SHARE_READOUTS
+
             weight_step = readouts.get("weight_step") if weight_step is None else weight_step
-            weight_still = readouts.get("weight_still") if weight_still is None else weight_still
+            shares = {n: readouts.get(n) for n in SHARE_READOUTS} if shares is None else shares
         vec = readouts if isinstance(readouts, torch.Tensor) else self.readout_vector(readouts)
         if self.relative:
-            frame, vec = self._relative(levels, pattern, vec, num_classes, step_losses, weight_step, weight_still)
+            frame, vec = self._relative(levels, pattern, vec, num_classes, step_losses, weight_step, shares)
         self.ring.append((step, frame if self.uses_video else None, vec))
 
-    def _relative(self, levels, pattern, vec, num_classes, step_losses=None, weight_step=None, weight_still=None):
+    def _relative(self, levels, pattern, vec, num_classes, step_losses=None, weight_step=None, shares=None):
         from capture.relative import RunRelative
 
         if levels is None or pattern is None:
@@ -99,7 +101,7 @@ class TEViDStream:
                 raise ValueError("TEViDStream: this model reads run-relative inputs; the first push needs num_classes "
                                  "(the head's outputs: capture.Frame.num_classes)")
             self.run_state = RunRelative(int(num_classes), self.model.cfg.relative_config())  # as its training clips
-        return self.run_state.push(levels.float(), pattern.float(), vec.float(), step_losses, weight_step, weight_still)
+        return self.run_state.push(levels.float(), pattern.float(), vec.float(), step_losses, weight_step, shares)
 
     def window_frames(self) -> torch.Tensor | None:
         """(T, 6, S, S) frames of the current window (left-padded by repeating the first), or None."""
@@ -116,9 +118,9 @@ class TEViDStream:
 
     def push(self, step: int, frame: torch.Tensor | None, readouts, levels: torch.Tensor | None = None,
              pattern: torch.Tensor | None = None, num_classes: int | None = None, step_losses=None,
-             weight_step: float | None = None, weight_still: float | None = None) -> Prediction | None:
+             weight_step: float | None = None, shares: dict | None = None) -> Prediction | None:
         """Add one frame; the prediction for the window ending at it (None until T frames, live)."""
-        self.add(step, frame, readouts, levels, pattern, num_classes, step_losses, weight_step, weight_still)
+        self.add(step, frame, readouts, levels, pattern, num_classes, step_losses, weight_step, shares)
         entries = self._entries()
         if len(entries) < self.window:
             return None  # windows are causal and unpadded live: the first T-1 frames get no prediction

@@ -41,7 +41,7 @@ from einops import rearrange
 from timm.layers import Mlp, trunc_normal_
 
 from capture.frames import CHANNELS
-from capture.relative import (HISTORY_FEATURES, OPTIONAL_FEATURES, RELATIVE_FEATURES, REPRESENTATIONS, STEP_LOSS_FEATURES, STILL_FEATURES,
+from capture.relative import (BATCH_FEATURES, HISTORY_FEATURES, OPTIONAL_FEATURES, RELATIVE_FEATURES, REPRESENTATIONS, STEP_LOSS_FEATURES, STILL_FEATURES,
                               WEIGHT_FEATURES,
                               RelativeConfig, relative_config_of)
 from capture.schema import CLASSES, CLIP_READOUTS
@@ -75,6 +75,7 @@ class TEViDConfig:
     step_losses: bool = False
     weight_step: bool = False  # relative: also read capture.relative.WEIGHT_FEATURES (how fast the weights move)
     weight_still: bool = False  # relative: also read capture.relative.STILL_FEATURES (the share of weight tensors that stopped)
+    batch_features: bool = False  # relative: also read capture.relative.BATCH_FEATURES (batch_repeat, confident_miss)
     # relative: also read the run-so-far trace (capture.relative.HISTORY_FEATURES: slow average and leaky peak) of
     # every scalar it reads, so a window remembers what happened before it
     history: bool = False
@@ -108,18 +109,19 @@ class TEViDConfig:
             raise ValueError(f"TEViDConfig: encoder_overrides.in_chans={in_chans} but {len(self.channels)} channels are "
                              f"selected ({self.channels}); in_chans follows `channels`")
 
-        for flag in ("step_losses", "weight_step", "weight_still", "history"):
+        for flag in ("step_losses", "weight_step", "weight_still", "batch_features", "history"):
             if getattr(self, flag) and self.representation != "relative":
                 raise ValueError(f"TEViDConfig.{flag} needs representation 'relative' (they are relative scalars)")
 
     @property
     def scalar_names(self) -> list[str]:
         """relative: the scalars the readout branch reads, in input order (`scalars`, else all but the optional
-        ones, and the step-loss features with `step_losses`, the weight features with `weight_step` and `weight_still`; with
+        ones, and the step-loss features with `step_losses`, the weight features with `weight_step` and `weight_still`, the
+        batch features with `batch_features`; with
         `history`, then the slow average and leaky peak of each of those)."""
         names = list(self.scalars) if self.scalars is not None else [n for n in RELATIVE_FEATURES if n not in OPTIONAL_FEATURES]
         extra = ((STEP_LOSS_FEATURES if self.step_losses else ()) + (WEIGHT_FEATURES if self.weight_step else ())
-                 + (STILL_FEATURES if self.weight_still else ()))
+                 + (STILL_FEATURES if self.weight_still else ()) + (BATCH_FEATURES if self.batch_features else ()))
         names = names + [n for n in extra if n not in names]
         if self.history:
             names += [f"{trace}_{n}" for trace in ("slow", "peak") for n in names if f"{trace}_{n}" in HISTORY_FEATURES

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.frames import CHANNELS
-from capture.relative import FRAME_FEATURES, RelativeConfig, interval_losses, pooled, readout_column, relative_run, weight_step_column
+from capture.relative import FRAME_FEATURES, RelativeConfig, interval_losses, pooled, relative_run, share_columns, weight_step_column
 from capture.schema import CLIP_READOUTS, HEALTHY
 from capture.store import RunStore
 from diagnose.tevid import readout_features
@@ -69,7 +69,7 @@ def run_views(store: RunStore, window: int, ends: list[int], model=None) -> dict
         rel_cfg = model.cfg.relative_config() if model is not None else RelativeConfig()  # a model's own inputs
         pats, scal = relative_run(store.levels(), store.patterns(), readouts, int(store.attrs["num_classes"]), window, rel_cfg,
                                   interval_losses(store.train_loss(), store.frame_step()),
-                                  weight_step_column(all_readouts, names), readout_column(all_readouts, names, "weight_still"))
+                                  weight_step_column(all_readouts, names), share_columns(all_readouts, names))
         own = scal[..., :len(FRAME_FEATURES)]  # the view pools each frame's own scalars; the history traces are functions of them
         views["relative"] = torch.stack([pooled(pats[e - window + 1], own[e - window + 1], GRID) for e in ends]).numpy()
         n_pat = len(CHANNELS) * GRID * GRID

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from capture.relative import readout_column
+from capture.relative import readout_column, share_columns
 from capture.store import RunStore
 from diagnose.decision import Decision, Rule, alert_names
 from eval.metrics import RunResult, alerts_at_threshold
@@ -346,10 +346,11 @@ class TEViDDiagnoser:
             if view.levels is None:
                 raise ValueError(f"{self.name}: a relative model needs the stores' levels and patterns (layout 2)")
             first = int(view.frame_step[-2]) + 1 if view.t else 0  # the steps since the previous frame
-            columns = [readout_column(view.readouts, view.readout_names, n) for n in ("weight_step", "weight_still")]
-            ws, still = (None if c is None else float(c[view.t]) for c in columns)  # this frame's, if the store has them
+            ws = readout_column(view.readouts, view.readout_names, "weight_step")  # this frame's, if the store has them
+            ws = None if ws is None else float(ws[view.t])
+            shares = {n: float(c[view.t]) for n, c in share_columns(view.readouts, view.readout_names).items()}
             pred = self.stream.push(view.t, frame, readouts, torch.tensor(view.levels[-1]), view.pattern, self._num_classes,
-                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws, still)
+                                    torch.from_numpy(view.train_loss[first:view.step + 1].copy()), ws, shares)
         else:
             pred = self.stream.push(view.t, frame, readouts)
         probs = np.asarray(pred.probs, dtype=np.float64)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from capture.corpus import corpus_runs
 from capture.relative import (REPRESENTATIONS, RelativeConfig, interval_losses, relative_config_of, relative_frames, spaced_weight_steps,
-                              readout_column, spaced_weight_still, weight_step_column)
+                              share_columns, spaced_shares, weight_step_column)
 from capture.schema import CLASSES, CLIP_READOUTS, IGNORE, UNSCORED_LABELS
 from capture.store import RunStore, bf16_to_bits, bits_to_bf16
 
@@ -192,7 +192,7 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
         levels, patterns = store.levels(), store.patterns()
         train_loss = store.train_loss()  # every step's: the losses between the frames read (capture.relative)
         weight_step = weight_step_column(all_readouts, names)  # older stores: None
-        weight_still = readout_column(all_readouts, names, "weight_still")  # older stores: None
+        shares = share_columns(all_readouts, names)  # older stores: fewer or none
     runs = []
     for k in cfg.spacings:
         idx = np.arange(0, len(steps), k)
@@ -202,7 +202,7 @@ def _load_runs(corpus: Path, record: dict, cfg: ClipConfig) -> tuple[list[_Run],
             pats, scalars = relative_frames(levels[idx], patterns[idx], torch.from_numpy(values), int(store.attrs["num_classes"]),
                                             cfg.relative_config(), interval_losses(train_loss, steps[idx]),
                                             None if weight_step is None else spaced_weight_steps(weight_step, idx),
-                                            None if weight_still is None else spaced_weight_still(weight_still, idx))
+                                            spaced_shares(shares, idx))
             values = scalars.numpy()
         runs.append(_Run(record, store.path, steps[idx], values, target.numpy(), run_anomalous(store.attrs, steps[idx]).numpy(),
                          novel.numpy(), label, pats, k))

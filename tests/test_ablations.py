@@ -80,9 +80,9 @@ def test_scalar_subset_ignores_the_other_scalars(one_thread):
 
 
 @pytest.mark.parametrize("flag, names", [("step_losses", "STEP_LOSS_FEATURES"), ("weight_step", "WEIGHT_FEATURES"),
-                                         ("weight_still", "STILL_FEATURES")])
+                                         ("weight_still", "STILL_FEATURES"), ("batch_features", "BATCH_FEATURES")])
 def test_optional_scalars_are_read_only_when_asked(one_thread, flag, names):
-    """TEViDConfig.step_losses / weight_step / weight_still: off (and in every config saved before they existed), the
+    """TEViDConfig.step_losses / weight_step / weight_still / batch_features: off (and in every config saved before they existed), the
     branch reads the other 22 scalars as before, so older checkpoints load; on, it reads those too."""
     import capture.relative as rel
 

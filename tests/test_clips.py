@@ -67,7 +67,7 @@ def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
     """spacings=(1, 2): the spacing-2 windows are what a stream pushed every second stored frame sees
     (its own reference and frame-to-frame changes, the losses of every step since the frame it saw last),
     with the real steps and the targets of those steps."""
-    from capture.relative import WEIGHT_FEATURES, RELATIVE_FEATURES, relative_frames, step_loss_features
+    from capture.relative import WEIGHT_FEATURES, RELATIVE_FEATURES, relative_frames, share_columns, spaced_shares, step_loss_features
 
     one = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative"))
     both = CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative", spacings=(1, 2)))
@@ -83,7 +83,8 @@ def test_spaced_windows_are_the_run_at_a_coarser_cadence(smoke_corpus):
     rates = store.readouts()[:, store.readout_names.index("weight_step")].double()  # per step, over one stored gap
     spaced_rates = torch.stack([rates[0]] + [rates[a + 1:a + 3].mean() for a in range(0, len(rates) - 2, 2)])
     pats, scal = relative_frames(store.levels()[::2], store.patterns()[::2], store.readouts()[::2, cols],
-                                 int(store.attrs["num_classes"]), step_losses=between, weight_steps=spaced_rates)
+                                 int(store.attrs["num_classes"]), step_losses=between, weight_steps=spaced_rates,
+                                 shares=spaced_shares(share_columns(store.readouts(), store.readout_names), range(0, n, 2)))
     w = [RELATIVE_FEATURES.index(n) for n in WEIGHT_FEATURES]
     assert torch.isfinite(rates[1:]).all() and scal[2:, w].abs().sum() > 0  # the weights' pace, over both gaps
     sl = [RELATIVE_FEATURES.index(n) for n in ("step_loss_spike", "step_loss_noise")]

@@ -212,23 +212,38 @@ def test_a_raised_pace_of_the_weights_shows_and_is_remembered():
                                torch.tensor([math.nan, 2.0, 6.0], dtype=torch.float64), equal_nan=True)
 
 
-def test_the_share_of_still_weights_is_read_as_it_is_and_its_peak_remembers_it():
+def test_the_share_readouts_are_read_as_they_are_and_their_peak_remembers_them():
     """weight_still 0.5 from frame 12 on: the feature is asinh(0.5) there and 0 before (and without it); its
-    leaky peak keeps it; read every 2nd frame, the least share of the frames since the previous one read."""
-    from capture.relative import spaced_weight_still
+    leaky peak keeps it. batch_repeat and confident_miss the same way, each in its own column; read every 2nd
+    frame, each share combines the frames since the previous one read: the least still share, any repeat, the
+    mean miss."""
+    from capture.relative import SHARE_READOUTS, spaced_shares
 
     levels, patterns, readouts = _run(30)
     still = torch.zeros(30)
     still[0], still[12:] = math.nan, 0.5
-    x = relative_frames(levels, patterns, readouts, 10, weight_still=still)[1]
+    repeat, miss = torch.zeros(30), torch.zeros(30)
+    repeat[20:], miss[5:] = 1.0, 0.25
+    x = relative_frames(levels, patterns, readouts, 10, shares={"weight_still": still, "batch_repeat": repeat,
+                                                                 "confident_miss": miss})[1]
     col = RELATIVE_FEATURES.index("weight_still")
     assert torch.all(x[:12, col] == 0) and torch.allclose(x[12:, col], torch.full((18,), math.asinh(0.5)))
     assert torch.allclose(x[12:, RELATIVE_FEATURES.index("peak_weight_still")], torch.full((18,), math.asinh(0.5)))
-    assert torch.all(relative_frames(levels, patterns, readouts, 10)[1][:, col] == 0)
-    torch.testing.assert_close(spaced_weight_still(torch.tensor([math.nan, 0.0, 0.5, 0.5, 0.5]), [0, 2, 4]),
-                               torch.tensor([math.nan, 0.0, 0.5], dtype=torch.float64), equal_nan=True)
+    rep, mis = RELATIVE_FEATURES.index("batch_repeat"), RELATIVE_FEATURES.index("confident_miss")
+    assert torch.all(x[:20, rep] == 0) and torch.allclose(x[20:, rep], torch.full((10,), math.asinh(1.0)))
+    assert torch.all(x[:5, mis] == 0) and torch.allclose(x[5:, mis], torch.full((25,), math.asinh(0.25)))
+    none = relative_frames(levels, patterns, readouts, 10)[1]
+    assert all(torch.all(none[:, RELATIVE_FEATURES.index(n)] == 0) for n in SHARE_READOUTS)
+    spaced = spaced_shares({"weight_still": torch.tensor([math.nan, 0.0, 0.5, 0.5, 0.5]),
+                            "batch_repeat": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
+                            "confident_miss": torch.tensor([0.0, 0.1, 0.3, 0.0, 0.5])}, [0, 2, 4])
+    torch.testing.assert_close(spaced["weight_still"], torch.tensor([math.nan, 0.0, 0.5], dtype=torch.float64), equal_nan=True)
+    torch.testing.assert_close(spaced["batch_repeat"], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(spaced["confident_miss"], torch.tensor([0.0, 0.2, 0.25], dtype=torch.float64))
     with pytest.raises(ValueError, match="weight_still must hold one value per frame"):
-        relative_frames(levels, patterns, readouts, 10, weight_still=still[:3])
+        relative_frames(levels, patterns, readouts, 10, shares={"weight_still": still[:3]})
+    with pytest.raises(ValueError, match="shares must be named from"):
+        relative_frames(levels, patterns, readouts, 10, shares={"loss": still})
 
 
 def test_the_history_traces_remember_a_spike_and_forget_it_slowly():
