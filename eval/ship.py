@@ -5,6 +5,7 @@ manifest that says which corpus config, which commit and which commands made it.
         [--report outputs/report/ship/metrics.json] [--out diagnose/default_checkpoint]
 
 Copies the weights (`model.safetensors`), `config.json`, `state.json` and `calibration.json` (no pickle),
+and the familiarity bank (`familiarity.safetensors`) when the checkpoint has one,
 checks that the copy loads (`diagnose.tevid.load_tevid`), and writes `MANIFEST.json`: the corpus's
 config (as saved by the factory) and its label counts, the git commit and whether the tree was dirty,
 the pipeline commands (`make reproduce` runs the same ones), sha256 and size of every file, and the
@@ -27,6 +28,7 @@ from diagnose.monitor import DEFAULT_CHECKPOINT
 from diagnose.tevid import file_sha256
 
 FILES = ("model.safetensors", "config.json", "state.json", "calibration.json")
+OPTIONAL_FILES = ("familiarity.safetensors",)  # a bank for Unknown (diagnose.familiarity), when calibrated with one
 # the pipeline behind the shipped model (Makefile target `reproduce` runs exactly these)
 PIPELINE = (
     "accelerate launch (2 CPU processes) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu",
@@ -34,7 +36,7 @@ PIPELINE = (
     "for s in 0 .. 8: python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu "
     "--out outputs/finetune/ship/s$s seed=$s threads=1",
     "for e in 0 1 2: python -m diagnose.recalibrate --corpus outputs/corpus/cpu --out outputs/finetune/ship/ens$e "
-    "--members outputs/finetune/ship/s{3e,3e+1,3e+2}/final",
+    "--familiarity --familiarity-reads inputs --members outputs/finetune/ship/s{3e,3e+1,3e+2}/final",
     "python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/ens0 --out outputs/report/ship "
     "'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' (ensembles 1 and 2 as tevid_e1, tevid_e2; seed group tevid_3ensembles)",
     "python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/ens0 --out outputs/probes/ship",
@@ -73,7 +75,8 @@ def manifest(checkpoint: Path, corpus: Path, report: Path | None, out: Path) -> 
         "pipeline": list(PIPELINE),
         "report": str(report) if report else None,
         "test_split": headline,
-        "files": {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size} for name in FILES},
+        "files": {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+                  for name in FILES + OPTIONAL_FILES if (out / name).exists()},
     }
 
 
@@ -85,7 +88,7 @@ def ship(checkpoint: str | Path, corpus: str | Path, out: str | Path = DEFAULT_C
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in FILES:
+    for name in FILES + tuple(n for n in OPTIONAL_FILES if (checkpoint / n).exists()):
         shutil.copy2(checkpoint / name, tmp / name)
     from diagnose.tevid import load_tevid
 

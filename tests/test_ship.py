@@ -41,6 +41,19 @@ def test_ship_copies_checks_and_writes_a_manifest(tmp_path, smoke_corpus):
     assert not (tmp_path / "other").exists()
 
 
+def test_ship_carries_the_familiarity_bank_when_there_is_one(tmp_path, smoke_corpus):
+    """A checkpoint calibrated with a bank (`recalibrate --familiarity`) ships it, listed in the manifest, and
+    the shipped copy loads with it attached."""
+    from diagnose.familiarity import fit_familiarity, save_familiarity
+
+    src = _tiny_checkpoint(tmp_path / "final")
+    save_familiarity(fit_familiarity(torch.randn(50, 8), k=3, reads="inputs"), src)
+    out = ship(src, smoke_corpus, tmp_path / "default")
+    assert "familiarity.safetensors" in json.loads((out / "MANIFEST.json").read_text())["files"]
+    model, _ = load_tevid(out)
+    assert model.familiarity is not None and model.familiarity.reads == "inputs"
+
+
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="no default model shipped in this checkout")
 def test_the_shipped_default_model_loads_and_matches_its_manifest():
     from diagnose.tevid import file_sha256 as _sha256
