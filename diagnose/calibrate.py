@@ -80,6 +80,8 @@ class Calibration:
     score_threshold: float | None = field(default=None, metadata={"optional": True})
     # the familiarity gate's frames (diagnose.decision; 0: off): set with a familiarity bank, whose score is the vacuity
     gate: int = field(default=0, metadata={"optional": True})
+    # score mode: a frame's likeliest anomaly class above its threshold is named even when the vacuity is above tau
+    known_first: bool = field(default=False, metadata={"optional": True})
 
     def __post_init__(self):
         from capture.config import FieldError
@@ -106,6 +108,8 @@ class Calibration:
             raise FieldError("score_threshold", f"must be null or a number in [0, 1] (an anomaly probability), got {self.score_threshold!r}")
         if not (isinstance(self.gate, int) and not isinstance(self.gate, bool) and self.gate >= 0):
             raise FieldError("gate", f"must be an integer >= 0 (0: off), got {self.gate!r}")
+        if not isinstance(self.known_first, bool):
+            raise FieldError("known_first", f"must be true or false, got {self.known_first!r}")
         if not isinstance(self.report, dict):
             raise FieldError("report", f"must be a mapping, got {type(self.report).__name__}")
 
@@ -115,7 +119,7 @@ class Calibration:
                    CalibrationConfig.default_tau, CalibrationConfig.consecutive, {"calibrated": False})
 
     def rule(self) -> Rule:
-        return Rule(tuple(self.thresholds), self.tau, self.consecutive, self.score_threshold, self.gate)
+        return Rule(tuple(self.thresholds), self.tau, self.consecutive, self.score_threshold, self.gate, self.known_first)
 
     def probs(self, alpha: torch.Tensor) -> torch.Tensor:
         return tempered_probs(alpha, self.temperature)

@@ -18,7 +18,11 @@ whatever the vacuity; when it reaches `consecutive` the alarm fires, named for t
 highest probability at that frame, or named Unknown (`Decision.unknown_alert`) when that frame's vacuity is
 above tau: the model sees something wrong but not which kind. The class stays active while the streak lasts
 and fires again only after a break; non-finite frames break it. High vacuity alone raises no alert in this
-mode (a job unlike the training runs is not by that an anomaly); it still marks the frame Unknown.
+mode (a job unlike the training runs is not by that an anomaly); it still marks the frame Unknown. With
+`known_first`, a frame whose likeliest anomaly class is above its class threshold is named for that class even
+when its vacuity is above tau: a vacuity that is a familiarity score (a bank of the inputs, diagnose.familiarity)
+says the window is unlike training, not that the model cannot name it, and a fault the head is sure of keeps
+its name (an LR raised 50x on a job unlike every training run is still instability).
 
 The familiarity gate (`gate` > 0, a TEViD whose vacuity is its familiarity score): the median vacuity of the
 first `gate` frames (the job's healthy phase) decides once, at frame `gate` - 1, whether the job is familiar.
@@ -88,13 +92,15 @@ def decide(
     score: float | None = None,
     score_threshold: float | None = None,
     gate: int = 0,
+    known_first: bool = False,
 ) -> tuple[DecisionState, Decision]:
     """One step of the rule. `probs` has K entries, `thresholds` K-1 (one per anomaly class 1..K-1).
     With `score_threshold`, the anomaly `score` of the frame drives the alarm (score mode) and the
-    per-class thresholds are not used. `gate` > 0: the familiarity gate over the first `gate` frames."""
+    per-class thresholds only name the kind with `known_first`. `gate` > 0: the familiarity gate over the first
+    `gate` frames."""
     if gate < 0:
         raise ValueError(f"decide: gate must be >= 0, got {gate}")
-    new_state, d = _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_threshold)
+    new_state, d = _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_threshold, known_first)
     if not gate:
         return new_state, d
     gated, unfamiliar = state.gate, state.unfamiliar
@@ -110,7 +116,8 @@ def decide(
     return new_state, d
 
 
-def _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_threshold) -> tuple[DecisionState, Decision]:
+def _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_threshold,
+            known_first=False) -> tuple[DecisionState, Decision]:
     probs = [float(p) for p in probs]
     k = len(probs)
     if len(thresholds) != k - 1:
@@ -129,7 +136,11 @@ def _decide(state, probs, vacuity, thresholds, tau, consecutive, score, score_th
             and (score_threshold is None or math.isfinite(score))):
         return DecisionState((0,) * (k - 1), frame + 1), Decision(UNKNOWN, Reason.NONFINITE, frame=frame)
     if score_threshold is not None:
-        return _decide_score(state, probs, float(vacuity) > tau, score > score_threshold, consecutive)
+        unknown = float(vacuity) > tau
+        if unknown and known_first:  # the head is sure of a known anomaly: it keeps its name
+            c = max(range(k - 1), key=lambda c: probs[1 + c])
+            unknown = not probs[1 + c] > thresholds[c]
+        return _decide_score(state, probs, unknown, score > score_threshold, consecutive)
     if float(vacuity) > tau:
         unknown = state.unknown_streak + 1
         return (DecisionState((0,) * (k - 1), frame + 1, unknown),
@@ -166,6 +177,7 @@ class Rule:
     consecutive: int = 3
     score_threshold: float | None = None
     gate: int = 0  # the familiarity gate's frames (0: off)
+    known_first: bool = False  # score mode: a class above its threshold is named even when the vacuity is above tau
 
     def replay(self, probs: Sequence[Sequence[float]], vacuity: Sequence[float],
                scores: Sequence[float] | None = None) -> list[Decision]:
@@ -177,7 +189,7 @@ class Rule:
         state, out = DecisionState.start(len(self.thresholds) + 1), []
         for i, (p, u) in enumerate(zip(probs, vacuity)):
             state, d = decide(state, p, u, self.thresholds, self.tau, self.consecutive,
-                              None if scores is None else scores[i], self.score_threshold, self.gate)
+                              None if scores is None else scores[i], self.score_threshold, self.gate, self.known_first)
             out.append(d)
         return out
 

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--familiarity-k", type=int, default=10)
     p.add_argument("--familiarity-reads", choices=READS, default="features",
                    help="what the bank compares: the fused features, the window's run-relative inputs, or both")
+    p.add_argument("--known-first", action="store_true",
+                   help="score mode: an anomaly class above its threshold is named even when the vacuity is above tau "
+                        "(a familiarity score says 'unlike training', not 'cannot name it')")
     p.add_argument("--no-gate", action="store_true",
                    help="with --familiarity: no familiarity gate (the score still drives Unknown and tau)")
     p.add_argument("--members", nargs="+", default=None, metavar="DIR",
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     cal = calibrate(streams_from_records(records), cfg, CLASSES[: model.cfg.num_classes])
     if args.familiarity and not args.no_gate:  # vacuity is now the familiarity score: an unfamiliar job mutes TEViD's alerts
         cal.gate = cal.consecutive                                                # (diagnose.decision)
+    cal.known_first = args.known_first
     path = save_calibration(cal, args.out)
     print(json.dumps({**window_metrics(records), "temperature": cal.temperature, "tau": cal.tau,
                       "thresholds": cal.thresholds, **cal.report}, indent=1))

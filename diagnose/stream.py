@@ -137,7 +137,7 @@ class TEViDStream:
             return Prediction(step, probs, u, None, "", score)
         cal = self.calibration
         self.state, d = decide(self.state, probs, u, cal.thresholds, cal.tau, cal.consecutive, score,
-                               getattr(cal, "score_threshold", None), getattr(cal, "gate", 0))
+                               getattr(cal, "score_threshold", None), getattr(cal, "gate", 0), getattr(cal, "known_first", False))
         return Prediction(step, probs, u, d, "unknown" if d.unknown else cal.classes[d.label], score)
 
     def state_dict(self) -> dict | None:

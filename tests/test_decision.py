@@ -269,6 +269,25 @@ def test_score_mode_names_an_alarm_unknown_only_when_it_fires_on_high_vacuity():
     assert [alert_names(d) for d in decisions if d.new_alerts or d.unknown_alert] == [["unknown"], ["instability"]]
 
 
+def test_known_first_keeps_the_name_of_a_class_the_head_is_sure_of(tmp_path):
+    """With `known_first` a high-vacuity frame whose likeliest anomaly class is above its threshold is named for that
+    class (frame label and alarm); one below its threshold stays Unknown. Without it both are Unknown. The flag
+    round-trips in the calibration file and must be a bool."""
+    frames = [(I, X, 0.9)] * 3 + [(H, U, 0.1)] + [(LOW_O, X, 0.9)] * 3
+    probs, vac, scores = [f[0] for f in frames], [f[1] for f in frames], [f[2] for f in frames]
+    plain = Rule(THRESHOLDS, TAU, score_threshold=0.5).replay(probs, vac, scores)
+    first = Rule(THRESHOLDS, TAU, score_threshold=0.5, known_first=True).replay(probs, vac, scores)
+    assert [d.frame for d in plain if d.unknown_alert] == [2, 6] and first_alerts(plain) == {}
+    assert [d.frame for d in first if d.unknown_alert] == [6] and first_alerts(first) == {2: 2}
+    assert [d.label for d in first[:3]] == [2, 2, 2] and all(d.unknown for d in first[4:])
+    cal = calibrate(_healthy_runs(10), CalibrationConfig(fit_temperature=False, tau=1.0), list(CLASSES))
+    cal.known_first = True
+    save_calibration(cal, tmp_path)
+    assert load_calibration(tmp_path).rule().known_first is True
+    with pytest.raises(ValueError, match="known_first"):
+        type(cal)(**{**cal.__dict__, "known_first": "yes"})
+
+
 def test_score_threshold_meets_the_false_alarm_target(tmp_path):
     rng = np.random.default_rng(4)
     runs = _healthy_runs(40)

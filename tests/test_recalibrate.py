@@ -50,8 +50,9 @@ def test_recalibrate_with_a_familiarity_bank(tmp_path, smoke_corpus, capsys):
 
 
 def test_recalibrate_with_an_inputs_bank_and_no_gate(tmp_path, smoke_corpus):
-    """--familiarity-reads inputs --no-gate: the bank holds the train windows' pooled run-relative scalars
-    (standardised), the Unknown gate reads it and no familiarity gate is set; a raw-readout model is refused."""
+    """--familiarity-reads inputs --no-gate --known-first: the bank holds the train windows' pooled run-relative
+    scalars (standardised), the Unknown gate reads it, no familiarity gate is set and a sure class keeps its name;
+    a raw-readout model is refused."""
     from diagnose.familiarity import load_familiarity
     from diagnose.tevid import load_tevid
     from pretrain.clips import ClipConfig, CorpusClips
@@ -60,12 +61,12 @@ def test_recalibrate_with_an_inputs_bank_and_no_gate(tmp_path, smoke_corpus):
     ckpt = tmp_path / "final"
     save_checkpoint(ckpt, model=TEViD(cfg).eval(), config={"model": dataclasses.asdict(cfg), "data": {"window": 4}}, step=1)
     assert main(["--checkpoint", str(ckpt), "--corpus", str(smoke_corpus), "--out", str(ckpt), "--familiarity",
-                 "--familiarity-k", "3", "--familiarity-reads", "inputs", "--no-gate"]) == 0
+                 "--familiarity-k", "3", "--familiarity-reads", "inputs", "--no-gate", "--known-first"]) == 0
     bank = load_familiarity(ckpt)
     n = len(CorpusClips(smoke_corpus, "train", ClipConfig(window=4, representation="relative")))
     assert bank.reads == "inputs" and bank.bank.shape[0] == n and bank.center is not None
     model, cal = load_tevid(ckpt)
-    assert model.familiarity.reads == "inputs" and not cal.gate
+    assert model.familiarity.reads == "inputs" and not cal.gate and cal.known_first
     raw = tmp_path / "raw"
     plain = TEViDConfig(encoder="tiny", inputs="readouts")
     save_checkpoint(raw, model=TEViD(plain).eval(), config={"model": dataclasses.asdict(plain), "data": {"window": 4}}, step=1)
