@@ -37,7 +37,7 @@ reproduce: setup
 	for s in 0 2 4 6 8; do $(FT) --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done & \
 	for s in 1 3 5 7; do $(FT) --out $(SHIP)/s$$s seed=$$s threads=1 || exit 1; done; wait $$! || exit 1
 	for e in 0 1 2; do $(VENV)/bin/python -m diagnose.recalibrate --corpus outputs/corpus/cpu --out $(SHIP)/ens$$e \
-		--members $(SHIP)/s$$((3*e))/final $(SHIP)/s$$((3*e+1))/final $(SHIP)/s$$((3*e+2))/final || exit 1; done
+		--familiarity --familiarity-reads inputs --known-first --members $(SHIP)/s$$((3*e))/final $(SHIP)/s$$((3*e+1))/final $(SHIP)/s$$((3*e+2))/final || exit 1; done
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/ens0 --out outputs/report/ship \
 		'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' \
 		'tevid_checkpoints={tevid_e1: $(SHIP)/ens1, tevid_e2: $(SHIP)/ens2}' 'seed_groups={tevid_3ensembles: [tevid, tevid_e1, tevid_e2]}'

@@ -36,7 +36,7 @@ PIPELINE = (
     "for s in 0 .. 8: python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu "
     "--out outputs/finetune/ship/s$s seed=$s threads=1",
     "for e in 0 1 2: python -m diagnose.recalibrate --corpus outputs/corpus/cpu --out outputs/finetune/ship/ens$e "
-    "--familiarity --familiarity-reads inputs --members outputs/finetune/ship/s{3e,3e+1,3e+2}/final",
+    "--familiarity --familiarity-reads inputs --known-first --members outputs/finetune/ship/s{3e,3e+1,3e+2}/final",
     "python -m eval.report --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/ens0 --out outputs/report/ship "
     "'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' (ensembles 1 and 2 as tevid_e1, tevid_e2; seed group tevid_3ensembles)",
     "python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint outputs/finetune/ship/ens0 --out outputs/probes/ship",

@@ -140,7 +140,7 @@ def test_the_shipped_model_in_a_live_job_alerts_exactly_where_its_calibrated_rul
         assert list(p["probs"]) == cal.classes and sum(p["probs"].values()) == pytest.approx(1, abs=1e-6)
         assert 0 < p["vacuity"] <= 1
         state, d = decide(state, [p["probs"][c] for c in cal.classes], p["vacuity"], cal.thresholds, cal.tau, cal.consecutive,
-                          p["anomaly"], cal.score_threshold, cal.gate)  # score mode when calibrated so
+                          p["anomaly"], cal.score_threshold, cal.gate, cal.known_first)  # score mode when calibrated so
         assert p["label"] == ("unknown" if d.unknown else cal.classes[d.label])
         expected += [(cal.classes[c], p["step"]) for c in d.new_alerts] + [("unknown", p["step"])] * d.unknown_alert
     assert [(a["name"], a["step"]) for a in res["alerts"] if a["source"] == "tevid"] == expected
