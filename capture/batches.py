@@ -51,6 +51,10 @@ class BatchRecurrence:
             r = self._vector(v.numel(), v.device).to(v.dtype)
             self._now[name] = torch.stack([v.abs().sum(), v @ r]).double()
 
+    def start(self) -> None:
+        """A new capture step: forget parts a step left behind (a frame that faulted before its readout)."""
+        self._now = {}
+
     def discard(self, name: str) -> None:
         """Drop this step's part `name` (one that turned out not to be the batch's own)."""
         self._now.pop(name, None)

@@ -401,6 +401,7 @@ class Capture:
             self._head_paired, self._head_generation = False, 0
             if self._armed:
                 self._reset_pairs()
+                self._batches.start()
         return frame
 
     def _finish_frame(self) -> Frame:
