@@ -108,6 +108,6 @@ def test_removal_detaches_every_hook():
     model = IMAGE_FAMILIES["resnet"]()
     cap = capture.attach(model, cadence=1)
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # the model itself carries no hook
-    assert sum(hooks.active(m) for m in model.modules()) == 4  # 3 points + the head, kept by capture.hooks
+    assert sum(hooks.active(m) for m in model.modules()) == 5  # 3 points, the head, the input (batch_repeat): in capture.hooks
     cap.remove()
     assert sum(hooks.active(m) for m in model.modules()) == 0 and hooks.active() == 0
