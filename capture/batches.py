@@ -34,7 +34,7 @@ class BatchRecurrence:
     def __init__(self, memory: int = 32, max_entries: int = 1 << 20):
         if memory < 1:
             raise ValueError(f"memory must be >= 1 frame, got {memory}")
-        self.memory, self.max_entries = memory, max_entries
+        self.max_entries = max_entries
         self._seen: deque[tuple[tuple[str, ...], torch.Tensor]] = deque(maxlen=memory)  # earlier frames' fingerprints
         self._now: dict[str, torch.Tensor] = {}  # this capture step's parts: name -> (2,) float64 on the device
         self._vectors: dict[tuple[int, torch.device], torch.Tensor] = {}  # the fixed random vector per length

@@ -125,11 +125,7 @@ def gradient_labels(grad_logits: torch.Tensor, logits: torch.Tensor) -> torch.Te
     has `p / G = s p / (p - t) >= s`, with equality where the target is 0, so the least such ratio is s (a
     little above it under label smoothing, whose targets are never 0: the argmax is unchanged). Rows with
     an all-zero gradient (ignored tokens) read as their prediction."""
-    g = _flat(grad_logits.detach().float())
-    probs = torch.softmax(_flat(logits.detach().float()), dim=-1)
-    ratio = torch.where(g > 0, probs / g, torch.full_like(g, math.inf)).amin()
-    scale = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float(len(g))))
-    return (probs - scale * g).argmax(dim=-1)
+    return label_readouts(grad_logits, logits)[0]
 
 
 def confident_miss(grad_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None,
@@ -141,13 +137,22 @@ def confident_miss(grad_logits: torch.Tensor, logits: torch.Tensor, labels: torc
     Healthy training drives it down as the model fits; labels flipped at random raise it at once by about
     the flipped share times the model's accuracy, and keep it there, since a model that generalises keeps
     answering the true class."""
+    return label_readouts(grad_logits, logits, labels, confidence)[1]
+
+
+def label_readouts(grad_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None,
+                   confidence: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(gradient_labels, confident_miss)` from one softmax of the logits (the capture's head hook needs both)."""
     g = _flat(grad_logits.detach().float())
     probs = torch.softmax(_flat(logits.detach().float()), dim=-1)
-    labels = gradient_labels(grad_logits, logits) if labels is None else labels
+    if labels is None:
+        ratio = torch.where(g > 0, probs / g, torch.full_like(g, math.inf)).amin()
+        scale = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float(len(g))))
+        labels = (probs - scale * g).argmax(dim=-1)
     top_p, top = probs.max(dim=-1)
     counted = (g != 0).any(dim=-1)
     miss = (top != labels) & (top_p >= confidence) & counted
-    return miss.double().sum() / counted.double().sum()
+    return labels, miss.double().sum() / counted.double().sum()
 
 
 def output_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:

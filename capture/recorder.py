@@ -59,11 +59,10 @@ from capture.readouts import (
     HEAD_READOUTS,
     READOUT_NAMES,
     SOFTMAX_READOUTS,
-    confident_miss,
     gwa_aggregate,
-    gradient_labels,
     gwa_alignments,
     head_gradient_scores,
+    label_readouts,
     output_stats,
     softmax_gradient,
 )
@@ -358,8 +357,7 @@ class Capture:
                 if capture_step:
                     self._head.update(head_gradient_scores(zf, g, w))
                     self._head["softmax_loss"] = softmax_gradient(grad, logits)
-                    labels = gradient_labels(grad, logits)
-                    self._head["confident_miss"] = confident_miss(grad, logits, labels)
+                    labels, self._head["confident_miss"] = label_readouts(grad, logits)
                     self._batches.observe("labels", labels)
             except Exception as err:  # noqa: BLE001
                 self._fault("head gradient hook", err)
