@@ -123,6 +123,6 @@ def test_flipped_labels_raise_the_misses_and_keep_them_up():
 
     misses = torch.tensor([f.readouts["confident_miss"] for f in _train(batch, steps=320)])  # 80 frames
     before, early, late = misses[25:40].mean(), misses[45:60].mean(), misses[65:].mean()
-    assert early > before + 0.06 and late > before + 0.06  # about +0.1 (0.05 -> 0.15) over 4 data seeds
+    assert early > before + 0.06 and late > before + 0.06  # the flipped share (25%) times the accuracy, less what it unlearns
     smooth = torch.tensor([f.readouts["confident_miss"] for f in _train(lambda s: batch(s, False), steps=320, smoothing=0.1)])
     assert smooth[45:].mean() < before + 0.03
