@@ -41,6 +41,7 @@ class ContextConfig:
     long_steps: list[int] = field(default_factory=lambda: [640, 1600])  # the same for a split's `long_runs`
     epochs: int = 16  # validation points per run: a run of n steps evaluates every n // epochs steps
     batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
+    long_healthy_batch_sizes: list[int] = field(default_factory=lambda: [16])  # a split's `long_healthy_runs`
     schedules: list[str] = field(default_factory=lambda: list(SCHEDULES))
     warmup: list[float] = field(default_factory=lambda: [0.0, 0.1])  # warm-up fraction, uniform
     long_warmup: list[float] = field(default_factory=lambda: [0.15, 0.3])  # the same for the "warmup" schedule
@@ -82,8 +83,10 @@ class ContextConfig:
                 raise FieldError(f"contexts.{name}", f"must be >= 1, got {getattr(self, name)!r}")
         at_least(self, 1, "epochs", "folds")
         within(self, 0.0, 1.0, "augment_prob")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise FieldError("contexts.batch_sizes", f"must be a non-empty list of sizes >= 1, got {self.batch_sizes!r}")
+        for name in ("batch_sizes", "long_healthy_batch_sizes"):
+            sizes = getattr(self, name)
+            if not sizes or min(sizes) < 1:
+                raise FieldError(f"contexts.{name}", f"must be a non-empty list of sizes >= 1, got {sizes!r}")
         unknown = sorted(set(self.schedules) - set(SCHEDULES))
         if unknown or not self.schedules:
             raise FieldError("contexts.schedules", f"unknown schedules {unknown}; known: {list(SCHEDULES)}")
@@ -153,8 +156,9 @@ def expand_drawn(splits: dict[str, SplitConfig], novel: set[str], contexts: Cont
 
 
 def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, int]) -> list[RunSpec]:
-    """The `s.runs` + `s.long_runs` drawn specs of one split (see the module docstring for the order of draws;
-    the long runs, indices `s.runs` on, draw their length from `cc.long_steps`).
+    """The `s.runs` + `s.long_runs` + `s.long_healthy_runs` drawn specs of one split (see the module docstring for
+    the order of draws; the long runs, indices `s.runs` on, draw their length from `cc.long_steps`; the long healthy
+    runs after them draw the same way but take a healthy preset and a batch size from `cc.long_healthy_batch_sizes`).
     Raises `ContextError` when a dataset has no family, an optimizer no learning-rate range, or a
     modality no perturbation; a family's size check (`Family.check`) failing is a `FamilyError`."""
     from factory.datasets import dataset_info
@@ -188,7 +192,8 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
 
     specs = []
     split_index = SPLITS.index(split)
-    for i in range(s.runs + s.long_runs):
+    long_healthy = s.runs + s.long_runs  # the first index of the long healthy runs
+    for i in range(long_healthy + s.long_healthy_runs):
         rng = np.random.default_rng([cc.seed, split_index, i])
         dataset = s.datasets[rng.integers(len(s.datasets))]
         info = infos[dataset]
@@ -204,13 +209,16 @@ def draw_split(split: str, s: SplitConfig, cc: ContextConfig, folds: dict[str, i
         healthy = [p for p in fits if presets[p].kind == "healthy"]
         faulty = [p for p in fits if presets[p].kind != "healthy"]
         pool = healthy if (rng.random() < s.healthy_share and healthy) or not faulty else faulty
+        if i >= long_healthy and healthy:
+            pool = healthy
         if not pool:
             raise ContextError(f"split {split}: no perturbation of {s.perturbations} applies to {info.modality} data")
         perturbation = pool[rng.integers(len(pool))]
+        sizes = cc.long_healthy_batch_sizes if i >= long_healthy else cc.batch_sizes
         context = {
             "width": size.width, "depth": size.depth, "norm": size.norm, "act": size.act, "residual": size.residual,
             "lr": float(f"{lr:.4g}"), "weight_decay": float(f"{weight_decay:.4g}"),
-            "batch_size": int(cc.batch_sizes[rng.integers(len(cc.batch_sizes))]),
+            "batch_size": int(sizes[rng.integers(len(sizes))]),
             "schedule": (schedule := cc.schedules[rng.integers(len(cc.schedules))]),
             "warmup_frac": round(float(rng.uniform(*(cc.long_warmup if schedule == "warmup" else cc.warmup))), 3),
             "label_smoothing": float(cc.label_smoothing[rng.integers(len(cc.label_smoothing))]),

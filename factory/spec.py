@@ -33,11 +33,17 @@ class SplitConfig:
     # The first `runs` draws stay as they were, so a corpus made without them resumes into one with them; the long
     # runs take the indices after `runs`, so a change of `runs` redraws them
     long_runs: int = 0
+    # drawn splits: this many more after the long runs, drawn as they are but always with a healthy preset and a
+    # batch size from `contexts.long_healthy_batch_sizes`: long noisy jobs on data they fit, which a user trains and
+    # the drawn runs rarely are (docs/factory.md, "Long healthy small-batch runs"). They take the indices after the
+    # long runs, so everything before them keeps its spec
+    long_healthy_runs: int = 0
 
     def __post_init__(self):
-        at_least(self, 0, "runs", "long_runs")
-        if self.long_runs and not self.runs:
-            raise FieldError("long_runs", f"draws long runs ({self.long_runs}) after the drawn ones: set `runs` > 0 too")
+        at_least(self, 0, "runs", "long_runs", "long_healthy_runs")
+        for name in ("long_runs", "long_healthy_runs"):
+            if getattr(self, name) and not self.runs:
+                raise FieldError(name, f"draws {name} ({getattr(self, name)}) after the drawn ones: set `runs` > 0 too")
         within(self, 0.0, 1.0, "healthy_share")
         if self.runs and self.archs:
             raise FieldError("archs", f"a drawn split (runs: {self.runs}) draws from `families`; `archs` {self.archs} is for grids")

@@ -89,6 +89,25 @@ def test_long_runs_follow_the_drawn_ones_and_only_their_length_range_differs(cpu
             plan(load_config(FactoryConfig, CPU, bad))
 
 
+def test_long_healthy_runs_follow_the_long_ones_healthy_and_at_their_batch_sizes(cpu_plan):
+    cfg, specs = cpu_plan
+    train = [s for s in specs if s.split == "train"]
+    more = plan(load_config(FactoryConfig, CPU, ["train.long_healthy_runs=40", "contexts.long_healthy_batch_sizes=[16, 24]"]))
+    extra = [s for s in more if s.split == "train"]
+    assert [s.run_id for s in extra[:len(train)]] == [s.run_id for s in train]  # everything before them is untouched
+    tail = extra[len(train):]
+    assert len(tail) == 40
+    assert all(make_perturbation(s.perturbation, 100).kind == "healthy" for s in tail)
+    assert {s.ctx["batch_size"] for s in tail} == {16, 24}
+    lo, hi = cfg.contexts.long_steps
+    assert all(lo <= s.ctx["max_steps"] <= hi for s in tail)
+    assert len({s.dataset for s in tail}) > 1 and len({s.arch for s in tail}) > 1  # drawn like the others otherwise
+    for bad, match in ((["train.runs=0", "train.long_runs=0", "val.runs=0", "test.runs=0", "train.long_healthy_runs=5"], "long_healthy_runs"),
+                       (["contexts.long_healthy_batch_sizes=[]"], "long_healthy_batch_sizes")):
+        with pytest.raises(ValueError, match=match):
+            plan(load_config(FactoryConfig, CPU, bad))
+
+
 def test_a_config_whose_splits_overlap_on_a_held_out_factor_is_refused():
     with pytest.raises(SplitError, match=r"families \['resnet'\] appear in both test and train"):
         plan(load_config(FactoryConfig, CPU, ["test.families=[densenet,resnet]"]))
