@@ -30,6 +30,7 @@ spread when it has them and, as metadata, k, scale and what it reads (safetensor
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -137,7 +138,10 @@ def save_familiarity(f: Familiarity, directory: str | Path) -> Path:
     tensors = {"bank": f.bank.contiguous()}
     if f.center is not None:
         tensors.update(center=f.center.contiguous(), spread=f.spread.contiguous())
-    save_file(tensors, str(tmp), metadata={"k": str(f.k), "scale": repr(f.scale), "reads": f.reads})
+    # one metadata entry: safetensors writes its metadata map in hash order, so three entries came out in a
+    # different order on every save and two fits of one bank differed in bytes
+    meta = json.dumps({"k": f.k, "scale": f.scale, "reads": f.reads}, sort_keys=True)
+    save_file(tensors, str(tmp), metadata={"familiarity": meta})
     os.replace(tmp, path)
     return path
 
@@ -152,6 +156,7 @@ def load_familiarity(directory: str | Path) -> Familiarity | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            meta = json.loads(meta["familiarity"]) if "familiarity" in meta else meta  # banks saved before: three entries
             stats = [f.get_tensor(n) if n in f.keys() else None for n in ("center", "spread")]
             return Familiarity(f.get_tensor("bank"), int(meta["k"]), float(meta["scale"]), meta.get("reads", "features"), *stats)
     except Exception as err:  # noqa: BLE001 - header, missing keys, shapes

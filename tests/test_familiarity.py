@@ -19,6 +19,24 @@ def test_near_scores_low_far_scores_high_and_a_typical_window_half():
     assert bank.score(torch.full((1, 16), float("nan"))).item() == 1.0  # non-finite features: unfamiliar
 
 
+def test_a_bank_saves_to_the_same_bytes_every_time_and_older_banks_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    f = fit_familiarity(_cloud(300), k=5, reads="inputs")
+    files = []
+    for i in range(6):  # safetensors writes a metadata map in hash order: several entries came out shuffled
+        (tmp_path / str(i)).mkdir()
+        save_familiarity(f, tmp_path / str(i))
+        files.append((tmp_path / str(i) / FAMILIARITY_FILE).read_bytes())
+    assert all(b == files[0] for b in files)
+    old = tmp_path / "old"  # the three-entry metadata of banks saved before
+    old.mkdir()
+    save_file({"bank": f.bank, "center": f.center.contiguous(), "spread": f.spread.contiguous()}, str(old / FAMILIARITY_FILE),
+              metadata={"k": str(f.k), "scale": repr(f.scale), "reads": f.reads})
+    g = load_familiarity(old)
+    assert torch.equal(g.bank, f.bank) and (g.k, g.scale, g.reads) == (f.k, f.scale, f.reads)
+
+
 def test_bank_is_a_seeded_subsample_and_round_trips(tmp_path):
     f = fit_familiarity(_cloud(3000), k=10, max_bank=1000, seed=3)
     assert f.bank.shape == (1000, 16) and torch.equal(f.bank, fit_familiarity(_cloud(3000), k=10, max_bank=1000, seed=3).bank)
