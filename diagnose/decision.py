@@ -76,6 +76,7 @@ class Decision:
     unknown_alert: bool = False  # the Unknown streak reached `consecutive` at this frame
     unfamiliar_alert: bool = False  # the familiarity gate found the job unfamiliar at this frame (once per run)
     unfamiliar: bool = False  # alerts are muted: the gate found the job unfamiliar at or before this frame
+    gate_familiarity: float = math.nan  # the gate's upper median of the first frames' vacuities, at the frame it decides
 
     @property
     def unknown(self) -> bool:
@@ -108,8 +109,9 @@ def decide(
         u = float(vacuity)
         gated = gated + (u if math.isfinite(u) else 1.0,)
         if state.frames == gate - 1:
-            unfamiliar = sorted(gated)[len(gated) // 2] > tau  # the upper median
-            d = replace(d, unfamiliar_alert=unfamiliar)
+            median = sorted(gated)[len(gated) // 2]  # the upper median
+            unfamiliar = median > tau
+            d = replace(d, unfamiliar_alert=unfamiliar, gate_familiarity=median)
     new_state = replace(new_state, gate=gated, unfamiliar=unfamiliar)
     if unfamiliar:
         d = replace(d, new_alerts=(), active=(), unknown_alert=False, unfamiliar=True)

@@ -59,7 +59,8 @@ def tevid_alerts(pred: Prediction, calibration, window: torch.Tensor | None, poi
                   f"for {cal.consecutive} frames in a row, vacuity {u:.2f})") for c in d.new_alerts]
     if d.unfamiliar_alert:
         found.append(("unfamiliar", None, f"TEViD: unfamiliar model: its first {cal.gate} windows are far from every training "
-                                          f"run (familiarity {u:.2f} > tau {cal.tau:.2f}); rule symptoms only from here"))
+                                          f"run (their median familiarity {d.gate_familiarity:.2f} > tau {cal.tau:.2f}); rule symptoms "
+                                          "only from here"))
     if d.unknown_alert and getattr(cal, "score_threshold", None) is not None:
         found.append(("unknown", None, f"TEViD: an anomaly of no known kind (anomaly score {pred.anomaly:.4f} > "
                                        f"{cal.score_threshold:.4f} for {cal.consecutive} frames in a row; vacuity {u:.2f} > "

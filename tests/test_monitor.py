@@ -335,6 +335,7 @@ def test_an_unfamiliar_job_gets_one_message_and_no_tevid_class_alert(tiny_tevid)
     assert tevid == [("unfamiliar", 10)]  # the 3rd window: the gate's last frame
     message = next(a for a in monitor.alerts if a.name == "unfamiliar")
     assert "rule symptoms only" in message.message and message.remedy
+    assert "median familiarity" in message.message  # the value the gate read, not the deciding frame's alone
     assert monitor.state_dict()["decision"]["unfamiliar"] is True
 
 
