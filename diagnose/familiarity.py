@@ -23,7 +23,8 @@ features standardised the same way).
 `load_tevid` attaches `familiarity.safetensors` from the model's directory when it is there; `predict`
 then reports this score as `vacuity` (what the decision rule's Unknown gate, tau and the Unknown AUROC read)
 and the head's own vacuity as `evidential_vacuity`. The file holds the bank (standardised), the center and
-spread when it has them and, as metadata, k, scale and what it reads (safetensors: no pickle).
+spread when it has them and, as one metadata entry of sorted JSON, k, scale and what it reads (safetensors: no pickle;
+one entry, so one bank saves to the same bytes every time).
 
     python -m diagnose.recalibrate --checkpoint O/final --corpus D --out O/final --familiarity   # bank from train, then tau
     python -m diagnose.recalibrate ... --familiarity --familiarity-reads inputs --no-gate       # the inputs, no gate

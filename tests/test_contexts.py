@@ -70,7 +70,7 @@ def test_long_runs_follow_the_drawn_ones_and_only_their_length_range_differs(cpu
     cfg, specs = cpu_plan
     n = cfg.splits["train"].runs
     longer = plan(load_config(FactoryConfig, CPU, [f"train.long_runs={cfg.splits['train'].long_runs + 30}",
-                                                   "contexts.long_steps=[700, 900]"]))
+                                                   "contexts.long_steps=[700, 900]", "train.long_healthy_runs=0"]))
     train = [s for s in specs if s.split == "train"]
     extra = [s for s in longer if s.split == "train"]
     assert [s.run_id for s in extra[:n]] == [s.run_id for s in train[:n]]  # the drawn runs are untouched
@@ -79,7 +79,7 @@ def test_long_runs_follow_the_drawn_ones_and_only_their_length_range_differs(cpu
     assert all(700 <= s.ctx["max_steps"] <= 900 for s in tail)
     assert max(s.ctx["max_steps"] for s in train[:n]) <= cfg.contexts.steps[1]
     # the same draw as a plain run of that index but for its length
-    plain = plan(load_config(FactoryConfig, CPU, [f"train.runs={n + 1}", "train.long_runs=0"]))
+    plain = plan(load_config(FactoryConfig, CPU, [f"train.runs={n + 1}", "train.long_runs=0", "train.long_healthy_runs=0"]))
     a, b = [s for s in plain if s.split == "train"][n], tail[0]
     assert (a.arch, a.dataset, a.optimizer, a.perturbation) == (b.arch, b.dataset, b.optimizer, b.perturbation)
     assert {k: v for k, v in a.ctx.items() if k != "max_steps"} == {k: v for k, v in b.ctx.items() if k != "max_steps"}
@@ -91,11 +91,12 @@ def test_long_runs_follow_the_drawn_ones_and_only_their_length_range_differs(cpu
 
 def test_long_healthy_runs_follow_the_long_ones_healthy_and_at_their_batch_sizes(cpu_plan):
     cfg, specs = cpu_plan
+    first = cfg.splits["train"].runs + cfg.splits["train"].long_runs  # the long healthy runs' first index
     train = [s for s in specs if s.split == "train"]
     more = plan(load_config(FactoryConfig, CPU, ["train.long_healthy_runs=40", "contexts.long_healthy_batch_sizes=[16, 24]"]))
     extra = [s for s in more if s.split == "train"]
-    assert [s.run_id for s in extra[:len(train)]] == [s.run_id for s in train]  # everything before them is untouched
-    tail = extra[len(train):]
+    assert [s.run_id for s in extra[:first]] == [s.run_id for s in train[:first]]  # everything before them is untouched
+    tail = extra[first:]
     assert len(tail) == 40
     assert all(make_perturbation(s.perturbation, 100).kind == "healthy" for s in tail)
     assert {s.ctx["batch_size"] for s in tail} == {16, 24}
@@ -177,23 +178,24 @@ def test_stats_prints_the_plan_distribution(capsys):
 
 
 def test_a_small_drawn_corpus_generates_end_to_end(tmp_path):
-    """Five drawn runs of the cpu config and one of its long runs, shortened: each is stored complete with its
-    family, fold and context in the manifest, levels and patterns in the store, and a label."""
+    """Five drawn runs of the cpu config, one of its long runs and one long healthy run, shortened: each is stored
+    complete with its family, fold and context in the manifest, levels and patterns in the store, and a label."""
     from capture.corpus import read_manifest
     from capture.store import RunStore
 
     out = tmp_path / "drawn"
-    overrides = ["train.runs=2", "train.long_runs=1", "val.runs=1", "test.runs=2", "contexts.steps=[24,32]",
+    overrides = ["train.runs=2", "train.long_runs=1", "train.long_healthy_runs=1", "val.runs=1", "test.runs=2", "contexts.steps=[24,32]",
                  "contexts.long_steps=[40,48]", "contexts.epochs=4",
                  "training.lyapunov_windows=2", "training.lyapunov_horizon=3", "training.max_train=200", "training.max_val=64"]
     assert generate_main(["--config", str(CPU), "--out", str(out), *overrides]) == 0
     records = read_manifest(out)
-    assert len(records) == 6 and all(r["status"] in ("complete", "diverged") for r in records), records
+    assert len(records) == 7 and all(r["status"] in ("complete", "diverged") for r in records), records
     train = [r for r in records if r["split"] == "train"]
-    assert 40 <= train[-1]["max_steps"] <= 48  # the long run follows the drawn ones
+    assert all(40 <= r["max_steps"] <= 48 for r in train[-2:])  # the long run and the long healthy one follow the drawn ones
+    assert train[-1]["batch_size"] == 16 and train[-1]["injected"] == "healthy"
     for r in records:
         assert r["family"] == r["arch"] and r["label"] is not None
-        assert 24 <= r["max_steps"] <= 32 or r is train[-1]
+        assert 24 <= r["max_steps"] <= 32 or r in train[-2:]
         assert (r["fold"] >= 0) == (r["split"] != "test")
         store = RunStore(out / r["store"])
         assert store.levels().shape == (store.attrs["n_frames"], 6) and store.patterns().shape[1:] == (6, 8, 8)
