@@ -24,7 +24,7 @@ bench: setup
 
 # The shipped default model from scratch (diagnose/default_checkpoint/; its MANIFEST.json lists these commands):
 # the drawn cpu corpus (2,250 runs, 100 of them long and 80 long healthy ones at batch 16, ~76 min with 2 processes; a complete one is only checked, a few minutes), the dynamics model (configs/finetune/cpu_dynamics.yaml: run-relative
-# scalars without the activation levels, the weights' pace and the run-so-far traces of both, train split, at most 100 windows a run) at seeds 0-8 (~4 min each, one thread, two at a time), three seed
+# scalars without the activation levels, the weights' pace and the run-so-far traces of both, train split, at most 100 windows a run) at seeds 0-8 (~7 min each, one thread, two at a time), three seed
 # ensembles of three (0-2, 3-5, 6-8) calibrated on val, the test report of the three beside the baselines
 # (docs/benchmark/README.md), the fingerprint probe, and ensemble 0 shipped. About 2 hours on a 2-core CPU.
 LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
