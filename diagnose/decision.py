@@ -172,7 +172,7 @@ def _decide_score(state, probs, unknown: bool, above: bool, consecutive) -> tupl
 @dataclass(frozen=True)
 class Rule:
     """The frozen operating point: thresholds (K-1), tau, consecutive, and in score mode the anomaly
-    score's threshold. `replay` runs a whole stream."""
+    score's threshold. `step` decides one frame, `replay` runs a whole stream."""
 
     thresholds: tuple[float, ...]
     tau: float
@@ -180,6 +180,12 @@ class Rule:
     score_threshold: float | None = None
     gate: int = 0  # the familiarity gate's frames (0: off)
     known_first: bool = False  # score mode: a class above its threshold is named even when the vacuity is above tau
+
+    def step(self, state: DecisionState, probs: Sequence[float], vacuity: float,
+             score: float | None = None) -> tuple[DecisionState, Decision]:
+        """One frame under this rule (`decide` with its settings): the live stream's call."""
+        return decide(state, probs, vacuity, self.thresholds, self.tau, self.consecutive, score, self.score_threshold,
+                      self.gate, self.known_first)
 
     def replay(self, probs: Sequence[Sequence[float]], vacuity: Sequence[float],
                scores: Sequence[float] | None = None) -> list[Decision]:
@@ -190,8 +196,7 @@ class Rule:
             raise ValueError("Rule.replay: this rule alarms on an anomaly score (score_threshold); give scores=")
         state, out = DecisionState.start(len(self.thresholds) + 1), []
         for i, (p, u) in enumerate(zip(probs, vacuity)):
-            state, d = decide(state, p, u, self.thresholds, self.tau, self.consecutive,
-                              None if scores is None else scores[i], self.score_threshold, self.gate, self.known_first)
+            state, d = self.step(state, p, u, None if scores is None else scores[i])
             out.append(d)
         return out
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from diagnose.decision import Decision, DecisionState, decide
+from diagnose.decision import Decision, DecisionState
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _readout_names() -> tuple[str, ...]:
 
 
 class TEViDStream:
-    """Ring buffer of the last `window` frames, TEViD's prediction on it, and `decide` with its state."""
+    """Ring buffer of the last `window` frames, TEViD's prediction on it, and the calibrated rule (`Rule.step`) with its state."""
 
     def __init__(self, model, calibration=None, window: int = 10, device="cpu", pad_start: bool = False,
                  temperature: float = 1.0):
@@ -136,8 +136,7 @@ class TEViDStream:
         if self.calibration is None:
             return Prediction(step, probs, u, None, "", score)
         cal = self.calibration
-        self.state, d = decide(self.state, probs, u, cal.thresholds, cal.tau, cal.consecutive, score,
-                               getattr(cal, "score_threshold", None), getattr(cal, "gate", 0), getattr(cal, "known_first", False))
+        self.state, d = cal.rule().step(self.state, probs, u, score)
         return Prediction(step, probs, u, d, "unknown" if d.unknown else cal.classes[d.label], score)
 
     def state_dict(self) -> dict | None:

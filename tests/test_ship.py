@@ -9,7 +9,6 @@ import torch
 
 from capture.schema import CLASSES, CLIP_READOUTS
 from diagnose.calibrate import Calibration, load_calibration, save_calibration
-from diagnose.decision import DecisionState, decide
 from diagnose.monitor import DEFAULT_CHECKPOINT
 from diagnose.tevid import TEViD, TEViDConfig, load_tevid
 from eval.ship import FILES, ship
@@ -125,8 +124,8 @@ def test_the_shipped_models_outputs_on_a_fixed_input_are_pinned(one_thread):
 def test_the_shipped_model_in_a_live_job_alerts_exactly_where_its_calibrated_rule_says(tmp_path, one_thread):
     """Mechanics, not a claim about what a learned model says about one run (that is the benchmark's, over
     many runs: docs/benchmark/README.md): the demo's LR-spike job with the shipped model gets one prediction
-    per frame once a window is full, and its TEViD alerts are exactly those of `decide` replayed with the
-    calibration over those predictions."""
+    per frame once a window is full, and its TEViD alerts are exactly those of the calibrated rule replayed
+    (`Rule.replay`) over those predictions."""
     from diagnose.demo import DemoConfig, _job, load_digits
 
     cfg = DemoConfig(steps=150, cadence=10, spike_onset=100, spike_gap=5, seed=1)
@@ -135,12 +134,12 @@ def test_the_shipped_model_in_a_live_job_alerts_exactly_where_its_calibrated_rul
     assert res["tevid"] and res["disabled_reason"] is None and res["monitor"] == f"TEViD from {DEFAULT_CHECKPOINT}"
     preds, window = res["predictions"], 10
     assert [p["step"] for p in preds] == list(range(cfg.cadence * (window - 1), cfg.steps, cfg.cadence))  # frame 9 on
-    state, expected = DecisionState.start(len(cal.classes)), []
-    for p in preds:
+    decisions = cal.rule().replay([[p["probs"][c] for c in cal.classes] for p in preds], [p["vacuity"] for p in preds],
+                                  [p["anomaly"] for p in preds])  # the offline replay of the calibrated rule (score mode)
+    expected = []
+    for p, d in zip(preds, decisions):
         assert list(p["probs"]) == cal.classes and sum(p["probs"].values()) == pytest.approx(1, abs=1e-6)
         assert 0 < p["vacuity"] <= 1
-        state, d = decide(state, [p["probs"][c] for c in cal.classes], p["vacuity"], cal.thresholds, cal.tau, cal.consecutive,
-                          p["anomaly"], cal.score_threshold, cal.gate, cal.known_first)  # score mode when calibrated so
         assert p["label"] == ("unknown" if d.unknown else cal.classes[d.label])
         expected += ([(cal.classes[c], p["step"]) for c in d.new_alerts] + [("unknown", p["step"])] * d.unknown_alert
                      + [("unfamiliar", p["step"])] * d.unfamiliar_alert)
