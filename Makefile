@@ -4,7 +4,7 @@ VENV ?= .venv
 export ONEDNN_MAX_CPU_ISA ?= AVX512_CORE_BF16
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup demo test bench reproduce dynamics clean
+.PHONY: setup demo test bench reproduce dynamics scaling clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -58,6 +58,51 @@ dynamics: setup
 	$(VENV)/bin/python -m eval.fingerprint --corpus outputs/corpus/cpu --checkpoint $(DYN)/all/final --out outputs/probes/dyn
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(DYN)/all/final --out outputs/report/dyn \
 		'methods=[tevid,cusum,bocpd,head_grad,gwa,tcn_scalar]' 'tevid_checkpoints={tevid_shipped: diagnose/default_checkpoint}'
+
+# What more of this corpus buys on the test split (docs/benchmark/inputs.md, "What more of this corpus buys"): the
+# shipped config trained on train + val (seeds 0-2), on train without one fold of families (folds 0-3, seed 0), on a
+# seeded half and quarter of the train runs with as many optimizer steps (32 and 64 epochs; seeds 0-2 and 0-1), and
+# on half without the extra steps (seed 0); wider heads, a wider GRU and twice the epochs (seed 0); and an oracle that
+# no shipped model may be (seeds 0-1): train plus the test split's pysrc_chars runs, so that the test split's families
+# and optimizers are seen, scored on its other two datasets (Table 4's rows). One test report beside the nine seeds
+# `make reproduce` trains (it must have run). Event AUPRC is the figure: the train + val models are calibrated on val,
+# which they trained on, and the fold models on their fold. 20 fine-tunes of 3-15 min and a report of ~40 min.
+SCALE = outputs/finetune/scale
+define ORACLE_CORPUS
+import json, pathlib
+import os
+name = os.environ["ORACLE_DATASET"]
+src, dst = pathlib.Path("outputs/corpus/cpu").resolve(), pathlib.Path("outputs/corpus/oracle_" + name)
+(dst / "runs").mkdir(parents=True, exist_ok=True)
+for p in (src / "runs").iterdir():
+    (dst / "runs" / p.name).is_symlink() or (dst / "runs" / p.name).symlink_to(p)
+(dst / "config.json").write_text((src / "config.json").read_text())
+rows = [json.loads(line) for line in (src / "manifest.jsonl").read_text().splitlines() if line.strip()]
+for r in rows:
+    r["split"] = "train" if (r["split"], r["dataset"]) == ("test", name) else r["split"]
+(dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+endef
+export ORACLE_CORPUS
+scaling: setup
+	for s in 0 1 2; do $(FT) --out $(SCALE)/tv_s$$s 'data.train_splits=[train, val]' seed=$$s threads=1 || exit 1; done
+	for k in 0 1 2 3; do $(FT) --out $(SCALE)/f$${k}_s0 data.holdout_fold=$$k seed=0 threads=1 || exit 1; done
+	for s in 0 1 2; do $(FT) --out $(SCALE)/lf50e32_s$$s data.label_fraction=0.5 epochs=32 seed=$$s threads=1 || exit 1; done
+	for s in 0 1; do $(FT) --out $(SCALE)/lf25e64_s$$s data.label_fraction=0.25 epochs=64 seed=$$s threads=1 || exit 1; done
+	$(FT) --out $(SCALE)/lf50_s0 data.label_fraction=0.5 seed=0 threads=1
+	$(FT) --out $(SCALE)/h512_s0 model.hidden_dim=512 seed=0 threads=1
+	$(FT) --out $(SCALE)/r128_s0 model.readout_dim=128 model.hidden_dim=512 seed=0 threads=1
+	$(FT) --out $(SCALE)/e32_s0 epochs=32 seed=0 threads=1
+	for d in pysrc_chars mnist1d_aligned_seq; do ORACLE_DATASET=$$d $(VENV)/bin/python -c "$$ORACLE_CORPUS" || exit 1; done
+	for s in 0 1; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
+		--corpus outputs/corpus/oracle_pysrc_chars --out $(SCALE)/oracle_pysrc_s$$s seed=$$s threads=1 || exit 1; done
+	for s in 0 1; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
+		--corpus outputs/corpus/oracle_mnist1d_aligned_seq --out $(SCALE)/oracle_seq_s$$s seed=$$s threads=1 || exit 1; done
+	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/report/scaling \
+		'methods=[tevid]' figures=false "tevid_checkpoints={$$(for s in 1 2 3 4 5 6 7 8; do printf 's%s: $(SHIP)/s%s/final, ' $$s $$s; done; \
+		for m in tv_s0 tv_s1 tv_s2 f0_s0 f1_s0 f2_s0 f3_s0 lf50e32_s0 lf50e32_s1 lf50e32_s2 lf25e64_s0 lf25e64_s1; do \
+		printf '%s: $(SCALE)/%s/final, ' $$m $$m; done)lf50_s0: $(SCALE)/lf50_s0/final, h512_s0: $(SCALE)/h512_s0/final, r128_s0: $(SCALE)/r128_s0/final, \
+		e32_s0: $(SCALE)/e32_s0/final, oracle_pysrc_s0: $(SCALE)/oracle_pysrc_s0/final, oracle_pysrc_s1: $(SCALE)/oracle_pysrc_s1/final, \
+		oracle_seq_s0: $(SCALE)/oracle_seq_s0/final, oracle_seq_s1: $(SCALE)/oracle_seq_s1/final}"
 
 clean:
 	rm -rf outputs .pytest_cache
