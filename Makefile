@@ -62,15 +62,17 @@ dynamics: setup
 # What more of this corpus buys on the test split (docs/benchmark/inputs.md, "What more of this corpus buys"): the
 # shipped config trained on train + val (seeds 0-2), on train without one fold of families (folds 0-3, seed 0), on a
 # seeded half and quarter of the train runs with as many optimizer steps (32 and 64 epochs; seeds 0-2 and 0-1), and
-# on half without the extra steps (seed 0); wider heads, a wider GRU and twice the epochs (seed 0); and an oracle that
-# no shipped model may be (seeds 0-1): train plus the test split's pysrc_chars runs, so that the test split's families
-# and optimizers are seen, scored on its other two datasets (Table 4's rows). One test report beside the nine seeds
+# on half without the extra steps (seed 0); wider heads, a wider GRU and twice the epochs (seed 0); and two oracles
+# that no shipped model may be (seeds 0-1 each): train plus the test split's runs of one dataset (pysrc_chars, then
+# mnist1d_aligned_seq: its LSTM and RNN runs under Lion and Adafactor), scored on its other datasets (the report's
+# Table 4 rows; ORACLE_CORPUS writes each as a linked copy of the corpus). One test report beside the nine seeds
 # `make reproduce` trains (it must have run). Event AUPRC is the figure: the train + val models are calibrated on val,
 # which they trained on, and the fold models on their fold. 20 fine-tunes of 3-15 min and a report of ~40 min.
 SCALE = outputs/finetune/scale
+SCALED = tv_s0 tv_s1 tv_s2 f0_s0 f1_s0 f2_s0 f3_s0 lf50e32_s0 lf50e32_s1 lf50e32_s2 lf25e64_s0 lf25e64_s1 lf50_s0 \
+	h512_s0 r128_s0 e32_s0 oracle_pysrc_s0 oracle_pysrc_s1 oracle_seq_s0 oracle_seq_s1
 define ORACLE_CORPUS
-import json, pathlib
-import os
+import json, os, pathlib
 name = os.environ["ORACLE_DATASET"]
 src, dst = pathlib.Path("outputs/corpus/cpu").resolve(), pathlib.Path("outputs/corpus/oracle_" + name)
 (dst / "runs").mkdir(parents=True, exist_ok=True)
@@ -97,12 +99,10 @@ scaling: setup
 		--corpus outputs/corpus/oracle_pysrc_chars --out $(SCALE)/oracle_pysrc_s$$s seed=$$s threads=1 || exit 1; done
 	for s in 0 1; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
 		--corpus outputs/corpus/oracle_mnist1d_aligned_seq --out $(SCALE)/oracle_seq_s$$s seed=$$s threads=1 || exit 1; done
+	ck=$$(for s in 1 2 3 4 5 6 7 8; do printf 's%s: $(SHIP)/s%s/final, ' $$s $$s; done; \
+		for m in $(SCALED); do printf '%s: $(SCALE)/%s/final, ' $$m $$m; done); \
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/report/scaling \
-		'methods=[tevid]' figures=false "tevid_checkpoints={$$(for s in 1 2 3 4 5 6 7 8; do printf 's%s: $(SHIP)/s%s/final, ' $$s $$s; done; \
-		for m in tv_s0 tv_s1 tv_s2 f0_s0 f1_s0 f2_s0 f3_s0 lf50e32_s0 lf50e32_s1 lf50e32_s2 lf25e64_s0 lf25e64_s1; do \
-		printf '%s: $(SCALE)/%s/final, ' $$m $$m; done)lf50_s0: $(SCALE)/lf50_s0/final, h512_s0: $(SCALE)/h512_s0/final, r128_s0: $(SCALE)/r128_s0/final, \
-		e32_s0: $(SCALE)/e32_s0/final, oracle_pysrc_s0: $(SCALE)/oracle_pysrc_s0/final, oracle_pysrc_s1: $(SCALE)/oracle_pysrc_s1/final, \
-		oracle_seq_s0: $(SCALE)/oracle_seq_s0/final, oracle_seq_s1: $(SCALE)/oracle_seq_s1/final}"
+		'methods=[tevid]' figures=false "tevid_checkpoints={$${ck%, }}"
 
 clean:
 	rm -rf outputs .pytest_cache
