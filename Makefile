@@ -67,7 +67,7 @@ dynamics: setup
 # mnist1d_aligned_seq: its LSTM and RNN runs under Lion and Adafactor), scored on its other datasets (the report's
 # Table 4 rows; ORACLE_CORPUS writes each as a linked copy of the corpus). One test report beside the nine seeds
 # `make reproduce` trains (it must have run). Event AUPRC is the figure: the train + val models are calibrated on val,
-# which they trained on, and the fold models on their fold. 20 fine-tunes of 3-15 min and a report of ~40 min.
+# which they trained on, and the fold models on their fold. 20 fine-tunes of 3-16 min and a report of ~40 min.
 SCALE = outputs/finetune/scale
 SCALED = tv_s0 tv_s1 tv_s2 f0_s0 f1_s0 f2_s0 f3_s0 lf50e32_s0 lf50e32_s1 lf50e32_s2 lf25e64_s0 lf25e64_s1 lf50_s0 \
 	h512_s0 r128_s0 e32_s0 oracle_pysrc_s0 oracle_pysrc_s1 oracle_seq_s0 oracle_seq_s1
