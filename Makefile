@@ -30,7 +30,8 @@ bench: setup
 LAUNCH2 = ACCELERATE_USE_CPU=true $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 	--mixed_precision no --dynamo_backend no
 SHIP = outputs/finetune/ship
-FT = $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml --corpus outputs/corpus/cpu
+FTC = $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml
+FT = $(FTC) --corpus outputs/corpus/cpu
 reproduce: setup
 	$(LAUNCH2) factory/generate.py --config configs/factory/cpu.yaml --out outputs/corpus/cpu  # resumes: runs only what is missing
 	$(VENV)/bin/python -m factory.stats --corpus outputs/corpus/cpu
@@ -70,7 +71,8 @@ dynamics: setup
 # which they trained on, and the fold models on their fold. 20 fine-tunes of 3-16 min and a report of ~40 min.
 SCALE = outputs/finetune/scale
 SCALED = tv_s0 tv_s1 tv_s2 f0_s0 f1_s0 f2_s0 f3_s0 lf50e32_s0 lf50e32_s1 lf50e32_s2 lf25e64_s0 lf25e64_s1 lf50_s0 \
-	h512_s0 r128_s0 e32_s0 oracle_pysrc_s0 oracle_pysrc_s1 oracle_seq_s0 oracle_seq_s1
+	h512_s0 r128_s0 e32_s0 oracle_pysrc_chars_s0 oracle_pysrc_chars_s1 \
+	oracle_mnist1d_aligned_seq_s0 oracle_mnist1d_aligned_seq_s1
 define ORACLE_CORPUS
 import json, os, pathlib
 name = os.environ["ORACLE_DATASET"]
@@ -94,11 +96,8 @@ scaling: setup
 	$(FT) --out $(SCALE)/h512_s0 model.hidden_dim=512 seed=0 threads=1
 	$(FT) --out $(SCALE)/r128_s0 model.readout_dim=128 model.hidden_dim=512 seed=0 threads=1
 	$(FT) --out $(SCALE)/e32_s0 epochs=32 seed=0 threads=1
-	for d in pysrc_chars mnist1d_aligned_seq; do ORACLE_DATASET=$$d $(VENV)/bin/python -c "$$ORACLE_CORPUS" || exit 1; done
-	for s in 0 1; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
-		--corpus outputs/corpus/oracle_pysrc_chars --out $(SCALE)/oracle_pysrc_s$$s seed=$$s threads=1 || exit 1; done
-	for s in 0 1; do $(VENV)/bin/python -m diagnose.finetune --config configs/finetune/cpu_dynamics.yaml \
-		--corpus outputs/corpus/oracle_mnist1d_aligned_seq --out $(SCALE)/oracle_seq_s$$s seed=$$s threads=1 || exit 1; done
+	for d in pysrc_chars mnist1d_aligned_seq; do ORACLE_DATASET=$$d $(VENV)/bin/python -c "$$ORACLE_CORPUS" || exit 1; \
+		for s in 0 1; do $(FTC) --corpus outputs/corpus/oracle_$$d --out $(SCALE)/oracle_$${d}_s$$s seed=$$s threads=1 || exit 1; done; done
 	ck=$$(for s in 1 2 3 4 5 6 7 8; do printf 's%s: $(SHIP)/s%s/final, ' $$s $$s; done; \
 		for m in $(SCALED); do printf '%s: $(SCALE)/%s/final, ' $$m $$m; done); \
 	$(VENV)/bin/python -m eval.report --corpus outputs/corpus/cpu --checkpoint $(SHIP)/s0/final --out outputs/report/scaling \

@@ -322,7 +322,7 @@ def test_the_familiarity_gate_mutes_an_unfamiliar_job_once_and_for_good(vacuitie
     plain = Rule(THRESHOLDS, TAU, consecutive=3).replay(seq, vacuities)
     assert [d.unfamiliar_alert for d in gated] == [False, False, unfamiliar] + [False] * 4
     assert all(d.unfamiliar == (unfamiliar and d.frame >= 2) for d in gated)
-    first = sorted(v if v == v else 1.0 for v in vacuities[:3])  # what the gate read (non-finite as 1.0)
+    first = sorted(v if math.isfinite(v) else 1.0 for v in vacuities[:3])  # what the gate read (non-finite as 1.0, as decide)
     assert gated[2].gate_familiarity == first[1] and all(d.gate_familiarity != d.gate_familiarity for d in gated if d.frame != 2)
     if unfamiliar:
         assert first_alerts(gated) == {} and not any(d.unknown_alert for d in gated)
